@@ -1,0 +1,1 @@
+"""Gestalt's common package: settings, database, models, storage and the ML code."""

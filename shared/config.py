@@ -1,0 +1,170 @@
+"""Settings: one object, read from ``GESTALT_*`` environment variables.
+
+Every setting has a comment. Secrets have no defaults: ``gestalt up`` generates
+them into the data directory for the embedded stack, and a deployment must set
+them (``Settings.require_secrets`` stops the process at start-up otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(RuntimeError):
+    """A required setting is missing or malformed."""
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    raw = os.environ.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the embedded stack keeps PostgreSQL, Redis and SeaweedFS data, logs and generated secrets.
+    data_dir: Path = field(default_factory=lambda: Path(_str("GESTALT_DATA_DIR", "./var")).resolve())
+    # SQLAlchemy URL of PostgreSQL; unset means the embedded server that `gestalt up` starts.
+    database_url: str | None = field(default_factory=lambda: _str("GESTALT_DATABASE_URL"))
+    # Redis URL used as the Celery broker and result backend; unset means embedded.
+    redis_url: str | None = field(default_factory=lambda: _str("GESTALT_REDIS_URL"))
+    # S3 endpoint as host:port (MinIO, SeaweedFS, AWS); unset means embedded SeaweedFS.
+    s3_endpoint: str | None = field(default_factory=lambda: _str("GESTALT_S3_ENDPOINT"))
+    # S3 credentials. Secrets: no defaults.
+    s3_access_key: str | None = field(default_factory=lambda: _str("GESTALT_S3_ACCESS_KEY"))
+    s3_secret_key: str | None = field(default_factory=lambda: _str("GESTALT_S3_SECRET_KEY"))
+    # Bucket for originals, crops and checkpoints; created on start if missing.
+    s3_bucket: str = field(default_factory=lambda: _str("GESTALT_S3_BUCKET", "gestalt"))
+    # Use https to reach the object store.
+    s3_secure: bool = field(default_factory=lambda: _bool("GESTALT_S3_SECURE", False))
+    # Region name passed to the S3 client (MinIO ignores it).
+    s3_region: str = field(default_factory=lambda: _str("GESTALT_S3_REGION", "us-east-1"))
+    # Flask session signing key. Secret: no default.
+    secret_key: str | None = field(default_factory=lambda: _str("GESTALT_SECRET_KEY"))
+    # Largest accepted upload per photo, in megabytes (larger ones get HTTP 413).
+    max_upload_mb: int = field(default_factory=lambda: _int("GESTALT_MAX_UPLOAD_MB", 20))
+    # Largest decoded photo, in megapixels; bigger files are refused as decompression bombs.
+    max_image_megapixels: float = field(default_factory=lambda: _float("GESTALT_MAX_IMAGE_MEGAPIXELS", 40.0))
+    # Smallest accepted photo side, in pixels.
+    min_image_side: int = field(default_factory=lambda: _int("GESTALT_MIN_IMAGE_SIDE", 64))
+    # Minimum BlazeFace confidence for a face to count.
+    min_face_confidence: float = field(default_factory=lambda: _float("GESTALT_MIN_FACE_CONFIDENCE", 0.5))
+    # Seconds a worker trusts its cached idea of the active model before asking the database again.
+    model_check_seconds: float = field(default_factory=lambda: _float("GESTALT_MODEL_CHECK_SECONDS", 5.0))
+    # Torch intra-op threads per worker process (0 = torch default).
+    torch_threads: int = field(default_factory=lambda: _int("GESTALT_TORCH_THREADS", 0))
+    # Device for inference and training: "cpu", "cuda" or "auto".
+    device: str = field(default_factory=lambda: _str("GESTALT_DEVICE", "auto"))
+    # Celery worker processes per worker in the embedded stack.
+    worker_concurrency: int = field(default_factory=lambda: _int("GESTALT_WORKER_CONCURRENCY", 2))
+    # Images still `queued` this many seconds after upload are enqueued again by the sweeper.
+    requeue_after_seconds: int = field(default_factory=lambda: _int("GESTALT_REQUEUE_AFTER_SECONDS", 120))
+    # Web listen address for `gestalt web` / `gestalt up`.
+    web_host: str = field(default_factory=lambda: _str("GESTALT_WEB_HOST", "127.0.0.1"))
+    web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))
+    # Gunicorn worker processes for the web app.
+    web_workers: int = field(default_factory=lambda: _int("GESTALT_WEB_WORKERS", 2))
+    # Send the session cookie over https only; turn off only for plain-http development.
+    secure_cookies: bool = field(default_factory=lambda: _bool("GESTALT_SECURE_COOKIES", False))
+    # Ports of the embedded engines (127.0.0.1 only).
+    embedded_pg_port: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_PG_PORT", 54329))
+    embedded_redis_port: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_REDIS_PORT", 63799))
+    # First of the nine consecutive ports SeaweedFS uses; the S3 API is base+6.
+    embedded_s3_port_base: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_S3_PORT_BASE", 18300))
+
+    def __post_init__(self) -> None:
+        # Commands run beside `gestalt up` (users create, train, ...) find the embedded
+        # engines through the connection file it writes; explicit env vars always win.
+        embedded = read_stack_file(self.data_dir)
+        for attr, key in (
+            ("database_url", "GESTALT_DATABASE_URL"),
+            ("redis_url", "GESTALT_REDIS_URL"),
+            ("s3_endpoint", "GESTALT_S3_ENDPOINT"),
+            ("s3_access_key", "GESTALT_S3_ACCESS_KEY"),
+            ("s3_secret_key", "GESTALT_S3_SECRET_KEY"),
+            ("secret_key", "GESTALT_SECRET_KEY"),
+        ):
+            if getattr(self, attr) is None and embedded.get(key):
+                object.__setattr__(self, attr, embedded[key])
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    def require_secrets(self) -> None:
+        """Stop at start-up when a service is configured without its secret."""
+        missing = [
+            name
+            for name, value in (
+                ("GESTALT_DATABASE_URL", self.database_url),
+                ("GESTALT_REDIS_URL", self.redis_url),
+                ("GESTALT_S3_ENDPOINT", self.s3_endpoint),
+                ("GESTALT_S3_ACCESS_KEY", self.s3_access_key),
+                ("GESTALT_S3_SECRET_KEY", self.s3_secret_key),
+                ("GESTALT_SECRET_KEY", self.secret_key),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                "missing settings: " + ", ".join(missing)
+                + " (run `gestalt up` for the embedded stack, or set them in the environment)"
+            )
+
+
+STACK_FILE = "stack.json"
+
+
+def read_stack_file(data_dir: Path) -> dict[str, str]:
+    """Connection settings of a running embedded stack, or {} when there is none."""
+    path = Path(data_dir) / STACK_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
+
+
+def reload_settings() -> Settings:
+    """Re-read the environment (tests and the CLI after exporting embedded URLs)."""
+    global _settings
+    _settings = Settings()
+    return _settings

@@ -1,0 +1,1 @@
+"""Face preprocessing, the regional CNNs, training, inference and the model registry."""

@@ -1,0 +1,155 @@
+"""Decode and validate uploaded photos; apply EXIF orientation, then drop all metadata.
+
+``decode_upload`` is the single gate every photo passes before anything is stored.
+It refuses what it cannot safely decode with :class:`ImageRejected`, whose
+``reason`` is written for a clinician and whose ``http_status`` the web layer returns.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shared.storage import sha256_hex
+
+# Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
+ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}
+# Stored re-encodings: lossy sources stay JPEG, everything else becomes PNG.
+JPEG_QUALITY = 95
+
+
+class ImageRejected(ValueError):
+    """A photo that cannot be used, with a reason a clinician can read."""
+
+    def __init__(self, reason: str, http_status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # H x W x 3, uint8, upright
+    data: bytes  # re-encoded, metadata-free bytes to store
+    content_type: str
+    ext: str
+    sha256: str
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        im = Image.fromarray(arr.astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: int) -> DecodedImage:
+    """Decode a photo safely and return it upright, in RGB, with metadata-free bytes to store.
+
+    Args:
+        data: the uploaded bytes.
+        max_bytes: larger files are refused with HTTP 413.
+        max_pixels: larger images are refused before decoding (decompression bombs).
+        min_side: photos smaller than this on either side are refused.
+
+    Raises:
+        ImageRejected: with a reason a clinician can read.
+    """
+    if not data:
+        raise ImageRejected("the file is empty")
+    if len(data) > max_bytes:
+        raise ImageRejected(
+            f"the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", http_status=413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageRejected(f"{fmt or 'this'} files are not supported; upload a JPEG or PNG photo",
+                                    http_status=415)
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"the image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels",
+                    http_status=413)
+            if getattr(im, "n_frames", 1) > 1:
+                raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
+                                    http_status=415)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb_im = _to_rgb(im)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("the file is not an image we can read; upload a JPEG or PNG photo",
+                            http_status=415) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("the image is too large to decode safely", http_status=413) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+            ZeroDivisionError, MemoryError) as exc:
+        raise ImageRejected("the image file is damaged or truncated") from exc
+
+    if min(rgb_im.size) < min_side:
+        raise ImageRejected(
+            f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
+
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        # A fresh encode: no EXIF (GPS included), no comments, no ICC, no XMP.
+        rgb_im.save(out, format="JPEG", quality=JPEG_QUALITY)
+        content_type, ext = "image/jpeg", "jpg"
+    else:
+        rgb_im.save(out, format="PNG", compress_level=1)
+        content_type, ext = "image/png", "png"
+    stored = out.getvalue()
+    return DecodedImage(rgb=np.asarray(rgb_im), data=stored, content_type=content_type, ext=ext,
+                        sha256=sha256_hex(stored))
+
+
+def decode_stored(data: bytes) -> np.ndarray:
+    """Decode bytes written by :func:`decode_upload` (already upright, RGB, metadata-free)."""
+    import cv2
+
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ImageRejected("the stored image could not be decoded")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    import cv2
+
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png_gray(data: bytes) -> np.ndarray:
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if arr is None:
+        raise ValueError("crop could not be decoded")
+    return arr

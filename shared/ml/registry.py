@@ -1,0 +1,133 @@
+"""Model versions: register checkpoints, activate one, and load the active one once per process."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device, save_checkpoint
+from shared.models import ModelStatus, ModelVersion, Syndrome
+from shared.storage import Storage, checkpoint_key, sha256_hex
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def upsert_syndromes(session: Session, names: list[str]) -> list[dict]:
+    """Syndrome rows for ``names`` (created when missing), as the model's class list."""
+    existing = {s.name: s for s in session.scalars(select(Syndrome).where(Syndrome.name.in_(names)))}
+    for name in names:
+        if name not in existing:
+            existing[name] = Syndrome(name=name, genes=[])
+            session.add(existing[name])
+    session.flush()
+    return [{"syndrome_id": existing[n].id, "name": n} for n in names]
+
+
+def register_model(session: Session, storage: Storage, model: RegionalEnsemble, class_names: list[str],
+                   metrics: dict, name: str | None = None, extra: dict | None = None) -> ModelVersion:
+    """Store the checkpoint in the object store and add a ``candidate`` model version."""
+    data = save_checkpoint(model, class_names, metrics, extra)
+    digest = sha256_hex(data)
+    name = name or datetime.now(timezone.utc).strftime("m%Y%m%d-%H%M%S")
+    key = storage.put(checkpoint_key(name, digest), data)
+    version = ModelVersion(
+        name=name, arch=model.arch, config={**model.config, **(extra or {})},
+        classes=upsert_syndromes(session, class_names), checkpoint_key=key, checkpoint_sha256=digest,
+        metrics=metrics, status=ModelStatus.candidate.value)
+    session.add(version)
+    session.flush()
+    logger.info("model=%s state=registered id=%d key=%s", name, version.id, key)
+    return version
+
+
+def find_version(session: Session, ref: str | int) -> ModelVersion:
+    """A version by name, or by numeric id."""
+    ref = str(ref)
+    condition = ModelVersion.name == ref
+    if ref.isdigit():
+        condition = condition | (ModelVersion.id == int(ref))
+    version = session.scalars(select(ModelVersion).where(condition)).first()
+    if version is None:
+        raise ModelNotFound(f"no model version {ref!r}")
+    return version
+
+
+def activate(session: Session, version: ModelVersion) -> None:
+    """Make ``version`` the active model; the previous one is retired. Commit, then wake waiting images."""
+    if version.status == ModelStatus.active.value:
+        return
+    session.execute(update(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)
+                    .values(status=ModelStatus.retired.value))
+    session.flush()
+    version.status = ModelStatus.active.value
+    version.activated_at = datetime.now(timezone.utc)
+    session.flush()
+    logger.info("model=%s state=activated id=%d", version.name, version.id)
+
+
+def active_version(session: Session) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)).first()
+
+
+@dataclass
+class LoadedModel:
+    version_id: int
+    name: str
+    classes: list[dict]
+    model: RegionalEnsemble
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return self.model.regions
+
+
+class ModelCache:
+    """The active model of one worker process.
+
+    The database is asked which version is active at most every ``check_seconds``;
+    a version is downloaded and loaded once, and replaced when another is activated.
+    """
+
+    def __init__(self, check_seconds: float = 5.0, device: str = "auto"):
+        self.check_seconds = check_seconds
+        self.device = resolve_device(device)
+        self._loaded: LoadedModel | None = None
+        self._active_id: int | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def active(self, session: Session, storage: Storage) -> LoadedModel | None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at >= self.check_seconds or self._active_id is None:
+                version = active_version(session)
+                self._active_id = version.id if version else None
+                self._checked_at = now
+                if version is not None and (self._loaded is None or self._loaded.version_id != version.id):
+                    self._loaded = self._load(version, storage)
+            if self._active_id is None:
+                return None
+            return self._loaded
+
+    def _load(self, version: ModelVersion, storage: Storage) -> LoadedModel:
+        data = storage.get(version.checkpoint_key)
+        if sha256_hex(data) != version.checkpoint_sha256:
+            raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
+        model, _ = load_checkpoint(data, self.device)
+        logger.info("model=%s state=loaded id=%d device=%s", version.name, version.id, self.device)
+        return LoadedModel(version.id, version.name, list(version.classes), model)
+
+
+def set_torch_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -1,0 +1,224 @@
+"""Training data, subject-disjoint splits and the training loop of the regional ensemble."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, predict
+from shared.ml.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    subject: str
+
+
+def scan_folder(root: Path) -> list[Sample]:
+    """Samples of ``root/<label>/<subject>/<image>`` or ``root/<label>/<image>``.
+
+    In the flat layout every image counts as its own subject (an identity folder of
+    one person, as in face-identification data, cannot be split by subject).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training folder {root} does not exist")
+    samples = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(label_dir.iterdir()):
+            if entry.is_dir():
+                samples += [Sample(f, label_dir.name, f"{label_dir.name}/{entry.name}")
+                            for f in sorted(entry.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                samples.append(Sample(entry, label_dir.name, f"{label_dir.name}/{entry.name}"))
+    if not samples:
+        raise ValueError(f"no images under {root} (expected {root}/<label>/[<subject>/]<image>)")
+    return samples
+
+
+def subject_split(samples: list[Sample], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of train and validation samples; no subject is on both sides.
+
+    Per label, ``ceil(val_fraction * subjects)`` subjects go to validation, leaving at
+    least one subject in training. Labels with a single subject stay in training.
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list[str]] = {}
+    for s in samples:
+        subjects = by_label.setdefault(s.label, [])
+        if s.subject not in subjects:
+            subjects.append(s.subject)
+    val_subjects: set[str] = set()
+    for label in sorted(by_label):
+        subjects = sorted(by_label[label])
+        rng.shuffle(subjects)
+        n_val = min(len(subjects) - 1, int(np.ceil(val_fraction * len(subjects)))) if val_fraction > 0 else 0
+        val_subjects.update(subjects[:n_val])
+    train = [i for i, s in enumerate(samples) if s.subject not in val_subjects]
+    val = [i for i, s in enumerate(samples) if s.subject in val_subjects]
+    return train, val
+
+
+@dataclass
+class PreparedData:
+    crops: np.ndarray  # N x R x 100 x 100 uint8
+    labels: np.ndarray  # N int64
+    samples: list[Sample]
+    rejected: list[tuple[Sample, str]] = field(default_factory=list)
+
+
+def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
+            max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True) -> PreparedData:
+    """Decode, detect, align and crop every sample, as the worker does for an upload."""
+    index = {name: i for i, name in enumerate(class_names)}
+    crops, labels, kept, rejected = [], [], [], []
+    for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
+        try:
+            decoded = decode_upload(s.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
+            result = preprocessor.run(decoded.rgb)
+        except ImageRejected as exc:
+            rejected.append((s, exc.reason))
+            continue
+        crops.append(np.stack([result.aligned.crops[r] for r in preprocessor.regions]))
+        labels.append(index[s.label])
+        kept.append(s)
+    if not crops:
+        raise ValueError("no usable face in the training data")
+    return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected)
+
+
+@dataclass
+class TrainConfig:
+    width: float = 1.0
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def augmentation() -> v2.Transform:
+    """The paper's augmentation: rotation 5 deg, shifts 0.05, shear 5 deg, zoom 0.05, horizontal flip."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05), shear=5),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, probs.shape[-1])
+    top = np.argsort(-probs, axis=-1)[..., :k]
+    return float(np.mean([labels[i] in top[i] for i in range(len(labels))]))
+
+
+def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
+    """Top-k of each region and of the aggregate (the paper's Table 2 layout)."""
+    model.eval()
+    pred = predict(model, crops)
+    out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
+    for k in ks:
+        out["aggregate"][f"top{k}"] = topk_accuracy(pred.aggregate, labels, k)
+    for i, r in enumerate(model.regions):
+        out["regions"][r] = {f"top{k}": topk_accuracy(pred.region_probs[:, i], labels, k) for k in ks}
+    return out
+
+
+def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
+                   val_idx: list[int], cfg: TrainConfig) -> tuple[RegionalEnsemble, dict]:
+    """Train one CASIA-Net per region on the same faces; keep the epoch with the best validation top-1.
+
+    Returns:
+        The trained ensemble (CPU, eval mode) and its metrics.
+    """
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model = RegionalEnsemble(regions, len(class_names), width=cfg.width).to(device)
+    x_train = torch.as_tensor(data.crops[train_idx])
+    y_train = torch.as_tensor(data.labels[train_idx])
+    # Class weights against imbalance: inverse frequency, mean 1.
+    counts = np.bincount(data.labels[train_idx], minlength=len(class_names)).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(class_names), 0.0)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, dtype=torch.float32, device=device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    aug = augmentation()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_state = [], None, None
+    for epoch in tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total, seen = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            if len(idx) < 2:
+                continue  # batch norm needs two samples
+            # One random transform per face, shared by its regions (they come from one aligned canvas).
+            xb = torch.stack([aug(x_train[i]) for i in idx.tolist()])
+            x = crops_to_tensor(xb).to(device)
+            y = y_train[idx].to(device)
+            logits = model(x)
+            loss = sum(loss_fn(logits[:, r], y) for r in range(len(regions)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        scheduler.step()
+        entry = {"epoch": epoch + 1, "loss": total / max(seen, 1) / len(regions)}
+        if val_idx:
+            metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=(1, 5))
+            entry.update(val_top1=metrics["aggregate"]["top1"], val_top5=metrics["aggregate"]["top5"])
+            score = (entry["val_top1"], entry["val_top5"], -entry["loss"])
+            if best is None or score >= best:
+                best = score
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                entry["best"] = True
+        history.append(entry)
+        logger.info("train epoch=%d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in entry.items()
+                                                             if isinstance(v, float)))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model = model.cpu().eval()
+    metrics = {
+        "train": {"n": len(train_idx), "subjects": len({data.samples[i].subject for i in train_idx})},
+        "history": history,
+        "config": {"width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay, "seed": cfg.seed},
+    }
+    if val_idx:
+        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx])
+        metrics["validation"]["subjects"] = len({data.samples[i].subject for i in val_idx})
+    return model, metrics
+
+
+def data_hash(samples: list[Sample]) -> str:
+    """A short fingerprint of the training set (paths, labels, subjects)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.label}\0{s.subject}\0{s.path.name}\n".encode())
+    return h.hexdigest()[:16]

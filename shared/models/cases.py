@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean, CheckConstraint, Float, ForeignKey, Integer, String, UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from shared.db import Base
+from shared.models._types import JSONB, created_at_column, updated_at_column
+
+
+class ImageStatus(str, enum.Enum):
+    queued = "queued"
+    detecting = "detecting"
+    aligning = "aligning"
+    scoring = "scoring"
+    done = "done"
+    rejected = "rejected"  # permanent: no usable face, unreadable image; `reason` says why
+    awaiting_model = "awaiting_model"  # preprocessed, no active model yet
+    failed = "failed"  # retries exhausted on a transient error; the sweeper may re-queue it
+
+
+ACTIVE_STATES = ("queued", "detecting", "aligning", "scoring")
+
+
+class Case(Base):
+    __tablename__ = "cases"
+    __table_args__ = (CheckConstraint("sex in ('female', 'male', 'other', 'unknown')", name="sex"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    # Pseudonymous patient ID chosen by the clinic; never a name.
+    patient_ref: Mapped[str] = mapped_column(String(64))
+    sex: Mapped[str] = mapped_column(String(8), default="unknown")
+    age_years: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+    images: Mapped[list[Image]] = relationship(
+        back_populates="case", cascade="all, delete-orphan", passive_deletes=True, order_by="Image.id")
+    diagnosis: Mapped[Diagnosis | None] = relationship(
+        back_populates="case", cascade="all, delete-orphan", passive_deletes=True, uselist=False)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    # sha256 of the stored, EXIF-free bytes; the object key derives from it.
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    object_key: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ImageStatus.queued.value, index=True)
+    reason: Mapped[str | None] = mapped_column(String(500))
+    # Monotonic timestamps of each stage (epoch seconds), for per-stage latency.
+    stage_times: Mapped[dict] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+    case: Mapped[Case] = relationship(back_populates="images")
+    face: Mapped[Face | None] = relationship(
+        back_populates="image", cascade="all, delete-orphan", passive_deletes=True, uselist=False)
+
+
+class Face(Base):
+    """The main face chosen in an image, with its landmarks and alignment."""
+
+    __tablename__ = "faces"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    box: Mapped[list] = mapped_column(JSONB)  # [x0, y0, x1, y1] in image pixels
+    confidence: Mapped[float] = mapped_column(Float)
+    faces_found: Mapped[int] = mapped_column(Integer, default=1)
+    detector: Mapped[str] = mapped_column(String(64))
+    landmarker: Mapped[str | None] = mapped_column(String(64))
+    landmarks: Mapped[list | None] = mapped_column(JSONB)  # [[x, y], ...] in image pixels
+    transform: Mapped[list | None] = mapped_column(JSONB)  # 2x3 image -> aligned canvas
+    aligned_key: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = created_at_column()
+
+    image: Mapped[Image] = relationship(back_populates="face")
+    crops: Mapped[list[Crop]] = relationship(
+        back_populates="face", cascade="all, delete-orphan", passive_deletes=True, order_by="Crop.region")
+
+
+class Crop(Base):
+    __tablename__ = "crops"
+    __table_args__ = (UniqueConstraint("face_id", "region"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    face_id: Mapped[int] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"), index=True)
+    region: Mapped[str] = mapped_column(String(32))
+    object_key: Mapped[str] = mapped_column(String(255))
+
+    face: Mapped[Face] = relationship(back_populates="crops")
+
+
+class RegionScore(Base):
+    """One region's softmax over the model's classes, for one image and model version."""
+
+    __tablename__ = "region_scores"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id", "region"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    region: Mapped[str] = mapped_column(String(32))
+    scores: Mapped[list] = mapped_column(JSONB)  # probabilities in the model's class order
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class Result(Base):
+    """The aggregate (mean of region softmaxes) and its ranking, stamped with the model version."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    scores: Mapped[list] = mapped_column(JSONB)
+    # [{"syndrome_id", "name", "score", "rank"}, ...] best first, all classes
+    ranking: Mapped[list] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class Diagnosis(Base):
+    """The confirmed diagnosis of a case; with consent it feeds retraining."""
+
+    __tablename__ = "diagnoses"
+    __table_args__ = (CheckConstraint("kind in ('clinical', 'molecular')", name="kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), unique=True)
+    syndrome_id: Mapped[int] = mapped_column(ForeignKey("syndromes.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))
+    gene: Mapped[str | None] = mapped_column(String(32))
+    variant: Mapped[str | None] = mapped_column(String(255))
+    consent: Mapped[bool] = mapped_column(Boolean, default=False)
+    diagnosed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = created_at_column()
+
+    case: Mapped[Case] = relationship(back_populates="diagnosis")

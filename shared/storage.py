@@ -1,0 +1,116 @@
+"""Object storage behind one module: originals, crops, aligned faces and checkpoints.
+
+Everything goes through the ``minio`` client, so the same code talks to MinIO,
+SeaweedFS or AWS S3. Keys derive from content hashes: the same bytes stored twice
+are one object, and a re-run task rewrites the same key instead of adding one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from datetime import timedelta
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from shared.config import ConfigError, get_settings
+
+logger = logging.getLogger(__name__)
+
+# Presigned URLs are for one object and expire quickly: they carry patient photos.
+PRESIGN_SECONDS = 300
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def original_key(sha256: str, ext: str) -> str:
+    return f"originals/{sha256[:2]}/{sha256}.{ext}"
+
+
+def crop_key(sha256: str, region: str) -> str:
+    """Crops of a stored original, keyed by that original's hash and the region."""
+    return f"crops/{sha256[:2]}/{sha256}/{region}.png"
+
+
+def aligned_key(sha256: str) -> str:
+    return f"aligned/{sha256[:2]}/{sha256}.png"
+
+
+def checkpoint_key(name: str, sha256: str) -> str:
+    return f"models/{name}-{sha256[:12]}.pt"
+
+
+class Storage:
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = False, region: str = "us-east-1"):
+        # Short timeouts and a few retries: tasks retry with backoff on their own.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3, read=30), maxsize=10,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                            region=region, http_client=http)
+        self.bucket = bucket
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # created concurrently by another process
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+            logger.info("bucket=%s state=created", self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        return key
+
+    def get(self, key: str) -> bytes:
+        response = self.client.get_object(self.bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def presigned_url(self, key: str, seconds: int = PRESIGN_SECONDS) -> str:
+        return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=seconds))
+
+
+_storage: Storage | None = None
+
+
+def get_storage() -> Storage:
+    """The process-wide storage client; the bucket is created on first use."""
+    global _storage
+    if _storage is None:
+        s = get_settings()
+        if not (s.s3_endpoint and s.s3_access_key and s.s3_secret_key):
+            raise ConfigError("GESTALT_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY are not set and no embedded stack runs")
+        storage = Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, s.s3_secure, s.s3_region)
+        storage.ensure_bucket()
+        _storage = storage
+    return _storage
+
+
+def reset_storage() -> None:
+    global _storage
+    _storage = None

@@ -1,0 +1,79 @@
+"""The portal: Flask app factory, with one ``init_app`` per subsystem."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, jsonify, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+
+from shared.config import ConfigError, get_settings
+
+logger = logging.getLogger(__name__)
+csrf = CSRFProtect()
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    settings = get_settings()
+    app = Flask(__name__)
+    if not settings.secret_key and not (test_config or {}).get("SECRET_KEY"):
+        raise ConfigError("GESTALT_SECRET_KEY is not set (gestalt up generates one for the embedded stack)")
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        # Whole request body: one photo plus form fields.
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + 1024 * 1024,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SECURE=settings.secure_cookies,
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    if test_config:
+        app.config.update(test_config)
+
+    csrf.init_app(app)
+    from web import api, auth, cases, db
+
+    db.init_app(app)
+    auth.init_app(app)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(cases.bp)
+    app.register_blueprint(api.bp)
+
+    @app.errorhandler(413)
+    def too_large(_exc):
+        limit = settings.max_upload_mb
+        message = f"the upload is larger than the {limit} MB limit"
+        if _wants_json():
+            return jsonify(error=message), 413
+        return message, 413
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(exc):
+        if _wants_json():
+            return jsonify(error=f"CSRF check failed: {exc.description}"), 400
+        return f"CSRF check failed: {exc.description}", 400
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self'; frame-ancestors 'none'")
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        g.skip_login = True
+        return jsonify(status="ok")
+
+    return app
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json" \
+        or request.headers.get("X-Requested-With") == "fetch"

@@ -1,0 +1,86 @@
+"""Clinician pages: case list, new case, case page with uploads and live results."""
+from __future__ import annotations
+
+from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from wtforms import DecimalField, SelectField, StringField
+from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
+
+from shared.audit import audit
+from shared.models import Case
+from web.access import case_or_404, visible_cases
+from web.db import get_db
+from web.results import case_payload
+from web.uploads import UploadError, store_images, validate_files
+
+bp = Blueprint("cases", __name__)
+
+SEXES = [("unknown", "Unknown"), ("female", "Female"), ("male", "Male"), ("other", "Other")]
+
+
+class CaseForm(FlaskForm):
+    patient_ref = StringField("Pseudonymous patient ID", validators=[
+        DataRequired(), Length(max=64),
+        Regexp(r"^[A-Za-z0-9._-]+$", message="letters, digits, '.', '_' and '-' only: no names")])
+    sex = SelectField("Sex", choices=SEXES, default="unknown")
+    age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, 120)])
+
+
+@bp.get("/")
+def index():
+    db = get_db()
+    cases = db.scalars(visible_cases().order_by(Case.created_at.desc())).all()
+    return render_template("cases.html", cases=cases)
+
+
+@bp.route("/cases/new", methods=["GET", "POST"])
+def new_case():
+    form = CaseForm()
+    if form.validate_on_submit():
+        db = get_db()
+        case = Case(owner_id=current_user.id, patient_ref=form.patient_ref.data.strip(), sex=form.sex.data,
+                    age_years=float(form.age_years.data) if form.age_years.data is not None else None)
+        db.add(case)
+        db.flush()
+        audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr)
+        db.commit()
+        return redirect(url_for("cases.show", case_id=case.id))
+    return render_template("case_new.html", form=form), 200 if request.method == "GET" else 400
+
+
+@bp.get("/cases/<int:case_id>")
+def show(case_id: int):
+    db = get_db()
+    case = case_or_404(case_id)
+    audit(db, "case_view", current_user.id, "case", case.id, ip=request.remote_addr)
+    db.commit()
+    return render_template("case.html", case=case, payload=case_payload(db, case))
+
+
+@bp.post("/cases/<int:case_id>/images")
+def upload(case_id: int):
+    """Accept one or more photos (field ``photo``); all are stored or none."""
+    db = get_db()
+    case = case_or_404(case_id)
+    files = request.files.getlist("photo")
+    if not files or all(not f.filename for f in files):
+        return _upload_error("no photo was attached", 400)
+    try:
+        decoded = validate_files([(f.filename or "photo", f.read()) for f in files])
+    except UploadError as exc:
+        audit(db, "upload_refused", current_user.id, "case", case.id, ip=request.remote_addr, reason=exc.reason)
+        db.commit()
+        return _upload_error(f"{exc.filename}: {exc.reason}", exc.http_status)
+    images = store_images(db, case, decoded, current_user.id, request.remote_addr)
+    if request.accept_mimetypes.best == "application/json" or request.headers.get("X-Requested-With") == "fetch":
+        return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
+    flash(f"{len(images)} photo(s) uploaded.", "info")
+    return redirect(url_for("cases.show", case_id=case.id), 303)
+
+
+def _upload_error(message: str, status: int):
+    if request.accept_mimetypes.best == "application/json" or request.headers.get("X-Requested-With") == "fetch":
+        return jsonify(error=message), status
+    flash(message, "error")
+    return render_template("error.html", message=message), status

@@ -1,0 +1,105 @@
+// Case page: per-photo upload progress, and live status and results by polling the JSON API.
+(function () {
+  "use strict";
+  const token = document.querySelector('meta[name="csrf-token"]').content;
+  const form = document.getElementById("upload-form");
+  const input = document.getElementById("photo-input");
+  const progress = document.getElementById("upload-progress");
+  const section = document.getElementById("images");
+  const caseUrl = section.dataset.caseUrl;
+  const FINAL = new Set(["done", "rejected", "failed"]);
+
+  function el(tag, attrs, text) {
+    const node = document.createElement(tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => node.setAttribute(k, v));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function uploadOne(file) {
+    const item = el("li", {}, file.name + ": ");
+    const bar = el("progress", { max: "100", value: "0" });
+    const note = el("span");
+    item.append(bar, note);
+    progress.append(item);
+    return new Promise((resolve) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", form.action);
+      xhr.setRequestHeader("X-CSRFToken", token);
+      xhr.setRequestHeader("X-Requested-With", "fetch");
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
+      xhr.onload = () => {
+        let body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (err) { body = { error: xhr.statusText }; }
+        note.textContent = xhr.status === 201 ? " uploaded" : " refused: " + (body.error || xhr.status);
+        bar.value = 100;
+        resolve();
+      };
+      xhr.onerror = () => { note.textContent = " network error"; resolve(); };
+      const data = new FormData();
+      data.append("photo", file);
+      xhr.send(data);
+    });
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    for (const file of input.files) { await uploadOne(file); }
+    input.value = "";
+    poll();
+  });
+
+  function renderResult(card, result) {
+    const box = el("div", { class: "result" });
+    const head = el("p", { class: "meta" }, "Model " + result.model_version.name);
+    if (result.outdated) head.append(el("span", { class: "warn" }, " · scored by an older model than the active one"));
+    box.append(head);
+    const regions = Object.keys(result.regions);
+    const table = el("table", { class: "scores" });
+    const hr = el("tr");
+    ["#", "Syndrome", "Gestalt score", ""].concat(regions).forEach((h) => hr.append(el("th", {}, h)));
+    table.append(hr);
+    result.ranking.forEach((r) => {
+      const tr = el("tr");
+      tr.append(el("td", {}, String(r.rank)), el("td", {}, r.name), el("td", {}, r.score.toFixed(3)));
+      const cell = el("td");
+      const bar = el("div", { class: "bar" });
+      const fill = el("span");
+      fill.style.width = Math.round(100 * r.score) + "%";
+      bar.append(fill);
+      cell.append(bar);
+      tr.append(cell);
+      regions.forEach((reg) => tr.append(el("td", {}, (result.regions[reg][String(r.syndrome_id)] || 0).toFixed(3))));
+      table.append(tr);
+    });
+    box.append(table);
+    card.append(box);
+  }
+
+  function render(payload) {
+    payload.images.forEach((image, i) => {
+      let card = document.getElementById("image-" + image.id);
+      if (!card) { card = el("article", { class: "card image", id: "image-" + image.id }); section.append(card); }
+      if (card.dataset.state === image.status + (image.result ? image.result.model_version.id : "")) return;
+      card.dataset.state = image.status + (image.result ? image.result.model_version.id : "");
+      card.replaceChildren();
+      const h = el("h2", {}, "Photo " + (i + 1));
+      h.append(el("span", { class: "status status-" + image.status }, image.status));
+      card.append(h);
+      if (image.reason) card.append(el("p", { class: "reason" }, image.reason));
+      if (image.result) renderResult(card, image.result);
+    });
+    return payload.images.every((img) => FINAL.has(img.status) || img.status === "awaiting_model");
+  }
+
+  let timer = null;
+  async function poll() {
+    clearTimeout(timer);
+    const res = await fetch(caseUrl + "?poll=1", { headers: { Accept: "application/json" } });
+    if (!res.ok) return;
+    const settled = render(await res.json());
+    timer = setTimeout(poll, settled ? 10000 : 1000);
+  }
+  poll();
+}());

@@ -1,0 +1,75 @@
+"""Accepting photos: validate, strip metadata, store, commit, then enqueue."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.audit import audit
+from shared.config import get_settings
+from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
+from shared.models import Case, Image, ImageStatus
+from shared.storage import get_storage, original_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UploadError(Exception):
+    filename: str
+    reason: str
+    http_status: int
+
+
+def validate_files(files: list[tuple[str, bytes]]) -> list[DecodedImage]:
+    """Decode every file; the first bad one raises :class:`UploadError` and nothing is kept."""
+    s = get_settings()
+    decoded = []
+    for filename, data in files:
+        try:
+            decoded.append(decode_upload(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_megapixels * 1e6,
+                                         min_side=s.min_image_side))
+        except ImageRejected as exc:
+            raise UploadError(filename, exc.reason, exc.http_status) from exc
+    return decoded
+
+
+def store_images(db: Session, case: Case, decoded: list[DecodedImage], user_id: int, ip: str | None) -> list[Image]:
+    """Put the photos in the object store and add queued rows; commit; then enqueue the pipeline.
+
+    If the database write fails, objects that no other image uses are removed again,
+    so a failed upload leaves nothing behind.
+    """
+    storage = get_storage()
+    keys = []
+    for d in decoded:
+        key = original_key(d.sha256, d.ext)
+        if not storage.exists(key):
+            storage.put(key, d.data, d.content_type)
+            keys.append(key)
+    try:
+        images = [Image(case_id=case.id, sha256=d.sha256, object_key=original_key(d.sha256, d.ext),
+                        content_type=d.content_type, width=d.width, height=d.height,
+                        status=ImageStatus.queued.value, stage_times={}) for d in decoded]
+        db.add_all(images)
+        db.flush()
+        for image in images:
+            image.stage_times = {"uploaded": image.created_at.timestamp()}
+            audit(db, "upload", user_id, "image", image.id, ip=ip, case_id=case.id, sha256=image.sha256)
+        db.commit()
+    except Exception:
+        db.rollback()
+        for key in keys:
+            if not db.scalar(select(func.count()).select_from(Image).where(Image.object_key == key)):
+                storage.delete(key)
+        raise
+    from worker.tasks.pipeline import enqueue_image
+
+    for image in images:
+        try:
+            enqueue_image(image.id)
+        except Exception:  # noqa: BLE001 - the row is safe; the sweeper enqueues it later
+            logger.exception("image=%s state=enqueue_failed", image.id)
+    return images

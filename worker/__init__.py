@@ -1,0 +1,1 @@
+"""Celery workers: the per-image pipeline and periodic maintenance."""

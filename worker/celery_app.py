@@ -1,0 +1,68 @@
+"""The Celery application; ``celery -A worker.celery_app`` finds it here."""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from shared.config import get_settings
+from shared.db import dispose_engine
+from shared.ml.registry import set_torch_threads
+from shared.storage import reset_storage
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_QUEUES = ("detect", "align", "infer")
+ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
+
+
+class CeleryConfig:
+    """Every Celery setting in one place."""
+
+    def __init__(self, redis_url: str | None):
+        self.broker_url = redis_url
+        self.result_backend = redis_url
+        self.result_expires = 3600
+        # Long tasks: take one message per process and ack it only when done; a killed
+        # worker's message goes back to the queue (tasks are idempotent).
+        self.task_acks_late = True
+        self.task_reject_on_worker_lost = True
+        self.worker_prefetch_multiplier = 1
+        # An unacked message is redelivered after this long (Redis has no consumer liveness).
+        self.broker_transport_options = {"visibility_timeout": 900}
+        self.broker_connection_retry_on_startup = True
+        self.task_default_queue = "default"
+        self.task_routes = {
+            "pipeline.detect": {"queue": "detect"},
+            "pipeline.align": {"queue": "align"},
+            "pipeline.infer": {"queue": "infer"},
+            "maintenance.*": {"queue": "default"},
+            "retrain.*": {"queue": "train"},
+        }
+        self.task_track_started = True
+        self.worker_send_task_events = True
+        self.task_send_sent_event = True
+        self.task_serializer = "json"
+        self.accept_content = ["json"]
+        self.timezone = "UTC"
+        self.beat_schedule = {
+            "sweep": {"task": "maintenance.sweep", "schedule": 30.0},
+        }
+
+
+def create_celery() -> Celery:
+    app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance"])
+    app.config_from_object(CeleryConfig(get_settings().redis_url))
+    return app
+
+
+app = create_celery()
+
+
+@worker_process_init.connect
+def _init_process(**_kwargs) -> None:
+    # A forked child must not share the parent's connections.
+    dispose_engine()
+    reset_storage()
+    set_torch_threads(get_settings().torch_threads)

@@ -1,0 +1,257 @@
+"""The per-image pipeline as plain functions: detect -> align -> infer.
+
+Tasks in ``worker.tasks`` only unpack arguments and call these. Each stage reads
+its inputs from the database and the object store, writes its outputs with
+upserts (a re-delivered task replaces, never duplicates), and records its state
+on the image. Permanent problems reject the image with a reason; transient ones
+raise, and the task retries with backoff.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.ml.gestalt import predict, rank
+from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, encode_png
+from shared.ml.preprocess import Preprocessor
+from shared.ml.registry import ModelCache, active_version
+from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
+from shared.models.cases import ACTIVE_STATES
+from shared.storage import aligned_key, crop_key, get_storage
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATES = (ImageStatus.done.value, ImageStatus.rejected.value)
+# The sweeper gives up on an image after this many re-queues and marks it failed.
+MAX_SWEEPS = 5
+
+_preprocessor: Preprocessor | None = None
+_models: ModelCache | None = None
+
+
+def preprocessor() -> Preprocessor:
+    """The detector and landmark models of this process, created on first use (after fork)."""
+    global _preprocessor
+    if _preprocessor is None:
+        _preprocessor = Preprocessor(min_confidence=get_settings().min_face_confidence)
+    return _preprocessor
+
+
+def model_cache() -> ModelCache:
+    global _models
+    if _models is None:
+        s = get_settings()
+        _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device)
+    return _models
+
+
+def _stamp(image: Image, **times: float) -> None:
+    image.stage_times = {**(image.stage_times or {}), **times}
+
+
+def _begin(image_id: int, status: ImageStatus, stamp: str) -> Image | None:
+    """Move the image into a stage; None when it no longer exists or is already final."""
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is None:
+            logger.info("image=%s state=skipped reason=deleted", image_id)
+            return None
+        if image.status in FINAL_STATES:
+            logger.info("image=%s state=skipped reason=%s", image_id, image.status)
+            return None
+        image.status = status.value
+        _stamp(image, **{stamp: time.time()})
+        session.flush()
+        session.expunge(image)
+        return image
+
+
+def reject(image_id: int, reason: str) -> None:
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is not None:
+            image.status = ImageStatus.rejected.value
+            image.reason = reason[:500]
+            _stamp(image, rejected=time.time())
+    logger.info("image=%s state=rejected reason=%r", image_id, reason)
+
+
+def mark_failed(image_id: int, reason: str) -> None:
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is not None and image.status not in FINAL_STATES:
+            image.status = ImageStatus.failed.value
+            image.reason = reason[:500]
+            _stamp(image, failed=time.time())
+    logger.warning("image=%s state=failed reason=%r", image_id, reason)
+
+
+def _load_rgb(image: Image) -> np.ndarray:
+    return decode_stored(get_storage().get(image.object_key))
+
+
+def detect(image_id: int | None) -> int | None:
+    """Find the main face; reject the image when there is none."""
+    if image_id is None:
+        return None
+    image = _begin(image_id, ImageStatus.detecting, "detect_start")
+    if image is None:
+        return None
+    try:
+        rgb = _load_rgb(image)
+        face, found = preprocessor().detect(rgb)
+    except ImageRejected as exc:
+        reject(image_id, exc.reason)
+        return None
+    values = {"image_id": image_id, "box": [float(c) for c in face.box], "confidence": face.score,
+              "faces_found": int(found), "detector": preprocessor().detector_name}
+    with session_scope() as session:
+        stmt = insert(Face).values(**values)
+        session.execute(stmt.on_conflict_do_update(index_elements=[Face.image_id], set_={
+            k: stmt.excluded[k] for k in ("box", "confidence", "faces_found", "detector")}))
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is None:
+            return None
+        image.status = ImageStatus.aligning.value
+        _stamp(image, detect_end=time.time())
+    return image_id
+
+
+def align(image_id: int | None) -> int | None:
+    """Landmarks, alignment and region crops of the detected face."""
+    if image_id is None:
+        return None
+    image = _begin(image_id, ImageStatus.aligning, "align_start")
+    if image is None:
+        return None
+    with session_scope() as session:
+        face = session.scalars(select(Face).where(Face.image_id == image_id)).first()
+        box = tuple(face.box) if face else None
+    if box is None:  # detect's output vanished (a re-run after a cleanup): start over
+        return detect(image_id)
+    storage = get_storage()
+    try:
+        rgb = _load_rgb(image)
+        aligned = preprocessor().align(rgb, box)
+    except ImageRejected as exc:
+        reject(image_id, exc.reason)
+        return None
+    crop_keys = {}
+    for region, crop in aligned.crops.items():
+        crop_keys[region] = storage.put(crop_key(image.sha256, region), encode_png(crop), "image/png")
+    face_key = storage.put(aligned_key(image.sha256), encode_png(aligned.aligned_rgb), "image/png")
+    with session_scope() as session:
+        face = session.scalars(select(Face).where(Face.image_id == image_id).with_for_update()).one()
+        face.landmarks = np.round(aligned.landmarks, 2).tolist()
+        face.transform = aligned.alignment.matrix.tolist()
+        face.aligned_key = face_key
+        face.landmarker = preprocessor().landmarker_name
+        stmt = insert(Crop).values([{"face_id": face.id, "region": r, "object_key": k} for r, k in crop_keys.items()])
+        session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
+                                                   set_={"object_key": stmt.excluded.object_key}))
+        image = session.get(Image, image_id, with_for_update=True)
+        image.status = ImageStatus.scoring.value
+        _stamp(image, align_end=time.time())
+    return image_id
+
+
+def infer(image_id: int | None) -> int | None:
+    """Score the crops with the active model; write region scores and the ranking."""
+    if image_id is None:
+        return None
+    image = _begin(image_id, ImageStatus.scoring, "infer_start")
+    if image is None:
+        return None
+    storage = get_storage()
+    with session_scope() as session:
+        loaded = model_cache().active(session, storage)
+        if loaded is None:
+            image = session.get(Image, image_id, with_for_update=True)
+            image.status = ImageStatus.awaiting_model.value
+            _stamp(image, awaiting_model=time.time())
+            logger.info("image=%s state=awaiting_model", image_id)
+            return None
+        crops = {c.region: c.object_key for c in session.scalars(
+            select(Crop).join(Face).where(Face.image_id == image_id))}
+    missing = [r for r in loaded.regions if r not in crops]
+    if missing:  # crops lost or never made: redo alignment, which continues here
+        logger.info("image=%s state=realign missing=%s", image_id, ",".join(missing))
+        return infer(align(image_id))
+    stack = np.stack([decode_png_gray(storage.get(crops[r])) for r in loaded.regions])[None]
+    pred = predict(loaded.model, stack)
+    write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[0],
+                 pred.aggregate[0])
+    return image_id
+
+
+def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
+                 region_probs: np.ndarray, aggregate: np.ndarray) -> None:
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is None:
+            return
+        rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
+                 "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
+        stmt = insert(RegionScore).values(rows)
+        session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
+                                                   set_={"scores": stmt.excluded.scores}))
+        stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
+                                     scores=[round(float(p), 6) for p in aggregate],
+                                     ranking=rank(aggregate, classes))
+        session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
+            "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking}))
+        image.status = ImageStatus.done.value
+        image.reason = None
+        _stamp(image, done=time.time())
+    logger.info("image=%s state=done model=%s", image_id, version_id)
+
+
+def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:
+    """Re-queue images whose message was lost, and score images waiting for a model.
+
+    Args:
+        enqueue_pipeline: called with an image id to start its whole chain again.
+        enqueue_infer: called with an image id to score it.
+    """
+    settings = get_settings()
+    cutoff = time.time() - settings.requeue_after_seconds
+    to_pipeline: list[int] = []
+    to_infer: list[int] = []
+    failed = 0
+    with session_scope() as session:
+        stale = session.scalars(select(Image).where(Image.status.in_(ACTIVE_STATES), Image.updated_at.isnot(None))
+                                .with_for_update(skip_locked=True))
+        for image in stale:
+            if image.updated_at.timestamp() > cutoff:
+                continue
+            sweeps = int((image.stage_times or {}).get("sweeps", 0))
+            if sweeps >= MAX_SWEEPS:
+                image.status = ImageStatus.failed.value
+                image.reason = f"processing did not finish after {MAX_SWEEPS} attempts"
+                failed += 1
+                continue
+            image.status = ImageStatus.queued.value
+            _stamp(image, sweeps=sweeps + 1)
+            to_pipeline.append(image.id)
+        if active_version(session) is not None:
+            waiting = session.scalars(select(Image).where(Image.status == ImageStatus.awaiting_model.value)
+                                      .with_for_update(skip_locked=True))
+            for image in waiting:
+                # "scoring" is an active state: if this message is lost, the stale sweep re-runs it.
+                image.status = ImageStatus.scoring.value
+                to_infer.append(image.id)
+    # Commit first, then enqueue: a worker must see the rows we just wrote.
+    for image_id in to_pipeline:
+        enqueue_pipeline(image_id)
+    for image_id in to_infer:
+        enqueue_infer(image_id)
+    if to_pipeline or failed or to_infer:
+        logger.info("sweep requeued=%d failed=%d woken=%d", len(to_pipeline), failed, len(to_infer))
+    return {"requeued": len(to_pipeline), "failed": failed, "woken": len(to_infer)}

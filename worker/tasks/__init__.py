@@ -1,0 +1,1 @@
+"""Thin Celery tasks: they unpack arguments and call ``worker.pipeline``."""

@@ -1,0 +1,64 @@
+"""detect -> align -> infer, one chain per image, each stage on its own queue."""
+from __future__ import annotations
+
+import logging
+
+import urllib3.exceptions
+from celery import Task, chain
+from minio.error import MinioException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from worker import pipeline
+from worker.celery_app import app
+
+logger = logging.getLogger(__name__)
+
+# Engines that are down or restarting: retry with backoff.
+TRANSIENT = (OperationalError, InterfaceError, MinioException, urllib3.exceptions.HTTPError,
+             RedisConnectionError, ConnectionError, TimeoutError)
+
+
+class PipelineTask(Task):
+    autoretry_for = TRANSIENT
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = 10
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        image_id = args[0] if args else None
+        if image_id is None:
+            return
+        if isinstance(exc, TRANSIENT):
+            reason = f"{self.name.split('.')[-1]} failed after {self.max_retries} retries: services unavailable"
+        else:
+            reason = f"internal error during {self.name.split('.')[-1]} ({type(exc).__name__})"
+        try:
+            pipeline.mark_failed(image_id, reason)
+        except Exception:  # noqa: BLE001 - the database may be the thing that is down
+            logger.exception("image=%s state=unrecorded_failure", image_id)
+
+
+@app.task(name="pipeline.detect", base=PipelineTask)
+def detect(image_id: int | None) -> int | None:
+    return pipeline.detect(image_id)
+
+
+@app.task(name="pipeline.align", base=PipelineTask)
+def align(image_id: int | None) -> int | None:
+    return pipeline.align(image_id)
+
+
+@app.task(name="pipeline.infer", base=PipelineTask)
+def infer(image_id: int | None) -> int | None:
+    return pipeline.infer(image_id)
+
+
+def enqueue_image(image_id: int) -> None:
+    """Start the whole chain for one image (after its row is committed)."""
+    chain(detect.si(image_id), align.s(), infer.s()).apply_async()
+
+
+def enqueue_infer(image_id: int) -> None:
+    infer.apply_async((image_id,))
