@@ -211,6 +211,8 @@ class EmbeddedEngines:
             ensure_user_exists(user)
             self.data_dir.mkdir(parents=True, exist_ok=True)
             ensure_prefix_permissions(self.data_dir)
+            # The postgres user must traverse the data dir; it lists nothing (no read bit for others).
+            self.data_dir.chmod(self.data_dir.stat().st_mode | 0o011)
         if (pgdata / "PG_VERSION").exists():
             return pgdata
         pgdata.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,8 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         raise ImageRejected("the file is not an image we can read; upload a JPEG or PNG photo",
                             http_status=415) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("the image is too large to decode safely", http_status=413) from exc
+        raise ImageRejected(f"the image is too large to decode safely; the limit is {max_pixels / 1e6:.0f} megapixels",
+                            http_status=413) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
             ZeroDivisionError, MemoryError) as exc:
         raise ImageRejected("the image file is damaged or truncated") from exc

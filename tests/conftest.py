@@ -1,0 +1,181 @@
+"""Fixtures: real PostgreSQL, Redis and SeaweedFS, real Celery worker processes, the real web server."""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.stack import EmbeddedEngines, Ports, Process, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("GESTALT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+PASSWORD = "correct horse battery staple"
+_emails = itertools.count(1)
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared test data is not beside this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """The embedded engines, on free ports, with the schema migrated."""
+    data_dir = tmp_path_factory.mktemp("stack")
+    eng = EmbeddedEngines(data_dir, Ports.free())
+    eng.start()
+    saved = dict(os.environ)
+    os.environ.update(eng.env)
+    os.environ.update(TEST_SETTINGS)
+    from shared import db, migrate, storage
+    from shared.config import reload_settings
+
+    reload_settings()
+    db.dispose_engine()
+    storage.reset_storage()
+    migrate.upgrade()
+    storage.get_storage()
+    yield eng
+    db.dispose_engine()
+    eng.stop()
+    os.environ.clear()
+    os.environ.update(saved)
+    reload_settings()
+
+
+# Settings the tests run with (passed to every process they start).
+TEST_SETTINGS = {
+    "GESTALT_MODEL_CHECK_SECONDS": "0.5",
+    "GESTALT_TORCH_THREADS": "1",
+    "GESTALT_MAX_UPLOAD_MB": "2",
+    "GESTALT_REQUEUE_AFTER_SECONDS": "120",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _env(engines: EmbeddedEngines) -> dict[str, str]:
+    return {**os.environ, **engines.env, **TEST_SETTINGS}
+
+
+def wait_http(url: str, proc: Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running:
+            raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer: {proc.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def workers(engines):
+    """Real Celery worker processes on every pipeline queue, and the default queue."""
+    proc = Process("worker", [sys.executable, "-m", "shared.cli", "worker", "-Q", "detect,align,infer,default",
+                              "-c", "2", "-n", f"test{os.getpid()}@%h"],
+                   _env(engines), engines.logs / "test-worker.log")
+    proc.start()
+    from worker.celery_app import app
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if not proc.running:
+            raise RuntimeError(proc.log.read_text()[-3000:])
+        if app.control.ping(timeout=1.0):
+            break
+    else:
+        raise RuntimeError("the worker did not answer a ping: " + proc.log.read_text()[-3000:])
+    yield proc
+    proc.stop(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def web_server(engines):
+    """The portal under gunicorn, as `gestalt web` runs it."""
+    port = free_port()
+    proc = Process("web", [sys.executable, "-m", "shared.cli", "web", "--port", str(port), "--workers", "2"],
+                   _env(engines), engines.logs / "test-web.log")
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz", proc)
+    yield url
+    proc.stop()
+
+
+def new_user(role: str = "clinician") -> str:
+    """A fresh account; returns its e-mail."""
+    from shared.db import session_scope
+    from shared.models import Role
+    from shared.users import create_user
+
+    email = f"user{next(_emails)}-{os.getpid()}@clinic.example"
+    with session_scope() as session:
+        create_user(session, email, PASSWORD, Role(role))
+    return email
+
+
+class Portal:
+    """A logged-in browser session over HTTP: the portal's forms and JSON, nothing else."""
+
+    def __init__(self, base: str, email: str | None = None):
+        self.base = base
+        self.http = requests.Session()
+        if email:
+            self.login(email)
+
+    def csrf(self, path: str) -> str:
+        page = self.http.get(self.base + path)
+        match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page.text) or \
+            re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert match, f"no CSRF token on {path}"
+        return match.group(1)
+
+    def login(self, email: str, password: str = PASSWORD) -> requests.Response:
+        token = self.csrf("/login")
+        return self.http.post(self.base + "/login", data={"csrf_token": token, "email": email,
+                                                          "password": password}, allow_redirects=False)
+
+    def create_case(self, patient_ref: str = "PT-0001", sex: str = "female", age: str = "6.5") -> int:
+        token = self.csrf("/cases/new")
+        r = self.http.post(self.base + "/cases/new", data={
+            "csrf_token": token, "patient_ref": patient_ref, "sex": sex, "age_years": age}, allow_redirects=False)
+        assert r.status_code == 302, r.text
+        return int(r.headers["Location"].rstrip("/").split("/")[-1])
+
+    def upload(self, case_id: int, files: list[tuple[str, bytes]]) -> requests.Response:
+        token = self.csrf(f"/cases/{case_id}")
+        return self.http.post(f"{self.base}/cases/{case_id}/images",
+                              files=[("photo", (name, data, "application/octet-stream")) for name, data in files],
+                              headers={"X-CSRFToken": token, "Accept": "application/json"})
+
+    def case(self, case_id: int) -> dict:
+        r = self.http.get(f"{self.base}/api/v1/cases/{case_id}", params={"poll": "1"})
+        r.raise_for_status()
+        return r.json()
+
+    def wait(self, case_id: int, timeout: float = 300, settled=("done", "rejected", "failed")) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            payload = self.case(case_id)
+            if payload["images"] and all(i["status"] in settled for i in payload["images"]):
+                return payload
+            time.sleep(0.5)
+        raise AssertionError(f"case {case_id} did not settle: {[i['status'] for i in payload['images']]}")
+
+
+def run_cli(engines: EmbeddedEngines, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `gestalt ARGS` as a user would, against the test engines."""
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=_env(engines), capture_output=True,
+                          text=True, timeout=timeout, check=False)

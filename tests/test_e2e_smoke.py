@@ -1,0 +1,94 @@
+"""The whole path on the astronaut photo: upload -> awaiting_model -> train + activate -> ranked result.
+
+Self-contained: it needs no shared data, and trains its own small model.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+from sqlalchemy import func, select, update
+
+from shared.db import session_scope
+from shared.models import Crop, Face, ModelVersion, RegionScore, Result
+from shared.storage import get_storage
+from tests.conftest import Portal, new_user, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def _jpeg_with_exif(rgb: np.ndarray) -> bytes:
+    im = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x8825] = {1: "N", 2: (52.0, 12.0, 0.0), 3: "E", 4: (0.0, 7.0, 0.0)}  # GPS
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif, quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def smoke_folder(tmp_path):
+    """Two labels of astronaut variants (brightness, small shifts): a real, tiny training set."""
+    base = data.astronaut()
+    for label, flip in (("variant_a", False), ("variant_b", True)):
+        (tmp_path / label).mkdir()
+        for i, gain in enumerate((0.8, 0.9, 1.0, 1.1)):
+            img = np.clip(base.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+            img = np.roll(img, 4 * i, axis=1)
+            if flip:
+                img = img[:, ::-1]
+            Image.fromarray(img).save(tmp_path / label / f"{i}.png")
+    return tmp_path
+
+
+def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
+    with session_scope() as s:  # start with no active model
+        s.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+
+    portal = Portal(web_server, new_user())
+    case_id = portal.create_case("PT-SMOKE")
+    upload = portal.upload(case_id, [("astronaut.jpg", _jpeg_with_exif(data.astronaut()))])
+    assert upload.status_code == 201, upload.text
+    image_id = upload.json()["images"][0]["id"]
+
+    payload = portal.wait(case_id, timeout=120, settled=("awaiting_model", "rejected", "failed", "done"))
+    assert payload["images"][0]["status"] == "awaiting_model"
+
+    trained = run_cli(engines, "train", "--data", str(smoke_folder), "--width", "0.125", "--epochs", "1",
+                      "--batch-size", "4", "--name", "smoke-model", "--activate")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "registered model version smoke-model" in trained.stderr
+
+    payload = portal.wait(case_id, timeout=120)
+    image = payload["images"][0]
+    assert image["status"] == "done", image
+    result = image["result"]
+    assert result["model_version"]["name"] == "smoke-model"
+    assert [r["name"] for r in result["ranking"]] in (["variant_a", "variant_b"], ["variant_b", "variant_a"])
+    assert sum(r["score"] for r in result["ranking"]) == pytest.approx(1.0, abs=1e-4)
+    assert result["ranking"][0]["score"] >= result["ranking"][1]["score"]
+    assert set(result["regions"]) == {"full_face", "upper_half", "middle_face", "lower_half"}
+
+    with session_scope() as s:
+        face = s.scalars(select(Face).where(Face.image_id == image_id)).one()
+        x0, y0, x1, y1 = face.box
+        assert 150 < x0 < 200 and 40 < y0 < 100 and 250 < x1 < 300 and 150 < y1 < 200  # her face
+        assert len(face.landmarks) == 468
+        crops = s.scalars(select(Crop).where(Crop.face_id == face.id)).all()
+        assert len(crops) == 4
+        assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 4
+        assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1
+        from shared.models import Image as ImageRow
+
+        stored_key = s.get(ImageRow, image_id).object_key
+
+    storage = get_storage()
+    stored = Image.open(io.BytesIO(storage.get(stored_key)))
+    assert stored.size == (512, 512)
+    assert not stored.getexif(), "EXIF (GPS, make) must be gone from the stored photo"
+    crop = Image.open(io.BytesIO(storage.get(crops[0].object_key)))
+    assert crop.size == (100, 100) and crop.mode == "L"
