@@ -425,11 +425,14 @@ def stop_running_stack(data_dir: Path, timeout: float = 60.0) -> bool:
     except ProcessLookupError:
         pidfile.unlink(missing_ok=True)
         return False
+    import psutil
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:  # exited, parent not reaped yet
+                return True
+        except psutil.NoSuchProcess:
             return True
         time.sleep(0.2)
     raise StackError(f"gestalt up (pid {pid}) did not stop within {timeout:.0f} s")

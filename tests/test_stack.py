@@ -22,10 +22,10 @@ def _gestalt(env, *args, **kw):
                           timeout=120, **kw)
 
 
-def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_up(url: str, proc: subprocess.Popen, log, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, log.read_text()[-3000:]
         try:
             if requests.get(url + "/healthz", timeout=2).ok:
                 return
@@ -44,10 +44,10 @@ def test_up_down_and_restart_keep_data(tmp_path):
                GESTALT_EMBEDDED_S3_PORT_BASE=str(ports.s3_base), GESTALT_WORKER_CONCURRENCY="1")
     url = f"http://127.0.0.1:{web_port}"
 
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - a file, not a pipe nobody drains
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_up(url, up)
+        _wait_up(url, up, tmp_path / "up.log")
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         for part in ("postgres", "redis-server", "weed", "worker", "beat", "gunicorn"):
@@ -72,11 +72,11 @@ def test_up_down_and_restart_keep_data(tmp_path):
             up.wait(60)
 
     # Up again: the account is still there.
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_up(url, up)
+        _wait_up(url, up, tmp_path / "up.log")
         assert Portal(url, "first@clinic.example").http.get(url + "/").status_code == 200
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C
         assert up.wait(60) == 0
+        log.close()
