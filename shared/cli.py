@@ -158,8 +158,9 @@ def users_create(email: str, password: str, admin: bool) -> None:
 
 # ---------------------------------------------------------------------------- models
 @main.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Labelled photos: DIR/<label>/<subject>/<image> or DIR/<label>/<image>.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Labelled photos: DIR/<label>/<subject>/<image>, DIR/<label>/<image>, or a manifest CSV "
+                   "(image,subject,label).")
 @click.option("--width", type=float, default=1.0, show_default=True, help="CASIA-Net channel multiplier.")
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -170,15 +171,20 @@ def users_create(email: str, password: str, admin: bool) -> None:
 @click.option("--exclude", multiple=True, help="Skip files with this name (repeatable), e.g. a held-out image.")
 @click.option("--name", default=None, help="Model version name (default: a timestamp).")
 @click.option("--activate/--no-activate", default=False, help="Make the new version the active model.")
+@click.option("--register/--no-register", default=True, help="Register the model version in the database.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the checkpoint to this file.")
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float, val_fraction: float, seed: int,
-          exclude: tuple[str, ...], name: str | None, activate: bool) -> None:
+          exclude: tuple[str, ...], name: str | None, activate: bool, register: bool, output: Path | None) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version."""
     from shared.ml.gestalt import resolve_device
     from shared.ml.preprocess import Preprocessor
-    from shared.ml.training import TrainConfig, data_hash, prepare, scan_folder, subject_split, train_ensemble
+    from shared.ml.data import load_samples
+    from shared.ml.splits import subject_split
+    from shared.ml.training import TrainConfig, data_hash, prepare, train_ensemble
 
     settings = get_settings()
-    samples = [s for s in scan_folder(data_dir) if s.path.name not in set(exclude)]
+    samples = [s for s in load_samples(data_dir) if s.path.name not in set(exclude)]
     class_names = sorted({s.label for s in samples})
     console.print(f"{len(samples)} images, {len(class_names)} labels, "
                   f"{len({s.subject for s in samples})} subjects")
@@ -193,7 +199,17 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float,
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
     _print_metrics(metrics)
-    _register(model, class_names, metrics, name, activate)
+    # What the model saw, so that evaluation can refuse leaked subjects and images.
+    seen = [data.samples[i] for i in train_idx]
+    extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
+             "holdout_subjects": sorted({data.samples[i].subject for i in val_idx})}
+    if output:
+        from shared.ml.gestalt import save_checkpoint
+
+        output.write_bytes(save_checkpoint(model, class_names, metrics, extra))
+        console.print(f"checkpoint written to {output}")
+    if register:
+        _register(model, class_names, metrics, name, activate, extra)
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -210,13 +226,14 @@ def _print_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-def _register(model, class_names, metrics, name, activate: bool) -> None:
+def _register(model, class_names, metrics, name, activate: bool, extra: dict | None = None) -> None:
     from shared.db import session_scope
     from shared.ml import registry
     from shared.storage import get_storage
 
     with session_scope() as session:
-        version = registry.register_model(session, get_storage(), model, class_names, metrics, name=name)
+        version = registry.register_model(session, get_storage(), model, class_names, metrics, name=name,
+                                          extra=extra)
         if activate:
             registry.activate(session, version)
         console.print(f"registered model version {version.name} (id {version.id}, {version.status})")
@@ -232,6 +249,174 @@ def _wake_waiting() -> None:
     counts = pipeline.sweep(enqueue_image, enqueue_infer)
     if counts["woken"]:
         console.print(f"{counts['woken']} waiting image(s) queued for scoring")
+
+
+def _load_model(ref: str):
+    """A checkpoint file, or a registered model version (name or id). Returns (model, state, name)."""
+    from shared.ml.gestalt import load_checkpoint
+
+    path = Path(ref)
+    if path.is_file():
+        model, state = load_checkpoint(path.read_bytes())
+        return model, state, path.stem
+    from shared.db import session_scope
+    from shared.ml import registry
+    from shared.storage import get_storage
+
+    try:
+        with session_scope() as session:
+            version = registry.find_version(session, ref)
+            key, name = version.checkpoint_key, version.name
+    except registry.ModelNotFound as exc:
+        raise click.ClickException(f"{exc} (and no checkpoint file {ref})") from exc
+    model, state = load_checkpoint(get_storage().get(key))
+    return model, state, name
+
+
+@main.command()
+@click.option("--model", "model_ref", required=True, help="Model version (name or id) or a checkpoint file.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Test photos: a labelled folder or a manifest CSV.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default: reports/<model>-<time>).")
+@click.option("--baseline-accuracy", type=float, default=None, help="A published top-1 accuracy (0-1) to test against.")
+@click.option("--baseline-n", type=int, default=None, help="Images behind the baseline (default: the test size).")
+@click.option("--positive", default=None, help="Binary models: the positive class.")
+@click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
+@click.option("--permutations", type=int, default=100_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-leakage", is_flag=True, help="Report even if test subjects or images were trained on.")
+def evaluate(model_ref: str, data_path: Path, out: Path | None, baseline_accuracy: float | None,
+             baseline_n: int | None, positive: str | None, resamples: int, permutations: int, seed: int,
+             allow_leakage: bool) -> None:
+    """Evaluate a model on labelled photos and write a report folder (md, html, json, plots)."""
+    from datetime import datetime
+
+    from shared.ml.data import load_samples
+    from shared.ml.gestalt import predict
+    from shared.ml.preprocess import Preprocessor
+    from shared.ml.report import EvalInput, write_report
+    from shared.ml.splits import LeakageError, check_leakage
+    from shared.ml.training import data_hash, prepare
+
+    model, state, name = _load_model(model_ref)
+    class_names = state["class_names"]
+    samples = load_samples(data_path)
+    extra = state.get("extra") or {}
+    if "train_subjects" in extra:
+        try:
+            check_leakage(extra["train_subjects"], extra.get("train_sha256", []),
+                          {s.subject for s in samples}, {s.sha256 for s in samples})
+            split = "test data checked disjoint from the model's training subjects and images"
+        except LeakageError as exc:
+            if not allow_leakage:
+                raise click.ClickException(str(exc)) from exc
+            split = f"LEAKAGE ALLOWED: {exc}"
+    else:
+        split = "unknown: the checkpoint does not record its training set"
+    try:
+        data = prepare(samples, class_names, Preprocessor(min_confidence=get_settings().min_face_confidence,
+                                                          regions=model.regions), keep_aligned=True)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    pred = predict(model, data.crops)
+    out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    metrics = write_report(EvalInput(
+        model_name=name, class_names=class_names, regions=list(model.regions), region_probs=pred.region_probs,
+        labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
+        data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
+        aligned=data.aligned, baseline_accuracy=baseline_accuracy, baseline_n=baseline_n, positive=positive,
+        resamples=resamples, permutations=permutations, seed=seed), out)
+    table = Table(title=f"{name} on {data_path} ({metrics['data']['images']} images)")
+    for col in ("metric", "per image", "macro", "permutation p"):
+        table.add_column(col)
+    for k, v in metrics["per_image"].items():
+        m = metrics["macro"][k]
+        table.add_row(k, f"{100 * v['value']:.1f}% ({100 * v['low']:.1f}-{100 * v['high']:.1f})",
+                      f"{100 * m['value']:.1f}% ({100 * m['low']:.1f}-{100 * m['high']:.1f})",
+                      f"{metrics['permutation_p'][k]:.2g}")
+    Console().print(table)
+    console.print(f"report written to {out}/report.html")
+
+
+@main.group()
+def stats() -> None:
+    """Quick statistics for comparing published figures."""
+
+
+@stats.command("proportion-test")
+@click.option("--k1", type=float, required=True, help="Correct answers of the first method (may be fractional).")
+@click.option("--n1", type=int, required=True)
+@click.option("--p2", type=float, required=True, help="The baseline's accuracy, 0-1.")
+@click.option("--n2", type=int, required=True)
+def stats_proportion(k1: float, n1: int, p2: float, n2: int) -> None:
+    """Two-sided two-proportion z-test: prints z and p."""
+    from shared.ml.evaluation import two_proportion_ztest
+
+    try:
+        result = two_proportion_ztest(k1, n1, p2, n2)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"z={result.z:.4f} p={result.p:.4g}")
+
+
+@stats.command("bootstrap-ci")
+@click.option("--k", type=int, required=True, help="Correct answers.")
+@click.option("--n", type=int, required=True, help="Total.")
+@click.option("--resamples", type=int, default=10_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def stats_bootstrap(k: int, n: int, resamples: int, seed: int) -> None:
+    """Accuracy k/n with its 95% percentile-bootstrap CI, in percent."""
+    from shared.ml.evaluation import bootstrap_ci_counts
+
+    try:
+        est = bootstrap_ci_counts(k, n, resamples, seed)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"accuracy={100 * est.value:.2f}% ci95=[{100 * est.low:.2f}%, {100 * est.high:.2f}%]")
+
+
+@stats.command("permutation")
+@click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="CSV: a 'label' column (class index or name) and one score column per class; or .npz with "
+                   "arrays 'probs' (N x C) and 'labels' (N).")
+@click.option("--k", type=int, default=1, show_default=True)
+@click.option("--permutations", type=int, default=100_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def stats_permutation(predictions: Path, k: int, permutations: int, seed: int) -> None:
+    """Permutation-test p-value of top-k accuracy against chance."""
+    import numpy as np
+
+    from shared.ml.evaluation import permutation_pvalue, topk_hits
+
+    probs, labels = _read_predictions(predictions)
+    p = permutation_pvalue(probs, labels, k, permutations, seed)
+    click.echo(f"top{k}={float(np.mean(topk_hits(probs, labels, k))):.4f} p={p:.4g}")
+
+
+def _read_predictions(path: Path):
+    import csv
+
+    import numpy as np
+
+    if path.suffix == ".npz":
+        with np.load(path) as npz:
+            return npz["probs"], npz["labels"].astype(int)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "label" not in reader.fieldnames:
+            raise click.ClickException(f"{path} needs a 'label' column and one score column per class")
+        classes = [c for c in reader.fieldnames if c != "label"]
+        rows = list(reader)
+    if not rows:
+        raise click.ClickException(f"{path} has no rows")
+    probs = np.array([[float(r[c]) for c in classes] for r in rows])
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        labels = np.array([index[r["label"]] if r["label"] in index else int(r["label"]) for r in rows])
+    except ValueError as exc:
+        raise click.ClickException(f"labels must be class names ({', '.join(classes)}) or indices") from exc
+    return probs, labels
 
 
 @main.group()

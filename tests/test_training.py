@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.ml.training import Sample, scan_folder, subject_split, topk_accuracy
+from shared.ml.data import Sample, load_manifest, scan_folder
+from shared.ml.splits import LeakageError, check_leakage, gmdb_protocol, in_holdout, subject_split
 
 
 def _touch(path: Path) -> None:
@@ -46,9 +47,44 @@ def test_single_subject_label_stays_in_training():
     assert subject_split(samples, 0.5) == ([0], [])
 
 
-def test_topk():
-    import numpy as np
+def test_manifest(tmp_path):
+    _touch(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "m.csv").write_text("image,subject,label\nimgs/a.jpg,P1,synA\n")
+    [sample] = load_manifest(tmp_path / "m.csv")
+    assert sample.path == tmp_path / "imgs" / "a.jpg" and sample.subject == "P1" and sample.label == "synA"
+    (tmp_path / "bad.csv").write_text("path,label\nx,y\n")
+    with pytest.raises(ValueError, match="missing column"):
+        load_manifest(tmp_path / "bad.csv")
+    (tmp_path / "gone.csv").write_text("image,subject,label\nnope.jpg,P1,synA\n")
+    with pytest.raises(FileNotFoundError):
+        load_manifest(tmp_path / "gone.csv")
 
-    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
-    assert topk_accuracy(probs, np.array([1, 2]), 1) == 0.5
-    assert topk_accuracy(probs, np.array([1, 2]), 3) == 1.0
+
+def test_gmdb_protocol():
+    samples = []
+    for lab, n_subjects in (("freq1", 10), ("freq2", 8), ("rare1", 3), ("rare2", 2), ("single", 1)):
+        samples += [Sample(Path(f"{lab}{j}.jpg"), lab, f"{lab}/{j}") for j in range(n_subjects)]
+    frequent, rare = gmdb_protocol(samples, n_rare_splits=10, seed=1)
+    assert {samples[i].label for i in frequent.train + frequent.test} == {"freq1", "freq2"}
+    assert len(rare) == 10
+    for split in rare:
+        test_labels = [samples[i].label for i in split.test]
+        assert sorted(test_labels) == ["rare1", "rare2"]  # one held-out subject per rare disorder
+        assert {samples[i].subject for i in split.train}.isdisjoint({samples[i].subject for i in split.test})
+        assert "single" not in {samples[i].label for i in split.train + split.test}
+    assert len({tuple(s.test) for s in rare}) > 1  # the splits differ
+
+
+def test_leakage_check_fails_loudly():
+    check_leakage(["a"], ["h1"], ["b"], ["h2"])
+    with pytest.raises(LeakageError, match="1 subject"):
+        check_leakage(["a", "b"], ["h1"], ["b"], ["h2"])
+    with pytest.raises(LeakageError, match="1 identical"):
+        check_leakage(["a"], ["h1"], ["b"], ["h1"])
+
+
+def test_holdout_by_hash_is_stable():
+    subjects = [f"s{i}" for i in range(2000)]
+    held = [s for s in subjects if in_holdout(s, 0.2)]
+    assert 300 < len(held) < 500
+    assert held == [s for s in subjects if in_holdout(s, 0.2)]

@@ -41,7 +41,7 @@ def register_model(session: Session, storage: Storage, model: RegionalEnsemble, 
     name = name or datetime.now(timezone.utc).strftime("m%Y%m%d-%H%M%S")
     key = storage.put(checkpoint_key(name, digest), data)
     version = ModelVersion(
-        name=name, arch=model.arch, config={**model.config, **(extra or {})},
+        name=name, arch=model.arch, config=model.config,
         classes=upsert_syndromes(session, class_names), checkpoint_key=key, checkpoint_sha256=digest,
         metrics=metrics, status=ModelStatus.candidate.value)
     session.add(version)

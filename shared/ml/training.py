@@ -5,74 +5,21 @@ import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from shared.ml.data import Sample
+from shared.ml.evaluation import topk_hits
 from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, predict
 from shared.ml.imaging import ImageRejected, decode_upload
 from shared.ml.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str
-    subject: str
-
-
-def scan_folder(root: Path) -> list[Sample]:
-    """Samples of ``root/<label>/<subject>/<image>`` or ``root/<label>/<image>``.
-
-    In the flat layout every image counts as its own subject (an identity folder of
-    one person, as in face-identification data, cannot be split by subject).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training folder {root} does not exist")
-    samples = []
-    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for entry in sorted(label_dir.iterdir()):
-            if entry.is_dir():
-                samples += [Sample(f, label_dir.name, f"{label_dir.name}/{entry.name}")
-                            for f in sorted(entry.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-            elif entry.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append(Sample(entry, label_dir.name, f"{label_dir.name}/{entry.name}"))
-    if not samples:
-        raise ValueError(f"no images under {root} (expected {root}/<label>/[<subject>/]<image>)")
-    return samples
-
-
-def subject_split(samples: list[Sample], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices of train and validation samples; no subject is on both sides.
-
-    Per label, ``ceil(val_fraction * subjects)`` subjects go to validation, leaving at
-    least one subject in training. Labels with a single subject stay in training.
-    """
-    rng = random.Random(seed)
-    by_label: dict[str, list[str]] = {}
-    for s in samples:
-        subjects = by_label.setdefault(s.label, [])
-        if s.subject not in subjects:
-            subjects.append(s.subject)
-    val_subjects: set[str] = set()
-    for label in sorted(by_label):
-        subjects = sorted(by_label[label])
-        rng.shuffle(subjects)
-        n_val = min(len(subjects) - 1, int(np.ceil(val_fraction * len(subjects)))) if val_fraction > 0 else 0
-        val_subjects.update(subjects[:n_val])
-    train = [i for i, s in enumerate(samples) if s.subject not in val_subjects]
-    val = [i for i, s in enumerate(samples) if s.subject in val_subjects]
-    return train, val
-
 
 @dataclass
 class PreparedData:
@@ -80,13 +27,22 @@ class PreparedData:
     labels: np.ndarray  # N int64
     samples: list[Sample]
     rejected: list[tuple[Sample, str]] = field(default_factory=list)
+    aligned: np.ndarray | None = None  # N x 200 x 200 uint8 aligned grayscale faces (keep_aligned=True)
 
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
-            max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True) -> PreparedData:
-    """Decode, detect, align and crop every sample, as the worker does for an upload."""
+            max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True,
+            keep_aligned: bool = False) -> PreparedData:
+    """Decode, detect, align and crop every sample, as the worker does for an upload.
+
+    Raises:
+        ValueError: when a sample's label is not in ``class_names`` (all unknown labels are listed).
+    """
     index = {name: i for i, name in enumerate(class_names)}
-    crops, labels, kept, rejected = [], [], [], []
+    unknown = sorted({s.label for s in samples} - set(index))
+    if unknown:
+        raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
+    crops, labels, kept, rejected, aligned = [], [], [], [], []
     for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
         try:
             decoded = decode_upload(s.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
@@ -97,9 +53,12 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
         crops.append(np.stack([result.aligned.crops[r] for r in preprocessor.regions]))
         labels.append(index[s.label])
         kept.append(s)
+        if keep_aligned:
+            aligned.append(cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY))
     if not crops:
-        raise ValueError("no usable face in the training data")
-    return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected)
+        raise ValueError("no usable face in the data")
+    return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
+                        np.stack(aligned) if keep_aligned else None)
 
 
 @dataclass
@@ -128,23 +87,15 @@ def augmentation() -> v2.Transform:
     ])
 
 
-def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    k = min(k, probs.shape[-1])
-    top = np.argsort(-probs, axis=-1)[..., :k]
-    return float(np.mean([labels[i] in top[i] for i in range(len(labels))]))
-
-
 def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """Top-k of each region and of the aggregate (the paper's Table 2 layout)."""
     model.eval()
     pred = predict(model, crops)
     out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
     for k in ks:
-        out["aggregate"][f"top{k}"] = topk_accuracy(pred.aggregate, labels, k)
+        out["aggregate"][f"top{k}"] = float(topk_hits(pred.aggregate, labels, k).mean())
     for i, r in enumerate(model.regions):
-        out["regions"][r] = {f"top{k}": topk_accuracy(pred.region_probs[:, i], labels, k) for k in ks}
+        out["regions"][r] = {f"top{k}": float(topk_hits(pred.region_probs[:, i], labels, k).mean()) for k in ks}
     return out
 
 
