@@ -127,7 +127,7 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
             ax.set_title(f"{inp.class_names[c]} (n={int((inp.labels == c).sum())})", fontsize=7)
         fig.suptitle("Composite faces (mean of aligned faces)")
         fig.tight_layout()
-        fig.savefig(out / "composite_faces.png", dpi=110)
+        fig.savefig(out / "composite_faces.png", dpi=72)
         plt.close(fig)
         files["composites"] = "composite_faces.png"
     return files
