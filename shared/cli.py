@@ -156,6 +156,46 @@ def users_create(email: str, password: str, admin: bool) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.group()
+def tokens() -> None:
+    """Per-user API tokens (Authorization: Bearer ...)."""
+
+
+@tokens.command("create")
+@click.option("--email", required=True)
+@click.option("--name", default="api", show_default=True)
+def tokens_create(email: str, name: str) -> None:
+    """Create a token; its secret is printed once."""
+    from shared.audit import audit
+    from shared.db import session_scope
+    from shared.users import create_token, find_user
+
+    with session_scope() as session:
+        user = find_user(session, email)
+        if user is None:
+            raise click.ClickException(f"no user {email}")
+        token, secret = create_token(session, user, name)
+        audit(session, "token_create", None, "api_token", token.id, via="cli", owner=user.id)
+        console.print(f"token {token.id} for {user.email}; store it now, it is not shown again:")
+    click.echo(secret)
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+def tokens_revoke(token_id: int) -> None:
+    from shared.audit import audit
+    from shared.db import session_scope
+    from shared.users import UserError, revoke_token
+
+    try:
+        with session_scope() as session:
+            revoke_token(session, token_id)
+            audit(session, "token_revoke", None, "api_token", token_id, via="cli")
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"token {token_id} revoked")
+
+
 # ---------------------------------------------------------------------------- models
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),

@@ -92,6 +92,12 @@ class Settings:
     web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))
     # Gunicorn worker processes for the web app.
     web_workers: int = field(default_factory=lambda: _int("GESTALT_WEB_WORKERS", 2))
+    # Login attempts allowed per client address (Flask-Limiter syntax).
+    login_rate_limit: str = field(default_factory=lambda: _str("GESTALT_LOGIN_RATE_LIMIT", "10 per minute"))
+    # Days a case is kept after it was created; 0 keeps cases until a clinician deletes them.
+    retention_days: int = field(default_factory=lambda: _int("GESTALT_RETENTION_DAYS", 0))
+    # Seconds before Redis hands an unacknowledged task (its worker died) to another worker.
+    visibility_timeout: int = field(default_factory=lambda: _int("GESTALT_VISIBILITY_TIMEOUT", 900))
     # Send the session cookie over https only; turn off only for plain-http development.
     secure_cookies: bool = field(default_factory=lambda: _bool("GESTALT_SECURE_COOKIES", False))
     # Ports of the embedded engines (127.0.0.1 only).

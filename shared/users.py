@@ -1,12 +1,16 @@
 """Accounts: creation and password checks (Argon2id)."""
 from __future__ import annotations
 
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.models import Role, User
+from shared.models import ApiToken, Role, User
 
 _hasher = PasswordHasher()
 MIN_PASSWORD_LENGTH = 10
@@ -43,3 +47,39 @@ def create_user(session: Session, email: str, password: str, role: Role = Role.c
     session.add(user)
     session.flush()
     return user
+
+
+TOKEN_PREFIX = "gst_"
+
+
+def create_token(session: Session, user: User, name: str) -> tuple[ApiToken, str]:
+    """A new API token; the secret is returned once and only its hash is stored."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(user_id=user.id, name=name[:64], token_sha256=hashlib.sha256(secret.encode()).hexdigest(),
+                     prefix=secret[:12])
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def user_for_token(session: Session, secret: str) -> User | None:
+    """The active user of a valid, unrevoked token (and note its use)."""
+    if not secret.startswith(TOKEN_PREFIX):
+        return None
+    token = session.scalars(select(ApiToken).where(
+        ApiToken.token_sha256 == hashlib.sha256(secret.encode()).hexdigest(), ApiToken.revoked_at.is_(None))).first()
+    if token is None:
+        return None
+    user = session.get(User, token.user_id)
+    if user is None or not user.is_active:
+        return None
+    token.last_used_at = datetime.now(timezone.utc)
+    return user
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise UserError(f"no API token {token_id}")
+    token.revoked_at = token.revoked_at or datetime.now(timezone.utc)
+    return token

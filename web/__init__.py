@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from shared.config import ConfigError, get_settings
@@ -30,6 +30,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     )
     if test_config:
         app.config.update(test_config)
+    app.config.setdefault("RATELIMIT_STORAGE_URI", settings.redis_url or "memory://")
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
 
     csrf.init_app(app)
     from web import api, auth, cases, db
@@ -47,6 +49,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         if _wants_json():
             return jsonify(error=message), 413
         return message, 413
+
+    @app.errorhandler(429)
+    def too_many(exc):
+        message = getattr(exc, "description", None) or "too many requests"
+        if _wants_json():
+            return jsonify(error=message), 429
+        return render_template("error.html", message=message), 429
 
     @app.errorhandler(CSRFError)
     def csrf_error(exc):

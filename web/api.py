@@ -35,3 +35,17 @@ def get_image(image_id: int):
         audit(db, "result_view", current_user.id, "image", image.id, ip=request.remote_addr, via="api")
         db.commit()
     return jsonify(payload)
+
+
+@bp.get("/images/<int:image_id>/aligned")
+def aligned_face(image_id: int):
+    """A short-lived presigned URL for this image's aligned face, and nothing else."""
+    from shared.storage import PRESIGN_SECONDS, get_storage
+
+    db = get_db()
+    image = image_or_404(image_id)
+    if image.face is None or not image.face.aligned_key:
+        return jsonify(error="this photo has no aligned face yet"), 404
+    audit(db, "aligned_view", current_user.id, "image", image.id, ip=request.remote_addr, via="api")
+    db.commit()
+    return jsonify(url=get_storage().presigned_url(image.face.aligned_key), expires_in=PRESIGN_SECONDS)

@@ -5,19 +5,30 @@ from datetime import datetime, timezone
 from functools import wraps
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, abort, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, abort, flash, g, jsonify, redirect, render_template, request, url_for
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_login import LoginManager, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, Length
 
 from shared.audit import audit
+from shared.config import get_settings
 from shared.models import User
-from shared.users import find_user, verify_password
+from shared.users import find_user, user_for_token, verify_password
+from web import csrf
 from web.db import get_db
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
+# Counts live in Redis, so every gunicorn worker shares them.
+limiter = Limiter(key_func=get_remote_address, default_limits=[])
+
+
+def _login_key() -> str:
+    """Attempts count per client address and account, so one clinic's NAT does not lock everyone out."""
+    return f"{get_remote_address()}:{(request.form.get('email') or '').strip().lower()[:254]}"
 PUBLIC_ENDPOINTS = {"auth.login", "static", "healthz"}
 
 
@@ -58,6 +69,21 @@ def load_user(user_id: str) -> LoginUser | None:
     return LoginUser(user) if user is not None and user.is_active else None
 
 
+@login_manager.request_loader
+def load_user_from_token(req) -> LoginUser | None:
+    """API clients: ``Authorization: Bearer gst_...`` (a revocable per-user token)."""
+    header = req.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return None
+    db = get_db()
+    user = user_for_token(db, header[len("Bearer "):].strip())
+    if user is None:
+        return None
+    db.commit()
+    g.token_auth = True
+    return LoginUser(user)
+
+
 @login_manager.unauthorized_handler
 def unauthorized():
     if request.path.startswith("/api/"):
@@ -68,13 +94,21 @@ def unauthorized():
 def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     login_manager.session_protection = "strong"
+    limiter.init_app(app)
+    # CSRF is checked below for cookie sessions; bearer-token API calls carry no cookie to forge.
+    app.config["WTF_CSRF_CHECK_DEFAULT"] = False
 
     @app.before_request
     def require_login():
+        unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
         if request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:
+            if unsafe:
+                csrf.protect()
             return None
         if not current_user.is_authenticated:
             return login_manager.unauthorized()
+        if unsafe and not g.get("token_auth"):
+            csrf.protect()
         return None
 
 
@@ -94,6 +128,8 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(lambda: get_settings().login_rate_limit, key_func=_login_key, methods=["POST"],
+               error_message="too many login attempts; wait a minute and try again")
 def login():
     form = LoginForm()
     if form.validate_on_submit():

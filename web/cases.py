@@ -8,6 +8,8 @@ from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
 
 from shared.audit import audit
+from shared.lifecycle import delete_case
+from shared.storage import get_storage
 from shared.models import Case
 from web.access import case_or_404, visible_cases
 from web.db import get_db
@@ -77,6 +79,16 @@ def upload(case_id: int):
         return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
     flash(f"{len(images)} photo(s) uploaded.", "info")
     return redirect(url_for("cases.show", case_id=case.id), 303)
+
+
+@bp.post("/cases/<int:case_id>/delete")
+def delete(case_id: int):
+    """Delete the case, its photos and every derived record and object (audited)."""
+    db = get_db()
+    case = case_or_404(case_id)
+    delete_case(db, get_storage(), case, current_user.id, "deleted by user", request.remote_addr)
+    flash(f"Case {case.patient_ref} and its photos were deleted.", "info")
+    return redirect(url_for("cases.index"), 303)
 
 
 def _upload_error(message: str, status: int):

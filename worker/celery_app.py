@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import worker_process_init
 
 from shared.config import get_settings
@@ -20,7 +21,7 @@ ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
 class CeleryConfig:
     """Every Celery setting in one place."""
 
-    def __init__(self, redis_url: str | None):
+    def __init__(self, redis_url: str | None, visibility_timeout: int):
         self.broker_url = redis_url
         self.result_backend = redis_url
         self.result_expires = 3600
@@ -30,7 +31,8 @@ class CeleryConfig:
         self.task_reject_on_worker_lost = True
         self.worker_prefetch_multiplier = 1
         # An unacked message is redelivered after this long (Redis has no consumer liveness).
-        self.broker_transport_options = {"visibility_timeout": 900}
+        self.broker_transport_options = {"visibility_timeout": visibility_timeout}
+        self.result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
         self.broker_connection_retry_on_startup = True
         self.task_default_queue = "default"
         self.task_routes = {
@@ -48,12 +50,14 @@ class CeleryConfig:
         self.timezone = "UTC"
         self.beat_schedule = {
             "sweep": {"task": "maintenance.sweep", "schedule": 30.0},
+            "retention": {"task": "maintenance.retention", "schedule": crontab(minute=30, hour=3)},
         }
 
 
 def create_celery() -> Celery:
     app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance"])
-    app.config_from_object(CeleryConfig(get_settings().redis_url))
+    settings = get_settings()
+    app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout))
     return app
 
 

@@ -3,9 +3,9 @@ from shared.models.audit import AuditLog
 from shared.models.cases import Case, Crop, Diagnosis, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.catalog import Syndrome
 from shared.models.ml import ModelStatus, ModelVersion
-from shared.models.users import Role, User
+from shared.models.users import ApiToken, Role, User
 
 __all__ = [
-    "AuditLog", "Case", "Crop", "Diagnosis", "Face", "Image", "ImageStatus", "ModelStatus",
+    "ApiToken", "AuditLog", "Case", "Crop", "Diagnosis", "Face", "Image", "ImageStatus", "ModelStatus",
     "ModelVersion", "RegionScore", "Result", "Role", "Syndrome", "User",
 ]
