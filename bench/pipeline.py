@@ -30,9 +30,8 @@ from skimage import data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import TEST_SETTINGS, Portal, new_user, wait_http  # noqa: E402
-
 from shared.stack import EmbeddedEngines, Ports, Process, free_port  # noqa: E402
+from tests.conftest import TEST_SETTINGS, Portal, new_user, wait_http  # noqa: E402
 
 console = Console()
 

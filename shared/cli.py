@@ -103,7 +103,7 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, celery_ar
             "-c", str(concurrency or get_settings().worker_concurrency)]
     if hostname:
         argv += ["-n", hostname]
-    os.execv(sys.executable, [*argv, *celery_args])  # noqa: S606 - replaces this process with celery
+    _exec([*argv, *celery_args])
 
 
 @main.command()
@@ -112,8 +112,8 @@ def beat() -> None:
     settings = get_settings()
     settings.require_secrets()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel=INFO",
-                              "-s", str(settings.data_dir / "celerybeat-schedule")])  # noqa: S606
+    _exec([sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel=INFO",
+           "-s", str(settings.data_dir / "celerybeat-schedule")])
 
 
 @main.command()
@@ -125,9 +125,13 @@ def web(host: str | None, port: int | None, workers: int | None) -> None:
     settings = get_settings()
     settings.require_secrets()
     bind = f"{host or settings.web_host}:{port or settings.web_port}"
-    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind,  # noqa: S606
-                              "--workers", str(workers or settings.web_workers), "--access-logfile", "-",
-                              "--timeout", "120", "web:create_app()"])
+    _exec([sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers or settings.web_workers),
+           "--access-logfile", "-", "--timeout", "120", "web:create_app()"])
+
+
+def _exec(argv: list[str]) -> None:
+    """Become the server process (signals then reach it directly); argv is built here, never from input."""
+    os.execv(argv[0], argv)  # noqa: S606
 
 
 # ---------------------------------------------------------------------------- users
@@ -217,9 +221,9 @@ def tokens_revoke(token_id: int) -> None:
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float, val_fraction: float, seed: int,
           exclude: tuple[str, ...], name: str | None, activate: bool, register: bool, output: Path | None) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version."""
+    from shared.ml.data import load_samples
     from shared.ml.gestalt import resolve_device
     from shared.ml.preprocess import Preprocessor
-    from shared.ml.data import load_samples
     from shared.ml.splits import subject_split
     from shared.ml.training import TrainConfig, data_hash, prepare, train_ensemble
 

@@ -85,8 +85,12 @@ class Settings:
     device: str = field(default_factory=lambda: _str("GESTALT_DEVICE", "auto"))
     # Celery worker processes per worker in the embedded stack.
     worker_concurrency: int = field(default_factory=lambda: _int("GESTALT_WORKER_CONCURRENCY", 2))
+    # Seconds between two sweeps (re-queue lost images, score images waiting for a model).
+    sweep_seconds: float = field(default_factory=lambda: _float("GESTALT_SWEEP_SECONDS", 30.0))
     # Images still `queued` this many seconds after upload are enqueued again by the sweeper.
     requeue_after_seconds: int = field(default_factory=lambda: _int("GESTALT_REQUEUE_AFTER_SECONDS", 120))
+    # The sweeper stops re-queueing an image this many seconds after upload and marks it failed.
+    give_up_seconds: int = field(default_factory=lambda: _int("GESTALT_GIVE_UP_SECONDS", 6 * 3600))
     # Web listen address for `gestalt web` / `gestalt up`.
     web_host: str = field(default_factory=lambda: _str("GESTALT_WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))

@@ -53,7 +53,8 @@ def get_engine() -> Engine:
 
 def get_sessionmaker() -> sessionmaker[Session]:
     get_engine()
-    assert _sessionmaker is not None
+    if _sessionmaker is None:
+        raise RuntimeError("database engine was not initialised")
     return _sessionmaker
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -49,7 +49,7 @@ def apply_retention(session: Session, storage: Storage, days: int, now: datetime
     """Delete cases created more than ``days`` ago (0 keeps everything). Returns the number deleted."""
     if days <= 0:
         return 0
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     old = list(session.scalars(select(Case).where(Case.created_at < cutoff)))
     for case in old:
         delete_case(session, storage, case, None, f"retention: older than {days} days")
@@ -60,7 +60,7 @@ def collect_orphans(session: Session, storage: Storage, min_age: timedelta = tim
     """Remove image objects that no row refers to (older than ``min_age``, so uploads in flight are safe)."""
     referenced = set(session.scalars(select(Image.object_key)))
     hashes = set(session.scalars(select(Image.sha256)))
-    cutoff = datetime.now(timezone.utc) - min_age
+    cutoff = datetime.now(UTC) - min_age
     removed = 0
     for prefix in IMAGE_PREFIXES:
         for obj in storage.client.list_objects(storage.bucket, prefix=prefix, recursive=True):

@@ -7,6 +7,7 @@ only, needs a password that is generated once into ``<data_dir>/secrets.json``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -112,9 +113,8 @@ class Process:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.running:
+        if not self.running or self.popen is None:
             return
-        assert self.popen is not None
         try:
             os.killpg(self.popen.pid, self.stop_signal)
         except ProcessLookupError:
@@ -123,17 +123,14 @@ class Process:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             logger.warning("process=%s state=kill reason=timeout", self.name)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.popen.wait(5)
         logger.info("process=%s state=stopped code=%s", self.name, self.popen.returncode)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (chaos tests)."""
-        if self.running:
-            assert self.popen is not None
+        if self.running and self.popen is not None:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
 
@@ -362,7 +359,8 @@ def app_processes(engines: EmbeddedEngines, settings) -> list[Process]:
     logs = engines.logs
     return [
         Process("worker-pipeline", [*gestalt, "worker", "-Q", "detect,align,infer", "-c",
-                                    str(settings.worker_concurrency), "-n", "pipeline@%h"], env, logs / "worker-pipeline.log"),
+                                    str(settings.worker_concurrency), "-n", "pipeline@%h"],
+                env, logs / "worker-pipeline.log"),
         Process("worker-default", [*gestalt, "worker", "-Q", "default,train", "-c", "1", "-n", "default@%h"],
                 env, logs / "worker-default.log"),
         Process("beat", [*gestalt, "beat"], env, logs / "beat.log"),

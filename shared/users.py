@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -49,12 +49,12 @@ def create_user(session: Session, email: str, password: str, role: Role = Role.c
     return user
 
 
-TOKEN_PREFIX = "gst_"
+BEARER_PREFIX = "gst_"  # marks Gestalt API tokens
 
 
 def create_token(session: Session, user: User, name: str) -> tuple[ApiToken, str]:
     """A new API token; the secret is returned once and only its hash is stored."""
-    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    secret = BEARER_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(user_id=user.id, name=name[:64], token_sha256=hashlib.sha256(secret.encode()).hexdigest(),
                      prefix=secret[:12])
     session.add(token)
@@ -64,7 +64,7 @@ def create_token(session: Session, user: User, name: str) -> tuple[ApiToken, str
 
 def user_for_token(session: Session, secret: str) -> User | None:
     """The active user of a valid, unrevoked token (and note its use)."""
-    if not secret.startswith(TOKEN_PREFIX):
+    if not secret.startswith(BEARER_PREFIX):
         return None
     token = session.scalars(select(ApiToken).where(
         ApiToken.token_sha256 == hashlib.sha256(secret.encode()).hexdigest(), ApiToken.revoked_at.is_(None))).first()
@@ -73,7 +73,7 @@ def user_for_token(session: Session, secret: str) -> User | None:
     user = session.get(User, token.user_id)
     if user is None or not user.is_active:
         return None
-    token.last_used_at = datetime.now(timezone.utc)
+    token.last_used_at = datetime.now(UTC)
     return user
 
 
@@ -81,5 +81,5 @@ def revoke_token(session: Session, token_id: int) -> ApiToken:
     token = session.get(ApiToken, token_id)
     if token is None:
         raise UserError(f"no API token {token_id}")
-    token.revoked_at = token.revoked_at or datetime.now(timezone.utc)
+    token.revoked_at = token.revoked_at or datetime.now(UTC)
     return token

@@ -57,7 +57,9 @@ TEST_SETTINGS = {
     "GESTALT_MODEL_CHECK_SECONDS": "0.5",
     "GESTALT_TORCH_THREADS": "1",
     "GESTALT_MAX_UPLOAD_MB": "2",
-    "GESTALT_REQUEUE_AFTER_SECONDS": "120",
+    "GESTALT_REQUEUE_AFTER_SECONDS": "20",
+    "GESTALT_VISIBILITY_TIMEOUT": "30",
+    "GESTALT_SWEEP_SECONDS": "5",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -154,8 +156,8 @@ class Portal:
         assert r.status_code == 302, r.text
         return int(r.headers["Location"].rstrip("/").split("/")[-1])
 
-    def upload(self, case_id: int, files: list[tuple[str, bytes]]) -> requests.Response:
-        token = self.csrf(f"/cases/{case_id}")
+    def upload(self, case_id: int, files: list[tuple[str, bytes]], token: str | None = None) -> requests.Response:
+        token = token or self.csrf(f"/cases/{case_id}")
         return self.http.post(f"{self.base}/cases/{case_id}/images",
                               files=[("photo", (name, data, "application/octet-stream")) for name, data in files],
                               headers={"X-CSRFToken": token, "Accept": "application/json"})

@@ -105,7 +105,8 @@ def test_stats_commands(tmp_path):
     labels = rng.integers(0, 3, 60)
     probs = np.eye(3)[labels] * 0.9 + 0.05
     csv = tmp_path / "pred.csv"
-    csv.write_text("label,a,b,c\n" + "".join(f"{'abc'[y]},{p[0]},{p[1]},{p[2]}\n" for y, p in zip(labels, probs)))
+    rows = (f"{'abc'[y]},{p[0]},{p[1]},{p[2]}\n" for y, p in zip(labels, probs, strict=True))
+    csv.write_text("label,a,b,c\n" + "".join(rows))
     r = gestalt("stats", "permutation", "--predictions", str(csv), "--k", "1", "--permutations", "999")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "top1=1.0000 p=0.001"

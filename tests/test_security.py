@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -112,7 +112,7 @@ def test_retention_deletes_old_cases_only(engines, web_server):
     portal = Portal(web_server, new_user())
     old_id, new_id = portal.create_case("PT-OLD"), portal.create_case("PT-NEW")
     with session_scope() as s:
-        s.get(Case, old_id).created_at = datetime.now(timezone.utc) - timedelta(days=40)
+        s.get(Case, old_id).created_at = datetime.now(UTC) - timedelta(days=40)
     with session_scope() as s:
         deleted = apply_retention(s, get_storage(), days=30)
     assert deleted >= 1

@@ -32,6 +32,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.update(test_config)
     app.config.setdefault("RATELIMIT_STORAGE_URI", settings.redis_url or "memory://")
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # If Redis is briefly down, logins still work (unlimited) rather than failing.
+    app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
     csrf.init_app(app)
     from web import api, auth, cases, db

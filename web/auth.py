@@ -1,7 +1,7 @@
 """Login, logout and the rule that every page and API needs a logged-in user."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import wraps
 from urllib.parse import urlsplit
 
@@ -136,7 +136,7 @@ def login():
         db = get_db()
         user = find_user(db, form.email.data)
         if user is not None and user.is_active and verify_password(user, form.password.data):
-            user.last_login_at = datetime.now(timezone.utc)
+            user.last_login_at = datetime.now(UTC)
             audit(db, "login", user.id, "user", user.id, ip=request.remote_addr)
             db.commit()
             login_user(LoginUser(user))

@@ -9,8 +9,8 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional, Rege
 
 from shared.audit import audit
 from shared.lifecycle import delete_case
-from shared.storage import get_storage
 from shared.models import Case
+from shared.storage import get_storage
 from web.access import case_or_404, visible_cases
 from web.db import get_db
 from web.results import case_payload

@@ -21,7 +21,7 @@ ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
 class CeleryConfig:
     """Every Celery setting in one place."""
 
-    def __init__(self, redis_url: str | None, visibility_timeout: int):
+    def __init__(self, redis_url: str | None, visibility_timeout: int, sweep_seconds: float):
         self.broker_url = redis_url
         self.result_backend = redis_url
         self.result_expires = 3600
@@ -49,7 +49,7 @@ class CeleryConfig:
         self.accept_content = ["json"]
         self.timezone = "UTC"
         self.beat_schedule = {
-            "sweep": {"task": "maintenance.sweep", "schedule": 30.0},
+            "sweep": {"task": "maintenance.sweep", "schedule": sweep_seconds},
             "retention": {"task": "maintenance.retention", "schedule": crontab(minute=30, hour=3)},
         }
 
@@ -57,7 +57,7 @@ class CeleryConfig:
 def create_celery() -> Celery:
     app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance"])
     settings = get_settings()
-    app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout))
+    app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout, settings.sweep_seconds))
     return app
 
 

@@ -29,8 +29,6 @@ from shared.storage import aligned_key, crop_key, get_storage
 logger = logging.getLogger(__name__)
 
 FINAL_STATES = (ImageStatus.done.value, ImageStatus.rejected.value)
-# The sweeper gives up on an image after this many re-queues and marks it failed.
-MAX_SWEEPS = 5
 
 _preprocessor: Preprocessor | None = None
 _models: ModelCache | None = None
@@ -232,9 +230,9 @@ def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:
             if image.updated_at.timestamp() > cutoff:
                 continue
             sweeps = int((image.stage_times or {}).get("sweeps", 0))
-            if sweeps >= MAX_SWEEPS:
+            if image.created_at.timestamp() < time.time() - settings.give_up_seconds:
                 image.status = ImageStatus.failed.value
-                image.reason = f"processing did not finish after {MAX_SWEEPS} attempts"
+                image.reason = f"processing did not finish within {settings.give_up_seconds // 3600} hours"
                 failed += 1
                 continue
             image.status = ImageStatus.queued.value

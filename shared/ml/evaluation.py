@@ -90,7 +90,7 @@ def bootstrap_macro(hits: np.ndarray, labels: np.ndarray, resamples: int = DEFAU
     value = float(_macro(hits, labels))
     if len(hits) < 2 or np.all(hits == hits[0]):
         return Estimate(value, value, value, len(hits))
-    res = stats.bootstrap((hits, labels), lambda h, l, axis=-1: _macro(h, l, axis), paired=True,
+    res = stats.bootstrap((hits, labels), lambda h, lab, axis=-1: _macro(h, lab, axis), paired=True,
                           n_resamples=resamples, confidence_level=CONFIDENCE, method="percentile",
                           random_state=np.random.default_rng(seed), vectorized=True, batch=1000)
     return Estimate(value, float(res.confidence_interval.low), float(res.confidence_interval.high), len(hits))
@@ -137,7 +137,7 @@ class ZTest:
 
 def two_proportion_ztest(k1: int, n1: int, p2: float, n2: int) -> ZTest:
     """Two-sided pooled two-proportion z-test of k1/n1 against a baseline proportion p2 on n2."""
-    if not (0 < n1 and 0 < n2 and 0 <= k1 <= n1 and 0 <= p2 <= 1):
+    if not (n1 > 0 and n2 > 0 and 0 <= k1 <= n1 and 0 <= p2 <= 1):
         raise ValueError("need 0 <= k1 <= n1, n1 > 0, n2 > 0 and 0 <= p2 <= 1")
     z, p = proportions_ztest(np.array([k1, p2 * n2]), np.array([n1, n2]), alternative="two-sided")
     return ZTest(float(z), float(p), k1 / n1, p2)

@@ -17,6 +17,8 @@ from shared.storage import sha256_hex
 
 # Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}
+# ISO-BMFF brands of HEIC/HEIF/AVIF, the default of many phones: refused with advice.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 # Stored re-encodings: lossy sources stay JPEG, everything else becomes PNG.
 JPEG_QUALITY = 95
 
@@ -75,6 +77,9 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
     """
     if not data:
         raise ImageRejected("the file is empty")
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        raise ImageRejected("HEIC/AVIF photos are not supported; export the photo as JPEG (on an iPhone: "
+                            "Settings > Camera > Formats > Most Compatible)", http_status=415)
     if len(data) > max_bytes:
         raise ImageRejected(
             f"the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", http_status=413)

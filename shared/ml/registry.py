@@ -5,7 +5,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from sqlalchemy import select, update
@@ -38,7 +38,7 @@ def register_model(session: Session, storage: Storage, model: RegionalEnsemble, 
     """Store the checkpoint in the object store and add a ``candidate`` model version."""
     data = save_checkpoint(model, class_names, metrics, extra)
     digest = sha256_hex(data)
-    name = name or datetime.now(timezone.utc).strftime("m%Y%m%d-%H%M%S")
+    name = name or datetime.now(UTC).strftime("m%Y%m%d-%H%M%S")
     key = storage.put(checkpoint_key(name, digest), data)
     version = ModelVersion(
         name=name, arch=model.arch, config=model.config,
@@ -70,7 +70,7 @@ def activate(session: Session, version: ModelVersion) -> None:
                     .values(status=ModelStatus.retired.value))
     session.flush()
     version.status = ModelStatus.active.value
-    version.activated_at = datetime.now(timezone.utc)
+    version.activated_at = datetime.now(UTC)
     session.flush()
     logger.info("model=%s state=activated id=%d", version.name, version.id)
 

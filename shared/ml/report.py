@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from jinja2 import Environment  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from shared.ml import evaluation as ev  # noqa: E402
 
@@ -53,7 +53,7 @@ def compute(inp: EvalInput) -> dict:
         "model": inp.model_name, "data": {"source": inp.data_source, "hash": inp.data_hash, "split": inp.split,
                                           "images": int(len(labels)), "subjects": len(set(inp.subjects)),
                                           "disorders": int(len(np.unique(labels))), "rejected": len(inp.rejected)},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "resamples": inp.resamples, "permutations": inp.permutations, "seed": inp.seed,
         "per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
         "macro": {k: v.as_dict() for k, v in table["macro"].items()},
@@ -122,7 +122,7 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
         fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
-        for ax, c in zip(axes.ravel(), present):
+        for ax, c in zip(axes.ravel(), present, strict=False):
             ax.imshow(inp.aligned[inp.labels == c].astype(np.float64).mean(axis=0), cmap="gray")
             ax.set_title(f"{inp.class_names[c]} (n={int((inp.labels == c).sum())})", fontsize=7)
         fig.suptitle("Composite faces (mean of aligned faces)")
@@ -133,75 +133,6 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
     return files
 
 
-MD = """# Evaluation report: model {{ m.model }}
-
-Created {{ m.created }}. Data: `{{ m.data.source }}` (hash `{{ m.data.hash }}`), split: {{ m.data.split }}.
-{{ m.data.images }} images of {{ m.data.subjects }} subjects and {{ m.data.disorders }} disorders;
-{{ m.data.rejected }} photo(s) rejected by preprocessing. Intervals are 95% percentile-bootstrap CIs
-({{ m.resamples }} resamples, seed {{ m.seed }}).
-
-## Top-k accuracy
-
-| metric | per image | per disorder (macro) | permutation p |
-|---|---|---|---|
-{% for k, v in m.per_image.items() %}| {{ k }} | {{ pct(v) }} | {{ pct(m.macro[k]) }} | {{ "%.2g"|format(m.permutation_p[k]) }} |
-{% endfor %}
-The permutation test permutes the test labels {{ m.permutations }} times; its floor is {{ "%.2g"|format(1 / (m.permutations + 1)) }}.
-{% if m.binary %}
-## Binary model (positive class: {{ m.binary.positive }})
-
-| metric | value |
-|---|---|
-| accuracy | {{ pct(m.binary.accuracy) }} |
-| sensitivity | {{ pct(m.binary.sensitivity) }} |
-| specificity | {{ pct(m.binary.specificity) }} |
-{% endif %}{% if m.baseline %}
-## Against the baseline
-
-Top-1 {{ "%.1f"|format(100 * m.baseline.ours) }}% against a baseline of {{ "%.1f"|format(100 * m.baseline.accuracy) }}%
-(n = {{ m.baseline.n }}): two-sided two-proportion z = {{ "%.3f"|format(m.baseline.z) }}, p = {{ "%.3g"|format(m.baseline.p) }}.
-{% endif %}
-## Regions against the aggregate
-
-| facial area | {% for k in m.per_image %}{{ k }} | {% endfor %}
-|---|{% for k in m.per_image %}---|{% endfor %}
-{% for region, row in m.regions.items() %}| {{ "**aggregated model**" if region == "aggregate" else region }} | {% for k in m.per_image %}{{ pct(row[k]) }} | {% endfor %}
-{% endfor %}
-## Plots
-
-![Confusion matrix](confusion_matrix.png)
-
-![Top-k curve](topk_curve.png)
-{% if files.composites %}
-![Composite faces](composite_faces.png)
-{% endif %}{% if m.rejected %}
-## Rejected photos
-
-{% for r in m.rejected %}- `{{ r.image }}`: {{ r.reason }}
-{% endfor %}{% endif %}"""
-
-HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Evaluation: {{ m.model }}</title>
-<style>body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2rem auto;color:#1d2430}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #dfe3ea;padding:.3rem .6rem;text-align:left}
-img{max-width:100%;border:1px solid #dfe3ea;margin:.5rem 0}</style></head><body>
-<h1>Evaluation report: model {{ m.model }}</h1>
-<p>Created {{ m.created }}. Data: <code>{{ m.data.source }}</code> (hash <code>{{ m.data.hash }}</code>), split: {{ m.data.split }}.
-{{ m.data.images }} images of {{ m.data.subjects }} subjects and {{ m.data.disorders }} disorders; {{ m.data.rejected }} photo(s) rejected.
-Intervals are 95% percentile-bootstrap CIs ({{ m.resamples }} resamples, seed {{ m.seed }}).</p>
-<h2>Top-k accuracy</h2><table><tr><th>metric</th><th>per image</th><th>per disorder (macro)</th><th>permutation p</th></tr>
-{% for k, v in m.per_image.items() %}<tr><td>{{ k }}</td><td>{{ pct(v) }}</td><td>{{ pct(m.macro[k]) }}</td><td>{{ "%.2g"|format(m.permutation_p[k]) }}</td></tr>{% endfor %}
-</table><p>{{ m.permutations }} label permutations; floor {{ "%.2g"|format(1 / (m.permutations + 1)) }}.</p>
-{% if m.binary %}<h2>Binary model (positive class: {{ m.binary.positive }})</h2><table>
-<tr><td>accuracy</td><td>{{ pct(m.binary.accuracy) }}</td></tr><tr><td>sensitivity</td><td>{{ pct(m.binary.sensitivity) }}</td></tr>
-<tr><td>specificity</td><td>{{ pct(m.binary.specificity) }}</td></tr></table>{% endif %}
-{% if m.baseline %}<h2>Against the baseline</h2><p>Top-1 {{ "%.1f"|format(100 * m.baseline.ours) }}% against {{ "%.1f"|format(100 * m.baseline.accuracy) }}%
-(n = {{ m.baseline.n }}): z = {{ "%.3f"|format(m.baseline.z) }}, p = {{ "%.3g"|format(m.baseline.p) }} (two-sided two-proportion test).</p>{% endif %}
-<h2>Regions against the aggregate</h2><table><tr><th>facial area</th>{% for k in m.per_image %}<th>{{ k }}</th>{% endfor %}</tr>
-{% for region, row in m.regions.items() %}<tr><td>{{ "<b>aggregated model</b>"|safe if region == "aggregate" else region }}</td>{% for k in m.per_image %}<td>{{ pct(row[k]) }}</td>{% endfor %}</tr>{% endfor %}</table>
-<h2>Plots</h2><img src="confusion_matrix.png" alt="Confusion matrix"><img src="topk_curve.png" alt="Top-k curve">
-{% if files.composites %}<img src="composite_faces.png" alt="Composite faces">{% endif %}
-{% if m.rejected %}<h2>Rejected photos</h2><ul>{% for r in m.rejected %}<li><code>{{ r.image }}</code>: {{ r.reason }}</li>{% endfor %}</ul>{% endif %}
-</body></html>"""
 
 
 def _pct(v: dict) -> str:
@@ -215,8 +146,9 @@ def write_report(inp: EvalInput, out: Path) -> dict:
     metrics = compute(inp)
     files = _plots(inp, metrics, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    env = Environment(autoescape=False)  # noqa: S701 - markdown; the HTML template escapes below
-    (out / "report.md").write_text(env.from_string(MD).render(m=metrics, files=files, pct=_pct))
-    html_env = Environment(autoescape=True)
-    (out / "report.html").write_text(html_env.from_string(HTML).render(m=metrics, files=files, pct=_pct))
+    # Autoescape for HTML only: Markdown has no escaping, and the values are numbers and our own labels.
+    env = Environment(loader=PackageLoader("shared.ml", "templates"),
+                      autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False))
+    for name in ("report.md", "report.html"):
+        (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=_pct))
     return metrics

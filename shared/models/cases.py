@@ -4,7 +4,13 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import (
-    Boolean, CheckConstraint, Float, ForeignKey, Integer, String, UniqueConstraint,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -12,7 +18,7 @@ from shared.db import Base
 from shared.models._types import JSONB, created_at_column, updated_at_column
 
 
-class ImageStatus(str, enum.Enum):
+class ImageStatus(enum.StrEnum):
     queued = "queued"
     detecting = "detecting"
     aligning = "aligning"

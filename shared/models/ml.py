@@ -10,7 +10,7 @@ from shared.db import Base
 from shared.models._types import JSONB, created_at_column
 
 
-class ModelStatus(str, enum.Enum):
+class ModelStatus(enum.StrEnum):
     candidate = "candidate"
     active = "active"
     retired = "retired"

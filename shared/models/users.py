@@ -10,7 +10,7 @@ from shared.db import Base
 from shared.models._types import created_at_column
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     clinician = "clinician"
     admin = "admin"
 

@@ -20,6 +20,8 @@ TRANSIENT = (OperationalError, InterfaceError, MinioException, urllib3.exception
 
 
 class PipelineTask(Task):
+    # Chains pass values through the broker; storing results would add Redis writes for nothing.
+    ignore_result = True
     autoretry_for = TRANSIENT
     retry_backoff = 2
     retry_backoff_max = 60
