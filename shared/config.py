@@ -102,8 +102,8 @@ class Settings:
     retention_days: int = field(default_factory=lambda: _int("GESTALT_RETENTION_DAYS", 0))
     # Seconds before Redis hands an unacknowledged task (its worker died) to another worker.
     visibility_timeout: int = field(default_factory=lambda: _int("GESTALT_VISIBILITY_TIMEOUT", 900))
-    # Send the session cookie over https only; turn off only for plain-http development.
-    secure_cookies: bool = field(default_factory=lambda: _bool("GESTALT_SECURE_COOKIES", False))
+    # Send the session cookie over https only. `gestalt up` turns it off for its plain-http loopback portal.
+    secure_cookies: bool = field(default_factory=lambda: _bool("GESTALT_SECURE_COOKIES", True))
     # Ports of the embedded engines (127.0.0.1 only).
     embedded_pg_port: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_PG_PORT", 54329))
     embedded_redis_port: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_REDIS_PORT", 63799))

@@ -355,6 +355,8 @@ PIDFILE = "gestalt-up.pid"
 def app_processes(engines: EmbeddedEngines, settings) -> list[Process]:
     """Celery workers for every queue, beat and the web app, all pointed at ``engines``."""
     env = {**os.environ, **engines.env, "PYTHONUNBUFFERED": "1"}
+    if settings.web_host in ("127.0.0.1", "localhost", "::1"):
+        env.setdefault("GESTALT_SECURE_COOKIES", "0")  # plain http on loopback; put TLS in front otherwise
     gestalt = [sys.executable, "-m", "shared.cli"]
     logs = engines.logs
     return [

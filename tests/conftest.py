@@ -61,6 +61,7 @@ TEST_SETTINGS = {
     "GESTALT_VISIBILITY_TIMEOUT": "30",
     "GESTALT_SWEEP_SECONDS": "5",
     "PYTHONUNBUFFERED": "1",
+    "GESTALT_SECURE_COOKIES": "0",  # the test server speaks plain http on loopback
 }
 
 

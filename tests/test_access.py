@@ -66,3 +66,31 @@ def test_patient_ref_must_be_pseudonymous(engines, web_server):
     r = portal.http.post(web_server + "/cases/new", data={"csrf_token": token, "patient_ref": "Jane Doe",
                                                           "sex": "female", "age_years": ""}, allow_redirects=False)
     assert r.status_code == 400 and "no names" in r.text
+
+
+def test_audit_log_is_admin_only_and_records_views(engines, web_server):
+    clinician_email = new_user()
+    clinician = Portal(web_server, clinician_email)
+    case_id = clinician.create_case("PT-AUDITED")
+    assert clinician.http.get(f"{web_server}/cases/{case_id}").status_code == 200
+    assert clinician.http.get(f"{web_server}/admin/audit").status_code == 403
+    admin = Portal(web_server, new_user("admin"))
+    page = admin.http.get(f"{web_server}/admin/audit", params={"user": clinician_email})
+    assert page.status_code == 200
+    for action in ("login", "case_create", "case_view"):
+        assert f"<td>{action}</td>" in page.text
+    assert "audit_view" in admin.http.get(f"{web_server}/admin/audit", params={"action": "audit_view"}).text
+
+
+def test_cookies_are_secure_by_default(engines, monkeypatch):
+    from shared.config import reload_settings
+    from web import create_app
+
+    monkeypatch.delenv("GESTALT_SECURE_COOKIES")
+    try:
+        reload_settings()
+        app = create_app()
+        assert app.config["SESSION_COOKIE_SECURE"] and app.config["REMEMBER_COOKIE_SECURE"]
+    finally:
+        monkeypatch.undo()
+        reload_settings()

@@ -36,13 +36,14 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
     csrf.init_app(app)
-    from web import api, auth, cases, db
+    from web import admin, api, auth, cases, db
 
     db.init_app(app)
     auth.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(cases.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
 
     @app.errorhandler(413)
     def too_large(_exc):
