@@ -253,7 +253,7 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float,
         output.write_bytes(save_checkpoint(model, class_names, metrics, extra))
         console.print(f"checkpoint written to {output}")
     if register:
-        _register(model, class_names, metrics, name, activate, extra)
+        _register(model, class_names, metrics, name, activate, extra, base_set=(data, val_idx))
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -270,14 +270,28 @@ def _print_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-def _register(model, class_names, metrics, name, activate: bool, extra: dict | None = None) -> None:
+def _register(model, class_names, metrics, name, activate: bool, extra: dict | None = None,
+              base_set=None) -> None:
+    """Register (and maybe activate) a model; store its training set as features for nightly retraining."""
+    import numpy as np
+
     from shared.db import session_scope
     from shared.ml import registry
-    from shared.storage import get_storage
+    from shared.ml.heads import backbone_sha, extract_features, save_feature_set
+    from shared.storage import get_storage, sha256_hex
 
+    config = {}
+    if base_set is not None:
+        data, val_idx = base_set
+        holdout = np.zeros(len(data.samples), bool)
+        holdout[val_idx] = True
+        blob = save_feature_set(extract_features(model, data.crops), [s.label for s in data.samples],
+                                [s.subject for s in data.samples], holdout, [s.sha256 for s in data.samples])
+        key = f"features/{backbone_sha(model)}/base-{sha256_hex(blob)[:16]}.npz"
+        config["base_features_key"] = get_storage().put(key, blob)
     with session_scope() as session:
         version = registry.register_model(session, get_storage(), model, class_names, metrics, name=name,
-                                          extra=extra)
+                                          extra=extra, config=config)
         if activate:
             registry.activate(session, version)
         console.print(f"registered model version {version.name} (id {version.id}, {version.status})")
@@ -463,6 +477,31 @@ def _read_predictions(path: Path):
     return probs, labels
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Train and evaluate, but register and promote nothing.")
+@click.option("--queue", "use_queue", is_flag=True, help="Run on a worker of the `train` queue instead of here.")
+@click.option("--shuffle-labels", is_flag=True,
+              help="Negative control: train on permuted labels; the promotion guard must reject the result.")
+def retrain(dry_run: bool, use_queue: bool, shuffle_labels: bool) -> None:
+    """Retrain the regional heads from newly diagnosed cases now (as the nightly task does)."""
+    if use_queue:
+        from worker.tasks.retrain import nightly
+
+        result = nightly.apply_async(kwargs={"trigger": "cli", "dry_run": dry_run, "shuffle_labels": shuffle_labels})
+        console.print(f"queued on `train`: task {result.id}")
+        return
+    from shared.db import session_scope
+    from shared.ml.retrain import run_retrain
+    from shared.models import TrainingRun
+
+    run_id = run_retrain("cli", dry_run=dry_run, shuffle_labels=shuffle_labels)
+    with session_scope() as session:
+        run = session.get(TrainingRun, run_id)
+        console.print(f"training run {run.id}: {run.status}: {run.decision}")
+        if run.counts:
+            console.print(run.counts)
+
+
 @main.group()
 def models() -> None:
     """Model versions."""
@@ -485,6 +524,22 @@ def models_list() -> None:
                           f"{agg.get('top1', float('nan')):.3f}", f"{agg.get('top5', float('nan')):.3f}",
                           v.created_at.strftime("%Y-%m-%d %H:%M"))
     Console().print(table)
+
+
+@models.command("rollback")
+def models_rollback() -> None:
+    """Re-activate the version that was active before the current one."""
+    from shared.audit import audit
+    from shared.db import session_scope
+    from shared.ml.retrain import rollback
+
+    try:
+        with session_scope() as session:
+            version = rollback(session)
+            audit(session, "model_rollback", None, "model_version", version.id, via="cli")
+            console.print(f"active model: {version.name}")
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @models.command("activate")

@@ -91,6 +91,18 @@ class Settings:
     requeue_after_seconds: int = field(default_factory=lambda: _int("GESTALT_REQUEUE_AFTER_SECONDS", 120))
     # The sweeper stops re-queueing an image this many seconds after upload and marks it failed.
     give_up_seconds: int = field(default_factory=lambda: _int("GESTALT_GIVE_UP_SECONDS", 6 * 3600))
+    # Nightly retraining: crontab "minute hour day-of-month month day-of-week", in `timezone`.
+    retrain_cron: str = field(default_factory=lambda: _str("GESTALT_RETRAIN_CRON", "0 2 * * *"))
+    # IANA time zone of beat's schedule (default: this machine's zone).
+    timezone: str = field(default_factory=lambda: _str("GESTALT_TIMEZONE", local_timezone()))
+    # A diagnosed syndrome becomes a new output class once it has this many subjects (cases).
+    retrain_min_subjects: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_MIN_SUBJECTS", 5))
+    # Share of new subjects held out (by a stable hash) to compare candidate and active models.
+    retrain_holdout_fraction: float = field(default_factory=lambda: _float("GESTALT_RETRAIN_HOLDOUT", 0.2))
+    # A candidate may be at most this much worse (absolute top-1 and top-10) and still be promoted.
+    retrain_tolerance: float = field(default_factory=lambda: _float("GESTALT_RETRAIN_TOLERANCE", 0.02))
+    # Epochs of head training per night (the cost is epochs x images).
+    retrain_epochs: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_EPOCHS", 30))
     # Web listen address for `gestalt web` / `gestalt up`.
     web_host: str = field(default_factory=lambda: _str("GESTALT_WEB_HOST", "127.0.0.1"))
     web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))
@@ -151,6 +163,19 @@ class Settings:
 
 
 STACK_FILE = "stack.json"
+
+
+def local_timezone() -> str:
+    """This machine's IANA zone name (from $TZ or /etc/localtime), else UTC."""
+    if os.environ.get("TZ"):
+        return os.environ["TZ"].lstrip(":")
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            return target.split("zoneinfo/", 1)[1]
+    except OSError:
+        pass
+    return "UTC"
 
 
 def read_stack_file(data_dir: Path) -> dict[str, str]:

@@ -49,3 +49,41 @@ def aligned_face(image_id: int):
     audit(db, "aligned_view", current_user.id, "image", image.id, ip=request.remote_addr, via="api")
     db.commit()
     return jsonify(url=get_storage().presigned_url(image.face.aligned_key), expires_in=PRESIGN_SECONDS)
+
+
+@bp.post("/cases/<int:case_id>/diagnosis")
+def put_diagnosis(case_id: int):
+    """JSON ``{"syndrome": name|id|OMIM, "kind": "clinical"|"molecular", "gene", "variant", "consent": bool}``."""
+    from web.diagnoses import DiagnosisError, diagnosis_payload, set_diagnosis
+
+    db = get_db()
+    case = case_or_404(case_id)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return jsonify(error="send a JSON object: syndrome, kind, gene, variant, consent"), 400
+    try:
+        set_diagnosis(db, case, body.get("syndrome"), body.get("kind", "clinical"), body.get("gene"),
+                      body.get("variant"), bool(body.get("consent", False)), current_user.id, request.remote_addr)
+    except DiagnosisError as exc:
+        return jsonify(error=exc.message), 400
+    return jsonify(diagnosis_payload(db, case))
+
+
+@bp.post("/images/<int:image_id>/rescore")
+def rescore(image_id: int):
+    """Score this photo again with the active model (its old result is kept)."""
+    from shared.models import ImageStatus
+    from worker.tasks.pipeline import enqueue_image, enqueue_infer
+
+    db = get_db()
+    image = image_or_404(image_id)
+    if image.status in ("queued", "detecting", "aligning", "scoring"):
+        return jsonify(error="this photo is still being processed"), 409
+    if image.status == "rejected":
+        return jsonify(error=f"this photo was rejected: {image.reason}"), 409
+    has_crops = image.face is not None and bool(image.face.crops)
+    image.status = ImageStatus.scoring.value if has_crops else ImageStatus.queued.value
+    audit(db, "rescore", current_user.id, "image", image.id, ip=request.remote_addr)
+    db.commit()
+    (enqueue_infer if has_crops else enqueue_image)(image.id)
+    return jsonify(id=image.id, status=image.status), 202

@@ -9,9 +9,12 @@ from wtforms.validators import DataRequired, Length, NumberRange, Optional, Rege
 
 from shared.audit import audit
 from shared.lifecycle import delete_case
-from shared.models import Case
+from shared.models import Case, Syndrome
 from shared.storage import get_storage
+from sqlalchemy import select
+
 from web.access import case_or_404, visible_cases
+from web.diagnoses import DiagnosisError, set_diagnosis
 from web.db import get_db
 from web.results import case_payload
 from web.uploads import UploadError, store_images, validate_files
@@ -57,7 +60,8 @@ def show(case_id: int):
     case = case_or_404(case_id)
     audit(db, "case_view", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
-    return render_template("case.html", case=case, payload=case_payload(db, case))
+    syndromes = db.scalars(select(Syndrome).order_by(Syndrome.name)).all()
+    return render_template("case.html", case=case, payload=case_payload(db, case), syndromes=syndromes)
 
 
 @bp.post("/cases/<int:case_id>/images")
@@ -78,6 +82,21 @@ def upload(case_id: int):
     if request.accept_mimetypes.best == "application/json" or request.headers.get("X-Requested-With") == "fetch":
         return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
     flash(f"{len(images)} photo(s) uploaded.", "info")
+    return redirect(url_for("cases.show", case_id=case.id), 303)
+
+
+@bp.post("/cases/<int:case_id>/diagnosis")
+def diagnose(case_id: int):
+    """The confirmed diagnosis from the case page's form."""
+    db = get_db()
+    case = case_or_404(case_id)
+    try:
+        set_diagnosis(db, case, request.form.get("syndrome"), request.form.get("kind", "clinical"),
+                      request.form.get("gene"), request.form.get("variant"), request.form.get("consent") == "yes",
+                      current_user.id, request.remote_addr)
+        flash("Diagnosis recorded.", "info")
+    except DiagnosisError as exc:
+        flash(exc.message, "error")
     return redirect(url_for("cases.show", case_id=case.id), 303)
 
 

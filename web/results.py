@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from shared.ml.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result
+from web.diagnoses import diagnosis_payload
 
 TOP_N = 30
 
@@ -44,4 +45,5 @@ def case_payload(db: Session, case: Case) -> dict:
         "created_at": case.created_at.isoformat(),
         "active_model": {"id": active.id, "name": active.name} if active else None,
         "images": [image_payload(db, image, active.id if active else None) for image in case.images],
+        "diagnosis": diagnosis_payload(db, case),
     }

@@ -21,7 +21,8 @@ ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
 class CeleryConfig:
     """Every Celery setting in one place."""
 
-    def __init__(self, redis_url: str | None, visibility_timeout: int, sweep_seconds: float):
+    def __init__(self, redis_url: str | None, visibility_timeout: int, sweep_seconds: float, retrain_cron: str,
+                 timezone: str):
         self.broker_url = redis_url
         self.result_backend = redis_url
         self.result_expires = 3600
@@ -47,17 +48,20 @@ class CeleryConfig:
         self.task_send_sent_event = True
         self.task_serializer = "json"
         self.accept_content = ["json"]
-        self.timezone = "UTC"
+        self.timezone = timezone
         self.beat_schedule = {
             "sweep": {"task": "maintenance.sweep", "schedule": sweep_seconds},
             "retention": {"task": "maintenance.retention", "schedule": crontab(minute=30, hour=3)},
+            "retrain-nightly": {"task": "retrain.nightly", "schedule": crontab(*retrain_cron.split()),
+                                "kwargs": {"trigger": "beat"}},
         }
 
 
 def create_celery() -> Celery:
-    app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance"])
+    app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance", "worker.tasks.retrain"])
     settings = get_settings()
-    app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout, settings.sweep_seconds))
+    app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout, settings.sweep_seconds,
+                                        settings.retrain_cron, settings.timezone))
     return app
 
 

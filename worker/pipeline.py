@@ -22,6 +22,7 @@ from shared.ml.gestalt import predict, rank
 from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, encode_png
 from shared.ml.preprocess import Preprocessor
 from shared.ml.registry import ModelCache, active_version
+from shared.ml.retrain import store_features
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.cases import ACTIVE_STATES
 from shared.storage import aligned_key, crop_key, get_storage
@@ -185,16 +186,18 @@ def infer(image_id: int | None) -> int | None:
     stack = np.stack([decode_png_gray(storage.get(crops[r])) for r in loaded.regions])[None]
     pred = predict(loaded.model, stack)
     write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[0],
-                 pred.aggregate[0])
+                 pred.aggregate[0], loaded.backbone_sha, pred.features[0])
     return image_id
 
 
 def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
-                 region_probs: np.ndarray, aggregate: np.ndarray) -> None:
+                 region_probs: np.ndarray, aggregate: np.ndarray, backbone: str, features: np.ndarray) -> None:
+    """Region scores, the ranking and (for retraining) the backbone features, in one transaction."""
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
         if image is None:
             return
+        store_features(session, image_id, regions, backbone, features)
         rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
                  "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
         stmt = insert(RegionScore).values(rows)

@@ -34,14 +34,22 @@ def upsert_syndromes(session: Session, names: list[str]) -> list[dict]:
 
 
 def register_model(session: Session, storage: Storage, model: RegionalEnsemble, class_names: list[str],
-                   metrics: dict, name: str | None = None, extra: dict | None = None) -> ModelVersion:
-    """Store the checkpoint in the object store and add a ``candidate`` model version."""
+                   metrics: dict, name: str | None = None, extra: dict | None = None,
+                   config: dict | None = None) -> ModelVersion:
+    """Store the checkpoint in the object store and add a ``candidate`` model version.
+
+    Args:
+        extra: kept in the checkpoint only (e.g. training subjects and image hashes).
+        config: small settings kept on the version row too (e.g. the base feature set's key).
+    """
+    from shared.ml.heads import backbone_sha
+
     data = save_checkpoint(model, class_names, metrics, extra)
     digest = sha256_hex(data)
     name = name or datetime.now(UTC).strftime("m%Y%m%d-%H%M%S")
     key = storage.put(checkpoint_key(name, digest), data)
     version = ModelVersion(
-        name=name, arch=model.arch, config=model.config,
+        name=name, arch=model.arch, config={**model.config, "backbone_sha": backbone_sha(model), **(config or {})},
         classes=upsert_syndromes(session, class_names), checkpoint_key=key, checkpoint_sha256=digest,
         metrics=metrics, status=ModelStatus.candidate.value)
     session.add(version)
@@ -85,6 +93,7 @@ class LoadedModel:
     name: str
     classes: list[dict]
     model: RegionalEnsemble
+    backbone_sha: str
 
     @property
     def regions(self) -> tuple[str, ...]:
@@ -125,7 +134,10 @@ class ModelCache:
             raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
         model, _ = load_checkpoint(data, self.device)
         logger.info("model=%s state=loaded id=%d device=%s", version.name, version.id, self.device)
-        return LoadedModel(version.id, version.name, list(version.classes), model)
+        from shared.ml.heads import backbone_sha
+
+        return LoadedModel(version.id, version.name, list(version.classes), model,
+                           version.config.get("backbone_sha") or backbone_sha(model))
 
 
 def set_torch_threads(threads: int) -> None:

@@ -2,10 +2,10 @@
 from shared.models.audit import AuditLog
 from shared.models.cases import Case, Crop, Diagnosis, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.catalog import Syndrome
-from shared.models.ml import ModelStatus, ModelVersion
+from shared.models.ml import ImageFeature, ModelStatus, ModelVersion, TrainingRun
 from shared.models.users import ApiToken, Role, User
 
 __all__ = [
     "ApiToken", "AuditLog", "Case", "Crop", "Diagnosis", "Face", "Image", "ImageStatus", "ModelStatus",
-    "ModelVersion", "RegionScore", "Result", "Role", "Syndrome", "User",
+    "ImageFeature", "ModelVersion", "RegionScore", "Result", "Role", "Syndrome", "TrainingRun", "User",
 ]

@@ -53,7 +53,17 @@
   function renderResult(card, result) {
     const box = el("div", { class: "result" });
     const head = el("p", { class: "meta" }, "Model " + result.model_version.name);
-    if (result.outdated) head.append(el("span", { class: "warn" }, " · scored by an older model than the active one"));
+    if (result.outdated) {
+      head.append(el("span", { class: "warn" }, " · scored by an older model than the active one "));
+      const again = el("button", { type: "button" }, "Re-score");
+      again.addEventListener("click", async () => {
+        again.disabled = true;
+        await fetch("/api/v1/images/" + card.id.replace("image-", "") + "/rescore",
+          { method: "POST", headers: { "X-CSRFToken": token, Accept: "application/json" } });
+        poll();
+      });
+      head.append(again);
+    }
     box.append(head);
     const regions = Object.keys(result.regions);
     const table = el("table", { class: "scores" });

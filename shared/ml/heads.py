@@ -1,0 +1,218 @@
+"""Regional heads on cached backbone features: the cheap path of nightly retraining.
+
+A model's backbone (everything before each region's final layer) is identified by
+``backbone_sha``. Features computed under one backbone stay valid for every model
+that shares it, so a night only computes features for images it has not seen and
+then trains one linear softmax head per region. Cost grows with the number of
+images times a fixed number of epochs, never with the history of runs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.ml import evaluation as ev
+from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+def backbone_sha(model: RegionalEnsemble) -> str:
+    """A fingerprint of every region's backbone weights (classifier layers excluded)."""
+    h = hashlib.sha256()
+    for region in model.regions:
+        h.update(region.encode())
+        for name, tensor in sorted(model.nets[region].state_dict().items()):
+            if name.startswith("fc."):
+                continue
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def extract_features(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Pooled features ``N x R x F`` (float32) for crops ``N x R x 100 x 100``."""
+    model.eval()
+    out = []
+    for start in range(0, len(crops), batch_size):
+        x = crops_to_tensor(crops[start:start + batch_size])
+        out.append(torch.stack([model.nets[r].forward_features(x[:, i]) for i, r in enumerate(model.regions)], 1))
+    return torch.cat(out).float().numpy() if out else np.zeros((0, len(model.regions), 0), np.float32)
+
+
+def pack(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def unpack(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4")
+
+
+@dataclass
+class HeadConfig:
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 0  # 0: torch default
+
+
+@dataclass
+class Heads:
+    """One linear softmax layer per region, already folded with the feature standardisation."""
+
+    weights: np.ndarray  # R x C x F
+    biases: np.ndarray  # R x C
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """``N x R x C`` from features ``N x R x F``."""
+        return np.einsum("nrf,rcf->nrc", features, self.weights) + self.biases[None]
+
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        z = self.logits(features)
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+
+def train_heads(features: np.ndarray, labels: np.ndarray, n_classes: int, cfg: HeadConfig | None = None) -> Heads:
+    """Fit one class-weighted softmax layer per region on standardised features.
+
+    Args:
+        features: ``N x R x F`` float32.
+        labels: ``N`` class indices in ``[0, n_classes)``.
+        n_classes: outputs per head (classes without examples get a very low bias).
+        cfg: optimisation settings; the cost is ``epochs * N * R * F * C``.
+    """
+    cfg = cfg or HeadConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    x = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    n, n_regions, dim = x.shape
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    counts = torch.bincount(y, minlength=n_classes).float()
+    class_weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1) / max(1, int((counts > 0).sum())),
+                               torch.zeros_like(counts))
+    # R independent heads as one batched layer: weight R x C x F.
+    weight = nn.Parameter(torch.zeros(n_regions, n_classes, dim))
+    bias = nn.Parameter(torch.zeros(n_regions, n_classes))
+    optimizer = torch.optim.AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(n / cfg.batch_size)))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            xb = xs[idx]  # B x R x F
+            logits = torch.einsum("brf,rcf->brc", xb, weight) + bias
+            loss = loss_fn(logits.reshape(-1, n_classes), y[idx].repeat_interleave(n_regions))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        w = weight / std.unsqueeze(1)  # fold the standardisation into the layer
+        b = bias - (w * mean.unsqueeze(1)).sum(-1)
+        absent = counts == 0
+        b[:, absent] = -1e4  # a class with no example is never ranked above a trained one
+    return Heads(w.numpy(), b.numpy())
+
+
+def with_heads(base: RegionalEnsemble, heads: Heads) -> RegionalEnsemble:
+    """A copy of ``base`` (same backbone) whose final layers are ``heads`` (possibly more classes)."""
+    model = copy.deepcopy(base)
+    n_classes = heads.weights.shape[1]
+    model.num_classes = n_classes
+    for i, region in enumerate(model.regions):
+        net = model.nets[region]
+        net.reset_classifier(n_classes)
+        with torch.no_grad():
+            net.fc.weight.copy_(torch.as_tensor(heads.weights[i]))
+            net.fc.bias.copy_(torch.as_tensor(heads.biases[i]))
+    return model.eval()
+
+
+def heads_of(model: RegionalEnsemble) -> Heads:
+    """The final layers of a model as :class:`Heads`."""
+    w = np.stack([model.nets[r].fc.weight.detach().cpu().numpy() for r in model.regions])
+    b = np.stack([model.nets[r].fc.bias.detach().cpu().numpy() for r in model.regions])
+    return Heads(w, b)
+
+
+@dataclass
+class GuardResult:
+    promote: bool
+    reason: str
+    candidate: dict
+    active: dict
+
+
+def holdout_metrics(probs: np.ndarray, labels: np.ndarray, resamples: int = 1000) -> dict:
+    """Per-image and macro top-1/5/10 with CIs, and per-class top-1 recall (labels < 0: class unknown)."""
+    known = labels >= 0
+    # Unknown labels can never be hit: map them to an extra column that no model scores.
+    padded = np.concatenate([probs, np.full((len(probs), 1), -np.inf)], axis=1)
+    lab = np.where(known, labels, probs.shape[1])
+    table = ev.topk_table(padded, lab, (1, 5, 10), resamples=resamples)
+    top1 = ev.topk_hits(padded, lab, 1)
+    recall = {int(c): float(top1[lab == c].mean()) for c in np.unique(lab)}
+    return {"per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
+            "macro": {k: v.as_dict() for k, v in table["macro"].items()},
+            "recall": recall, "n": int(len(labels))}
+
+
+def promotion_guard(candidate_probs: np.ndarray, active_probs: np.ndarray | None, candidate_labels: np.ndarray,
+                    active_labels: np.ndarray, class_names: list[str], tolerance: float = 0.02) -> GuardResult:
+    """Promote only if top-1 and top-10 are not worse beyond ``tolerance`` and no class collapses.
+
+    Both models are scored on the same holdout images; ``active_labels`` holds -1 where
+    the active model lacks the true class (a miss for it). ``class_names`` are the
+    candidate's classes; the active model's classes are a prefix of them.
+    """
+    cand = holdout_metrics(candidate_probs, candidate_labels)
+    if active_probs is None:
+        return GuardResult(True, "no active model to compare with", cand, {})
+    act = holdout_metrics(active_probs, active_labels)
+    reasons = []
+    for k in ("top1", "top10"):
+        c, a = cand["per_image"][k]["value"], act["per_image"][k]["value"]
+        if c < a - tolerance:
+            reasons.append(f"{k} fell from {a:.3f} to {c:.3f} (tolerance {tolerance:.3f})")
+    collapsed = [class_names[c] for c, r in act["recall"].items()
+                 if c < len(class_names) and r > 0 and cand["recall"].get(c, 0.0) == 0.0]
+    if collapsed:
+        reasons.append(f"classes collapsed to zero recall: {', '.join(collapsed[:10])}")
+    if reasons:
+        return GuardResult(False, "; ".join(reasons), cand, act)
+    c1, a1 = cand["per_image"]["top1"]["value"], act["per_image"]["top1"]["value"]
+    return GuardResult(True, f"top-1 {a1:.3f} -> {c1:.3f}; top-10 {act['per_image']['top10']['value']:.3f} -> "
+                             f"{cand['per_image']['top10']['value']:.3f}", cand, act)
+
+
+def save_feature_set(features: np.ndarray, labels: list[str], subjects: list[str], holdout: np.ndarray,
+                     sha256: list[str]) -> bytes:
+    """A base training set as features (npz bytes): what nightly runs start from."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, features=features.astype(np.float32), labels=np.asarray(labels),
+                        subjects=np.asarray(subjects), holdout=np.asarray(holdout, bool), sha256=np.asarray(sha256))
+    return buf.getvalue()
+
+
+def load_feature_set(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
