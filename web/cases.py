@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
+from sqlalchemy import select
 from wtforms import DecimalField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
 
@@ -11,11 +12,9 @@ from shared.audit import audit
 from shared.lifecycle import delete_case
 from shared.models import Case, Syndrome
 from shared.storage import get_storage
-from sqlalchemy import select
-
 from web.access import case_or_404, visible_cases
-from web.diagnoses import DiagnosisError, set_diagnosis
 from web.db import get_db
+from web.diagnoses import DiagnosisError, set_diagnosis
 from web.results import case_payload
 from web.uploads import UploadError, store_images, validate_files
 
