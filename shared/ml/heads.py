@@ -59,8 +59,10 @@ def unpack(blob: bytes) -> np.ndarray:
 @dataclass
 class HeadConfig:
     epochs: int = 30
+    # Small sets get at least this many optimiser steps (large sets are bound by `epochs`).
+    min_steps: int = 300
     batch_size: int = 512
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0  # 0: torch default
@@ -111,10 +113,11 @@ def train_heads(features: np.ndarray, labels: np.ndarray, n_classes: int, cfg: H
     bias = nn.Parameter(torch.zeros(n_regions, n_classes))
     optimizer = torch.optim.AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, int(np.ceil(n / cfg.batch_size)))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    epochs = max(cfg.epochs, int(np.ceil(cfg.min_steps / steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
