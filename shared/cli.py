@@ -134,6 +134,22 @@ def _exec(argv: list[str]) -> None:
     os.execv(argv[0], argv)  # noqa: S606
 
 
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+def flower(port: int) -> None:
+    """Run Flower (deep queue inspection) behind basic auth from $FLOWER_BASIC_AUTH (user:password)."""
+    import importlib.util
+
+    get_settings().require_secrets()
+    auth = os.environ.get("FLOWER_BASIC_AUTH", "")
+    if ":" not in auth or len(auth.split(":", 1)[1]) < 12:
+        raise click.ClickException("set FLOWER_BASIC_AUTH to user:password (a password of 12+ characters)")
+    if importlib.util.find_spec("flower") is None:
+        raise click.ClickException("Flower is not installed: pip install 'gestalt[ops]'")
+    _exec([sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}",
+           f"--basic-auth={auth}"])
+
+
 # ---------------------------------------------------------------------------- users
 @main.group()
 def users() -> None:
@@ -158,6 +174,43 @@ def users_create(email: str, password: str, admin: bool) -> None:
             console.print(f"created {user.role} {user.email} (id {user.id})")
     except UserError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def weights() -> None:
+    """Production model weights (never downloaded at run time)."""
+
+
+@weights.command("status")
+def weights_status() -> None:
+    """Each expected file: source URL, sha256, and whether it is present."""
+    from shared.ml.weights import search_dirs, status
+
+    table = Table(title="search order: " + ", ".join(str(d) for d in search_dirs()))
+    for col in ("weights", "file", "sha256", "state", "source"):
+        table.add_column(col, overflow="fold")
+    for row in status():
+        colour = {"present": "green", "missing": "yellow"}.get(row["state"], "red")
+        table.add_row(row["name"], row["file"], row["sha256"][:16], f"[{colour}]{row['state']}[/]", row["url"])
+    Console(width=160).print(table)
+
+
+@weights.command("fetch")
+@click.option("--dir", "target", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put them (default: $GESTALT_WEIGHTS_DIR, else the torch hub checkpoint folder).")
+@click.option("--only", default=None, help="One file name.")
+def weights_fetch(target: Path | None, only: str | None) -> None:
+    """Download the weights where a network exists (e.g. in a Docker build), checking their sha256."""
+    import urllib3
+
+    from shared.ml.weights import fetch, search_dirs
+
+    target = target or search_dirs()[0]
+    try:
+        for path in fetch(target, only):
+            console.print(f"ok {path}")
+    except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        raise click.ClickException(f"could not fetch weights: {exc}") from exc
 
 
 @main.group()

@@ -51,7 +51,14 @@ def model_cache() -> ModelCache:
     return _models
 
 
-def _stamp(image: Image, **times: float) -> None:
+def _node() -> str | None:
+    """The Celery node running the current task (e.g. ``pipeline@gpu-3``), for the admin and for tests."""
+    from celery import current_task
+
+    return current_task.request.hostname if current_task and current_task.request else None
+
+
+def _stamp(image: Image, **times: float | str | None) -> None:
     image.stage_times = {**(image.stage_times or {}), **times}
 
 
@@ -66,7 +73,7 @@ def _begin(image_id: int, status: ImageStatus, stamp: str) -> Image | None:
             logger.info("image=%s state=skipped reason=%s", image_id, image.status)
             return None
         image.status = status.value
-        _stamp(image, **{stamp: time.time()})
+        _stamp(image, **{stamp: time.time(), stamp.replace("_start", "_by"): _node()})
         session.flush()
         session.expunge(image)
         return image
