@@ -338,10 +338,13 @@ def _register(model, class_names, metrics, name, activate: bool, extra: dict | N
         data, val_idx = base_set
         holdout = np.zeros(len(data.samples), bool)
         holdout[val_idx] = True
-        blob = save_feature_set(extract_features(model, data.crops), [s.label for s in data.samples],
-                                [s.subject for s in data.samples], holdout, [s.sha256 for s in data.samples])
+        meta = ([s.label for s in data.samples], [s.subject for s in data.samples], holdout,
+                [s.sha256 for s in data.samples])
+        blob = save_feature_set(extract_features(model, data.crops), *meta)
         key = f"features/{backbone_sha(model)}/base-{sha256_hex(blob)[:16]}.npz"
         config["base_features_key"] = get_storage().put(key, blob)
+        crops = save_feature_set(np.zeros((0,)), *meta, crops=data.crops)  # for full fine-tunes
+        config["base_crops_key"] = get_storage().put(f"train-data/base-{sha256_hex(crops)[:16]}.npz", crops)
     with session_scope() as session:
         version = registry.register_model(session, get_storage(), model, class_names, metrics, name=name,
                                           extra=extra, config=config)
@@ -535,19 +538,21 @@ def _read_predictions(path: Path):
 @click.option("--queue", "use_queue", is_flag=True, help="Run on a worker of the `train` queue instead of here.")
 @click.option("--shuffle-labels", is_flag=True,
               help="Negative control: train on permuted labels; the promotion guard must reject the result.")
-def retrain(dry_run: bool, use_queue: bool, shuffle_labels: bool) -> None:
+@click.option("--full", is_flag=True, help="Fine-tune every layer from the crops instead of only the heads.")
+def retrain(dry_run: bool, use_queue: bool, shuffle_labels: bool, full: bool) -> None:
     """Retrain the regional heads from newly diagnosed cases now (as the nightly task does)."""
     if use_queue:
         from worker.tasks.retrain import nightly
 
-        result = nightly.apply_async(kwargs={"trigger": "cli", "dry_run": dry_run, "shuffle_labels": shuffle_labels})
+        result = nightly.apply_async(kwargs={"trigger": "cli", "dry_run": dry_run, "shuffle_labels": shuffle_labels,
+                                             "kind": "full" if full else "heads"})
         console.print(f"queued on `train`: task {result.id}")
         return
     from shared.db import session_scope
     from shared.ml.retrain import run_retrain
     from shared.models import TrainingRun
 
-    run_id = run_retrain("cli", dry_run=dry_run, shuffle_labels=shuffle_labels)
+    run_id = run_retrain("cli", dry_run=dry_run, shuffle_labels=shuffle_labels, kind="full" if full else "heads")
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
         console.print(f"training run {run.id}: {run.status}: {run.decision}")

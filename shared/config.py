@@ -101,6 +101,10 @@ class Settings:
     retrain_holdout_fraction: float = field(default_factory=lambda: _float("GESTALT_RETRAIN_HOLDOUT", 0.2))
     # A candidate may be at most this much worse (absolute top-1 and top-10) and still be promoted.
     retrain_tolerance: float = field(default_factory=lambda: _float("GESTALT_RETRAIN_TOLERANCE", 0.02))
+    # Full fine-tunes (every layer, from the crops) on this crontab; empty turns them off (e.g. "0 3 * * 0").
+    retrain_full_cron: str = field(default_factory=lambda: _str("GESTALT_RETRAIN_FULL_CRON", ""))
+    # Epochs of a full fine-tune.
+    retrain_full_epochs: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_FULL_EPOCHS", 10))
     # Epochs of head training per night (the cost is epochs x images).
     retrain_epochs: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_EPOCHS", 30))
     # Web listen address for `gestalt web` / `gestalt up`.

@@ -136,6 +136,17 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         assert s.get(ModelVersion, run.candidate_version_id).status == "rejected"
         assert active_version(s).name == new_name
 
+    # A full fine-tune (every layer, from the stored crops) runs through the same guard.
+    full = run_retrain("cli", kind="full", settings=dataclasses.replace(settings, retrain_full_epochs=2))
+    with session_scope() as s:
+        run = s.get(TrainingRun, full)
+        assert run.kind == "full" and run.status in ("promoted", "rejected"), (run.status, run.decision)
+        candidate = s.get(ModelVersion, run.candidate_version_id)
+        assert candidate.config["backbone_sha"] != s.get(ModelVersion, base_id).config["backbone_sha"]
+        assert candidate.config["base_features_key"] != base_version.config["base_features_key"]
+        assert run.metrics["candidate"]["per_image"]["top1"]["n"] == run.counts["holdout_images"]
+        new_name = active_version(s).name  # promoted or not, the active model is consistent
+
     # Killing the training worker mid-run leaves the active model and the lock consistent.
     slow = _trainer(engines, "trainer-slow", GESTALT_RETRAIN_EPOCHS="4000")
     slow.start()

@@ -22,7 +22,7 @@ class CeleryConfig:
     """Every Celery setting in one place."""
 
     def __init__(self, redis_url: str | None, visibility_timeout: int, sweep_seconds: float, retrain_cron: str,
-                 timezone: str):
+                 timezone: str, retrain_full_cron: str = ""):
         self.broker_url = redis_url
         self.result_backend = redis_url
         self.result_expires = 3600
@@ -55,13 +55,17 @@ class CeleryConfig:
             "retrain-nightly": {"task": "retrain.nightly", "schedule": crontab(*retrain_cron.split()),
                                 "kwargs": {"trigger": "beat"}},
         }
+        if retrain_full_cron:  # optional: a full fine-tune, e.g. weekly
+            self.beat_schedule["retrain-full"] = {
+                "task": "retrain.nightly", "schedule": crontab(*retrain_full_cron.split()),
+                "kwargs": {"trigger": "beat", "kind": "full"}}
 
 
 def create_celery() -> Celery:
     app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance", "worker.tasks.retrain"])
     settings = get_settings()
     app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout, settings.sweep_seconds,
-                                        settings.retrain_cron, settings.timezone))
+                                        settings.retrain_cron, settings.timezone, settings.retrain_full_cron))
     return app
 
 

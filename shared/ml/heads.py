@@ -208,11 +208,13 @@ def promotion_guard(candidate_probs: np.ndarray, active_probs: np.ndarray | None
 
 
 def save_feature_set(features: np.ndarray, labels: list[str], subjects: list[str], holdout: np.ndarray,
-                     sha256: list[str]) -> bytes:
-    """A base training set as features (npz bytes): what nightly runs start from."""
+                     sha256: list[str], crops: np.ndarray | None = None) -> bytes:
+    """A base training set (npz bytes): features, what nightly head runs start from, or, with
+    ``crops``, the uint8 region crops that a full fine-tune starts from."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, features=features.astype(np.float32), labels=np.asarray(labels),
-                        subjects=np.asarray(subjects), holdout=np.asarray(holdout, bool), sha256=np.asarray(sha256))
+    arrays = {"features": features.astype(np.float32)} if crops is None else {"crops": crops.astype(np.uint8)}
+    np.savez_compressed(buf, labels=np.asarray(labels), subjects=np.asarray(subjects),
+                        holdout=np.asarray(holdout, bool), sha256=np.asarray(sha256), **arrays)
     return buf.getvalue()
 
 

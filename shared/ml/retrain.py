@@ -10,12 +10,14 @@ released when the process dies.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, text, update
@@ -129,11 +131,12 @@ def case_features(session: Session, storage: Storage, model, backbone: str, imag
 
 
 def run_retrain(trigger: str, dry_run: bool = False, shuffle_labels: bool = False,
-                settings: Settings | None = None) -> int:
+                settings: Settings | None = None, kind: str = "heads") -> int:
     """One retraining run; returns its TrainingRun id.
 
     Args:
         trigger: who started it ("beat", "cli", "admin").
+        kind: "heads" (from cached features; nightly) or "full" (fine-tune every layer from the crops).
         dry_run: build, train and evaluate, but register and promote nothing.
         shuffle_labels: a negative control; the guard must reject the resulting candidate.
     """
@@ -153,19 +156,19 @@ def run_retrain(trigger: str, dry_run: bool = False, shuffle_labels: bool = Fals
             s.execute(update(TrainingRun).where(TrainingRun.status == "running").values(
                 status="failed", decision="interrupted: the process stopped before the run finished",
                 finished_at=datetime.now(UTC)))
-            run = TrainingRun(trigger=trigger, status="running", host=host, kind="heads")
+            run = TrainingRun(trigger=trigger, status="running", host=host, kind=kind)
             s.add(run)
             s.flush()
             run_id = run.id
         try:
-            return _run(run_id, dry_run, shuffle_labels, settings)
+            return _run(run_id, dry_run, shuffle_labels, settings, kind)
         except Exception as exc:
             logger.exception("retrain run=%d failed", run_id)
             _finish(run_id, "failed", f"{type(exc).__name__}: {exc}")
             raise
 
 
-def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings) -> int:
+def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, kind: str) -> int:
     t0 = time.monotonic()
     durations: dict[str, float] = {}
     storage = get_storage()
@@ -182,6 +185,10 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings) -
         active_config = dict(active.config)
     if not base_key:
         _finish(run_id, "skipped", f"model {active_name} has no base feature set; retrain it with `gestalt train`")
+        return run_id
+    crops_key = active_config.get("base_crops_key") if kind == "full" else None
+    if kind == "full" and not crops_key:
+        _finish(run_id, "skipped", f"model {active_name} has no stored base crops for a full fine-tune")
         return run_id
     model, _ = load_checkpoint(storage.get(checkpoint_key))
     backbone = hd.backbone_sha(model)
@@ -232,8 +239,16 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings) -
 
     t = time.monotonic()
     hold = data.holdout
-    cand_probs = new_heads.probs(data.features[hold]).mean(axis=1)
-    act_probs = hd.heads_of(model).probs(data.features[hold]).mean(axis=1)
+    config = {"base_features_key": base_key, "base_crops_key": active_config.get("base_crops_key")}
+    if kind == "full":
+        candidate, cand_probs, act_probs, config["base_features_key"] = _fine_tune(
+            model, hd.with_heads(model, new_heads), classes, labels, train_labels, data, in_model, crops_key,
+            storage, settings)
+        durations["train"] += time.monotonic() - t
+    else:
+        candidate = hd.with_heads(model, new_heads)
+        cand_probs = new_heads.probs(data.features[hold]).mean(axis=1)
+        act_probs = hd.heads_of(model).probs(data.features[hold]).mean(axis=1)
     act_labels = np.where(labels[hold] < len(active_classes), labels[hold], -1)
     guard = hd.promotion_guard(cand_probs, act_probs, labels[hold], act_labels, classes, settings.retrain_tolerance)
     durations["evaluate"] = time.monotonic() - t
@@ -244,13 +259,11 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings) -
         _finish(run_id, "dry_run", f"{verdict}: {guard.reason}", counts=counts, durations=durations, metrics=metrics)
         return run_id
 
-    candidate = hd.with_heads(model, new_heads)
     with session_scope() as s:
         version = register_model(
             s, storage, candidate, classes, {"holdout": guard.candidate, "guard": guard.reason, "training_run": run_id},
             name=f"{active_name.split('+')[0]}+r{run_id}",
-            config={"base_features_key": base_key, "parent_version_id": active_id, "training_run_id": run_id,
-                    **{k: v for k, v in active_config.items() if k in ("width",)}})
+            config={**config, "parent_version_id": active_id, "training_run_id": run_id})
         run = s.get(TrainingRun, run_id)
         run.candidate_version_id = version.id
         run.counts, run.durations, run.metrics = counts, durations, metrics
@@ -267,6 +280,43 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings) -
                 run.decision = f"the active model changed during the run; {guard.reason}"[:1000]
     logger.info("retrain run=%d status=%s %s", run_id, "promoted" if guard.promote else "rejected", guard.reason)
     return run_id
+
+
+def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels: np.ndarray, data: Dataset,
+               cases: list[tuple[int, str, str]], crops_key: str, storage: Storage, settings: Settings):
+    """Fine-tune every layer (the paper's recipe: SGD 5e-3, momentum 0.9, augmentation) from the crops.
+
+    Returns the candidate, both models' holdout probabilities, and the key of the base
+    feature set recomputed under the candidate's new backbone.
+    """
+    from shared.ml.data import Sample
+    from shared.ml.gestalt import predict, resolve_device
+    from shared.ml.training import PreparedData, TrainConfig, train_ensemble
+
+    base = hd.load_feature_set(storage.get(crops_key))
+    regions = list(model.regions)
+    with session_scope() as s:
+        keys = {(fid, c.region): c.object_key for fid, c in s.execute(
+            select(Face.image_id, Crop).join(Crop, Crop.face_id == Face.id)
+            .where(Face.image_id.in_([i for i, _, _ in cases])))}
+    case_crops = [np.stack([decode_png_gray(storage.get(keys[(i, r)])) for r in regions]) for i, _, _ in cases]
+    crops = np.concatenate([base["crops"], np.stack(case_crops)]) if case_crops else base["crops"]
+    prepared = PreparedData(crops=crops, labels=labels.copy(), samples=[
+        Sample(Path(""), lab, subj) for lab, subj in zip(data.labels, data.subjects, strict=True)])
+    train_idx = list(np.flatnonzero(~data.holdout))
+    prepared.labels[train_idx] = train_labels
+    cfg = TrainConfig(width=model.width, epochs=settings.retrain_full_epochs, lr=5e-3, optimizer="sgd",
+                      device=str(resolve_device(settings.device)), progress=False)
+    candidate, _ = train_ensemble(prepared, classes, model.regions, train_idx, [], cfg, init=init)
+    hold = data.holdout
+    cand_probs = predict(candidate, crops[hold]).aggregate
+    act_probs = predict(model, crops[hold]).aggregate
+    n_base = len(base["labels"])
+    blob = hd.save_feature_set(hd.extract_features(candidate, crops[:n_base]), base["labels"].tolist(),
+                               base["subjects"].tolist(), base["holdout"], base["sha256"].tolist())
+    key = storage.put(f"features/{hd.backbone_sha(candidate)}/base-{hashlib.sha256(blob).hexdigest()[:16]}.npz",
+                      blob)
+    return candidate, cand_probs, act_probs, key
 
 
 def build_dataset(base: dict, cases: list[tuple[int, str, str]], feats: dict[int, np.ndarray],

@@ -1,6 +1,7 @@
 """Training data, subject-disjoint splits and the training loop of the regional ensemble."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import random
@@ -68,6 +69,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 5e-4
+    # "adam" trains from scratch; "sgd" (momentum 0.9, no weight decay) is the paper's fine-tuning recipe.
+    optimizer: str = "adam"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -100,22 +103,31 @@ def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks:
 
 
 def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
-                   val_idx: list[int], cfg: TrainConfig) -> tuple[RegionalEnsemble, dict]:
+                   val_idx: list[int], cfg: TrainConfig,
+                   init: RegionalEnsemble | None = None) -> tuple[RegionalEnsemble, dict]:
     """Train one CASIA-Net per region on the same faces; keep the epoch with the best validation top-1.
+
+    Args:
+        init: fine-tune this ensemble (its heads must already have ``len(class_names)`` outputs)
+            instead of training a new one from scratch.
 
     Returns:
         The trained ensemble (CPU, eval mode) and its metrics.
     """
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
-    model = RegionalEnsemble(regions, len(class_names), width=cfg.width).to(device)
+    model = (copy.deepcopy(init) if init is not None
+             else RegionalEnsemble(regions, len(class_names), width=cfg.width)).to(device)
     x_train = torch.as_tensor(data.crops[train_idx])
     y_train = torch.as_tensor(data.labels[train_idx])
     # Class weights against imbalance: inverse frequency, mean 1.
     counts = np.bincount(data.labels[train_idx], minlength=len(class_names)).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(class_names), 0.0)
     loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, dtype=torch.float32, device=device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
     aug = augmentation()
     generator = torch.Generator().manual_seed(cfg.seed)
