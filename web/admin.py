@@ -1,12 +1,18 @@
-"""Admin pages (admins only)."""
+"""The admin console (admins only): queues and workers, users, models and training runs, audit log."""
 from __future__ import annotations
 
-from flask import Blueprint, render_template, request
+import secrets
+
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import select
 
+from shared import monitoring
 from shared.audit import audit
-from shared.models import AuditLog, User
+from shared.ml import registry
+from shared.ml.retrain import latest_runs, rollback
+from shared.models import AuditLog, Image, ImageStatus, ModelVersion, Role, User
+from shared.users import UserError, create_user, hash_password
 from web.auth import admin_required
 from web.db import get_db
 
@@ -20,6 +26,158 @@ def _admins_only():
     return None
 
 
+def _done(message: str, endpoint: str, category: str = "info"):
+    flash(message, category)
+    get_db().commit()
+    return redirect(url_for(endpoint), 303)
+
+
+# ------------------------------------------------------------------ queues
+@bp.get("/")
+def queues():
+    """Queue depths, the last hour's outcomes and latencies, workers, and failed photos."""
+    from worker.celery_app import app as celery
+
+    db = get_db()
+    try:
+        pings = celery.control.inspect(timeout=1.0).ping() or {}
+    except Exception:  # noqa: BLE001 - a down broker is shown, not raised
+        pings = {}
+    failed = db.scalars(select(Image).where(Image.status == ImageStatus.failed.value)
+                        .order_by(Image.updated_at.desc()).limit(100)).all()
+    active = registry.active_version(db)
+    return render_template("admin/queues.html", depths=monitoring.queue_depths(),
+                           activity=monitoring.recent_activity(db), pings=pings,
+                           beats=monitoring.heartbeats(), failed=failed, active=active)
+
+
+@bp.post("/images/<int:image_id>/retry")
+def retry_image(image_id: int):
+    from worker.tasks.pipeline import enqueue_image
+
+    db = get_db()
+    image = db.get(Image, image_id)
+    if image is None or image.status != ImageStatus.failed.value:
+        return _done("Only failed photos can be retried.", "admin.queues", "error")
+    image.status = ImageStatus.queued.value
+    image.reason = None
+    audit(db, "admin_retry", current_user.id, "image", image.id, ip=request.remote_addr)
+    db.commit()
+    enqueue_image(image.id)
+    return _done(f"Photo {image_id} queued again.", "admin.queues")
+
+
+@bp.post("/images/<int:image_id>/cancel")
+def cancel_image(image_id: int):
+    db = get_db()
+    image = db.get(Image, image_id)
+    if image is None or image.status in (ImageStatus.done.value, ImageStatus.rejected.value):
+        return _done("That photo is already finished.", "admin.queues", "error")
+    image.status = ImageStatus.rejected.value
+    image.reason = "processing was cancelled by an administrator"
+    audit(db, "admin_cancel", current_user.id, "image", image.id, ip=request.remote_addr)
+    return _done(f"Photo {image_id} cancelled.", "admin.queues")
+
+
+# ------------------------------------------------------------------ users
+@bp.get("/users")
+def users():
+    return render_template("admin/users.html", users=get_db().scalars(select(User).order_by(User.email)).all(),
+                           roles=[r.value for r in Role])
+
+
+@bp.post("/users")
+def create_account():
+    db = get_db()
+    role = request.form.get("role", "clinician")
+    if role not in {r.value for r in Role}:
+        return _done("Unknown role.", "admin.users", "error")
+    temporary = secrets.token_urlsafe(12)
+    try:
+        user = create_user(db, request.form.get("email", ""), temporary, Role(role))
+    except UserError as exc:
+        db.rollback()
+        return _done(str(exc), "admin.users", "error")
+    audit(db, "user_create", current_user.id, "user", user.id, ip=request.remote_addr, role=role)
+    return _done(f"Created {user.email}. Temporary password (shown once): {temporary}", "admin.users")
+
+
+@bp.post("/users/<int:user_id>")
+def update_account(user_id: int):
+    db = get_db()
+    user = db.get(User, user_id)
+    if user is None:
+        return _done("No such user.", "admin.users", "error")
+    action = request.form.get("action")
+    if user.id == current_user.id and action in ("disable", "role"):
+        return _done("You cannot disable yourself or change your own role.", "admin.users", "error")
+    if action == "disable":
+        user.is_active = False
+        message = f"{user.email} disabled."
+    elif action == "enable":
+        user.is_active = True
+        message = f"{user.email} enabled."
+    elif action == "reset":
+        temporary = secrets.token_urlsafe(12)
+        user.password_hash = hash_password(temporary)
+        message = f"New temporary password for {user.email} (shown once): {temporary}"
+    elif action == "role" and request.form.get("role") in {r.value for r in Role}:
+        user.role = request.form["role"]
+        message = f"{user.email} is now {user.role}."
+    else:
+        return _done("Unknown action.", "admin.users", "error")
+    audit(db, f"user_{action}", current_user.id, "user", user.id, ip=request.remote_addr)
+    return _done(message, "admin.users")
+
+
+# ------------------------------------------------------------------ models
+@bp.get("/models")
+def models():
+    db = get_db()
+    versions = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
+    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30))
+
+
+@bp.post("/models/<int:version_id>/activate")
+def activate_model(version_id: int):
+    from worker import pipeline
+    from worker.tasks.pipeline import enqueue_image, enqueue_infer
+
+    db = get_db()
+    version = db.get(ModelVersion, version_id)
+    if version is None or (version.status == "rejected" and request.form.get("confirm") != "yes"):
+        return _done("That version cannot be activated (rejected versions need confirmation).", "admin.models",
+                     "error")
+    registry.activate(db, version)
+    audit(db, "model_activate", current_user.id, "model_version", version.id, ip=request.remote_addr)
+    db.commit()
+    pipeline.sweep(enqueue_image, enqueue_infer)  # photos waiting for a model
+    return _done(f"{version.name} is now the active model.", "admin.models")
+
+
+@bp.post("/models/rollback")
+def rollback_model():
+    db = get_db()
+    try:
+        version = rollback(db)
+    except LookupError as exc:
+        return _done(str(exc), "admin.models", "error")
+    audit(db, "model_rollback", current_user.id, "model_version", version.id, ip=request.remote_addr)
+    return _done(f"Rolled back to {version.name}.", "admin.models")
+
+
+@bp.post("/retrain")
+def start_retrain():
+    from worker.tasks.retrain import nightly
+
+    kind = "full" if request.form.get("kind") == "full" else "heads"
+    dry_run = request.form.get("dry_run") == "yes"
+    nightly.apply_async(kwargs={"trigger": "admin", "dry_run": dry_run, "kind": kind})
+    audit(get_db(), "retrain_start", current_user.id, ip=request.remote_addr, kind=kind, dry_run=dry_run)
+    return _done(f"Retraining ({kind}{', dry run' if dry_run else ''}) queued on the train queue.", "admin.models")
+
+
+# ------------------------------------------------------------------ audit
 @bp.get("/audit")
 def audit_log():
     """The latest audit entries, filterable by action and user."""

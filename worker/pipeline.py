@@ -23,6 +23,7 @@ from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, enc
 from shared.ml.preprocess import Preprocessor
 from shared.ml.registry import ModelCache, active_version
 from shared.ml.retrain import store_features
+from shared.monitoring import heartbeat
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.cases import ACTIVE_STATES
 from shared.storage import aligned_key, crop_key, get_storage
@@ -64,6 +65,7 @@ def _stamp(image: Image, **times: float | str | None) -> None:
 
 def _begin(image_id: int, status: ImageStatus, stamp: str) -> Image | None:
     """Move the image into a stage; None when it no longer exists or is already final."""
+    heartbeat(_node(), model_cache().loaded_name)
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
         if image is None:
@@ -87,6 +89,14 @@ def reject(image_id: int, reason: str) -> None:
             image.reason = reason[:500]
             _stamp(image, rejected=time.time())
     logger.info("image=%s state=rejected reason=%r", image_id, reason)
+
+
+def note_retry(image_id: int, error: str) -> None:
+    with session_scope() as session:
+        image = session.get(Image, image_id)
+        if image is not None:
+            times = image.stage_times or {}
+            _stamp(image, retries=int(times.get("retries", 0)) + 1, last_error=error)
 
 
 def mark_failed(image_id: int, reason: str) -> None:
@@ -178,6 +188,7 @@ def infer(image_id: int | None) -> int | None:
     storage = get_storage()
     with session_scope() as session:
         loaded = model_cache().active(session, storage)
+        heartbeat(_node(), loaded.name if loaded else None)
         if loaded is None:
             image = session.get(Image, image_id, with_for_update=True)
             image.status = ImageStatus.awaiting_model.value

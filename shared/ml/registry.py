@@ -115,6 +115,10 @@ class ModelCache:
         self._checked_at = 0.0
         self._lock = threading.Lock()
 
+    @property
+    def loaded_name(self) -> str | None:
+        return self._loaded.name if self._loaded else None
+
     def active(self, session: Session, storage: Storage) -> LoadedModel | None:
         with self._lock:
             now = time.monotonic()

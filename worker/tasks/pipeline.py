@@ -28,6 +28,13 @@ class PipelineTask(Task):
     retry_jitter = True
     max_retries = 10
 
+    def on_retry(self, exc, task_id, args, kwargs, einfo):
+        if args and args[0] is not None:
+            try:
+                pipeline.note_retry(args[0], f"{type(exc).__name__}: {exc}"[:200])
+            except Exception:  # noqa: BLE001 - the database may be the thing that is down
+                logger.warning("image=%s state=retry_unrecorded", args[0])
+
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         image_id = args[0] if args else None
         if image_id is None:
