@@ -23,9 +23,9 @@ from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, enc
 from shared.ml.preprocess import Preprocessor
 from shared.ml.registry import ModelCache, active_version
 from shared.ml.retrain import store_features
-from shared.monitoring import heartbeat
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.cases import ACTIVE_STATES
+from shared.monitoring import heartbeat
 from shared.storage import aligned_key, crop_key, get_storage
 
 logger = logging.getLogger(__name__)
