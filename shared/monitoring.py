@@ -1,6 +1,7 @@
 """What the admin console shows: queue depths, recent outcomes, stage latencies, worker heartbeats."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,11 +37,9 @@ def queue_depths() -> dict[str, int | None]:
 def heartbeat(node: str | None, model: str | None) -> None:
     """Called by worker processes: who is alive and which model version it has loaded."""
     key = f"{HEARTBEAT_PREFIX}{node or 'unknown'}:{os.getpid()}"
-    try:
+    with contextlib.suppress(redis.RedisError):  # monitoring must never fail a task
         _redis().set(key, json.dumps({"node": node, "pid": os.getpid(), "model": model, "at": time.time()}),
                      ex=HEARTBEAT_TTL)
-    except redis.RedisError:
-        pass  # monitoring must never fail a task
 
 
 def heartbeats() -> list[dict]:
