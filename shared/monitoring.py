@@ -21,8 +21,15 @@ STAGES = (("queue", "uploaded", "detect_start"), ("detect", "detect_start", "det
           ("align", "align_start", "align_end"), ("infer", "infer_start", "done"), ("end to end", "uploaded", "done"))
 
 
+_clients: dict[str, redis.Redis] = {}
+
+
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
+    """One client per URL and process (redis-py's pool resets itself after a fork)."""
+    url = get_settings().redis_url
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    return _clients[url]
 
 
 def queue_depths() -> dict[str, int | None]:
