@@ -85,3 +85,18 @@ def test_with_heads_round_trip():
     heads = train_heads(feats, np.array([0, 1, 2, 3, 0, 1]), 4, HeadConfig(epochs=5))
     bigger = with_heads(model, heads)
     np.testing.assert_allclose(predict(bigger, crops).region_probs, heads.probs(feats), atol=1e-4)
+
+
+def test_guard_rejects_a_collapsed_class_and_a_drop():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), 5)
+    good = np.eye(12)[labels] + 0.1 * rng.random((60, 12))
+    collapsed = good.copy()
+    collapsed[labels == 3, 3] = -1.0  # class 3 is never ranked any more
+    names = [f"c{i}" for i in range(12)]
+    verdict = promotion_guard(collapsed, good, labels, labels, names)
+    assert not verdict.promote and "c3" in verdict.reason
+    worse = rng.random((60, 12))
+    verdict = promotion_guard(worse, good, labels, labels, names)
+    assert not verdict.promote and "top1 fell" in verdict.reason
+    assert promotion_guard(good, good, labels, labels, names).promote

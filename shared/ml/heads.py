@@ -172,16 +172,21 @@ def holdout_metrics(probs: np.ndarray, labels: np.ndarray, resamples: int = 1000
     padded = np.concatenate([probs, np.full((len(probs), 1), -np.inf)], axis=1)
     lab = np.where(known, labels, probs.shape[1])
     table = ev.topk_table(padded, lab, (1, 5, 10), resamples=resamples)
-    top1 = ev.topk_hits(padded, lab, 1)
-    recall = {int(c): float(top1[lab == c].mean()) for c in np.unique(lab)}
+    top1, top10 = ev.topk_hits(padded, lab, 1), ev.topk_hits(padded, lab, 10)
+    classes = np.unique(lab)
     return {"per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
             "macro": {k: v.as_dict() for k, v in table["macro"].items()},
-            "recall": recall, "n": int(len(labels))}
+            "recall": {int(c): float(top1[lab == c].mean()) for c in classes},
+            "recall10": {int(c): float(top10[lab == c].mean()) for c in classes}, "n": int(len(labels))}
 
 
 def promotion_guard(candidate_probs: np.ndarray, active_probs: np.ndarray | None, candidate_labels: np.ndarray,
                     active_labels: np.ndarray, class_names: list[str], tolerance: float = 0.02) -> GuardResult:
     """Promote only if top-1 and top-10 are not worse beyond ``tolerance`` and no class collapses.
+
+    A class collapses when the active model recognised some of its holdout patients (top-1
+    recall above zero) and the candidate no longer ranks it in the top 10 for any of them.
+    (Top-1 recall alone flips on a single image when a class has one or two holdout patients.)
 
     Both models are scored on the same holdout images; ``active_labels`` holds -1 where
     the active model lacks the true class (a miss for it). ``class_names`` are the
@@ -197,7 +202,7 @@ def promotion_guard(candidate_probs: np.ndarray, active_probs: np.ndarray | None
         if c < a - tolerance:
             reasons.append(f"{k} fell from {a:.3f} to {c:.3f} (tolerance {tolerance:.3f})")
     collapsed = [class_names[c] for c, r in act["recall"].items()
-                 if c < len(class_names) and r > 0 and cand["recall"].get(c, 0.0) == 0.0]
+                 if c < len(class_names) and r > 0 and cand["recall10"].get(c, 0.0) == 0.0]
     if collapsed:
         reasons.append(f"classes collapsed to zero recall: {', '.join(collapsed[:10])}")
     if reasons:
