@@ -5,6 +5,7 @@ import logging
 
 from flask import Flask, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.routing import IntegerConverter
 
 from shared.config import ConfigError, get_settings
 
@@ -12,9 +13,17 @@ logger = logging.getLogger(__name__)
 csrf = CSRFProtect()
 
 
+class DatabaseId(IntegerConverter):
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", 2**31 - 1)
+        super().__init__(url_map, *args, **kwargs)
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     settings = get_settings()
     app = Flask(__name__)
+    # Row ids are PostgreSQL integers: a larger number in a URL is a 404, never a database error.
+    app.url_map.converters["int"] = DatabaseId
     if not settings.secret_key and not (test_config or {}).get("SECRET_KEY"):
         raise ConfigError("GESTALT_SECRET_KEY is not set (gestalt up generates one for the embedded stack)")
     app.config.update(
@@ -52,6 +61,23 @@ def create_app(test_config: dict | None = None) -> Flask:
         if _wants_json():
             return jsonify(error=message), 413
         return message, 413
+
+    @app.errorhandler(404)
+    @app.errorhandler(403)
+    @app.errorhandler(405)
+    def http_error(exc):
+        messages = {403: "this needs an administrator", 404: "not found, or not yours",
+                    405: "this address does not accept that method"}
+        if _wants_json():
+            return jsonify(error=messages[exc.code]), exc.code
+        return render_template("error.html", message=messages[exc.code]), exc.code
+
+    @app.errorhandler(500)
+    def server_error(exc):
+        logger.error("unhandled error on %s: %s", request.path, getattr(exc, "original_exception", exc))
+        if _wants_json():
+            return jsonify(error="the server failed; the error was logged, please try again"), 500
+        return render_template("error.html", message="The server failed; the error was logged."), 500
 
     @app.errorhandler(429)
     def too_many(exc):

@@ -1,6 +1,8 @@
 """JSON API under /api/v1 (same login as the portal)."""
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, jsonify, request
 from flask_login import current_user
 
@@ -10,6 +12,56 @@ from web.db import get_db
 from web.results import case_payload, image_payload
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+SEXES = ("female", "male", "other", "unknown")
+PATIENT_REF = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@bp.get("/openapi.json")
+def openapi():
+    from web.openapi import SPEC
+
+    return jsonify(SPEC)
+
+
+@bp.get("/cases")
+def list_cases():
+    from shared.models import Case
+    from web.access import visible_cases
+
+    cases = get_db().scalars(visible_cases().order_by(Case.created_at.desc()).limit(500)).all()
+    return jsonify(cases=[{"id": c.id, "patient_ref": c.patient_ref, "sex": c.sex, "age_years": c.age_years,
+                           "created_at": c.created_at.isoformat(), "photos": len(c.images)} for c in cases])
+
+
+@bp.post("/cases")
+def create_case():
+    """JSON ``{"patient_ref", "sex", "age_years"}``; the ID must be pseudonymous."""
+    from shared.models import Case
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return jsonify(error="send a JSON object with patient_ref, sex and age_years"), 400
+    ref, sex, age = body.get("patient_ref"), body.get("sex", "unknown"), body.get("age_years")
+    if not isinstance(ref, str) or not PATIENT_REF.match(ref):
+        return jsonify(error="patient_ref: 1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"), 400
+    if sex not in SEXES:
+        return jsonify(error=f"sex must be one of {', '.join(SEXES)}"), 400
+    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or not 0 <= age <= 120):
+        return jsonify(error="age_years must be a number from 0 to 120, or null"), 400
+    db = get_db()
+    case = Case(owner_id=current_user.id, patient_ref=ref, sex=sex, age_years=float(age) if age is not None else None)
+    db.add(case)
+    db.flush()
+    audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
+    db.commit()
+    return jsonify(case_payload(db, case)), 201
+
+
+@bp.post("/cases/<int:case_id>/images")
+def add_images(case_id: int):
+    from web.cases import upload
+
+    return upload(case_id, always_json=True)
 
 
 @bp.get("/cases/<int:case_id>")

@@ -101,7 +101,9 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def require_login():
         unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
-        if request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:
+        if request.endpoint is None:  # no such route or method: the 404/405 answers, nothing is served
+            return None
+        if request.endpoint in PUBLIC_ENDPOINTS:
             if unsafe:
                 csrf.protect()
             return None

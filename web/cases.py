@@ -1,7 +1,7 @@
 """Clinician pages: case list, new case, case page with uploads and live results."""
 from __future__ import annotations
 
-from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -64,8 +64,10 @@ def show(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/images")
-def upload(case_id: int):
+def upload(case_id: int, always_json: bool = False):
     """Accept one or more photos (field ``photo``); all are stored or none."""
+    if always_json:
+        g.wants_json = True
     db = get_db()
     case = case_or_404(case_id)
     files = request.files.getlist("photo")
@@ -78,7 +80,7 @@ def upload(case_id: int):
         db.commit()
         return _upload_error(f"{exc.filename}: {exc.reason}", exc.http_status)
     images = store_images(db, case, decoded, current_user.id, request.remote_addr)
-    if request.accept_mimetypes.best == "application/json" or request.headers.get("X-Requested-With") == "fetch":
+    if _json_reply():
         return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
     flash(f"{len(images)} photo(s) uploaded.", "info")
     return redirect(url_for("cases.show", case_id=case.id), 303)
@@ -109,8 +111,13 @@ def delete(case_id: int):
     return redirect(url_for("cases.index"), 303)
 
 
+def _json_reply() -> bool:
+    return g.get("wants_json") or request.accept_mimetypes.best == "application/json" \
+        or request.headers.get("X-Requested-With") == "fetch"
+
+
 def _upload_error(message: str, status: int):
-    if request.accept_mimetypes.best == "application/json" or request.headers.get("X-Requested-With") == "fetch":
+    if _json_reply():
         return jsonify(error=message), status
     flash(message, "error")
     return render_template("error.html", message=message), status

@@ -1,0 +1,55 @@
+"""The JSON API with token auth, its OpenAPI document, and a bounded schemathesis run (no server errors)."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import requests
+from PIL import Image
+from skimage import data
+
+from shared.db import session_scope
+from shared.users import create_token, find_user
+from tests.conftest import new_user
+
+
+@pytest.fixture(scope="module")
+def token(engines):
+    email = new_user()
+    with session_scope() as s:
+        _, secret = create_token(s, find_user(s, email), "api-test")
+    return secret
+
+
+def test_api_case_flow_with_a_token(web_server, token):
+    auth = {"Authorization": f"Bearer {token}"}
+    api = web_server + "/api/v1"
+    r = requests.post(f"{api}/cases", json={"patient_ref": "PT-API-1", "sex": "male", "age_years": 4}, headers=auth)
+    assert r.status_code == 201, r.text
+    case_id = r.json()["id"]
+    bad = requests.post(f"{api}/cases", json={"patient_ref": "John Smith"}, headers=auth)
+    assert bad.status_code == 400 and "pseudonymous" in bad.json()["error"]
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG")
+    r = requests.post(f"{api}/cases/{case_id}/images", files={"photo": ("a.jpg", buf.getvalue())}, headers=auth)
+    assert r.status_code == 201 and r.json()["images"][0]["status"] == "queued"
+    r = requests.post(f"{api}/cases/{case_id}/images", files={"photo": ("a.jpg", b"nope")}, headers=auth)
+    assert r.status_code == 415 and "not an image" in r.json()["error"]
+    listed = requests.get(f"{api}/cases", headers=auth).json()["cases"]
+    assert any(c["id"] == case_id and c["photos"] == 1 for c in listed)
+    assert requests.get(f"{api}/cases/999999", headers=auth).json() == {"error": "not found, or not yours"}
+    assert requests.delete(f"{api}/cases/{case_id}", headers=auth).status_code == 405
+    spec = requests.get(f"{api}/openapi.json", headers=auth).json()
+    assert spec["openapi"].startswith("3.") and "/cases/{case_id}/images" in spec["paths"]
+    assert requests.get(f"{api}/openapi.json").status_code == 401
+
+
+def test_schemathesis_finds_no_server_errors(web_server, token):
+    """A bounded property-based run over every operation in the OpenAPI document."""
+    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{web_server}/api/v1/openapi.json",
+                        "-H", f"Authorization: Bearer {token}", "--checks", "not_a_server_error",
+                        "--max-examples", "15", "--request-timeout", "30"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -1,0 +1,79 @@
+"""The OpenAPI 3 document of /api/v1 (served at /api/v1/openapi.json)."""
+from __future__ import annotations
+
+ERROR = {"description": "A message a person can act on",
+         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+ID = {"name": "{}", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+
+
+def _id(name: str) -> dict:
+    return {**ID, "name": name}
+
+
+def _json(ref: str) -> dict:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+SPEC = {
+    "openapi": "3.0.3",
+    "info": {"title": "Gestalt API", "version": "1",
+             "description": "Cases, photos, results and diagnoses. Authenticate with a per-user token "
+                            "(`Authorization: Bearer gst_...`, see `gestalt tokens create`)."},
+    "servers": [{"url": "/api/v1"}],
+    "security": [{"bearer": []}],
+    "paths": {
+        "/cases": {
+            "get": {"summary": "Your cases (all cases for admins)", "responses": {
+                "200": {"description": "Cases", **_json("CaseList")}, "401": ERROR}},
+            "post": {"summary": "Create a case", "requestBody": {"required": True, **_json("NewCase")},
+                     "responses": {"201": {"description": "The case", **_json("Case")}, "400": ERROR, "401": ERROR}},
+        },
+        "/cases/{case_id}": {"get": {"summary": "A case with its photos, statuses and results",
+                                     "parameters": [_id("case_id")],
+                                     "responses": {"200": {"description": "The case", **_json("Case")},
+                                                   "401": ERROR, "404": ERROR}}},
+        "/cases/{case_id}/images": {"post": {
+            "summary": "Add photos (multipart, field `photo`, repeatable); all are stored or none",
+            "parameters": [_id("case_id")],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["photo"],
+                "properties": {"photo": {"type": "string", "format": "binary"}}}}}},
+            "responses": {"201": {"description": "Accepted photos", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"images": {"type": "array", "items": {
+                    "type": "object", "properties": {"id": {"type": "integer"}, "status": {"type": "string"}}}}}}}}},
+                "400": ERROR, "401": ERROR, "404": ERROR, "413": ERROR, "415": ERROR}}},
+        "/cases/{case_id}/diagnosis": {"post": {
+            "summary": "Record the confirmed diagnosis", "parameters": [_id("case_id")],
+            "requestBody": {"required": True, **_json("Diagnosis")},
+            "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}},
+        "/images/{image_id}": {"get": {"summary": "One photo's status and result", "parameters": [_id("image_id")],
+                                       "responses": {"200": {"description": "The photo"}, "401": ERROR,
+                                                     "404": ERROR}}},
+        "/images/{image_id}/aligned": {"get": {
+            "summary": "A presigned URL (300 s) of the aligned face", "parameters": [_id("image_id")],
+            "responses": {"200": {"description": "URL"}, "401": ERROR, "404": ERROR}}},
+        "/images/{image_id}/rescore": {"post": {
+            "summary": "Score the photo again with the active model", "parameters": [_id("image_id")],
+            "responses": {"202": {"description": "Queued"}, "401": ERROR, "404": ERROR, "409": ERROR}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "NewCase": {"type": "object", "required": ["patient_ref"], "additionalProperties": False, "properties": {
+                "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
+                                "description": "Pseudonymous ID; never a name"},
+                "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True}}},
+            "Case": {"type": "object", "properties": {
+                "id": {"type": "integer"}, "patient_ref": {"type": "string"}, "sex": {"type": "string"},
+                "age_years": {"type": "number", "nullable": True}, "images": {"type": "array", "items": {}}}},
+            "CaseList": {"type": "object", "properties": {"cases": {"type": "array", "items": {}}}},
+            "Diagnosis": {"type": "object", "required": ["syndrome"], "properties": {
+                "syndrome": {"type": "string", "description": "Catalogue name, id or OMIM number"},
+                "kind": {"type": "string", "enum": ["clinical", "molecular"]},
+                "gene": {"type": "string", "maxLength": 32}, "variant": {"type": "string", "maxLength": 255},
+                "consent": {"type": "boolean"}}},
+        },
+    },
+}
