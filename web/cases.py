@@ -1,6 +1,8 @@
 """Clinician pages: case list, new case, case page with uploads and live results."""
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
@@ -31,11 +33,48 @@ class CaseForm(FlaskForm):
     age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, 120)])
 
 
+SORTS = {"created": Case.created_at, "patient": Case.patient_ref, "age": Case.age_years, "sex": Case.sex}
+STATUS_FILTERS = ("processing", "done", "rejected", "awaiting_model", "failed", "diagnosed", "undiagnosed")
+
+
 @bp.get("/")
 def index():
+    """The case list: search by patient ID, filter by photo status or diagnosis, sort by any column."""
+    from shared.models import Diagnosis, Image
+
     db = get_db()
-    cases = db.scalars(visible_cases().order_by(Case.created_at.desc())).all()
-    return render_template("cases.html", cases=cases)
+    stmt = visible_cases()
+    q = request.args.get("q", "").strip()
+    if q:
+        stmt = stmt.where(Case.patient_ref.ilike(f"%{q[:64]}%"))
+    status = request.args.get("status", "")
+    if status == "diagnosed":
+        stmt = stmt.where(Case.id.in_(select(Diagnosis.case_id)))
+    elif status == "undiagnosed":
+        stmt = stmt.where(Case.id.not_in(select(Diagnosis.case_id)))
+    elif status == "processing":
+        stmt = stmt.where(Case.id.in_(select(Image.case_id).where(
+            Image.status.in_(("queued", "detecting", "aligning", "scoring")))))
+    elif status in STATUS_FILTERS:
+        stmt = stmt.where(Case.id.in_(select(Image.case_id).where(Image.status == status)))
+    sort = request.args.get("sort", "created")
+    column = SORTS.get(sort, Case.created_at)
+    descending = request.args.get("dir", "desc" if sort == "created" else "asc") == "desc"
+    stmt = stmt.order_by(column.desc().nulls_last() if descending else column.asc().nulls_last(), Case.id.desc())
+    cases = db.scalars(stmt.limit(500)).all()
+    return render_template("cases.html", cases=cases, q=q, status=status, sort=sort, descending=descending,
+                           statuses=STATUS_FILTERS)
+
+
+@bp.get("/cases/<int:case_id>/report")
+def report(case_id: int):
+    """A one-page printable report for the clinic's records (audited as an export)."""
+    db = get_db()
+    case = case_or_404(case_id)
+    audit(db, "report_export", current_user.id, "case", case.id, ip=request.remote_addr)
+    db.commit()
+    return render_template("report.html", case=case, payload=case_payload(db, case), user=current_user,
+                           printed=datetime.now(UTC))
 
 
 @bp.route("/cases/new", methods=["GET", "POST"])

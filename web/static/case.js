@@ -43,10 +43,27 @@
     });
   }
 
+  const zone = document.getElementById("drop-zone");
+  const previews = document.getElementById("previews");
+  let chosen = [];
+  function choose(files) {
+    chosen = Array.from(files);
+    previews.replaceChildren(...chosen.map((f) => {
+      const img = el("img", { class: "preview", alt: f.name, title: f.name });
+      img.src = URL.createObjectURL(f);
+      return img;
+    }));
+  }
+  input.addEventListener("change", () => choose(input.files));
+  ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
+  zone.addEventListener("drop", (e) => { e.preventDefault(); choose(e.dataTransfer.files); });
+
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    for (const file of input.files) { await uploadOne(file); }
+    for (const file of chosen) { await uploadOne(file); }
     input.value = "";
+    choose([]);
     poll();
   });
 
