@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
+from minio.error import S3Error
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
@@ -110,7 +111,13 @@ def mark_failed(image_id: int, reason: str) -> None:
 
 
 def _load_rgb(image: Image) -> np.ndarray:
-    return decode_stored(get_storage().get(image.object_key))
+    try:
+        data = get_storage().get(image.object_key)
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchObject"):
+            raise ImageRejected("the stored photo is missing; upload it again") from exc
+        raise
+    return decode_stored(data)
 
 
 def detect(image_id: int | None) -> int | None:
