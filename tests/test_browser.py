@@ -88,9 +88,13 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     page.screenshot(path=str(SHOTS / "04-uploading.png"), full_page=True)
     expect(page.locator("h2 .status-done")).to_have_count(2, timeout=120_000)
     page.screenshot(path=str(SHOTS / "05-results.png"), full_page=True)
-    assert page.locator("table.scores").count() == 2
-    assert page.locator("table.scores >> text=Syndrome A").count() == 2
-    assert page.locator("table.scores th >> text=full_face").count() == 2
+    assert page.locator("table.scores").count() == 3  # two photos and the case ranking
+    assert page.locator("#case-result >> text=Case ranking (mean of 2 photos)").count() == 1
+    assert page.locator("figure.face img").count() == 2
+    assert page.locator("figure.face svg.landmarks circle").count() == 2 * 468
+    assert page.evaluate("() => document.querySelector('figure.face img').naturalWidth") == 200
+    assert page.locator("table.scores >> text=Syndrome A").count() == 3
+    assert page.locator("table.scores th >> text=full_face").count() == 2  # per-region columns per photo
 
     page.select_option("select[name=syndrome]", label="Syndrome A")
     page.select_option("select[name=kind]", "molecular")

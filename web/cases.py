@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -123,6 +123,23 @@ def upload(case_id: int, always_json: bool = False):
         return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
     flash(f"{len(images)} photo(s) uploaded.", "info")
     return redirect(url_for("cases.show", case_id=case.id), 303)
+
+
+@bp.get("/images/<int:image_id>/aligned.png")
+def aligned_png(image_id: int):
+    """The aligned face, through the portal (logged in, owner or admin, audited)."""
+    from flask import Response
+
+    from web.access import image_or_404
+
+    db = get_db()
+    image = image_or_404(image_id)
+    if image.face is None or not image.face.aligned_key:
+        abort(404)
+    audit(db, "aligned_view", current_user.id, "image", image.id, ip=request.remote_addr)
+    db.commit()
+    return Response(get_storage().get(image.face.aligned_key), mimetype="image/png",
+                    headers={"Cache-Control": "private, no-store"})
 
 
 @bp.post("/cases/<int:case_id>/diagnosis")

@@ -1,9 +1,13 @@
 """The JSON shape of a case and its results, shared by the portal page and the API."""
 from __future__ import annotations
 
+import numpy as np
+from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.ml.alignment import CANVAS
+from shared.ml.gestalt import rank
 from shared.ml.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result
 from web.diagnoses import diagnosis_payload
@@ -16,8 +20,14 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
         "id": image.id, "status": image.status, "reason": image.reason,
         "width": image.width, "height": image.height,
         "uploaded_at": image.created_at.isoformat(), "updated_at": image.updated_at.isoformat(),
-        "result": None,
+        "result": None, "face": None,
     }
+    face = image.face
+    if face is not None and face.aligned_key and face.landmarks and face.transform:
+        m = np.asarray(face.transform)
+        canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
+        out["face"] = {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": CANVAS,
+                       "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found}
     result = db.scalars(select(Result).where(Result.image_id == image.id)
                         .order_by(Result.created_at.desc(), Result.id.desc())).first()
     if result is not None:
@@ -38,12 +48,32 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
     return out
 
 
+def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
+    """The case-level ranking: the mean of the photos' aggregate scores, for photos scored by one model
+    (the active one when it has scored at least two photos, else the one that scored the most)."""
+    rows = db.execute(select(Result.model_version_id, Result.scores).join(Image, Image.id == Result.image_id)
+                      .where(Image.case_id == case.id, Image.status == "done")).all()
+    by_version: dict[int, list[list[float]]] = {}
+    for version_id, scores in rows:
+        by_version.setdefault(version_id, []).append(scores)
+    eligible = {v: s for v, s in by_version.items() if len(s) >= 2}
+    if not eligible:
+        return None
+    version_id = active_id if active_id in eligible else max(eligible, key=lambda v: len(eligible[v]))
+    version = db.get(ModelVersion, version_id)
+    mean = np.mean(np.asarray(eligible[version_id], dtype=np.float64), axis=0)
+    return {"model_version": {"id": version.id, "name": version.name}, "photos": len(eligible[version_id]),
+            "ranking": rank(mean, version.classes)[:TOP_N]}
+
+
 def case_payload(db: Session, case: Case) -> dict:
     active = active_version(db)
+    active_id = active.id if active else None
     return {
         "id": case.id, "patient_ref": case.patient_ref, "sex": case.sex, "age_years": case.age_years,
         "created_at": case.created_at.isoformat(),
         "active_model": {"id": active.id, "name": active.name} if active else None,
-        "images": [image_payload(db, image, active.id if active else None) for image in case.images],
+        "images": [image_payload(db, image, active_id) for image in case.images],
+        "case_result": case_result(db, case, active_id),
         "diagnosis": diagnosis_payload(db, case),
     }

@@ -104,7 +104,46 @@
     card.append(box);
   }
 
+  function renderFace(card, face) {
+    const NS = "http://www.w3.org/2000/svg";
+    const box = el("figure", { class: "face" });
+    const img = el("img", { src: face.aligned_url, alt: "aligned face", width: String(face.size), height: String(face.size) });
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("viewBox", "0 0 " + face.size + " " + face.size);
+    svg.setAttribute("class", "landmarks");
+    face.landmarks.forEach(([x, y]) => {
+      const c = document.createElementNS(NS, "circle");
+      c.setAttribute("cx", x); c.setAttribute("cy", y); c.setAttribute("r", "0.8");
+      svg.append(c);
+    });
+    const toggle = el("button", { type: "button" }, "Landmarks");
+    toggle.addEventListener("click", () => svg.classList.toggle("hidden"));
+    box.append(img, svg, el("figcaption", {}, face.faces_found > 1 ? face.faces_found + " faces found; the largest is analysed" : "aligned face"), toggle);
+    card.append(box);
+  }
+
+  function renderCaseResult(payload) {
+    let card = document.getElementById("case-result");
+    if (!payload.case_result) { if (card) card.remove(); return; }
+    if (!card) { card = el("article", { class: "card", id: "case-result" }); section.prepend(card); }
+    const key = payload.case_result.model_version.id + ":" + payload.case_result.photos;
+    if (card.dataset.state === key) return;
+    card.dataset.state = key;
+    card.replaceChildren(el("h2", {}, "Case ranking (mean of " + payload.case_result.photos + " photos)"));
+    const table = el("table", { class: "scores" });
+    const hr = el("tr");
+    ["#", "Syndrome", "Gestalt score"].forEach((h) => hr.append(el("th", {}, h)));
+    table.append(hr);
+    payload.case_result.ranking.slice(0, 10).forEach((r) => {
+      const tr = el("tr");
+      tr.append(el("td", {}, String(r.rank)), el("td", {}, r.name), el("td", {}, r.score.toFixed(3)));
+      table.append(tr);
+    });
+    card.append(el("p", { class: "meta" }, "Model " + payload.case_result.model_version.name), table);
+  }
+
   function render(payload) {
+    renderCaseResult(payload);
     payload.images.forEach((image, i) => {
       let card = document.getElementById("image-" + image.id);
       if (!card) { card = el("article", { class: "card image", id: "image-" + image.id }); section.append(card); }
@@ -115,6 +154,7 @@
       h.append(el("span", { class: "status status-" + image.status }, image.status));
       card.append(h);
       if (image.reason) card.append(el("p", { class: "reason" }, image.reason));
+      if (image.face) renderFace(card, image.face);
       if (image.result) renderResult(card, image.result);
     });
     return payload.images.every((img) => FINAL.has(img.status) || img.status === "awaiting_model");
