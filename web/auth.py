@@ -63,7 +63,7 @@ class LoginForm(FlaskForm):
 
 @login_manager.user_loader
 def load_user(user_id: str) -> LoginUser | None:
-    if not user_id.isdigit():
+    if not (user_id.isascii() and user_id.isdigit()):
         return None
     user = get_db().get(User, int(user_id))
     return LoginUser(user) if user is not None and user.is_active else None

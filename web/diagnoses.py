@@ -22,7 +22,7 @@ def find_syndrome(db: Session, ref: str | int | None) -> Syndrome:
     if not ref:
         raise DiagnosisError("choose the confirmed syndrome")
     stmt = select(Syndrome).where((Syndrome.name == ref) | (Syndrome.omim == ref))
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # str.isdigit also accepts "¹" and other non-ASCII digits
         stmt = select(Syndrome).where((Syndrome.id == int(ref)) | (Syndrome.name == ref) | (Syndrome.omim == ref))
     syndrome = db.scalars(stmt).first()
     if syndrome is None:

@@ -62,7 +62,7 @@ def find_version(session: Session, ref: str | int) -> ModelVersion:
     """A version by name, or by numeric id."""
     ref = str(ref)
     condition = ModelVersion.name == ref
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # str.isdigit also accepts "¹" and other non-ASCII digits
         condition = condition | (ModelVersion.id == int(ref))
     version = session.scalars(select(ModelVersion).where(condition)).first()
     if version is None:
