@@ -34,12 +34,14 @@ def verify_password(user: User, password: str) -> bool:
 
 
 def find_user(session: Session, email: str) -> User | None:
+    if "\x00" in email:
+        return None  # PostgreSQL text cannot hold it, so no account can match
     return session.scalars(select(User).where(func.lower(User.email) == email.strip().lower())).first()
 
 
 def create_user(session: Session, email: str, password: str, role: Role = Role.clinician) -> User:
     email = email.strip().lower()
-    if "@" not in email:
+    if "@" not in email or "\x00" in email or len(email) > 254:
         raise UserError(f"{email!r} is not an e-mail address")
     if find_user(session, email):
         raise UserError(f"a user {email} already exists")

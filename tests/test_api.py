@@ -61,3 +61,24 @@ def test_diagnosis_with_unicode_digits_is_a_clear_400(web_server, token):
     case_id = requests.post(f"{web_server}/api/v1/cases", json={"patient_ref": "PT-UNI"}, headers=auth).json()["id"]
     r = requests.post(f"{web_server}/api/v1/cases/{case_id}/diagnosis", json={"syndrome": "\u00b9"}, headers=auth)
     assert r.status_code == 400 and "unknown syndrome" in r.json()["error"]
+
+
+@pytest.mark.parametrize("body", [{"syndrome": "x", "gene": 5}, {"syndrome": "x", "variant": ["a"]},
+                                  {"syndrome": ["x"]}, {"syndrome": "x", "kind": ["clinical"]}])
+def test_diagnosis_with_wrong_types_is_a_clear_400(web_server, token, body):
+    auth = {"Authorization": f"Bearer {token}"}
+    case_id = requests.post(f"{web_server}/api/v1/cases", json={"patient_ref": "PT-TYPES"}, headers=auth).json()["id"]
+    r = requests.post(f"{web_server}/api/v1/cases/{case_id}/diagnosis", json=body, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]
+
+
+def test_nul_characters_are_refused_not_500(web_server, token):
+    """Found by schemathesis: PostgreSQL text cannot hold NUL."""
+    auth = {"Authorization": f"Bearer {token}"}
+    case_id = requests.post(f"{web_server}/api/v1/cases", json={"patient_ref": "PT-NUL"}, headers=auth).json()["id"]
+    for body in ({"syndrome": "\x00x"}, {"syndrome": "x", "gene": "\x00"}):
+        r = requests.post(f"{web_server}/api/v1/cases/{case_id}/diagnosis", json=body, headers=auth)
+        assert r.status_code == 400 and "NUL" in r.json()["error"]
+    r = requests.post(f"{web_server}/cases/{case_id}/images", headers={**auth, "Accept": "application/json"},
+                      files={"photo": ("bad\x00name.jpg", b"not an image")})
+    assert r.status_code == 415

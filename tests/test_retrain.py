@@ -59,6 +59,7 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
     trained = run_cli(engines, "train", "--data", str(base_dir), "--width", "0.125", "--epochs", "4", "--lr", "0.003",
                       "--name", "retrain-base", "--activate")
     assert trained.returncode == 0, trained.stderr[-3000:]
+    time.sleep(2 * float(_env(engines)["GESTALT_MODEL_CHECK_SECONDS"]))  # workers see the new active model
     with session_scope() as s:
         base_version = active_version(s)
         assert base_version.name == "retrain-base" and base_version.config["base_features_key"]

@@ -33,8 +33,15 @@ def find_syndrome(db: Session, ref: str | int | None) -> Syndrome:
 def set_diagnosis(db: Session, case: Case, syndrome_ref: str | int | None, kind: str, gene: str | None,
                   variant: str | None, consent: bool, user_id: int, ip: str | None) -> Diagnosis:
     """Record (or replace) the case's confirmed diagnosis; with consent it joins the next retraining."""
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise DiagnosisError(f"kind must be one of {', '.join(KINDS)}")
+    for name, value in (("gene", gene), ("variant", variant), ("syndrome", syndrome_ref)):
+        if value is not None and not isinstance(value, str | int):
+            raise DiagnosisError(f"{name} must be text")
+        if isinstance(value, str) and "\x00" in value:
+            raise DiagnosisError(f"{name} contains a NUL character")
+    if isinstance(syndrome_ref, (list, dict, bool)):
+        raise DiagnosisError("syndrome must be a catalogue name, id or OMIM number")
     syndrome = find_syndrome(db, syndrome_ref)
     diagnosis = case.diagnosis or Diagnosis(case_id=case.id)
     diagnosis.syndrome_id = syndrome.id
