@@ -74,7 +74,6 @@ class Dataset:
     labels: list[str]
     subjects: list[str]
     holdout: np.ndarray  # N bool
-    source: list[str]  # "base" or "case"
 
 
 def _finish(run_id: int, status: str, decision: str, **fields) -> None:
@@ -328,8 +327,7 @@ def build_dataset(base: dict, cases: list[tuple[int, str, str]], feats: dict[int
         labels=base["labels"].tolist() + [n for _, n, _ in cases],
         subjects=base["subjects"].tolist() + [s for _, _, s in cases],
         holdout=np.concatenate([base["holdout"], np.array([in_holdout(s, holdout_fraction) for _, _, s in cases],
-                                                          bool)]),
-        source=["base"] * len(base["labels"]) + ["case"] * len(cases))
+                                                          bool)]))
 
 
 def latest_runs(session: Session, limit: int = 20) -> list[TrainingRun]:
