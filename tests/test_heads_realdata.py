@@ -1,9 +1,14 @@
 """Heads on real syndrome features (GMDB embeddings): nights of new diagnoses under the promotion guard."""
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from shared.ml.heads import HeadConfig, heads_of, promotion_guard, train_heads, with_heads
 from shared.ml.splits import in_holdout
@@ -57,18 +62,26 @@ def test_nights_of_new_diagnoses_never_degrade():
     assert table[0][3], "the first night has nothing to compare with and is promoted"
 
 
-def test_heads_beat_the_sklearn_baselines_on_gmdb():
-    """5-fold subject-disjoint per-image top-1 against the README's baselines (0.774 / 0.783)."""
-    x, y, subjects, classes = load_gmdb()
-    folds = np.array_split(np.random.default_rng(0).permutation(np.unique(subjects)), 5)
-    hits = []
-    for fold in folds:
-        test = np.isin(subjects, fold)
-        heads = train_heads(x[~test], y[~test], len(classes))
-        hits.append(heads.probs(x[test])[:, 0].argmax(1) == y[test])
-    top1 = float(np.concatenate(hits).mean())
-    print(f"\nheads per-image top-1 (5-fold by subject): {top1:.3f}")
-    assert top1 > 0.783
+def test_heads_benchmark_cli_beats_the_sklearn_baselines():
+    """`gestalt heads-benchmark`: 5-fold subject-disjoint per-image top-1 of our heads above both scikit-learn
+    baselines computed in the same run (README: LR 0.774, centroid 0.783), with gallery matching beside them."""
+    path = shared_data("embeddings", "mini_gm_public_v0.1.p")
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "heads-benchmark", "--embeddings", str(path)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print("\n" + r.stdout)
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"top1=0\.\d{4}", last), last
+    rows = {m.group(1).strip(): [float(v) for v in m.groups()[1:]] for m in re.finditer(
+        r"│\s*([a-z][^│]+?)\s*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│", r.stdout)}
+    heads = rows["heads (ours: softmax per region)"]
+    lr = rows["logistic regression (scikit-learn)"]
+    centroid = rows["nearest class centroid, cosine (scikit-learn)"]
+    gallery = rows["gallery (syndromes by nearest patient, cosine)"]
+    assert float(last.split("=")[1]) == pytest.approx(heads[0], abs=1e-3)
+    assert lr[0] == pytest.approx(0.774, abs=0.01) and centroid[0] == pytest.approx(0.783, abs=0.01)
+    assert heads[0] > lr[0] and heads[0] > centroid[0]
+    assert 0.5 < gallery[0] <= gallery[1] and gallery[1] > 0.9  # nearest patient; top-5 by nearest patients
 
 
 def test_with_heads_round_trip():

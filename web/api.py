@@ -35,13 +35,17 @@ def list_cases():
 
 @bp.post("/cases")
 def create_case():
-    """JSON ``{"patient_ref", "sex", "age_years"}``; the ID must be pseudonymous."""
+    """JSON ``{"patient_ref", "sex", "age_years", "ancestry", "hpo_terms"}``; the ID must be pseudonymous."""
+    from shared.catalog import CatalogError, validate_hpo_terms
     from shared.models import Case
 
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         return jsonify(error="send a JSON object with patient_ref, sex and age_years"), 400
     ref, sex, age = body.get("patient_ref"), body.get("sex", "unknown"), body.get("age_years")
+    ancestry = body.get("ancestry")
+    if ancestry is not None and (not isinstance(ancestry, str) or len(ancestry) > 64 or "\x00" in ancestry):
+        return jsonify(error="ancestry must be text of at most 64 characters, or null"), 400
     if not isinstance(ref, str) or not PATIENT_REF.match(ref):
         return jsonify(error="patient_ref: 1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"), 400
     if sex not in SEXES:
@@ -49,12 +53,44 @@ def create_case():
     if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or not 0 <= age <= 120):
         return jsonify(error="age_years must be a number from 0 to 120, or null"), 400
     db = get_db()
-    case = Case(owner_id=current_user.id, patient_ref=ref, sex=sex, age_years=float(age) if age is not None else None)
+    if not isinstance(body.get("hpo_terms", []), list):
+        return jsonify(error="hpo_terms must be a list of HPO IDs such as \"HP:0000316\""), 400
+    try:
+        terms = validate_hpo_terms(db, body.get("hpo_terms") or [])
+    except CatalogError as exc:
+        return jsonify(error=str(exc)), 400
+    case = Case(owner_id=current_user.id, patient_ref=ref, sex=sex, age_years=float(age) if age is not None else None,
+                ancestry=(ancestry or "").strip() or None, hpo_terms=terms)
     db.add(case)
     db.flush()
     audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
     db.commit()
-    return jsonify(case_payload(db, case)), 201
+    return jsonify(_payload(db, case)), 201
+
+
+def _payload(db, case) -> dict:
+    return case_payload(db, case, current_user.id, current_user.is_admin)
+
+
+@bp.get("/hpo")
+def hpo_search():
+    """HPO terms matching ``q`` (ID, name or synonym), for the case form's autocomplete."""
+    from shared.catalog import search_hpo
+
+    return jsonify(terms=search_hpo(get_db(), request.args.get("q", ""), _limit()))
+
+
+@bp.get("/syndromes")
+def syndrome_search():
+    """Catalogue syndromes matching ``q`` (name, OMIM/Orphanet ID or gene), with their genes."""
+    from shared.catalog import search_syndromes
+
+    return jsonify(syndromes=search_syndromes(get_db(), request.args.get("q", ""), _limit()))
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    return max(1, min(50, int(raw))) if raw.isascii() and raw.isdigit() else 20
 
 
 @bp.post("/cases/<int:case_id>/images")
@@ -68,7 +104,7 @@ def add_images(case_id: int):
 def get_case(case_id: int):
     db = get_db()
     case = case_or_404(case_id)
-    payload = case_payload(db, case)
+    payload = _payload(db, case)
     if any(i["result"] for i in payload["images"]) and request.args.get("poll") != "1":
         audit(db, "result_view", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
         db.commit()

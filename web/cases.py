@@ -7,10 +7,11 @@ from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
-from wtforms import DecimalField, SelectField, StringField
-from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
+from wtforms import DecimalField, SelectField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp, ValidationError
 
 from shared.audit import audit
+from shared.catalog import syndrome_summary
 from shared.lifecycle import delete_case
 from shared.models import Case, Syndrome
 from shared.storage import get_storage
@@ -31,6 +32,17 @@ class CaseForm(FlaskForm):
         Regexp(r"^[A-Za-z0-9._-]+$", message="letters, digits, '.', '_' and '-' only: no names")])
     sex = SelectField("Sex", choices=SEXES, default="unknown")
     age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, 120)])
+    ancestry = StringField("Ancestry (optional)", validators=[Optional(), Length(max=64)])
+    hpo_terms = TextAreaField("HPO terms (optional)", validators=[Optional(), Length(max=20000)],
+                              description="Type a feature or an ID (HP:0000316) and pick it from the list")
+
+    def validate_hpo_terms(self, field) -> None:
+        from shared.catalog import CatalogError, validate_hpo_terms
+
+        try:
+            field.ids = validate_hpo_terms(get_db(), field.data or "")
+        except CatalogError as exc:
+            raise ValidationError(str(exc)) from exc
 
 
 SORTS = {"created": Case.created_at, "patient": Case.patient_ref, "age": Case.age_years, "sex": Case.sex}
@@ -73,7 +85,8 @@ def report(case_id: int):
     case = case_or_404(case_id)
     audit(db, "report_export", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
-    return render_template("report.html", case=case, payload=case_payload(db, case), user=current_user,
+    return render_template("report.html", case=case, payload=case_payload(db, case, current_user.id,
+                                                                       current_user.is_admin), user=current_user,
                            printed=datetime.now(UTC))
 
 
@@ -83,7 +96,9 @@ def new_case():
     if form.validate_on_submit():
         db = get_db()
         case = Case(owner_id=current_user.id, patient_ref=form.patient_ref.data.strip(), sex=form.sex.data,
-                    age_years=float(form.age_years.data) if form.age_years.data is not None else None)
+                    age_years=float(form.age_years.data) if form.age_years.data is not None else None,
+                    ancestry=(form.ancestry.data or "").strip() or None,
+                    hpo_terms=getattr(form.hpo_terms, "ids", []))
         db.add(case)
         db.flush()
         audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr)
@@ -98,8 +113,10 @@ def show(case_id: int):
     case = case_or_404(case_id)
     audit(db, "case_view", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
-    syndromes = db.scalars(select(Syndrome).order_by(Syndrome.name)).all()
-    return render_template("case.html", case=case, payload=case_payload(db, case), syndromes=syndromes)
+    payload = case_payload(db, case, current_user.id, current_user.is_admin)
+    current = db.get(Syndrome, case.diagnosis.syndrome_id) if case.diagnosis else None
+    return render_template("case.html", case=case, payload=payload,
+                           current_syndrome=syndrome_summary(current) if current else None)
 
 
 @bp.post("/cases/<int:case_id>/images")

@@ -14,6 +14,12 @@ def _json(ref: str) -> dict:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
 
+def _search(example: str) -> list[dict]:
+    return [{"name": "q", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 100},
+             "example": example},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 50}}]
+
+
 SPEC = {
     "openapi": "3.0.3",
     "info": {"title": "Gestalt API", "version": "1",
@@ -46,6 +52,15 @@ SPEC = {
             "summary": "Record the confirmed diagnosis", "parameters": [_id("case_id")],
             "requestBody": {"required": True, **_json("Diagnosis")},
             "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}},
+        "/hpo": {"get": {
+            "summary": "HPO terms matching a text (ID, name or synonym), for autocomplete",
+            "parameters": _search("hyperte"),
+            "responses": {"200": {"description": "Matching terms, best first", **_json("HpoTerms")}, "401": ERROR}}},
+        "/syndromes": {"get": {
+            "summary": "Catalogue syndromes matching a name, OMIM/Orphanet ID or gene symbol",
+            "parameters": _search("kabuki"),
+            "responses": {"200": {"description": "Matching syndromes with their genes", **_json("Syndromes")},
+                          "401": ERROR}}},
         "/images/{image_id}": {"get": {"summary": "One photo's status and result", "parameters": [_id("image_id")],
                                        "responses": {"200": {"description": "The photo"}, "401": ERROR,
                                                      "404": ERROR}}},
@@ -64,13 +79,27 @@ SPEC = {
                 "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
                                 "description": "Pseudonymous ID; never a name"},
                 "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
-                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True}}},
+                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
+                "ancestry": {"type": "string", "maxLength": 64, "nullable": True,
+                             "description": "Self-reported ancestry (optional)"},
+                "hpo_terms": {"type": "array", "maxItems": 200, "items": {"type": "string", "pattern": "^HP:[0-9]{7}$"},
+                              "description": "HPO term IDs; unknown IDs are refused (400)"}}},
+            "HpoTerms": {"type": "object", "properties": {"terms": {"type": "array", "items": {
+                "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                                 "synonyms": {"type": "array", "items": {"type": "string"}},
+                                                 "label": {"type": "string"}}}}}},
+            "Syndromes": {"type": "object", "properties": {"syndromes": {"type": "array", "items": {
+                "type": "object", "properties": {
+                    "id": {"type": "integer"}, "name": {"type": "string"}, "label": {"type": "string"},
+                    "omim": {"type": "string", "nullable": True}, "orpha": {"type": "string", "nullable": True},
+                    "source": {"type": "string"}, "genes": {"type": "array", "items": {"type": "string"}}}}}}},
             "Case": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "patient_ref": {"type": "string"}, "sex": {"type": "string"},
                 "age_years": {"type": "number", "nullable": True}, "images": {"type": "array", "items": {}}}},
             "CaseList": {"type": "object", "properties": {"cases": {"type": "array", "items": {}}}},
             "Diagnosis": {"type": "object", "required": ["syndrome"], "properties": {
-                "syndrome": {"type": "string", "description": "Catalogue name, id or OMIM number"},
+                "syndrome": {"type": "string",
+                             "description": "Catalogue name, id, or OMIM/Orphanet ID (OMIM:122470, ORPHA:2322)"},
                 "kind": {"type": "string", "enum": ["clinical", "molecular"]},
                 "gene": {"type": "string", "maxLength": 32}, "variant": {"type": "string", "maxLength": 255},
                 "consent": {"type": "boolean"}}},

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from shared.ml.alignment import CANVAS
 from shared.ml.gestalt import rank
 from shared.ml.registry import active_version
-from shared.models import Case, Image, ModelVersion, RegionScore, Result
+from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
 from web.diagnoses import diagnosis_payload
 
 TOP_N = 30
@@ -40,7 +40,7 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
         out["result"] = {
             "model_version": {"id": version.id, "name": version.name},
             "outdated": active_id is not None and active_id != version.id,
-            "ranking": top,
+            "ranking": with_catalogue(db, top),
             # Per region, the score of each syndrome in the top list.
             "regions": {r.region: {str(t["syndrome_id"]): r.scores[index[t["syndrome_id"]]]
                                    for t in top} for r in regions},
@@ -66,14 +66,65 @@ def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
             "ranking": rank(mean, version.classes)[:TOP_N]}
 
 
-def case_payload(db: Session, case: Case) -> dict:
+def with_catalogue(db: Session, ranking: list[dict]) -> list[dict]:
+    """Ranking entries with each syndrome's OMIM/Orphanet IDs and genes from the catalogue."""
+    ids = [r["syndrome_id"] for r in ranking]
+    rows = {s.id: s for s in db.scalars(select(Syndrome).where(Syndrome.id.in_(ids)))} if ids else {}
+    out = []
+    for r in ranking:
+        s = rows.get(r["syndrome_id"])
+        out.append({**r, "omim": s.omim if s else None, "orpha": s.orpha if s else None,
+                    "genes": list(s.genes or []) if s else []})
+    return out
+
+
+def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer_id: int | None,
+                    viewer_is_admin: bool = False) -> dict | None:
+    """Similar diagnosed patients (consented) and syndromes ranked by their nearest patients.
+
+    Other clinicians' patients appear as a diagnosis and a similarity only: no photo, no patient
+    ID, no case ID. The viewer's own cases carry a link (every case, for an admin).
+    """
+    from shared.ml.gallery import case_features, load_gallery
+
+    if active is None or not active.config.get("backbone_sha"):
+        return None
+    backbone, regions = active.config["backbone_sha"], tuple(active.config.get("regions") or ())
+    if not regions:
+        return None
+    query = case_features(db, case.id, backbone, regions)
+    if len(query) == 0:
+        return None
+    gallery = load_gallery(db, backbone, regions)
+    match = gallery.match(query, exclude_case=case.id)
+
+    patients = []
+    for p in match["patients"]:
+        case_id = p.pop("case_id")
+        entry = {**p, "own": viewer_id is not None and gallery.owners.get(case_id) == viewer_id}
+        if entry["own"] or viewer_is_admin:  # a link only where the viewer may open the case anyway
+            entry["case_url"] = url_for("cases.show", case_id=case_id)
+        patients.append(entry)
+    syndromes = [{k: v for k, v in s.items() if k != "nearest_case_id"} for s in match["syndromes"]]
+    return {"model_version": {"id": active.id, "name": active.name}, "photos": int(len(query)),
+            "gallery_patients": match["gallery_patients"], "patients": patients, "syndromes": syndromes}
+
+
+def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_is_admin: bool = False) -> dict:
+    from shared.catalog import hpo_labels
+
     active = active_version(db)
     active_id = active.id if active else None
+    result = case_result(db, case, active_id)
+    if result is not None:
+        result["ranking"] = with_catalogue(db, result["ranking"])
     return {
         "id": case.id, "patient_ref": case.patient_ref, "sex": case.sex, "age_years": case.age_years,
+        "ancestry": case.ancestry, "hpo_terms": hpo_labels(db, list(case.hpo_terms or [])),
         "created_at": case.created_at.isoformat(),
         "active_model": {"id": active.id, "name": active.name} if active else None,
         "images": [image_payload(db, image, active_id) for image in case.images],
-        "case_result": case_result(db, case, active_id),
+        "case_result": result,
         "diagnosis": diagnosis_payload(db, case),
+        "gallery": gallery_payload(db, case, active, viewer_id, viewer_is_admin),
     }

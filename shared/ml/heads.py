@@ -66,6 +66,10 @@ class HeadConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 0  # 0: torch default
+    # Regularisation: soft targets, and dropout on the standardised features (training only).
+    # Dropout 0.5 lifts 5-fold per-image top-1 on the GMDB features from 0.780 to 0.787 (`gestalt heads-benchmark`).
+    label_smoothing: float = 0.0
+    input_dropout: float = 0.5
 
 
 @dataclass
@@ -116,12 +120,13 @@ def train_heads(features: np.ndarray, labels: np.ndarray, n_classes: int, cfg: H
     epochs = max(cfg.epochs, int(np.ceil(cfg.min_steps / steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
+    dropout = nn.Dropout(cfg.input_dropout)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            xb = xs[idx]  # B x R x F
+            xb = dropout(xs[idx])  # B x R x F
             logits = torch.einsum("brf,rcf->brc", xb, weight) + bias
             loss = loss_fn(logits.reshape(-1, n_classes), y[idx].repeat_interleave(n_regions))
             optimizer.zero_grad(set_to_none=True)
@@ -226,3 +231,54 @@ def save_feature_set(features: np.ndarray, labels: list[str], subjects: list[str
 def load_feature_set(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+# ----- benchmark on features ------------------------------------------------------------------
+
+def _topk_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+    top1, top5 = ev.topk_hits(scores, labels, 1), ev.topk_hits(scores, labels, 5)
+    macro = float(np.mean([top1[labels == c].mean() for c in np.unique(labels)]))
+    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "macro_top1": macro}
+
+
+def benchmark_heads(features: np.ndarray, labels: np.ndarray, subjects: np.ndarray, n_classes: int,
+                    folds: int = 5, cfg: HeadConfig | None = None) -> dict[str, dict]:
+    """Out-of-fold per-image metrics of our heads, gallery matching and two scikit-learn baselines.
+
+    Folds are subject-disjoint (``GroupKFold`` by subject), so no patient is in both a training
+    fold and its test fold. Methods, all on the same folds:
+
+    * ``heads``: :func:`train_heads` (one class-weighted softmax layer per region, regions averaged);
+    * ``gallery``: each class scored by its nearest training patient (cosine, :mod:`shared.ml.gallery`);
+    * ``logistic_regression``: standardised, C=0.1, balanced class weights;
+    * ``nearest_centroid``: cosine to the mean of each class's normalised features.
+
+    Args:
+        features: ``N x R x F`` (or ``N x F``) float32.
+        labels: ``N`` class indices; subjects: ``N`` patient IDs.
+    Returns: ``{method: {"top1", "top5", "macro_top1"}}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler, normalize
+
+    from shared.ml.gallery import gallery_scores
+
+    x = np.asarray(features, dtype=np.float32)
+    x = x[:, None, :] if x.ndim == 2 else x
+    flat = x.reshape(len(x), -1)
+    y = np.asarray(labels)
+    scores = {m: np.full((len(y), n_classes), -np.inf) for m in
+              ("heads", "gallery", "logistic_regression", "nearest_centroid")}
+    for train, test in GroupKFold(n_splits=folds).split(flat, y, groups=subjects):
+        scores["heads"][test] = train_heads(x[train], y[train], n_classes, cfg).probs(x[test]).mean(axis=1)
+        scores["gallery"][test] = gallery_scores(x[train], y[train], x[test], n_classes)
+        lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        lr.fit(flat[train], y[train])
+        scores["logistic_regression"][np.ix_(test, lr[-1].classes_)] = lr.predict_proba(flat[test])
+        unit = normalize(flat)
+        present = np.unique(y[train])
+        centroids = normalize(np.stack([unit[train][y[train] == c].mean(0) for c in present]))
+        scores["nearest_centroid"][np.ix_(test, present)] = unit[test] @ centroids.T
+    return {m: _topk_metrics(s, y) for m, s in scores.items()}

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device, save_checkpoint
-from shared.models import ModelStatus, ModelVersion, Syndrome
+from shared.models import ModelStatus, ModelVersion
 from shared.storage import Storage, checkpoint_key, sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -23,14 +23,11 @@ class ModelNotFound(LookupError):
 
 
 def upsert_syndromes(session: Session, names: list[str]) -> list[dict]:
-    """Syndrome rows for ``names`` (created when missing), as the model's class list."""
-    existing = {s.name: s for s in session.scalars(select(Syndrome).where(Syndrome.name.in_(names)))}
-    for name in names:
-        if name not in existing:
-            existing[name] = Syndrome(name=name, genes=[])
-            session.add(existing[name])
-    session.flush()
-    return [{"syndrome_id": existing[n].id, "name": n} for n in names]
+    """Syndrome rows for ``names`` (names, created when missing, or catalogue IDs such as ``OMIM:122470``),
+    as the model's class list."""
+    from shared.catalog import syndromes_for_labels
+
+    return syndromes_for_labels(session, names)
 
 
 def register_model(session: Session, storage: Storage, model: RegionalEnsemble, class_names: list[str],

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -42,6 +43,10 @@ class Case(Base):
     patient_ref: Mapped[str] = mapped_column(String(64))
     sex: Mapped[str] = mapped_column(String(8), default="unknown")
     age_years: Mapped[float | None] = mapped_column(Float)
+    # Self-reported ancestry, free text (optional); never a name or a place of residence.
+    ancestry: Mapped[str | None] = mapped_column(String(64))
+    # Validated HPO term IDs ("HP:0000316"), in the order the clinician entered them.
+    hpo_terms: Mapped[list] = mapped_column(JSONB, default=list, server_default=text("'[]'::jsonb"))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
