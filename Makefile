@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: pip takes the local wheels where they exist instead of a download
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test]'
+	# production face backends; --no-deps because their metadata pins ancient torch (see pyproject.toml)
+	$(BIN)/pip install --quiet --no-deps face-alignment==1.5.0 retinaface-pytorch==0.0.8
 	touch $@
 
 up: install

@@ -75,8 +75,15 @@ class Settings:
     max_image_megapixels: float = field(default_factory=lambda: _float("GESTALT_MAX_IMAGE_MEGAPIXELS", 40.0))
     # Smallest accepted photo side, in pixels.
     min_image_side: int = field(default_factory=lambda: _int("GESTALT_MIN_IMAGE_SIDE", 64))
-    # Minimum BlazeFace confidence for a face to count.
+    # Minimum detector confidence for a face to count.
     min_face_confidence: float = field(default_factory=lambda: _float("GESTALT_MIN_FACE_CONFIDENCE", 0.5))
+    # Face detector: "retinaface" (RetinaFace ResNet-50, else MobileNet-0.25), "mediapipe" (BlazeFace,
+    # offline), or "auto" (RetinaFace ResNet-50 when its weights are present, else mediapipe).
+    detector_backend: str = field(default_factory=lambda: _str("GESTALT_DETECTOR", "auto"))
+    # Landmarks: "fan" (face-alignment 2D-FAN-4), "mediapipe" (FaceMesh, offline) or "auto" (fan when present).
+    landmark_backend: str = field(default_factory=lambda: _str("GESTALT_LANDMARKER", "auto"))
+    # Check each weight file's sha256 against the manifest before loading it (turn off only for development).
+    weights_verify: bool = field(default_factory=lambda: _bool("GESTALT_WEIGHTS_VERIFY", True))
     # Seconds a worker trusts its cached idea of the active model before asking the database again.
     model_check_seconds: float = field(default_factory=lambda: _float("GESTALT_MODEL_CHECK_SECONDS", 5.0))
     # Torch intra-op threads per worker process (0 = torch default).

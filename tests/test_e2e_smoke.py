@@ -77,9 +77,12 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
         face = s.scalars(select(Face).where(Face.image_id == image_id)).one()
         x0, y0, x1, y1 = face.box
         assert 150 < x0 < 200 and 40 < y0 < 100 and 250 < x1 < 300 and 150 < y1 < 200  # her face
-        assert len(face.landmarks) == 468
+        assert len(face.landmarks) == 68 and face.rotation == 0
+        assert face.detector == "mediapipe-blazeface-full" and len(face.weights["landmarker"]) == 64
+        assert 28 < face.measurements["canthal_index"] < 45 and face.quality["interocular_px"] > 30
         crops = s.scalars(select(Crop).where(Crop.face_id == face.id)).all()
-        assert len(crops) == 4
+        # Every region is cut, whatever the active model uses; the model scores its own four.
+        assert len(crops) == 7
         assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 4
         assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1
         from shared.models import Image as ImageRow

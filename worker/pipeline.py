@@ -22,6 +22,7 @@ from shared.db import session_scope
 from shared.ml.gestalt import predict, rank
 from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, encode_png
 from shared.ml.preprocess import Preprocessor
+from shared.ml.regions import ALL_REGIONS
 from shared.ml.registry import ModelCache, active_version
 from shared.ml.retrain import store_features
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
@@ -41,7 +42,8 @@ def preprocessor() -> Preprocessor:
     """The detector and landmark models of this process, created on first use (after fork)."""
     global _preprocessor
     if _preprocessor is None:
-        _preprocessor = Preprocessor(min_confidence=get_settings().min_face_confidence)
+        # Every region is cut, so that any model version (whatever regions its config names) can score it.
+        _preprocessor = Preprocessor.from_settings(get_settings(), regions=ALL_REGIONS)
     return _preprocessor
 
 
@@ -129,16 +131,18 @@ def detect(image_id: int | None) -> int | None:
         return None
     try:
         rgb = _load_rgb(image)
-        face, found = preprocessor().detect(rgb)
+        found = preprocessor().detect(rgb)
     except ImageRejected as exc:
         reject(image_id, exc.reason)
         return None
-    values = {"image_id": image_id, "box": [float(c) for c in face.box], "confidence": face.score,
-              "faces_found": int(found), "detector": preprocessor().detector_name}
+    provenance = preprocessor().provenance
+    values = {"image_id": image_id, "box": [float(c) for c in found.face.box], "confidence": found.face.score,
+              "faces_found": int(found.faces_found), "rotation": found.rotation, "detector": provenance["detector"],
+              "weights": {"detector": provenance["detector_sha256"]}}
     with session_scope() as session:
         stmt = insert(Face).values(**values)
         session.execute(stmt.on_conflict_do_update(index_elements=[Face.image_id], set_={
-            k: stmt.excluded[k] for k in ("box", "confidence", "faces_found", "detector")}))
+            k: stmt.excluded[k] for k in ("box", "confidence", "faces_found", "rotation", "detector", "weights")}))
         image = session.get(Image, image_id, with_for_update=True)
         if image is None:
             return None
@@ -156,13 +160,13 @@ def align(image_id: int | None) -> int | None:
         return None
     with session_scope() as session:
         face = session.scalars(select(Face).where(Face.image_id == image_id)).first()
-        box = tuple(face.box) if face else None
+        box, rotation = (tuple(face.box), face.rotation or 0.0) if face else (None, 0.0)
     if box is None:  # detect's output vanished (a re-run after a cleanup): start over
         return detect(image_id)
     storage = get_storage()
     try:
         rgb = _load_rgb(image)
-        aligned = preprocessor().align(rgb, box)
+        aligned = preprocessor().align(rgb, box, rotation)
     except ImageRejected as exc:
         reject(image_id, exc.reason)
         return None
@@ -176,6 +180,9 @@ def align(image_id: int | None) -> int | None:
         face.transform = aligned.alignment.matrix.tolist()
         face.aligned_key = face_key
         face.landmarker = preprocessor().landmarker_name
+        face.weights = {**(face.weights or {}), "landmarker": preprocessor().provenance["landmarker_sha256"]}
+        face.quality = aligned.quality
+        face.measurements = aligned.measurements
         stmt = insert(Crop).values([{"face_id": face.id, "region": r, "object_key": k} for r, k in crop_keys.items()])
         session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
                                                    set_={"object_key": stmt.excluded.object_key}))

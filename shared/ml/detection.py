@@ -1,34 +1,82 @@
-"""Face detection. Detection returns boxes and scores; cropping lives elsewhere.
+"""Face detection. Detectors return boxes, scores and five key points; cropping lives elsewhere.
 
-The offline backend is mediapipe 0.10.21's bundled BlazeFace (full range), which
-needs no downloaded weights.
+Backends (see ``make_detector``):
+
+* ``retinaface``: RetinaFace. ResNet-50 (retinaface-pytorch's network and weights) when its
+  weights are present, else MobileNet-0.25 (face-alignment's network and weights). Batched:
+  a list of photos is letterboxed into one tensor.
+* ``mediapipe``: BlazeFace full range from the mediapipe 0.10.21 wheel; needs no downloads.
+
+Every face carries five points in the order eye, eye, nose tip, mouth corner, mouth corner,
+with the subject's right eye first (on the image's left when the photo is upright). The
+preprocessor uses them to level the eyes before landmarks run.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from shared.ml.weights import WEIGHTS_BY_KEY, locate, mediapipe_model_sha, require, sha256_of
+
 logger = logging.getLogger(__name__)
 
-# Faces that fill the whole frame (passport crops, small clinical photos) are often
-# missed by the full-range model; a second pass on a padded canvas finds them.
+# Faces that fill the whole frame (passport crops, small clinical photos) are often missed
+# by BlazeFace full range; a second pass on a padded canvas finds them.
 PAD_FRACTION = 0.25
 # Small photos are also upscaled for that pass, so the face meets the model's anchor sizes.
 SMALL_SIDE = 400
+# The main face is the largest confident one. Faces within this fraction of the largest
+# area count as equally large, and the one nearest the photo's centre wins among them.
+SIZE_TIE = 0.03
+# RetinaFace: photos are resized so the longer side is this many pixels before detection.
+RETINAFACE_MAX_SIDE = 640
+NMS_IOU = 0.4
 
 
 @dataclass(frozen=True)
 class DetectedFace:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
     score: float
+    points: tuple[tuple[float, float], ...] | None = None  # five key points (see module doc)
 
     @property
     def area(self) -> float:
         x0, y0, x1, y1 = self.box
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+    @property
+    def eye_angle(self) -> float | None:
+        """Angle in degrees of the line from the first eye to the second (0 when the eyes are level)."""
+        if not self.points:
+            return None
+        (ax, ay), (bx, by) = self.points[0], self.points[1]
+        return float(np.degrees(np.arctan2(by - ay, bx - ax)))
+
+
+def choose_main_face(faces: list[DetectedFace], min_confidence: float,
+                     shape: tuple[int, int] | None = None) -> DetectedFace | None:
+    """The largest confident face, the most central one among near-equals (``SIZE_TIE``), or None.
+
+    Args:
+        shape: the photo's (height, width); without it the largest face wins outright.
+    """
+    confident = [f for f in faces if f.score >= min_confidence]
+    if not confident:
+        return None
+    largest = max(f.area for f in confident)
+    if shape is None:
+        return max(confident, key=lambda f: f.area)
+    h, w = shape[:2]
+
+    def off_centre(f: DetectedFace) -> float:
+        x0, y0, x1, y1 = f.box
+        return float(np.hypot((x0 + x1) / 2 - w / 2, (y0 + y1) / 2 - h / 2))
+
+    return min((f for f in confident if f.area >= (1 - SIZE_TIE) * largest), key=off_centre)
 
 
 class MediaPipeDetector:
@@ -42,6 +90,7 @@ class MediaPipeDetector:
         self.min_confidence = min_confidence
         self._detector = mp.solutions.face_detection.FaceDetection(
             model_selection=1, min_detection_confidence=min_confidence)
+        self.weights_sha256 = mediapipe_model_sha("face_detection_full_range")
 
     def _run(self, rgb: np.ndarray) -> list[DetectedFace]:
         h, w = rgb.shape[:2]
@@ -50,7 +99,13 @@ class MediaPipeDetector:
         for det in result.detections or []:
             rel = det.location_data.relative_bounding_box
             x0, y0 = rel.xmin * w, rel.ymin * h
-            faces.append(DetectedFace((x0, y0, x0 + rel.width * w, y0 + rel.height * h), float(det.score[0])))
+            kps = det.location_data.relative_keypoints  # right eye, left eye, nose tip, mouth centre, ears
+            eyes_nose = [(k.x * w, k.y * h) for k in kps[:3]]
+            mouth = (kps[3].x * w, kps[3].y * h)
+            # BlazeFace has no mouth corners: both take the mouth centre (only the eyes are used).
+            points = (*eyes_nose, mouth, mouth)
+            faces.append(DetectedFace((x0, y0, x0 + rel.width * w, y0 + rel.height * h), float(det.score[0]),
+                                      points))
         return faces
 
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
@@ -67,13 +122,138 @@ class MediaPipeDetector:
         canvas = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC) if scale > 1 else rgb
         pad = int(PAD_FRACTION * max(h, w) * scale)
         padded = np.pad(canvas, ((pad, pad), (pad, pad), (0, 0)), mode="constant")
-        return [DetectedFace(tuple((c - pad) / scale for c in f.box), f.score) for f in self._run(padded)]
+        return [DetectedFace(tuple((c - pad) / scale for c in f.box), f.score,
+                             tuple(((x - pad) / scale, (y - pad) / scale) for x, y in f.points))
+                for f in self._run(padded)]
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
+        """BlazeFace's graph takes one photo at a time."""
+        return [self.detect(rgb) for rgb in images]
 
     def close(self) -> None:
         self._detector.close()
 
 
-def choose_main_face(faces: list[DetectedFace], min_confidence: float) -> DetectedFace | None:
-    """The largest confident face, or None."""
-    confident = [f for f in faces if f.score >= min_confidence]
-    return max(confident, key=lambda f: f.area, default=None)
+class RetinaFaceDetector:
+    """RetinaFace on batches of photos, on CPU or GPU.
+
+    ``variant`` is ``resnet50`` (retinaface-pytorch's network; RGB input normalised with
+    ImageNet statistics) or ``mobilenet0.25`` (face-alignment's network; BGR input minus
+    the channel means it was trained with).
+    """
+
+    def __init__(self, variant: str = "resnet50", min_confidence: float = 0.5, device: str = "cpu",
+                 path: str | None = None, max_side: int = RETINAFACE_MAX_SIDE, verify: bool = True):
+        import torch
+
+        self.variant = variant
+        self.min_confidence = min_confidence
+        self.device = device
+        self.max_side = max_side
+        if variant == "resnet50":
+            from retinaface.network import RetinaFace
+
+            weight = WEIGHTS_BY_KEY["retinaface_resnet50"]
+            net = RetinaFace(name="Resnet50", pretrained=False, return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
+                             in_channels=256, out_channels=256)
+            file = path or require(weight, verify)
+            if path is None:
+                from torch.utils import model_zoo
+
+                # retinaface-pytorch's own loader; the file is already in ``model_dir``, so it never downloads.
+                state = model_zoo.load_url(weight.url, model_dir=str(Path(file).parent), map_location="cpu",
+                                           file_name=Path(file).name)
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            self.softmax_in_net = False
+        elif variant == "mobilenet0.25":
+            from face_alignment.detection.retinaface.net_retinaface import RetinaFace, cfg_mnet
+
+            weight = WEIGHTS_BY_KEY["retinaface_mobilenet"]
+            net = RetinaFace(cfg=cfg_mnet)
+            file = path or require(weight, verify)
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            self.softmax_in_net = True
+        else:
+            raise ValueError(f"unknown RetinaFace variant {variant!r}; use resnet50 or mobilenet0.25")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        net.load_state_dict(state)
+        self.weights_sha256 = sha256_of(Path(file))
+        self.net = net.to(device).eval()
+        self.name = f"retinaface-{variant}"
+        self.half = device.startswith("cuda")
+        if self.half:
+            self.net = self.net.half()
+
+    def _tensor(self, resized: list[np.ndarray], height: int, width: int):
+        import torch
+
+        batch = np.zeros((len(resized), height, width, 3), np.float32)
+        for i, img in enumerate(resized):
+            h, w = img.shape[:2]
+            if self.variant == "resnet50":
+                batch[i, :h, :w] = (img / 255.0 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+            else:
+                batch[i, :h, :w] = img[..., ::-1] - (104.0, 117.0, 123.0)
+        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
+        return tensor.half() if self.half else tensor
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
+        """All confident faces of each photo, in that photo's pixels."""
+        import torch
+        from retinaface.box_utils import decode, decode_landm
+        from retinaface.prior_box import priorbox
+        from torchvision.ops import nms
+
+        if not images:
+            return []
+        scales, resized = [], []
+        for rgb in images:
+            h, w = rgb.shape[:2]
+            s = min(1.0, self.max_side / max(h, w))
+            scales.append(s)
+            resized.append(cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))),
+                                      interpolation=cv2.INTER_AREA) if s < 1 else rgb)
+        # A common size, a multiple of the largest stride, so that every photo shares the priors.
+        height = int(np.ceil(max(r.shape[0] for r in resized) / 32) * 32)
+        width = int(np.ceil(max(r.shape[1] for r in resized) / 32) * 32)
+        with torch.inference_mode():
+            loc, conf, land = self.net(self._tensor(resized, height, width))
+        loc, conf, land = loc.float(), conf.float(), land.float()
+        if not self.softmax_in_net:
+            conf = torch.softmax(conf, dim=-1)
+        priors = priorbox(min_sizes=[[16, 32], [64, 128], [256, 512]], steps=[8, 16, 32], clip=False,
+                          image_size=(height, width)).to(loc.device)
+        size = torch.tensor([width, height], dtype=torch.float32, device=loc.device)
+        out = []
+        for i, s in enumerate(scales):
+            scores = conf[i, :, 1]
+            keep = scores > self.min_confidence
+            if not keep.any():
+                out.append([])
+                continue
+            boxes = decode(loc[i][keep], priors[keep], [0.1, 0.2]) * size.repeat(2)
+            points = decode_landm(land[i][keep], priors[keep], [0.1, 0.2]) * size.repeat(5)
+            kept = nms(boxes, scores[keep], NMS_IOU)
+            faces = []
+            for j in kept.tolist():
+                b = (boxes[j] / s).tolist()
+                p = (points[j] / s).view(5, 2).tolist()
+                faces.append(DetectedFace(tuple(b), float(scores[keep][j]), tuple(map(tuple, p))))
+            out.append(faces)
+        return out
+
+    def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
+        return self.detect_batch([rgb])[0]
+
+    def close(self) -> None:
+        self.net = None
+
+
+def retinaface_variant() -> str | None:
+    """The best RetinaFace whose weights are present: ``resnet50``, ``mobilenet0.25`` or None."""
+    if locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) is not None:
+        return "resnet50"
+    if locate(WEIGHTS_BY_KEY["retinaface_mobilenet"]) is not None:
+        return "mobilenet0.25"
+    return None

@@ -1,48 +1,170 @@
-"""Photo -> main face -> landmarks -> aligned canvas -> region crops.
+"""Photo -> main face -> landmarks -> quality gate -> aligned canvas -> region crops and measurements.
 
 The worker runs the two halves as separate queue stages (``detect`` and ``align``);
-training and the CLI call :meth:`Preprocessor.run` for both at once.
+training, the CLI and benchmarks call :meth:`Preprocessor.run` / :meth:`Preprocessor.run_batch`.
+
+Rotation: detection runs on the photo as it is; when nothing is found it tries the photo
+turned by 90, -90 and 180 degrees. Once a face is found, the photo is turned so that the
+detector's two eye points are level and the face is detected again (up to
+``LEVEL_PASSES`` times), so the landmark model always sees an upright face. The face's
+box is kept in that turned frame together with its angle; landmarks are mapped back to
+the photo's own pixels, and the alignment warps the photo itself, so a photo turned by 90
+degrees yields the same crops as the upright one.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from shared.ml.alignment import CANVAS, Alignment, estimate_alignment, warp
-from shared.ml.detection import DetectedFace, MediaPipeDetector, choose_main_face
+from shared.ml.detection import (
+    DetectedFace,
+    MediaPipeDetector,
+    RetinaFaceDetector,
+    choose_main_face,
+    retinaface_variant,
+)
 from shared.ml.imaging import ImageRejected
-from shared.ml.landmarks import MediaPipeMesh, five_points
+from shared.ml.landmarks import FANLandmarks, MediaPipeMesh, five_points
+from shared.ml.measurements import measure
+from shared.ml.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
 from shared.ml.regions import DEFAULT_REGIONS, crop_regions
+from shared.ml.weights import WEIGHTS_BY_KEY, WeightsMissing, locate, require
+
+logger = logging.getLogger(__name__)
 
 NO_FACE = "no face was found in the photo; upload a frontal photo of the face"
 NO_LANDMARKS = "the face could not be measured (landmarks not found); upload a sharper, frontal photo"
 
+# Eyes tilted by more than this many degrees are levelled before landmarks run.
+LEVEL_TOLERANCE = 12.0
+LEVEL_PASSES = 2
+# Turns tried, in this order, when the upright photo shows no face.
+FALLBACK_TURNS = (90.0, -90.0, 180.0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The photo turned by ``angle`` degrees (counter-clockwise as displayed) on a canvas that holds it all."""
+
+    angle: float
+    matrix: np.ndarray  # 2 x 3, photo pixels -> frame pixels
+    size: tuple[int, int]  # width, height of the frame
+
+    @classmethod
+    def turned(cls, shape: tuple[int, ...], angle: float) -> Frame:
+        h, w = shape[:2]
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        cos, sin = abs(m[0, 0]), abs(m[0, 1])
+        fw, fh = int(round(h * sin + w * cos)), int(round(h * cos + w * sin))
+        m[0, 2] += fw / 2 - w / 2
+        m[1, 2] += fh / 2 - h / 2
+        return cls(float(angle), m, (fw, fh))
+
+    def image(self, rgb: np.ndarray) -> np.ndarray:
+        if self.angle == 0:
+            return rgb
+        return cv2.warpAffine(rgb, self.matrix, self.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+    def to_frame(self, points: np.ndarray) -> np.ndarray:
+        return np.asarray(points, np.float64) @ self.matrix[:, :2].T + self.matrix[:, 2]
+
+    def to_photo(self, points: np.ndarray) -> np.ndarray:
+        return np.asarray(points, np.float64) @ cv2.invertAffineTransform(self.matrix)[:, :2].T \
+            + cv2.invertAffineTransform(self.matrix)[:, 2]
+
+
+@dataclass
+class Detection:
+    face: DetectedFace  # box and points in the turned frame
+    faces_found: int
+    rotation: float  # degrees; the frame in which ``face`` was found
+
 
 @dataclass
 class AlignedFace:
-    landmarks: np.ndarray  # 468 x 2, image pixels
+    landmarks: np.ndarray  # 68 x 2, photo pixels
     alignment: Alignment
     aligned_rgb: np.ndarray  # CANVAS x CANVAS x 3
     crops: dict[str, np.ndarray]  # region -> 100 x 100 uint8
+    quality: dict[str, float]
+    measurements: dict[str, float]
 
 
 @dataclass
 class Preprocessed:
-    face: DetectedFace
-    faces_found: int
+    detection: Detection
     aligned: AlignedFace
+
+    @property
+    def face(self) -> DetectedFace:
+        return self.detection.face
+
+    @property
+    def faces_found(self) -> int:
+        return self.detection.faces_found
+
+
+def resolve_backends(detector: str = "auto", landmarker: str = "auto") -> tuple[str, str]:
+    """``auto`` becomes the production backend when its weights are present, else the offline one."""
+    if detector == "auto":
+        detector = "retinaface" if locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) else "mediapipe"
+    if landmarker == "auto":
+        landmarker = "fan" if locate(WEIGHTS_BY_KEY["fan"]) else "mediapipe"
+    if detector not in ("retinaface", "mediapipe"):
+        raise ValueError(f"unknown detector backend {detector!r}; use auto, retinaface or mediapipe")
+    if landmarker not in ("fan", "mediapipe"):
+        raise ValueError(f"unknown landmark backend {landmarker!r}; use auto, fan or mediapipe")
+    return detector, landmarker
+
+
+def check_backends(settings) -> str:
+    """The backends a worker will use, after checking that their weights are present (and verified).
+
+    Raises:
+        WeightsMissing: with one line naming the missing file and where to put it.
+        ValueError: for an unknown backend name.
+    """
+    detector, landmarker = resolve_backends(settings.detector_backend, settings.landmark_backend)
+    if detector == "retinaface" and retinaface_variant() is None:
+        require(WEIGHTS_BY_KEY["retinaface_resnet50"])
+    if detector == "retinaface":
+        key = "retinaface_resnet50" if retinaface_variant() == "resnet50" else "retinaface_mobilenet"
+        require(WEIGHTS_BY_KEY[key], settings.weights_verify)
+        detector = f"retinaface ({retinaface_variant()})"
+    if landmarker == "fan":
+        require(WEIGHTS_BY_KEY["fan"], settings.weights_verify)
+    return f"detector={detector} landmarks={landmarker}"
 
 
 class Preprocessor:
     """Holds the detector and landmark models of one process."""
 
-    def __init__(self, min_confidence: float = 0.5, regions: tuple[str, ...] = DEFAULT_REGIONS):
+    def __init__(self, min_confidence: float = 0.5, regions: tuple[str, ...] = DEFAULT_REGIONS,
+                 detector: str = "mediapipe", landmarker: str = "mediapipe", device: str = "cpu",
+                 verify_weights: bool = True):
+        detector, landmarker = resolve_backends(detector, landmarker)
         self.min_confidence = min_confidence
-        self.regions = regions
-        self.detector = MediaPipeDetector(min_confidence)
-        self.mesh = MediaPipeMesh()
+        self.regions = tuple(regions)
+        if detector == "retinaface":
+            variant = retinaface_variant()
+            if variant is None:  # one clear line naming the production file
+                require(WEIGHTS_BY_KEY["retinaface_resnet50"])
+                raise WeightsMissing("RetinaFace weights are missing")
+            self.detector = RetinaFaceDetector(variant, min_confidence, device, verify=verify_weights)
+        else:
+            self.detector = MediaPipeDetector(min_confidence)
+        self.mesh = FANLandmarks(device, verify=verify_weights) if landmarker == "fan" else MediaPipeMesh()
+
+    @classmethod
+    def from_settings(cls, settings, regions: tuple[str, ...] = DEFAULT_REGIONS) -> Preprocessor:
+        from shared.ml.gestalt import resolve_device
+
+        return cls(settings.min_face_confidence, regions, settings.detector_backend, settings.landmark_backend,
+                   str(resolve_device(settings.device)), settings.weights_verify)
 
     @property
     def detector_name(self) -> str:
@@ -52,32 +174,142 @@ class Preprocessor:
     def landmarker_name(self) -> str:
         return self.mesh.name
 
-    def detect(self, rgb: np.ndarray) -> tuple[DetectedFace, int]:
-        """The main face and how many confident faces were found.
+    @property
+    def provenance(self) -> dict[str, str]:
+        """The backends and the sha256 of the weights that produced a face."""
+        return {"detector": self.detector.name, "detector_sha256": self.detector.weights_sha256,
+                "landmarker": self.mesh.name, "landmarker_sha256": self.mesh.weights_sha256}
+
+    # --- detection -------------------------------------------------------------------------
+
+    def _confident(self, faces: list[DetectedFace]) -> int:
+        return sum(f.score >= self.min_confidence for f in faces)
+
+    def _levelled(self, rgb: np.ndarray, frame: Frame, faces: list[DetectedFace],
+                  main: DetectedFace) -> tuple[Frame, list[DetectedFace], DetectedFace]:
+        """Turn the photo until the main face's eyes are level (see the module doc)."""
+        for _ in range(LEVEL_PASSES):
+            tilt = main.eye_angle
+            if tilt is None or abs(tilt) <= LEVEL_TOLERANCE:
+                break
+            x0, y0, x1, y1 = main.box
+            centre = frame.to_photo(np.array([[(x0 + x1) / 2, (y0 + y1) / 2]]))
+            turned = Frame.turned(rgb.shape, frame.angle + tilt)
+            again = [f for f in self.detector.detect(turned.image(rgb)) if f.score >= self.min_confidence]
+            if not again:
+                break
+            cx, cy = turned.to_frame(centre)[0]
+
+            def distance(f: DetectedFace, cx: float = cx, cy: float = cy) -> float:
+                return float(np.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy))
+
+            nearest = min(again, key=distance)
+            if distance(nearest) > max(x1 - x0, y1 - y0):
+                break  # not the same face
+            frame, faces, main = turned, again, nearest
+        return frame, faces, main
+
+    def _level(self, rgb: np.ndarray, faces: list[DetectedFace], angle: float) -> Detection:
+        if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
+            raise ImageRejected(IMAGE_TOO_SMALL)
+        frame = Frame.turned(rgb.shape, angle)
+        main = choose_main_face(faces, self.min_confidence, frame.size[::-1])
+        if main is not None:
+            frame, faces, main = self._levelled(rgb, frame, faces, main)
+            return Detection(main, self._confident(faces), frame.angle)
+        for turn in FALLBACK_TURNS:
+            frame = Frame.turned(rgb.shape, turn)
+            faces = self.detector.detect(frame.image(rgb))
+            main = choose_main_face(faces, self.min_confidence, frame.size[::-1])
+            if main is None:
+                continue
+            frame, faces, main = self._levelled(rgb, frame, faces, main)
+            # Turned photos raise the detector's false alarms (textures read as faces upside down):
+            # a face found only after turning must also be confirmed by the landmark model.
+            if self.mesh.landmarks(frame.image(rgb), main.box) is not None:
+                return Detection(main, self._confident(faces), frame.angle)
+        raise ImageRejected(NO_FACE)
+
+    def detect(self, rgb: np.ndarray) -> Detection:
+        """The main face, how many confident faces were found, and the frame it was found in.
 
         Raises:
-            ImageRejected: when there is no confident face.
+            ImageRejected: when the photo is too small or has no confident face.
         """
-        faces = self.detector.detect(rgb)
-        main = choose_main_face(faces, self.min_confidence)
-        if main is None:
-            raise ImageRejected(NO_FACE)
-        return main, sum(f.score >= self.min_confidence for f in faces)
+        return self._level(rgb, self.detector.detect(rgb), 0.0)
 
-    def align(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> AlignedFace:
-        """Landmarks, alignment to the template and the region crops of the face in ``box``."""
-        landmarks = self.mesh.landmarks(rgb, box)
+    def detect_batch(self, images: list[np.ndarray]) -> list[Detection | ImageRejected]:
+        """:meth:`detect` for many photos; the first pass runs as one batch on batched backends."""
+        out: list[Detection | ImageRejected] = []
+        for rgb, faces in zip(images, self.detector.detect_batch(images), strict=True):
+            try:
+                out.append(self._level(rgb, faces, 0.0))
+            except ImageRejected as exc:
+                out.append(exc)
+        return out
+
+    # --- landmarks, gate, alignment ---------------------------------------------------------
+
+    def _finish(self, rgb: np.ndarray, landmarks: np.ndarray | None) -> AlignedFace:
         if landmarks is None:
             raise ImageRejected(NO_LANDMARKS)
-        alignment = estimate_alignment(five_points(landmarks))
+        points = five_points(landmarks)
+        try:
+            alignment = estimate_alignment(points)
+        except ValueError as exc:
+            raise ImageRejected(NO_LANDMARKS) from exc
         aligned_rgb = warp(rgb, alignment, CANVAS)
         gray = cv2.cvtColor(aligned_rgb, cv2.COLOR_RGB2GRAY)
+        on_canvas = alignment.apply(landmarks)
+        quality = assess(gray, on_canvas, float(np.hypot(*(points[1] - points[0]))))
+        reason = rejection(quality)
+        if reason:
+            raise ImageRejected(reason)
         return AlignedFace(landmarks=landmarks, alignment=alignment, aligned_rgb=aligned_rgb,
-                           crops=crop_regions(gray, self.regions))
+                           crops=crop_regions(gray, self.regions), quality=quality, measurements=measure(on_canvas))
+
+    def align(self, rgb: np.ndarray, box: tuple[float, float, float, float], rotation: float = 0.0) -> AlignedFace:
+        """Landmarks, the quality gate, alignment, crops and measurements of the face in ``box``.
+
+        Args:
+            box: the face's box in the frame turned by ``rotation`` degrees (see :class:`Frame`).
+
+        Raises:
+            ImageRejected: when landmarks are not found or the face fails the quality gate.
+        """
+        result = self.align_batch([rgb], [box], [rotation])[0]
+        if isinstance(result, ImageRejected):
+            raise result
+        return result
+
+    def align_batch(self, images: list[np.ndarray], boxes: list[tuple],
+                    rotations: list[float]) -> list[AlignedFace | ImageRejected]:
+        """:meth:`align` for many photos; landmarks run as one batch on batched backends."""
+        frames = [Frame.turned(rgb.shape, r) for rgb, r in zip(images, rotations, strict=True)]
+        found = self.mesh.landmarks_batch([f.image(rgb) for f, rgb in zip(frames, images, strict=True)],
+                                          [tuple(b) for b in boxes])
+        out: list[AlignedFace | ImageRejected] = []
+        for rgb, frame, lm in zip(images, frames, found, strict=True):
+            try:
+                out.append(self._finish(rgb, None if lm is None else frame.to_photo(lm)))
+            except ImageRejected as exc:
+                out.append(exc)
+        return out
 
     def run(self, rgb: np.ndarray) -> Preprocessed:
-        face, found = self.detect(rgb)
-        return Preprocessed(face=face, faces_found=found, aligned=self.align(rgb, face.box))
+        detection = self.detect(rgb)
+        return Preprocessed(detection, self.align(rgb, detection.face.box, detection.rotation))
+
+    def run_batch(self, images: list[np.ndarray]) -> list[Preprocessed | ImageRejected]:
+        """Detection and landmarks each run once over the whole list on batched backends."""
+        detections = self.detect_batch(images)
+        ok = [i for i, d in enumerate(detections) if isinstance(d, Detection)]
+        aligned = self.align_batch([images[i] for i in ok], [detections[i].face.box for i in ok],
+                                   [detections[i].rotation for i in ok])
+        out: list[Preprocessed | ImageRejected] = list(detections)
+        for i, a in zip(ok, aligned, strict=True):
+            out[i] = a if isinstance(a, ImageRejected) else Preprocessed(detections[i], a)
+        return out
 
     def close(self) -> None:
         self.detector.close()

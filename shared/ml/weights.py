@@ -6,6 +6,7 @@ network exists (a Docker build, an admin's machine) and checks their sha256.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class WeightFile:
+    key: str  # how code asks for it
     name: str  # what uses it
     filename: str
     url: str
@@ -29,15 +31,18 @@ class WeightFile:
 
 
 WEIGHTS = (
-    WeightFile("retinaface-resnet50 (retinaface-pytorch)", "retinaface_resnet50_2020-07-20-f168fae3c.zip",
+    WeightFile("retinaface_resnet50", "retinaface-resnet50 (retinaface-pytorch)",
+               "retinaface_resnet50_2020-07-20-f168fae3c.zip",
                "https://github.com/ternaus/retinaface/releases/download/0.01/"
                "retinaface_resnet50_2020-07-20-f168fae3c.zip", "f168fae3c"),
-    WeightFile("2D-FAN-4 landmarks (face-alignment)", "2DFAN4-11f355bf06.pth.tar",
+    WeightFile("fan", "2D-FAN-4 landmarks (face-alignment)", "2DFAN4-11f355bf06.pth.tar",
                "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar", "11f355bf06"),
-    WeightFile("retinaface-mobilenet0.25 (face-alignment)", "retinaface_mobilenet0.25.pth",
+    WeightFile("retinaface_mobilenet", "retinaface-mobilenet0.25 (face-alignment)", "retinaface_mobilenet0.25.pth",
                "https://www.adrianbulat.com/downloads/python-fan/retinaface_mobilenet0.25.pth",
                "38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0"),
 )
+
+WEIGHTS_BY_KEY = {w.key: w for w in WEIGHTS}
 
 
 class WeightsMissing(FileNotFoundError):
@@ -70,13 +75,18 @@ def locate(weight: WeightFile) -> Path | None:
     return None
 
 
-def require(weight: WeightFile) -> Path:
-    """The verified path of a weight file, or :class:`WeightsMissing` with one clear line."""
+def require(weight: WeightFile, verify: bool = True) -> Path:
+    """The verified path of a weight file, or :class:`WeightsMissing` with one clear line.
+
+    ``verify=False`` skips the hash check (development with locally trained or random weights).
+    """
     path = locate(weight)
     if path is None:
         raise WeightsMissing(f"{weight.name}: {weight.filename} not found in "
                              f"{', '.join(str(d) for d in search_dirs())}; run `gestalt weights fetch` where a "
                              f"network exists, or copy it from {weight.url}")
+    if not verify:
+        return path
     digest = sha256_of(path)
     if not weight.matches(digest):
         raise WeightsMissing(f"{weight.name}: {path} has sha256 {digest[:16]}..., expected {weight.sha256[:16]}...")
@@ -133,3 +143,13 @@ def fetch(target: Path, only: str | None = None) -> list[Path]:
         shutil.move(tmp_path, dest)
         done.append(dest)
     return done
+
+
+@functools.cache
+def mediapipe_model_sha(stem: str) -> str:
+    """sha256 of a model file bundled in the mediapipe wheel (e.g. ``face_landmark``), for provenance."""
+    import mediapipe
+
+    root = Path(mediapipe.__file__).parent / "modules"
+    files = sorted(root.rglob(f"{stem}*.tflite"))
+    return sha256_of(files[0]) if files else "unknown"

@@ -86,13 +86,20 @@ class Face(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
-    box: Mapped[list] = mapped_column(JSONB)  # [x0, y0, x1, y1] in image pixels
+    box: Mapped[list] = mapped_column(JSONB)  # [x0, y0, x1, y1] in the photo turned by ``rotation``
     confidence: Mapped[float] = mapped_column(Float)
     faces_found: Mapped[int] = mapped_column(Integer, default=1)
     detector: Mapped[str] = mapped_column(String(64))
     landmarker: Mapped[str | None] = mapped_column(String(64))
-    landmarks: Mapped[list | None] = mapped_column(JSONB)  # [[x, y], ...] in image pixels
+    # sha256 of the weight files behind ``detector`` and ``landmarker``: {"detector": ..., "landmarker": ...}
+    weights: Mapped[dict] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
+    # Degrees the photo was turned (counter-clockwise) for ``box``: 0 for an upright face.
+    rotation: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    landmarks: Mapped[list | None] = mapped_column(JSONB)  # 68 x [x, y] in image pixels
     transform: Mapped[list | None] = mapped_column(JSONB)  # 2x3 image -> aligned canvas
+    # The quality gate's figures (shared.ml.quality) and facial measurements (shared.ml.measurements).
+    quality: Mapped[dict | None] = mapped_column(JSONB)
+    measurements: Mapped[dict | None] = mapped_column(JSONB)
     aligned_key: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = created_at_column()
 
