@@ -68,6 +68,11 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
     assert image["status"] == "done", image
     result = image["result"]
     assert result["model_version"]["name"] == "smoke-model"
+    face = image["face"]
+    assert len(face["landmarks"]) == 68 and face["rotation"] == 0
+    assert 28 < face["measurements"]["canthal_index"] < 45 and face["quality"]["sharpness"] > 8
+    report = portal.http.get(f"{web_server}/cases/{case_id}/report")
+    assert report.status_code == 200 and "canthal index" in report.text
     assert [r["name"] for r in result["ranking"]] in (["variant_a", "variant_b"], ["variant_b", "variant_a"])
     assert sum(r["score"] for r in result["ranking"]) == pytest.approx(1.0, abs=1e-4)
     assert result["ranking"][0]["score"] >= result["ranking"][1]["score"]

@@ -27,7 +27,9 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
         m = np.asarray(face.transform)
         canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
         out["face"] = {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": CANVAS,
-                       "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found}
+                       "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
+                       "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
+                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
     result = db.scalars(select(Result).where(Result.image_id == image.id)
                         .order_by(Result.created_at.desc(), Result.id.desc())).first()
     if result is not None:

@@ -120,6 +120,30 @@
     toggle.addEventListener("click", () => svg.classList.toggle("hidden"));
     box.append(img, svg, el("figcaption", {}, face.faces_found > 1 ? face.faces_found + " faces found; the largest is analysed" : "aligned face"), toggle);
     card.append(box);
+    if (face.measurements) card.append(renderMeasurements(face));
+  }
+
+  // Labels and formats of the facial measurements (definitions: docs/preprocessing.md).
+  const MEASUREMENTS = [
+    ["canthal_index", "Canthal index (inner / outer canthal distance x 100)", 1],
+    ["palpebral_fissure_length", "Palpebral fissure length / face width", 3],
+    ["palpebral_fissure_slant", "Palpebral fissure slant (degrees, + up)", 1],
+    ["interpupillary_distance", "Interpupillary distance / face width", 3],
+    ["mouth_width", "Mouth width / face width", 3],
+    ["philtrum_length", "Philtrum length / face width", 3],
+    ["face_height_width", "Face height (nasion-menton) / width", 3],
+  ];
+
+  function renderMeasurements(face) {
+    const table = el("table", { class: "scores measurements" });
+    table.append(el("caption", {}, "Facial measurements" + (face.rotation ? " (photo turned " + face.rotation + "°)" : "")));
+    MEASUREMENTS.forEach(([key, label, digits]) => {
+      if (face.measurements[key] === undefined) return;
+      const tr = el("tr", { "data-measurement": key });
+      tr.append(el("th", {}, label), el("td", {}, face.measurements[key].toFixed(digits)));
+      table.append(tr);
+    });
+    return table;
   }
 
   function renderCaseResult(payload) {
