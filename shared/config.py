@@ -90,6 +90,13 @@ class Settings:
     torch_threads: int = field(default_factory=lambda: _int("GESTALT_TORCH_THREADS", 0))
     # Device for inference and training: "cpu", "cuda" or "auto".
     device: str = field(default_factory=lambda: _str("GESTALT_DEVICE", "auto"))
+    # Compile the inference model with torch.compile when a worker loads it (slower first photo, faster after).
+    infer_compile: bool = field(default_factory=lambda: _bool("GESTALT_INFER_COMPILE", False))
+    # Test-time augmentation: average each region's softmax over the crop and its horizontal flip.
+    infer_flip_tta: bool = field(default_factory=lambda: _bool("GESTALT_INFER_FLIP_TTA", False))
+    # Inference precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16" (also on CPUs with
+    # AVX512-BF16/AMX, several times faster there; scores move in the third decimal).
+    infer_precision: str = field(default_factory=lambda: _str("GESTALT_INFER_PRECISION", "auto"))
     # Celery worker processes per worker in the embedded stack.
     worker_concurrency: int = field(default_factory=lambda: _int("GESTALT_WORKER_CONCURRENCY", 2))
     # Seconds between two sweeps (re-queue lost images, score images waiting for a model).

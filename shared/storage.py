@@ -40,6 +40,21 @@ def aligned_key(sha256: str) -> str:
     return f"aligned/{sha256[:2]}/{sha256}.png"
 
 
+# Part of every heatmap key: raise it when the rendering changes, so cached overlays are redrawn.
+HEATMAP_RENDER = "v1"
+
+
+def heatmap_prefix(sha256: str) -> str:
+    """Where the saliency overlays of one stored original live (beside its crops)."""
+    return f"crops/{sha256[:2]}/{sha256}/heatmaps/"
+
+
+def heatmap_key(sha256: str, model_sha256: str, syndrome_id: int, region: str) -> str:
+    """A saliency overlay of a stored original for one model (its checkpoint hash), syndrome and region.
+    Kept beside the original's crops, so case deletion and the orphan collector remove it with them."""
+    return f"{heatmap_prefix(sha256)}{HEATMAP_RENDER}-{model_sha256[:12]}-{syndrome_id}-{region}.png"
+
+
 def checkpoint_key(name: str, sha256: str) -> str:
     return f"models/{name}-{sha256[:12]}.pt"
 

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -88,15 +89,31 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     page.screenshot(path=str(SHOTS / "04-uploading.png"), full_page=True)
     expect(page.locator("h2 .status-done")).to_have_count(2, timeout=120_000)
     page.screenshot(path=str(SHOTS / "05-results.png"), full_page=True)
-    assert page.locator("table.scores").count() == 3  # two photos and the case ranking
+    assert page.locator("#images table.scores:not(.measurements)").count() == 3  # two photos and the case ranking
     assert page.locator("#case-result >> text=Case ranking (mean of 2 photos)").count() == 1
     assert page.locator("figure.face img").count() == 2
-    assert page.locator("figure.face svg.landmarks circle").count() == 2 * 468
+    assert page.locator("figure.face svg.landmarks circle").count() == 2 * 68  # 68 landmarks per face
     assert page.evaluate("() => document.querySelector('figure.face img').naturalWidth") == 200
-    assert page.locator("table.scores >> text=Syndrome A").count() == 3
+    assert page.locator("#images table.scores:not(.measurements) >> text=Syndrome A").count() == 3
     assert page.locator("table.scores th >> text=full_face").count() == 2  # per-region columns per photo
 
-    page.select_option("select[name=syndrome]", label="Syndrome A")
+    # Clicking a syndrome in a photo's ranking opens its saliency heatmap over the aligned face.
+    page.locator("article.image .result table.scores td:nth-child(2)", has_text="Syndrome B").first.click()
+    dialog = page.locator("#heatmap-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#heatmap-title")).to_have_text("Heatmap: Syndrome B")
+    expect(page.locator("#heatmap-status")).to_have_text("All regions · Syndrome B", timeout=60_000)
+    assert page.evaluate("() => document.getElementById('heatmap-img').naturalWidth") == 200
+    assert "syndrome=Syndrome+B" in page.locator("#heatmap-img").get_attribute("src")
+    page.screenshot(path=str(SHOTS / "05b-heatmap.png"))
+    page.select_option("#heatmap-region", "upper_half")
+    expect(page.locator("#heatmap-status")).to_have_text("upper_half · Syndrome B", timeout=60_000)
+    assert "region=upper_half" in page.locator("#heatmap-img").get_attribute("src")
+    page.screenshot(path=str(SHOTS / "05c-heatmap-region.png"))
+    page.click("#heatmap-close")
+    expect(dialog).to_be_hidden()
+
+    page.fill("input[name=syndrome]", "Syndrome A")  # a catalogue name (the field also autocompletes)
     page.select_option("select[name=kind]", "molecular")
     page.fill("input[name=gene]", "NIPBL")
     page.check("input[name=consent]")
@@ -125,7 +142,65 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     admin.screenshot(path=str(SHOTS / "09-admin-models.png"), full_page=True)
     admin.click("header >> text=Audit log")
     assert admin.locator("td >> text=report_export").count() >= 1
+    assert admin.locator("td >> text=heatmap_view").count() >= 2
     admin.screenshot(path=str(SHOTS / "10-admin-audit.png"), full_page=True)
     # Nothing is wider than a 1024 px tablet.
     for p in (page, admin):
         assert p.evaluate("() => document.documentElement.scrollWidth") <= 1024
+
+
+def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, web_server, browser):
+    """The admin's two buttons: Retry on a failed photo (queues page), Activate on a model version (models page)."""
+    import torch
+    from sqlalchemy import update
+
+    from shared.db import session_scope
+    from shared.ml import registry
+    from shared.ml.gestalt import RegionalEnsemble
+    from shared.models import Image as ImageRow
+    from shared.storage import get_storage
+    from tests.conftest import Portal
+    from worker import pipeline
+
+    clinician = Portal(web_server, new_user())
+    case_id = clinician.create_case("PT-RETRY")
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    image_id = clinician.upload(case_id, [("retry.jpg", jpeg.tobytes())]).json()["images"][0]["id"]
+    settled = ("done", "awaiting_model", "rejected", "failed")
+    assert clinician.wait(case_id, timeout=120, settled=settled)["images"][0]["status"] in ("done", "awaiting_model")
+    # What a worker leaves when the infer stage ran out of retries.
+    with session_scope() as s:
+        s.execute(update(ImageRow).where(ImageRow.id == image_id).values(status="scoring"))
+    pipeline.mark_failed(image_id, "infer: gave up after 5 retries (ConnectionError)")
+
+    admin = browser.new_page(viewport={"width": 1024, "height": 800})
+    _login(admin, web_server, new_user("admin"))
+    admin.click("header >> text=Queues")
+    row = admin.locator("#failed tr", has_text="gave up after 5 retries").filter(has_text=str(case_id))
+    expect(row).to_have_count(1)
+    admin.screenshot(path=str(SHOTS / "11-admin-failed.png"), full_page=True)
+    row.locator("button", has_text="Retry").click()
+    expect(admin.locator(".flash", has_text=f"Photo {image_id} queued again.")).to_be_visible()
+    expect(admin.locator("#failed tr", has_text="gave up after 5 retries").filter(has_text=str(case_id))) \
+        .to_have_count(0)
+    admin.screenshot(path=str(SHOTS / "12-admin-retried.png"), full_page=True)
+    assert clinician.wait(case_id, timeout=120, settled=settled)["images"][0]["status"] in ("done", "awaiting_model")
+
+    torch.manual_seed(0)
+    with session_scope() as s:
+        before = registry.active_version(s)
+        model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 2, width=0.125)
+        registry.register_model(s, get_storage(), model, ["Syndrome A", "Syndrome B"], {}, name="browser-candidate")
+    admin.click("header >> text=Models")
+    candidate = admin.locator("#versions tbody tr", has_text="browser-candidate")
+    expect(candidate.locator("td").nth(1)).to_have_text("candidate")
+    candidate.locator("button", has_text="Activate").click()
+    expect(admin.locator(".flash", has_text="browser-candidate is now the active model.")).to_be_visible()
+    candidate = admin.locator("#versions tbody tr", has_text="browser-candidate")
+    expect(candidate.locator("td").nth(1)).to_have_text("active")
+    expect(candidate.locator("button", has_text="Activate")).to_have_count(0)
+    admin.screenshot(path=str(SHOTS / "13-admin-activated.png"), full_page=True)
+    with session_scope() as s:
+        assert registry.active_version(s).name == "browser-candidate"
+        if before is not None:  # leave the session's active model as it was
+            registry.activate(s, s.get(registry.ModelVersion, before.id))

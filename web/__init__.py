@@ -45,7 +45,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
     csrf.init_app(app)
-    from web import admin, api, auth, cases, db
+    from web import admin, api, auth, cases, db, heatmaps
 
     db.init_app(app)
     auth.init_app(app)
@@ -53,6 +53,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(cases.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(heatmaps.bp)
 
     @app.errorhandler(413)
     def too_large(_exc):

@@ -106,3 +106,15 @@ SPEC = {
         },
     },
 }
+
+# Saliency heatmaps (web/heatmaps.py).
+SPEC["paths"]["/cases/{case_id}/images/{image_id}/heatmap.png"] = {"get": {
+    "summary": "Grad-CAM heatmap of one syndrome over the aligned face (PNG), by the model that scored the photo",
+    "parameters": [_id("case_id"), _id("image_id"),
+                   {"name": "syndrome", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 255},
+                    "description": "Class index in the model's class list, or the syndrome's name as ranked",
+                    "example": "0"},
+                   {"name": "region", "in": "query", "schema": {"type": "string", "maxLength": 32, "default": "all"},
+                    "description": "`all` (every region combined) or one of the model's regions, e.g. `upper_half`"}],
+    "responses": {"200": {"description": "The overlay", "content": {"image/png": {"schema": {
+        "type": "string", "format": "binary"}}}}, "400": ERROR, "401": ERROR, "404": ERROR}}}

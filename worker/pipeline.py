@@ -51,7 +51,7 @@ def model_cache() -> ModelCache:
     global _models
     if _models is None:
         s = get_settings()
-        _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device)
+        _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device, compile=s.infer_compile)
     return _models
 
 
@@ -216,7 +216,8 @@ def infer(image_id: int | None) -> int | None:
         logger.info("image=%s state=realign missing=%s", image_id, ",".join(missing))
         return infer(align(image_id))
     stack = np.stack([decode_png_gray(storage.get(crops[r])) for r in loaded.regions])[None]
-    pred = predict(loaded.model, stack)
+    s = get_settings()
+    pred = predict(loaded.model, stack, flip_tta=s.infer_flip_tta, precision=s.infer_precision)
     write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[0],
                  pred.aggregate[0], loaded.backbone_sha, pred.features[0])
     return image_id

@@ -1,6 +1,7 @@
 """The regional ensemble: one CASIA-Net per region, region softmaxes averaged into a ranking."""
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ class RegionalEnsemble(nn.Module):
         self.width = width
         self.num_classes = num_classes
         self.nets = nn.ModuleDict({r: create_model(arch, num_classes, width=width) for r in self.regions})
+        # Inference layout and compiled forward, set by prepare_for_inference.
+        self.channels_last = False
+        self.compiled = None
 
     @property
     def config(self) -> dict:
@@ -31,9 +35,11 @@ class RegionalEnsemble(nn.Module):
         return torch.stack([self.nets[r](x[:, i]) for i, r in enumerate(self.regions)], dim=1)
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``N x R x C`` and pooled features ``N x R x F``: each region's net runs on all N crops at once."""
         logits, feats = [], []
         for i, r in enumerate(self.regions):
-            f = self.nets[r].forward_features(x[:, i])
+            xi = x[:, i].contiguous(memory_format=torch.channels_last) if self.channels_last else x[:, i]
+            f = self.nets[r].forward_features(xi)
             feats.append(f)
             logits.append(self.nets[r].forward_head(f))
         return torch.stack(logits, 1), torch.stack(feats, 1)
@@ -58,26 +64,74 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@torch.inference_mode()
-def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256) -> Prediction:
-    """Scores for many faces at once.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | None = None,
+                          channels_last: bool | None = None, compile: bool = False) -> RegionalEnsemble:
+    """Put ``model`` in eval mode on ``device``, in the memory layout and (optionally) compiled form
+    that :func:`predict` runs fastest.
 
     Args:
-        model: the ensemble, in eval mode, on its device.
+        device: where to run; None keeps the model where it is.
+        channels_last: NHWC convolutions; None means on (cuDNN's and oneDNN's fastest kernels take NHWC:
+            ``bench/inference.py`` measures 1.5-3x more crops/s on a CPU, at batch 1 as at 64).
+        compile: run ``forward_with_features`` through ``torch.compile`` (the first call of each batch
+            shape compiles, later calls reuse it).
+    """
+    model.eval()
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    if channels_last is None:
+        channels_last = True
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.channels_last = channels_last
+    model.compiled = torch.compile(model.forward_with_features, dynamic=False) if compile else None
+    return model
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, flip_tta: bool = False,
+            precision: str = "auto") -> Prediction:
+    """Scores for many faces at once: all regions of ``batch_size`` faces per step.
+
+    Args:
+        model: the ensemble, on its device (see :func:`prepare_for_inference`).
         crops: ``N x R x 100 x 100`` uint8, regions in ``model.regions`` order.
         batch_size: faces per forward pass.
+        flip_tta: average each region's softmax over the crop and its horizontal flip (the features
+            stay those of the crop as given, the ones region heads and the gallery are built on).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
     """
     device = next(model.parameters()).device
+    forward = getattr(model, "compiled", None) or model.forward_with_features
     probs, feats = [], []
     for start in range(0, len(crops), batch_size):
         x = crops_to_tensor(crops[start:start + batch_size]).to(device, non_blocking=True)
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits, f = model.forward_with_features(x)
-        else:
-            logits, f = model.forward_with_features(x)
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        n = len(x)
+        if flip_tta:  # one pass over crops and mirrors: twice the batch, one launch per layer
+            x = torch.cat([x, x.flip(-1)])
+        with _autocast(device, precision):
+            logits, f = forward(x)
+        p = torch.softmax(logits.float(), dim=-1)
+        if flip_tta:
+            p = (p[:n] + p[n:]) / 2
+            f = f[:n]
+        probs.append(p.cpu())
         feats.append(f.float().cpu())
+    if not probs:
+        c, r = model.num_classes, len(model.regions)
+        empty = np.zeros((0, r, c), np.float32)
+        return Prediction(empty, np.zeros((0, c), np.float32), np.zeros((0, r, 0), np.float32))
     region_probs = torch.cat(probs).numpy()
     return Prediction(region_probs=region_probs, aggregate=region_probs.mean(axis=1),
                       features=torch.cat(feats).numpy())
@@ -106,14 +160,13 @@ def save_checkpoint(model: RegionalEnsemble, class_names: list[str], metrics: di
     return buf.getvalue()
 
 
-def load_checkpoint(data: bytes, device: torch.device | str = "cpu") -> tuple[RegionalEnsemble, dict]:
+def load_checkpoint(data: bytes, device: torch.device | str = "cpu",
+                    compile: bool = False) -> tuple[RegionalEnsemble, dict]:
+    """The ensemble of a checkpoint, ready for :func:`predict` on ``device``, and the checkpoint dict."""
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
     cfg = state["config"]
     model = RegionalEnsemble(tuple(cfg["regions"]), cfg["num_classes"], state["arch"], cfg["width"])
     model.load_state_dict(state["state_dict"])
-    model.eval().to(device)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model, state
+    return prepare_for_inference(model, device, compile=compile), state

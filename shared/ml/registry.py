@@ -104,9 +104,14 @@ class ModelCache:
     a version is downloaded and loaded once, and replaced when another is activated.
     """
 
-    def __init__(self, check_seconds: float = 5.0, device: str = "auto"):
+    def __init__(self, check_seconds: float = 5.0, device: str = "auto", compile: bool = False):
+        """
+        Args:
+            compile: run the loaded model through ``torch.compile`` (see ``prepare_for_inference``).
+        """
         self.check_seconds = check_seconds
         self.device = resolve_device(device)
+        self.compile = compile
         self._loaded: LoadedModel | None = None
         self._active_id: int | None = None
         self._checked_at = 0.0
@@ -133,7 +138,7 @@ class ModelCache:
         data = storage.get(version.checkpoint_key)
         if sha256_hex(data) != version.checkpoint_sha256:
             raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
-        model, _ = load_checkpoint(data, self.device)
+        model, _ = load_checkpoint(data, self.device, compile=self.compile)
         logger.info("model=%s state=loaded id=%d device=%s", version.name, version.id, self.device)
         from shared.ml.heads import backbone_sha
 
