@@ -351,7 +351,19 @@ def tokens_revoke(token_id: int) -> None:
 @click.option("--width", type=float, default=1.0, show_default=True, help="CASIA-Net channel multiplier.")
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="Learning rate [default: 5e-3 with --init (SGD), 1e-3 from scratch (Adam)].")
+@click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Fine-tune a pretrained checkpoint (`gestalt pretrain`): new final layers, Xavier-normal at "
+                   "gain 0.3, SGD with momentum 0.9 and no weight decay.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
+              help="[default: sgd with --init, adam from scratch]")
+@click.option("--mode", type=click.Choice(["multiclass", "binary", "specialised"]), default="multiclass",
+              show_default=True, help="binary: --positive against all other labels; specialised: only --classes.")
+@click.option("--positive", default=None, help="Binary mode: the positive label.")
+@click.option("--classes", default=None, help="Specialised mode: comma-separated labels, e.g. genotypes of a syndrome.")
+@click.option("--select-topk", type=int, default=1, show_default=True,
+              help="Keep the epoch with the best validation top-k at this k.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of each label's subjects held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -361,35 +373,67 @@ def tokens_revoke(token_id: int) -> None:
 @click.option("--register/--no-register", default=True, help="Register the model version in the database.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the checkpoint to this file.")
-def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float, val_fraction: float, seed: int,
-          exclude: tuple[str, ...], name: str | None, activate: bool, register: bool, output: Path | None) -> None:
+def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
+          optimizer: str | None, mode: str, positive: str | None, classes: str | None, select_topk: int,
+          val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool, register: bool,
+          output: Path | None) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version."""
     from shared.ml.data import load_samples
     from shared.ml.gestalt import resolve_device
     from shared.ml.preprocess import Preprocessor
+    from shared.ml.registry import set_torch_threads
     from shared.ml.splits import subject_split
-    from shared.ml.training import TrainConfig, data_hash, prepare, train_ensemble
+    from shared.ml.training import (
+        FINETUNE_LR,
+        SCRATCH_LR,
+        TrainConfig,
+        data_hash,
+        load_pretrained,
+        prepare,
+        seed_everything,
+        select_task,
+        train_ensemble,
+    )
 
     settings = get_settings()
+    set_torch_threads(settings.torch_threads)
     samples = [s for s in load_samples(data_dir) if s.path.name not in set(exclude)]
-    class_names = sorted({s.label for s in samples})
+    try:
+        samples, class_names = select_task(samples, mode, positive,
+                                           [c.strip() for c in classes.split(",")] if classes else None)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     console.print(f"{len(samples)} images, {len(class_names)} labels, "
-                  f"{len({s.subject for s in samples})} subjects")
-    preprocessor = Preprocessor(min_confidence=settings.min_face_confidence)
+                  f"{len({s.subject for s in samples})} subjects ({mode})")
+    init = None
+    if init_path is not None:
+        seed_everything(seed)  # the new final layers' initial weights
+        try:
+            init = load_pretrained(init_path.read_bytes(), len(class_names))
+        except ValueError as exc:
+            raise click.ClickException(f"{init_path}: {exc}") from exc
+        width = init.width
+    # A fine-tuned model keeps the regions of its pretrained nets.
+    preprocessor = Preprocessor.from_settings(settings, init.regions) if init else Preprocessor.from_settings(settings)
     data = prepare(samples, class_names, preprocessor)
     for sample, reason in data.rejected:
         console.print(f"[yellow]skipped[/] {sample.path}: {reason}")
     train_idx, val_idx = subject_split(data.samples, val_fraction, seed)
-    cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size,
+                      lr=lr if lr is not None else (FINETUNE_LR if init else SCRATCH_LR),
+                      optimizer=optimizer or ("sgd" if init else "adam"), select_topk=select_topk, seed=seed,
                       device=str(resolve_device(settings.device)))
-    model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg)
+    model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init=init,
+                                    positive=0 if mode == "binary" else None)
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
+    metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,
+                       **({"positive": class_names[0]} if mode == "binary" else {})}
     _print_metrics(metrics)
     # What the model saw, so that evaluation can refuse leaked subjects and images.
     seen = [data.samples[i] for i in train_idx]
     extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
-             "holdout_subjects": sorted({data.samples[i].subject for i in val_idx})}
+             "holdout_subjects": sorted({data.samples[i].subject for i in val_idx}), "mode": mode}
     if output:
         from shared.ml.gestalt import save_checkpoint
 
@@ -397,6 +441,84 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float,
         console.print(f"checkpoint written to {output}")
     if register:
         _register(model, class_names, metrics, name, activate, extra, base_set=(data, val_idx))
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Identity-labelled photos, one folder per identity: DIR/<identity>/<image> (CASIA-WebFace "
+                   "layout), or a manifest CSV with the identity as the label.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("pretrained.pt"),
+              show_default=True, help="The checkpoint, rewritten after every epoch; an existing one is resumed.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="CASIA-Net channel multiplier.")
+@click.option("--epochs", type=int, default=40, show_default=True, help="Epochs of Adam.")
+@click.option("--sgd-epochs", type=int, default=10, show_default=True, help="Then epochs of SGD (momentum 0.9).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam's learning rate.")
+@click.option("--sgd-lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of each identity's images held out.")
+@click.option("--regions", default=None, help="Comma-separated regions [default: the model's four].")
+@click.option("--min-images", type=int, default=2, show_default=True,
+              help="Skip identities with fewer usable images.")
+@click.option("--augment/--no-augment", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs: int, lr: float, sgd_lr: float,
+             batch_size: int, val_fraction: float, regions: str | None, min_images: int, augment: bool,
+             seed: int) -> None:
+    """Pretrain the region nets on face identification, for `gestalt train --init`."""
+    from collections import Counter
+
+    import numpy as np
+
+    from shared.ml.data import load_samples
+    from shared.ml.gestalt import resolve_device
+    from shared.ml.preprocess import Preprocessor
+    from shared.ml.pretrain import PretrainConfig, summary_rows
+    from shared.ml.pretrain import pretrain as run_pretrain
+    from shared.ml.regions import DEFAULT_REGIONS, REGIONS
+    from shared.ml.registry import set_torch_threads
+    from shared.ml.training import PreparedData, prepare
+
+    settings = get_settings()
+    set_torch_threads(settings.torch_threads)
+    samples = load_samples(data_dir)
+    identities = sorted({s.label for s in samples})
+    console.print(f"{len(samples)} images, {len(identities)} identities")
+    wanted = tuple(r.strip() for r in regions.split(",")) if regions else DEFAULT_REGIONS
+    unknown = [r for r in wanted if r not in REGIONS]
+    if unknown:
+        raise click.ClickException(f"unknown region(s) {', '.join(unknown)}; known: {', '.join(REGIONS)}")
+    preprocessor = Preprocessor.from_settings(settings, wanted)
+    data = prepare(samples, identities, preprocessor)
+    for sample, reason in data.rejected:
+        console.print(f"[yellow]skipped[/] {sample.path}: {reason}")
+    counts = Counter(s.label for s in data.samples)
+    kept = sorted(label for label, n in counts.items() if n >= min_images)
+    if len(kept) < 2:
+        raise click.ClickException(f"fewer than two identities with {min_images} or more usable images")
+    if len(kept) < len(counts):
+        console.print(f"{len(counts) - len(kept)} identities with fewer than {min_images} usable images skipped")
+    index = {name: i for i, name in enumerate(kept)}
+    rows = [i for i, s in enumerate(data.samples) if s.label in index]
+    data = PreparedData(data.crops[rows], np.asarray([index[data.samples[i].label] for i in rows], np.int64),
+                        [data.samples[i] for i in rows])
+    cfg = PretrainConfig(width=width, epochs=epochs, sgd_epochs=sgd_epochs, batch_size=batch_size, lr=lr,
+                         sgd_lr=sgd_lr, val_fraction=val_fraction, augment=augment, seed=seed)
+    try:
+        _, metrics = run_pretrain(data, kept, preprocessor.regions, cfg, output,
+                                  device=str(resolve_device(settings.device)))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if metrics["resumed_from"]:
+        console.print(f"resumed from epoch {metrics['resumed_from']} of {cfg.total_epochs}")
+    table = Table(title=f"held-out identity accuracy ({metrics.get('validation', {}).get('n', 0)} images, "
+                        f"{len(kept)} identities)")
+    table.add_column("region")
+    table.add_column("top1", justify="right")
+    for region, top1 in summary_rows(metrics):
+        table.add_row(region, f"{top1:.3f}")
+    console.print(table)
+    console.print(f"pretrained checkpoint written to {output}")
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -411,6 +533,10 @@ def _print_metrics(metrics: dict) -> None:
     for region, row in [*val["regions"].items(), ("aggregate", val["aggregate"])]:
         table.add_row(region, *(f"{row[k]:.3f}" for k in ("top1", "top5", "top10")))
     console.print(table)
+    if "binary" in val:
+        b = val["binary"]
+        console.print(f"binary: sensitivity {b['sensitivity']:.3f} ({b['n_positive']} positive), "
+                      f"specificity {b['specificity']:.3f} ({b['n_negative']} negative)")
 
 
 def _register(model, class_names, metrics, name, activate: bool, extra: dict | None = None,

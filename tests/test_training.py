@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.ml.data import Sample, load_manifest, scan_folder
@@ -88,3 +89,61 @@ def test_holdout_by_hash_is_stable():
     held = [s for s in subjects if in_holdout(s, 0.2)]
     assert 300 < len(held) < 500
     assert held == [s for s in subjects if in_holdout(s, 0.2)]
+
+
+# ---------------------------------------------------------------------------- training modes and fine-tuning
+def _samples(labels: dict[str, int]) -> list[Sample]:
+    return [Sample(Path(f"{lab}/{i}.jpg"), lab, f"{lab}/{i}") for lab, n in labels.items() for i in range(n)]
+
+
+def test_select_task_modes():
+    from shared.ml.training import BINARY_NEGATIVE, select_task
+
+    samples = _samples({"a": 2, "b": 3, "c": 1})
+    same, classes = select_task(samples, "multiclass")
+    assert same == samples and classes == ["a", "b", "c"]
+    binary, classes = select_task(samples, "binary", positive="b")
+    assert classes == ["b", BINARY_NEGATIVE]
+    assert [s.label for s in binary] == [BINARY_NEGATIVE] * 2 + ["b"] * 3 + [BINARY_NEGATIVE]
+    assert [s.subject for s in binary] == [s.subject for s in samples]
+    special, classes = select_task(samples, "specialised", classes=["c", "a"])
+    assert classes == ["a", "c"] and [s.label for s in special] == ["a", "a", "c"]
+    with pytest.raises(ValueError, match="2 unknown class"):
+        select_task(samples, "specialised", classes=["a", "x", "y"])
+    with pytest.raises(ValueError, match="unknown positive label 'x'"):
+        select_task(samples, "binary", positive="x")
+    with pytest.raises(ValueError, match="needs a positive"):
+        select_task(samples, "binary")
+    with pytest.raises(ValueError, match="unknown mode"):
+        select_task(samples, "ordinal")
+
+
+def test_binary_summary():
+    from shared.ml.training import binary_summary
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
+    out = binary_summary(probs, np.array([0, 0, 1, 1, 1]), positive=0)
+    assert out["sensitivity"] == 0.5 and out["specificity"] == pytest.approx(2 / 3)
+    assert (out["n_positive"], out["n_negative"]) == (2, 3)
+
+
+def test_load_pretrained_replaces_the_final_layers():
+    import torch
+
+    from shared.ml.gestalt import RegionalEnsemble, save_checkpoint
+    from shared.ml.training import FINETUNE_HEAD_GAIN, load_pretrained
+
+    torch.manual_seed(0)
+    src = RegionalEnsemble(("full_face", "upper_half"), 200, width=0.5)
+    blob = save_checkpoint(src, [f"id{i}" for i in range(200)], {})
+    model = load_pretrained(blob, 7, ("upper_half",))
+    assert model.regions == ("upper_half",) and model.num_classes == 7 and model.width == 0.5
+    net, old = model.nets["upper_half"], src.nets["upper_half"]
+    assert torch.equal(net.features[0].weight, old.features[0].weight)  # the backbone is kept
+    fc = net.fc.weight.detach()
+    assert fc.shape == (7, old.num_features) and torch.count_nonzero(net.fc.bias) == 0
+    xavier_std = FINETUNE_HEAD_GAIN * (2 / (fc.shape[0] + fc.shape[1])) ** 0.5
+    assert fc.std().item() == pytest.approx(xavier_std, rel=0.2)
+    assert model(torch.zeros(2, 1, 1, 100, 100)).shape == (2, 1, 7)
+    with pytest.raises(ValueError, match="no net for region"):
+        load_pretrained(blob, 7, ("lower_half",))

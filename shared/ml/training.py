@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import random
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from shared.ml.data import Sample
 from shared.ml.evaluation import topk_hits
-from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, predict
+from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint, predict
 from shared.ml.imaging import ImageRejected, decode_upload
 from shared.ml.preprocess import Preprocessor
 
@@ -29,6 +30,7 @@ class PreparedData:
     samples: list[Sample]
     rejected: list[tuple[Sample, str]] = field(default_factory=list)
     aligned: np.ndarray | None = None  # N x 200 x 200 uint8 aligned grayscale faces (keep_aligned=True)
+    landmarks: np.ndarray | None = None  # N x L x 2 landmarks on the aligned canvas (keep_aligned=True)
 
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
@@ -43,7 +45,7 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
     unknown = sorted({s.label for s in samples} - set(index))
     if unknown:
         raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
-    crops, labels, kept, rejected, aligned = [], [], [], [], []
+    crops, labels, kept, rejected, aligned, landmarks = [], [], [], [], [], []
     for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
         try:
             decoded = decode_upload(s.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
@@ -56,10 +58,21 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
         kept.append(s)
         if keep_aligned:
             aligned.append(cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY))
+            landmarks.append(result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32))
     if not crops:
         raise ValueError("no usable face in the data")
     return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
-                        np.stack(aligned) if keep_aligned else None)
+                        np.stack(aligned) if keep_aligned else None, np.stack(landmarks) if keep_aligned else None)
+
+
+# The paper's fine-tuning recipe: a new final layer, Xavier-normal at this gain, trained with SGD.
+FINETUNE_HEAD_GAIN = 0.3
+FINETUNE_LR = 5e-3
+SCRATCH_LR = 1e-3
+MOMENTUM = 0.9
+# Binary mode: every label but the positive one becomes this class.
+BINARY_NEGATIVE = "others"
+MODES = ("multiclass", "binary", "specialised")
 
 
 @dataclass
@@ -67,13 +80,16 @@ class TrainConfig:
     width: float = 1.0
     epochs: int = 40
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = SCRATCH_LR
     weight_decay: float = 5e-4
     # "adam" trains from scratch; "sgd" (momentum 0.9, no weight decay) is the paper's fine-tuning recipe.
     optimizer: str = "adam"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # The best epoch is the one with the highest validation top-k at this k (ties: lower k, then loss).
+    select_topk: int = 1
+    augment: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -90,8 +106,68 @@ def augmentation() -> v2.Transform:
     ])
 
 
-def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
-    """Top-k of each region and of the aggregate (the paper's Table 2 layout)."""
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9 and no weight decay (the paper's fine-tuning and second pretraining phase)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=0.0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (adam or sgd)")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights with mean 1 over the present classes, against class imbalance."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.Tensor, loss_fn: nn.Module,
+                optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                aug: v2.Transform | None, device: torch.device, progress: bool = False) -> float:
+    """One pass over uint8 crops ``N x R x H x W``; each region net learns from its own crop of each face.
+
+    Returns:
+        The mean loss per region.
+    """
+    model.train()
+    order = torch.randperm(len(x_train), generator=generator)
+    total, seen = 0.0, 0
+    n_regions = x_train.shape[1]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc="batch", unit="batch", leave=False, disable=not progress):
+        if len(idx) < 2:
+            continue  # batch norm needs two samples
+        # One random transform per face, shared by its regions (they come from one aligned canvas).
+        xb = torch.stack([aug(x_train[i]) for i in idx.tolist()]) if aug is not None else x_train[idx]
+        x = crops_to_tensor(xb).to(device)
+        y = y_train[idx].to(device)
+        logits = model(x)
+        loss = sum(loss_fn(logits[:, r], y) for r in range(n_regions))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1) / n_regions
+
+
+def binary_summary(aggregate: np.ndarray, labels: np.ndarray, positive: int) -> dict:
+    """Sensitivity and specificity of a one-against-others model (argmax decides)."""
+    pred = aggregate.argmax(axis=1) == positive
+    truth = labels == positive
+    return {"positive_index": int(positive), "n_positive": int(truth.sum()), "n_negative": int((~truth).sum()),
+            "sensitivity": float(pred[truth].mean()) if truth.any() else float("nan"),
+            "specificity": float((~pred[~truth]).mean()) if (~truth).any() else float("nan")}
+
+
+def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
+             positive: int | None = None) -> dict:
+    """Top-k of each region and of the aggregate (the paper's Table 2 layout).
+
+    Args:
+        positive: for a binary model, the positive class; adds sensitivity and specificity.
+    """
     model.eval()
     pred = predict(model, crops)
     out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
@@ -99,17 +175,47 @@ def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks:
         out["aggregate"][f"top{k}"] = float(topk_hits(pred.aggregate, labels, k).mean())
     for i, r in enumerate(model.regions):
         out["regions"][r] = {f"top{k}": float(topk_hits(pred.region_probs[:, i], labels, k).mean()) for k in ks}
+    if positive is not None:
+        out["binary"] = binary_summary(pred.aggregate, labels, positive)
     return out
 
 
-def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
-                   val_idx: list[int], cfg: TrainConfig,
-                   init: RegionalEnsemble | None = None) -> tuple[RegionalEnsemble, dict]:
-    """Train one CASIA-Net per region on the same faces; keep the epoch with the best validation top-1.
+def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | None = None,
+                    gain: float = FINETUNE_HEAD_GAIN) -> RegionalEnsemble:
+    """An ensemble for fine-tuning: the region nets of a pretrained checkpoint with new final layers.
 
     Args:
-        init: fine-tune this ensemble (its heads must already have ``len(class_names)`` outputs)
-            instead of training a new one from scratch.
+        data: a checkpoint (``gestalt pretrain`` output, or any trained model).
+        num_classes: outputs of the new final layers.
+        regions: the regions to keep, each in the checkpoint (default: all of the checkpoint's).
+        gain: Xavier-normal gain of the new final layers (the paper's 0.3).
+
+    Raises:
+        ValueError: when the checkpoint lacks one of ``regions``.
+    """
+    pretrained, _ = load_checkpoint(data)
+    regions = tuple(regions) if regions is not None else pretrained.regions
+    missing = [r for r in regions if r not in pretrained.regions]
+    if missing:
+        raise ValueError(f"the pretrained checkpoint has no net for region(s) {', '.join(missing)} "
+                         f"(it has {', '.join(pretrained.regions)})")
+    model = RegionalEnsemble(tuple(regions), num_classes, arch=pretrained.arch, width=pretrained.width)
+    for r in regions:
+        net = pretrained.nets[r]
+        net.reset_classifier(num_classes, gain=gain)
+        model.nets[r] = net
+    return model.train()
+
+
+def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
+                   val_idx: list[int], cfg: TrainConfig, init: RegionalEnsemble | None = None,
+                   positive: int | None = None) -> tuple[RegionalEnsemble, dict]:
+    """Train one CASIA-Net per region on the same faces; keep the epoch with the best validation top-k.
+
+    Args:
+        init: fine-tune this ensemble (its heads must already have ``len(class_names)`` outputs, see
+            :func:`load_pretrained`) instead of training a new one from scratch.
+        positive: for a binary model, the positive class (validation then reports sensitivity and specificity).
 
     Returns:
         The trained ensemble (CPU, eval mode) and its metrics.
@@ -118,45 +224,25 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
     device = torch.device(cfg.device)
     model = (copy.deepcopy(init) if init is not None
              else RegionalEnsemble(regions, len(class_names), width=cfg.width)).to(device)
+    if init is not None and init.num_classes != len(class_names):
+        raise ValueError(f"the initial model has {init.num_classes} outputs, the data {len(class_names)} classes")
     x_train = torch.as_tensor(data.crops[train_idx])
     y_train = torch.as_tensor(data.labels[train_idx])
-    # Class weights against imbalance: inverse frequency, mean 1.
-    counts = np.bincount(data.labels[train_idx], minlength=len(class_names)).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(class_names), 0.0)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, dtype=torch.float32, device=device))
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=0.0)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(data.labels[train_idx], len(class_names)).to(device))
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-    aug = augmentation()
+    aug = augmentation() if cfg.augment else None
     generator = torch.Generator().manual_seed(cfg.seed)
+    ks = tuple(sorted({1, 5, cfg.select_topk}))
     history, best, best_state = [], None, None
     for epoch in tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress):
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            if len(idx) < 2:
-                continue  # batch norm needs two samples
-            # One random transform per face, shared by its regions (they come from one aligned canvas).
-            xb = torch.stack([aug(x_train[i]) for i in idx.tolist()])
-            x = crops_to_tensor(xb).to(device)
-            y = y_train[idx].to(device)
-            logits = model(x)
-            loss = sum(loss_fn(logits[:, r], y) for r in range(len(regions)))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
+        loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device)
         scheduler.step()
-        entry = {"epoch": epoch + 1, "loss": total / max(seen, 1) / len(regions)}
+        entry = {"epoch": epoch + 1, "loss": loss}
         if val_idx:
-            metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=(1, 5))
-            entry.update(val_top1=metrics["aggregate"]["top1"], val_top5=metrics["aggregate"]["top5"])
-            score = (entry["val_top1"], entry["val_top5"], -entry["loss"])
+            metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=ks)
+            entry.update({f"val_top{k}": metrics["aggregate"][f"top{k}"] for k in ks})
+            score = (entry[f"val_top{cfg.select_topk}"], *(entry[f"val_top{k}"] for k in ks), -entry["loss"])
             if best is None or score >= best:
                 best = score
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -170,13 +256,50 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
     metrics = {
         "train": {"n": len(train_idx), "subjects": len({data.samples[i].subject for i in train_idx})},
         "history": history,
-        "config": {"width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                   "weight_decay": cfg.weight_decay, "seed": cfg.seed},
+        "config": {"width": model.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay if cfg.optimizer == "adam" else 0.0, "seed": cfg.seed,
+                   "optimizer": cfg.optimizer, "select_topk": cfg.select_topk, "fine_tuned": init is not None},
     }
     if val_idx:
-        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx])
+        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx], positive=positive)
         metrics["validation"]["subjects"] = len({data.samples[i].subject for i in val_idx})
     return model, metrics
+
+
+def select_task(samples: list[Sample], mode: str, positive: str | None = None,
+                classes: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """Samples and class names of a training mode.
+
+    * ``multiclass``: every label is a class.
+    * ``binary``: ``positive`` against all other labels (merged into ``others``).
+    * ``specialised``: only the samples of ``classes`` (e.g. the genotypes of one syndrome).
+
+    Raises:
+        ValueError: for a missing or unknown positive label or class (all unknown ones are listed).
+    """
+    labels = sorted({s.label for s in samples})
+    if mode == "multiclass":
+        return samples, labels
+    if mode == "binary":
+        if not positive:
+            raise ValueError("binary mode needs a positive label")
+        if positive not in labels:
+            raise ValueError(f"unknown positive label {positive!r}; the data has: {', '.join(labels[:20])}")
+        if positive == BINARY_NEGATIVE:
+            raise ValueError(f"the positive label cannot be {BINARY_NEGATIVE!r}")
+        if len(labels) < 2:
+            raise ValueError("binary mode needs at least one other label")
+        return ([dataclasses.replace(s, label=s.label if s.label == positive else BINARY_NEGATIVE) for s in samples],
+                [positive, BINARY_NEGATIVE])
+    if mode == "specialised":
+        wanted = sorted(set(classes or []))
+        if len(wanted) < 2:
+            raise ValueError("specialised mode needs at least two classes")
+        unknown = [c for c in wanted if c not in labels]
+        if unknown:
+            raise ValueError(f"{len(unknown)} unknown class(es): {', '.join(unknown[:20])}")
+        return [s for s in samples if s.label in wanted], wanted
+    raise ValueError(f"unknown mode {mode!r} ({', '.join(MODES)})")
 
 
 def data_hash(samples: list[Sample]) -> str:

@@ -1,0 +1,206 @@
+"""Face-identification pretraining of the region nets (the paper's first training step).
+
+Each region's CASIA-Net learns to tell identities apart from its own crops of an
+identity-labelled set (CASIA-WebFace layout: one folder per identity). The recipe is the
+paper's: He-normal initialisation, cross-entropy, Adam at 1e-3 for 40 epochs, then SGD at
+1e-4 with momentum 0.9 for 10 more, on a random 90/10 split of each identity's images.
+
+The output is an ordinary checkpoint (``gestalt train --init`` fine-tunes it) that also
+carries the epoch, the optimizer state and the random state, rewritten after every epoch
+(to a temp file, then replaced), so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from shared.ml.gestalt import CHECKPOINT_FORMAT, RegionalEnsemble
+from shared.ml.splits import subject_split
+from shared.ml.training import (
+    PreparedData,
+    augmentation,
+    class_weights,
+    evaluate,
+    make_optimizer,
+    seed_everything,
+    train_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "pretrain"
+
+
+@dataclass
+class PretrainConfig:
+    width: float = 1.0
+    epochs: int = 40  # Adam phase
+    sgd_epochs: int = 10  # then SGD with momentum 0.9
+    batch_size: int = 64
+    lr: float = 1e-3
+    sgd_lr: float = 1e-4
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # of each identity's images
+    augment: bool = True
+    seed: int = 0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.sgd_epochs
+
+    def phase(self, epoch: int) -> str:
+        """The optimizer of 0-based ``epoch``."""
+        return "adam" if epoch < self.epochs else "sgd"
+
+    def lr_of(self, phase: str) -> float:
+        return self.lr if phase == "adam" else self.sgd_lr
+
+
+def identity_split(data: PreparedData, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and validation images; every identity with two or more images has some of each.
+
+    Each image counts as its own subject here: the task is to recognise a known person in
+    photos that training did not see.
+    """
+    from shared.ml.data import Sample
+
+    per_image = [Sample(s.path, s.label, f"{i}") for i, s in enumerate(data.samples)]
+    return subject_split(per_image, val_fraction, seed)
+
+
+def _fingerprint(class_names: list[str], regions: tuple[str, ...], width: float, train_idx: list[int],
+                 val_idx: list[int]) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {"class_names": list(class_names), "regions": list(regions), "width": width,
+            "train_idx": [int(i) for i in train_idx], "val_idx": [int(i) for i in val_idx]}
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write the checkpoint to a temp file beside ``path``, then replace ``path`` (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict | None:
+    """The pretraining checkpoint at ``path``, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    if state.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a pretraining checkpoint; choose another output file")
+    return state
+
+
+def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...], cfg: PretrainConfig,
+             output: Path, device: str = "cpu", progress: bool = True) -> tuple[RegionalEnsemble, dict]:
+    """Train (or resume training) one identity classifier per region; checkpoint after every epoch.
+
+    Args:
+        data: crops ``N x R x 100 x 100`` with identity labels.
+        class_names: the identities, in label order.
+        regions: the regions of ``data.crops``, in order.
+        cfg: the recipe. ``epochs``/``sgd_epochs`` may grow between runs; the rest must match to resume.
+        output: the checkpoint file; when it exists, training resumes from its epoch.
+
+    Returns:
+        The model (CPU, eval mode) and its metrics: ``history`` (one entry per epoch, across
+        runs), ``validation`` (per-region and aggregate identity top-k on held-out images),
+        ``resumed_from`` (the epoch the run started at).
+    """
+    train_idx, val_idx = identity_split(data, cfg.val_fraction, cfg.seed)
+    fingerprint = _fingerprint(class_names, regions, cfg.width, train_idx, val_idx)
+    seed_everything(cfg.seed)
+    dev = torch.device(device)
+    model = RegionalEnsemble(regions, len(class_names), width=cfg.width).to(dev)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start, history, opt_state, opt_phase = 0, [], None, None
+    state = load_state(output)
+    if state is not None:
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{output} was written for other data, regions, width, seed or split; "
+                             "remove it or choose another output file")
+        model.load_state_dict(state["state_dict"])
+        start, history = int(state["epoch"]), list(state["metrics"]["history"])
+        opt_state, opt_phase = state["optimizer"], state["phase"]
+        torch.set_rng_state(state["rng"])
+        generator.set_state(state["generator"])
+        logger.info("pretrain resume epoch=%d path=%s", start, output)
+    x_train = torch.as_tensor(data.crops[train_idx])
+    y_train = torch.as_tensor(data.labels[train_idx])
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(data.labels[train_idx], len(class_names)).to(dev))
+    aug = augmentation() if cfg.augment else None
+    optimizer, phase, last = None, None, None
+    for epoch in tqdm(range(start, cfg.total_epochs), desc="pretrain", unit="epoch", initial=start,
+                      total=cfg.total_epochs, disable=not progress):
+        if cfg.phase(epoch) != phase:
+            phase = cfg.phase(epoch)
+            optimizer = make_optimizer(model.parameters(), phase, cfg.lr_of(phase), cfg.weight_decay)
+            if opt_state is not None and opt_phase == phase:
+                optimizer.load_state_dict(opt_state)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr_of(phase)
+        loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, dev,
+                           progress=progress)
+        entry = {"epoch": epoch + 1, "phase": phase, "loss": loss}
+        if val_idx:
+            val = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=(1,))
+            entry["val_top1"] = val["aggregate"]["top1"]
+            entry.update({f"val_top1_{r}": v["top1"] for r, v in val["regions"].items()})
+        history.append(entry)
+        logger.info("pretrain epoch=%d phase=%s loss=%.4f val_top1=%.4f", epoch + 1, phase, loss,
+                    entry.get("val_top1", float("nan")))
+        last = _state(model, class_names, cfg, fingerprint, epoch + 1, phase, optimizer, generator,
+                      {"history": history}, holdout=[str(data.samples[i].path) for i in val_idx])
+        save_state(output, last)
+    model = model.cpu().eval()
+    metrics = {"history": history, "resumed_from": start,
+               "train": {"n": len(train_idx), "identities": len(class_names)}}
+    if val_idx:
+        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx])
+    if last is not None:  # the final checkpoint also records the held-out accuracy
+        last["metrics"] = metrics
+        save_state(output, last)
+    return model, metrics
+
+
+def _state(model: RegionalEnsemble, class_names: list[str], cfg: PretrainConfig, fingerprint: dict, epoch: int,
+           phase: str, optimizer: torch.optim.Optimizer, generator: torch.Generator, metrics: dict,
+           holdout: list[str]) -> dict:
+    """A checkpoint that :func:`shared.ml.gestalt.load_checkpoint` reads, plus what resuming needs."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": CHECKPOINT_KIND,
+        "arch": model.arch,
+        "config": model.config,
+        "class_names": list(class_names),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "metrics": metrics,
+        "extra": {"pretrain": asdict(cfg), "holdout_images": holdout},
+        "epoch": epoch,
+        "phase": phase,
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "fingerprint": fingerprint,
+    }
+
+
+def summary_rows(metrics: dict) -> list[tuple[str, float]]:
+    """(region, held-out identity top-1) rows, the aggregate last."""
+    val = metrics.get("validation")
+    if not val:
+        return []
+    return [*((r, v["top1"]) for r, v in val["regions"].items()), ("aggregate", val["aggregate"]["top1"])]
+

@@ -1,0 +1,196 @@
+"""Acceptance: `gestalt pretrain` learns face identification on ORL, resumes, and `gestalt train --init` fine-tunes it.
+
+Held-out accuracy is measured here, independently of the command's own report: the
+held-out photos named in the checkpoint go through preprocessing again and are scored
+by the loaded model.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shared.cli import main
+from tests.conftest import TEST_SETTINGS, shared_data
+
+# Small enough for CI on 2 cores (about a minute), with margin over the 0.90 acceptance level.
+PRETRAIN_ARGS = ("--width", "0.25", "--regions", "full_face", "--batch-size", "16", "--lr", "2e-3", "--sgd-lr", "1e-3",
+                 "--seed", "0")
+FIRST_EPOCHS, ADAM_EPOCHS, SGD_EPOCHS = 10, 25, 5
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """Run `gestalt ...` in this process with the tests' settings (one torch thread, as the workers)."""
+    from shared.config import reload_settings
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GESTALT_TORCH_THREADS", TEST_SETTINGS["GESTALT_TORCH_THREADS"])
+        reload_settings()
+        runner = CliRunner()
+
+        def invoke(*args: str):
+            result = runner.invoke(main, list(args), catch_exceptions=False)
+            print(result.output[-3000:])
+            return result
+
+        yield invoke
+    reload_settings()
+    torch.set_num_threads(threads)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(cli, tmp_path_factory) -> tuple[Path, list, list]:
+    """Pretrain in two invocations: the second resumes from the first one's checkpoint."""
+    orl = shared_data("faces", "orl")
+    out = tmp_path_factory.mktemp("pretrain") / "orl.pt"
+    first = cli("pretrain", "--data", str(orl), "--output", str(out), *PRETRAIN_ARGS,
+                "--epochs", str(FIRST_EPOCHS), "--sgd-epochs", "0")
+    assert first.exit_code == 0, first.output
+    state = _load(out)
+    assert state["epoch"] == FIRST_EPOCHS and state["phase"] == "adam"
+    first_history = state["metrics"]["history"]
+    second = cli("pretrain", "--data", str(orl), "--output", str(out), *PRETRAIN_ARGS,
+                 "--epochs", str(ADAM_EPOCHS), "--sgd-epochs", str(SGD_EPOCHS))
+    assert second.exit_code == 0, second.output
+    assert f"resumed from epoch {FIRST_EPOCHS}" in second.output
+    return out, first_history, _load(out)["metrics"]["history"]
+
+
+def test_resume_continues_from_the_checkpoint(pretrained):
+    out, first, history = pretrained
+    state = _load(out)
+    assert state["epoch"] == ADAM_EPOCHS + SGD_EPOCHS
+    assert state["metrics"]["resumed_from"] == FIRST_EPOCHS
+    assert [h["epoch"] for h in history] == list(range(1, ADAM_EPOCHS + SGD_EPOCHS + 1))
+    assert history[:FIRST_EPOCHS] == first  # the first run's epochs were kept, not retrained
+    assert [h["phase"] for h in history] == ["adam"] * ADAM_EPOCHS + ["sgd"] * SGD_EPOCHS
+    assert "state" in state["optimizer"] and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    # Training went on from the checkpoint's weights: the loss keeps falling instead of restarting.
+    assert history[FIRST_EPOCHS]["loss"] < history[0]["loss"] * 0.8
+
+
+def test_held_out_identity_accuracy(pretrained):
+    """At least 90% of each identity's unseen photos are recognised from the full face."""
+    from shared.config import get_settings
+    from shared.ml.data import scan_folder
+    from shared.ml.gestalt import load_checkpoint, predict
+    from shared.ml.preprocess import Preprocessor
+    from shared.ml.training import prepare
+
+    out, _, _ = pretrained
+    model, state = load_checkpoint(out.read_bytes())
+    holdout = set(state["extra"]["holdout_images"])
+    samples = [s for s in scan_folder(shared_data("faces", "orl")) if str(s.path) in holdout]
+    identities = state["class_names"]
+    assert len(holdout) >= 35 and {s.label for s in samples} == set(identities)  # about one photo per person
+    data = prepare(samples, identities, Preprocessor.from_settings(get_settings(), model.regions), progress=False)
+    pred = predict(model, data.crops)
+    accuracy = float((pred.region_probs[:, model.regions.index("full_face")].argmax(1) == data.labels).mean())
+    print(f"ORL held-out identity top-1 (full face): {accuracy:.3f} on {len(data.labels)} photos")
+    assert accuracy >= 0.90
+    assert state["metrics"]["validation"]["regions"]["full_face"]["top1"] == pytest.approx(accuracy)
+
+
+def test_fine_tune_from_pretrained(cli, pretrained, tmp_path):
+    """`gestalt train --init` on a manifest CSV: binary mode, new head at gain 0.3, backbone from the checkpoint."""
+    out, _, _ = pretrained
+    orl = shared_data("faces", "orl")
+    rows = ["image,subject,label"]
+    for person in ("s1", "s2", "s3", "s4", "s5", "s6"):
+        rows += [f"{orl / person / f'{i}.pgm'},{person}-{i},{person}" for i in range(1, 11)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    ft = tmp_path / "ft.pt"
+    result = cli("train", "--data", str(manifest), "--init", str(out), "--mode", "binary", "--positive", "s1",
+                 "--epochs", "3", "--batch-size", "16", "--no-register", "--output", str(ft))
+    assert result.exit_code == 0, result.output
+    assert "sensitivity" in result.output and "specificity" in result.output
+    state = _load(ft)
+    assert state["class_names"] == ["s1", "others"] and state["config"]["regions"] == ["full_face"]
+    assert state["config"]["width"] == 0.25
+    assert state["metrics"]["config"]["optimizer"] == "sgd" and state["metrics"]["config"]["lr"] == 5e-3
+    binary = state["metrics"]["validation"]["binary"]
+    assert 0 <= binary["sensitivity"] <= 1 and 0 <= binary["specificity"] <= 1
+    pre = _load(out)["state_dict"]
+    conv = "nets.full_face.features.0.weight"
+    # Fine-tuning started from the pretrained filters (a fresh He-normal init would be uncorrelated).
+    corr = np.corrcoef(pre[conv].flatten().numpy(), state["state_dict"][conv].flatten().numpy())[0, 1]
+    assert corr > 0.9
+    assert state["state_dict"]["nets.full_face.fc.weight"].shape == (2, pre["nets.full_face.fc.weight"].shape[1])
+
+
+def test_unknown_classes_are_listed(cli, tmp_path):
+    orl = shared_data("faces", "orl")
+    result = cli("train", "--data", str(orl), "--mode", "specialised", "--classes", "s1,s2,nobody,s99",
+                 "--no-register")
+    assert result.exit_code != 0
+    assert "2 unknown class(es): nobody, s99" in result.output
+    result = cli("train", "--data", str(orl), "--mode", "binary", "--positive", "nobody", "--no-register")
+    assert result.exit_code != 0 and "nobody" in result.output
+    result = cli("pretrain", "--data", str(orl), "--output", str(tmp_path / "p.pt"), "--regions", "full_face,snout")
+    assert result.exit_code != 0 and "unknown region(s) snout" in result.output
+    assert not (tmp_path / "p.pt").exists()
+
+
+def _tiny_identities(n_ids: int = 4, per_id: int = 5):
+    """Random 'faces': each identity a fixed pattern plus noise (enough to exercise the loop in seconds)."""
+    from shared.ml.data import Sample
+    from shared.ml.training import PreparedData
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(n_ids, 1, 100, 100))
+    crops = np.concatenate([np.clip(base[i] + rng.normal(0, 20, (per_id, 1, 100, 100)), 0, 255)
+                            for i in range(n_ids)]).astype(np.uint8)
+    labels = np.repeat(np.arange(n_ids), per_id)
+    samples = [Sample(Path(f"id{i}/{j}.png"), f"id{i}", f"id{i}/{j}.png") for i in range(n_ids) for j in range(per_id)]
+    return PreparedData(crops, labels, samples), [f"id{i}" for i in range(n_ids)]
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopping after any epoch and resuming gives the same weights as one uninterrupted run."""
+    from shared.ml.pretrain import PretrainConfig, pretrain
+
+    data, ids = _tiny_identities()
+    cfg = PretrainConfig(width=0.0625, epochs=2, sgd_epochs=1, batch_size=4, seed=3)
+    straight, _ = pretrain(data, ids, ("full_face",), cfg, tmp_path / "a.pt", progress=False)
+    for stop in (PretrainConfig(width=0.0625, epochs=1, sgd_epochs=0, batch_size=4, seed=3),
+                 PretrainConfig(width=0.0625, epochs=2, sgd_epochs=0, batch_size=4, seed=3)):
+        pretrain(data, ids, ("full_face",), stop, tmp_path / "b.pt", progress=False)
+    resumed, metrics = pretrain(data, ids, ("full_face",), cfg, tmp_path / "b.pt", progress=False)
+    assert metrics["resumed_from"] == 2
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # A finished run is not trained again.
+    _, again = pretrain(data, ids, ("full_face",), cfg, tmp_path / "b.pt", progress=False)
+    assert again["resumed_from"] == 3 and len(again["history"]) == 3
+
+
+def test_resume_refuses_another_setup(tmp_path):
+    from shared.ml.pretrain import PretrainConfig, pretrain
+
+    data, ids = _tiny_identities()
+    cfg = PretrainConfig(width=0.0625, epochs=1, sgd_epochs=0, batch_size=4)
+    pretrain(data, ids, ("full_face",), cfg, tmp_path / "p.pt", progress=False)
+    with pytest.raises(ValueError, match="written for other data"):
+        pretrain(data, ids, ("full_face",), PretrainConfig(width=0.125, epochs=2, sgd_epochs=0, batch_size=4),
+                 tmp_path / "p.pt", progress=False)
+    (tmp_path / "other.pt").write_bytes(_model_bytes())
+    with pytest.raises(ValueError, match="not a pretraining checkpoint"):
+        pretrain(data, ids, ("full_face",), cfg, tmp_path / "other.pt", progress=False)
+    assert not list(tmp_path.glob(".*.tmp"))  # every write was completed and renamed
+
+
+def _model_bytes() -> bytes:
+    from shared.ml.gestalt import RegionalEnsemble, save_checkpoint
+
+    return save_checkpoint(RegionalEnsemble(("full_face",), 2, width=0.0625), ["a", "b"], {})
