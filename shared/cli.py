@@ -405,6 +405,18 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         raise click.ClickException(str(exc)) from exc
     console.print(f"{len(samples)} images, {len(class_names)} labels, "
                   f"{len({s.subject for s in samples})} subjects ({mode})")
+    if register:  # unknown catalogue IDs stop the run now, not after training
+        from shared.catalog import CatalogError, syndromes_for_labels
+        from shared.db import get_sessionmaker
+
+        session = get_sessionmaker()()
+        try:
+            syndromes_for_labels(session, class_names)
+        except CatalogError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            session.rollback()
+            session.close()
     init = None
     if init_path is not None:
         seed_everything(seed)  # the new final layers' initial weights
@@ -554,7 +566,12 @@ def _register(model, class_names, metrics, name, activate: bool, extra: dict | N
         data, val_idx = base_set
         holdout = np.zeros(len(data.samples), bool)
         holdout[val_idx] = True
-        meta = ([s.label for s in data.samples], [s.subject for s in data.samples], holdout,
+        # Labels as the model's class names (a catalogue ID such as OMIM:147920 becomes its syndrome's
+        # name), the names nightly retraining matches diagnoses by.
+        with session_scope() as session:
+            names = {raw: c["name"] for raw, c in zip(class_names, registry.upsert_syndromes(session, class_names),
+                                                      strict=True)}
+        meta = ([names.get(s.label, s.label) for s in data.samples], [s.subject for s in data.samples], holdout,
                 [s.sha256 for s in data.samples])
         blob = save_feature_set(extract_features(model, data.crops), *meta)
         key = f"features/{backbone_sha(model)}/base-{sha256_hex(blob)[:16]}.npz"
@@ -649,6 +666,10 @@ def evaluate(model_ref: str, data_path: Path, out: Path | None, baseline_accurac
                        keep_aligned=True)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    if len(data.samples) < 2:
+        reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])
+        raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
+                                   f"({len(data.rejected)} rejected: {reasons})")
     pred = predict(model, data.crops)
     out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     metrics = write_report(EvalInput(

@@ -81,3 +81,17 @@ def test_search_endpoints_need_a_login(web_server, catalog):
     assert "KMT2D" in kabuki["genes"] and kabuki["label"] == "Kabuki Syndrome 1 (OMIM:147920)"
     by_gene = portal.http.get(f"{web_server}/api/v1/syndromes", params={"q": "kmt2d", "limit": "50"}).json()
     assert "OMIM:147920" in [s["omim"] for s in by_gene["syndromes"]]
+
+
+def test_train_refuses_unknown_catalogue_ids_before_training(engines, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    ensure_catalog()
+    Image.fromarray(data.astronaut()).save(tmp_path / "a.png")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,subject,label\na.png,p1,OMIM:147920\na.png,p2,OMIM:9999999\na.png,p3,ORPHA:9999998\n")
+    r = run_cli(engines, "train", "--data", str(manifest), "--epochs", "1", "--width", "0.125")
+    assert r.returncode != 0
+    assert "unknown catalogue IDs in the training labels: OMIM:9999999, ORPHA:9999998" in r.stderr
+    assert "preprocess" not in r.stderr and "Traceback" not in r.stderr  # stopped before any work

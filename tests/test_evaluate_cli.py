@@ -81,16 +81,26 @@ def test_evaluate_refuses_leaked_subjects(tmp_path):
 
 def test_evaluate_binary_model(tmp_path):
     orl = shared_data("faces", "orl")
-    names = ["s1", "s2"]
+    names = ["s1", "s3"]
     model = _train(orl, names, tmp_path, epochs=2)
     out = tmp_path / "report"
     r = gestalt("evaluate", "--model", str(model), "--data", str(_held_out(orl, names, tmp_path)), "--out", str(out),
-                "--positive", "s2", "--resamples", "200", "--permutations", "200")
+                "--positive", "s3", "--resamples", "200", "--permutations", "200")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["binary"]["positive"] == "s2"
+    assert metrics["binary"]["positive"] == "s3"
     assert {"accuracy", "sensitivity", "specificity"} <= set(metrics["binary"])
     assert "Binary model" in (out / "report.md").read_text()
+
+
+def test_too_few_usable_photos_is_a_clear_error(tmp_path):
+    orl = shared_data("faces", "orl")
+    model = _train(orl, ["s1", "s2"], tmp_path, epochs=1)
+    # s2 sits far from the camera in most photos: its photo 10 fails the face-size gate, leaving one photo.
+    r = gestalt("evaluate", "--model", str(model), "--data", str(_held_out(orl, ["s1", "s2"], tmp_path)),
+                "--out", str(tmp_path / "r"))
+    assert r.returncode != 0 and "at least 2 are needed" in r.stderr and "too small" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_stats_commands(tmp_path):
