@@ -92,6 +92,8 @@ class Settings:
     device: str = field(default_factory=lambda: _str("GESTALT_DEVICE", "auto"))
     # Compile the inference model with torch.compile when a worker loads it (slower first photo, faster after).
     infer_compile: bool = field(default_factory=lambda: _bool("GESTALT_INFER_COMPILE", False))
+    # Most photos one infer task scores in one forward pass: itself plus photos waiting behind it.
+    infer_batch: int = field(default_factory=lambda: _int("GESTALT_INFER_BATCH", 64))
     # Test-time augmentation: average each region's softmax over the crop and its horizontal flip.
     infer_flip_tta: bool = field(default_factory=lambda: _bool("GESTALT_INFER_FLIP_TTA", False))
     # Inference precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16" (also on CPUs with

@@ -161,6 +161,7 @@ def put_diagnosis(case_id: int):
 def rescore(image_id: int):
     """Score this photo again with the active model (its old result is kept)."""
     from shared.models import ImageStatus
+    from worker.pipeline import queue_for_scoring
     from worker.tasks.pipeline import enqueue_image, enqueue_infer
 
     db = get_db()
@@ -170,7 +171,10 @@ def rescore(image_id: int):
     if image.status == "rejected":
         return jsonify(error=f"this photo was rejected: {image.reason}"), 409
     has_crops = image.face is not None and bool(image.face.crops)
-    image.status = ImageStatus.scoring.value if has_crops else ImageStatus.queued.value
+    if has_crops:
+        queue_for_scoring(image)
+    else:
+        image.status = ImageStatus.queued.value
     audit(db, "rescore", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
     (enqueue_infer if has_crops else enqueue_image)(image.id)

@@ -192,14 +192,48 @@ def align(image_id: int | None) -> int | None:
     return image_id
 
 
+def queue_for_scoring(image: Image) -> None:
+    """Mark a photo (in an open transaction) as waiting for scoring, claimable by any infer batch."""
+    image.status = ImageStatus.scoring.value
+    image.stage_times = {k: v for k, v in (image.stage_times or {}).items()
+                         if k not in ("infer_start", "infer_by", "batched_with")}
+
+
+def claim_waiting(image_id: int, limit: int) -> list[int]:
+    """Other photos waiting for scoring that no worker has started, locked and stamped for this batch.
+
+    Under load the ``infer`` queue holds many photos; scoring them in one forward pass is what
+    makes a GPU (or the CPU's vector units) worth having. A claimed photo keeps its own queued
+    message: when that message runs, the photo is already done and the task skips it. If this
+    worker dies mid-batch, those messages (or the sweep) score the photos instead, so a crash
+    costs time, never a photo.
+    """
+    if limit <= 0:
+        return []
+    with session_scope() as session:
+        rows = session.scalars(
+            select(Image).where(Image.status == ImageStatus.scoring.value, Image.id != image_id,
+                                ~Image.stage_times.has_key("infer_start"))
+            .order_by(Image.id).limit(limit).with_for_update(skip_locked=True)).all()
+        node = _node()
+        for image in rows:
+            _stamp(image, infer_start=time.time(), infer_by=node, batched_with=image_id)
+        return [image.id for image in rows]
+
+
 def infer(image_id: int | None) -> int | None:
-    """Score the crops with the active model; write region scores and the ranking."""
+    """Score the crops with the active model; write region scores and the ranking.
+
+    Photos that wait behind this one are claimed (up to ``GESTALT_INFER_BATCH`` in all) and
+    scored in the same forward pass.
+    """
     if image_id is None:
         return None
     image = _begin(image_id, ImageStatus.scoring, "infer_start")
     if image is None:
         return None
     storage = get_storage()
+    settings = get_settings()
     with session_scope() as session:
         loaded = model_cache().active(session, storage)
         heartbeat(_node(), loaded.name if loaded else None)
@@ -209,17 +243,27 @@ def infer(image_id: int | None) -> int | None:
             _stamp(image, awaiting_model=time.time())
             logger.info("image=%s state=awaiting_model", image_id)
             return None
-        crops = {c.region: c.object_key for c in session.scalars(
-            select(Crop).join(Face).where(Face.image_id == image_id))}
-    missing = [r for r in loaded.regions if r not in crops]
-    if missing:  # crops lost or never made: redo alignment, which continues here
-        logger.info("image=%s state=realign missing=%s", image_id, ",".join(missing))
+    batch = [image_id, *claim_waiting(image_id, settings.infer_batch - 1)]
+    with session_scope() as session:
+        crops: dict[int, dict[str, str]] = {}
+        for face_image_id, region, key in session.execute(
+                select(Face.image_id, Crop.region, Crop.object_key).join(Crop, Crop.face_id == Face.id)
+                .where(Face.image_id.in_(batch))):
+            crops.setdefault(face_image_id, {})[region] = key
+    ready = [i for i in batch if all(r in crops.get(i, {}) for r in loaded.regions)]
+    if ready:
+        stack = np.stack([np.stack([decode_png_gray(storage.get(crops[i][r])) for r in loaded.regions])
+                          for i in ready])
+        pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision)
+        for k, i in enumerate(ready):
+            write_scores(i, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[k],
+                         pred.aggregate[k], loaded.backbone_sha, pred.features[k])
+        if len(ready) > 1:
+            logger.info("image=%s state=batch scored=%d", image_id, len(ready))
+    # A claimed photo without its crops is left to its own message, which realigns it.
+    if image_id not in ready:  # crops lost or never made: redo alignment, which continues here
+        logger.info("image=%s state=realign", image_id)
         return infer(align(image_id))
-    stack = np.stack([decode_png_gray(storage.get(crops[r])) for r in loaded.regions])[None]
-    s = get_settings()
-    pred = predict(loaded.model, stack, flip_tta=s.infer_flip_tta, precision=s.infer_precision)
-    write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[0],
-                 pred.aggregate[0], loaded.backbone_sha, pred.features[0])
     return image_id
 
 
@@ -279,7 +323,7 @@ def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:
                                       .with_for_update(skip_locked=True))
             for image in waiting:
                 # "scoring" is an active state: if this message is lost, the stale sweep re-runs it.
-                image.status = ImageStatus.scoring.value
+                queue_for_scoring(image)
                 to_infer.append(image.id)
     # Commit first, then enqueue: a worker must see the rows we just wrote.
     for image_id in to_pipeline:
