@@ -89,7 +89,9 @@
     table.append(hr);
     result.ranking.forEach((r) => {
       const tr = el("tr");
-      tr.append(el("td", {}, String(r.rank)), el("td", {}, r.name), el("td", {}, r.score.toFixed(3)));
+      // Genes as the name's tooltip: the name cell's text is what the heatmap dialog looks up.
+      const genes = (r.genes || []).length ? "Genes: " + r.genes.join(", ") : "no genes in the catalogue";
+      tr.append(el("td", {}, String(r.rank)), el("td", { title: genes }, r.name), el("td", {}, r.score.toFixed(3)));
       const cell = el("td");
       const bar = el("div", { class: "bar" });
       const fill = el("span");
@@ -160,7 +162,9 @@
     table.append(hr);
     payload.case_result.ranking.slice(0, 10).forEach((r) => {
       const tr = el("tr");
-      tr.append(el("td", {}, String(r.rank)), el("td", {}, r.name), el("td", {}, r.score.toFixed(3)));
+      // Genes as the name's tooltip: the name cell's text is what the heatmap dialog looks up.
+      const genes = (r.genes || []).length ? "Genes: " + r.genes.join(", ") : "no genes in the catalogue";
+      tr.append(el("td", {}, String(r.rank)), el("td", { title: genes }, r.name), el("td", {}, r.score.toFixed(3)));
       table.append(tr);
     });
     card.append(el("p", { class: "meta" }, "Model " + payload.case_result.model_version.name), table);
