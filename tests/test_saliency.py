@@ -191,7 +191,7 @@ def test_heatmap_route_access_cache_and_audit(engines, workers, web_server):
 
     with session_scope() as s:
         rows = s.scalars(select(AuditLog).where(AuditLog.action == "heatmap_view",
-                                                AuditLog.target_id == str(image_id))).all()
+                                                AuditLog.target_id == str(image_id)).order_by(AuditLog.id)).all()
         assert len(rows) == 5
         assert [row.detail["cached"] for row in rows[:2]] == [False, True]
         assert {row.detail["via"] for row in rows} == {"portal", "api"}
