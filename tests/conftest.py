@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,7 +101,20 @@ def workers(engines):
             break
     else:
         raise RuntimeError("the worker did not answer a ping: " + proc.log.read_text()[-3000:])
+    # As `gestalt up`'s supervisor (and Kubernetes) do: a worker that exits is started again. The chaos
+    # test restarts this session's broker, and Celery's reconnect path can end the worker process then.
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.wait(0.5):
+            if not proc.running:
+                proc.start()
+
+    watcher = threading.Thread(target=supervise, name="worker-supervisor", daemon=True)
+    watcher.start()
     yield proc
+    stop.set()
+    watcher.join(timeout=5)
     proc.stop(timeout=30)
 
 
