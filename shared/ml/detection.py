@@ -153,7 +153,7 @@ class RetinaFaceDetector:
         if variant == "resnet50":
             from retinaface.network import RetinaFace
 
-            weight = WEIGHTS_BY_KEY["retinaface_resnet50"]
+            weight = WEIGHTS_BY_KEY[RETINAFACE_WEIGHTS[variant]]
             net = RetinaFace(name="Resnet50", pretrained=False, return_layers={"layer2": 1, "layer3": 2, "layer4": 3},
                              in_channels=256, out_channels=256)
             file = path or require(weight, verify)
@@ -169,7 +169,7 @@ class RetinaFaceDetector:
         elif variant == "mobilenet0.25":
             from face_alignment.detection.retinaface.net_retinaface import RetinaFace, cfg_mnet
 
-            weight = WEIGHTS_BY_KEY["retinaface_mobilenet"]
+            weight = WEIGHTS_BY_KEY[RETINAFACE_WEIGHTS[variant]]
             net = RetinaFace(cfg=cfg_mnet)
             file = path or require(weight, verify)
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -250,10 +250,18 @@ class RetinaFaceDetector:
         self.net = None
 
 
-def retinaface_variant() -> str | None:
-    """The best RetinaFace whose weights are present: ``resnet50``, ``mobilenet0.25`` or None."""
-    if locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) is not None:
-        return "resnet50"
-    if locate(WEIGHTS_BY_KEY["retinaface_mobilenet"]) is not None:
-        return "mobilenet0.25"
-    return None
+# Each RetinaFace variant's weight file (``shared.ml.weights``).
+RETINAFACE_WEIGHTS = {"resnet50": "retinaface_resnet50", "mobilenet0.25": "retinaface_mobilenet"}
+
+
+def retinaface_variant() -> str:
+    """The best RetinaFace whose weights are present: ``resnet50``, else ``mobilenet0.25``.
+
+    Raises:
+        WeightsMissing: neither file is present; the line names the production (ResNet-50) file.
+    """
+    for variant, key in RETINAFACE_WEIGHTS.items():
+        if locate(WEIGHTS_BY_KEY[key]) is not None:
+            return variant
+    require(WEIGHTS_BY_KEY["retinaface_resnet50"])  # raises, with where to put it
+    raise AssertionError("unreachable")

@@ -21,6 +21,7 @@ import numpy as np
 
 from shared.ml.alignment import CANVAS, Alignment, estimate_alignment, warp
 from shared.ml.detection import (
+    RETINAFACE_WEIGHTS,
     DetectedFace,
     MediaPipeDetector,
     RetinaFaceDetector,
@@ -32,7 +33,7 @@ from shared.ml.landmarks import FANLandmarks, MediaPipeMesh, five_points
 from shared.ml.measurements import measure
 from shared.ml.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
 from shared.ml.regions import DEFAULT_REGIONS, crop_regions
-from shared.ml.weights import WEIGHTS_BY_KEY, WeightsMissing, locate, require
+from shared.ml.weights import WEIGHTS_BY_KEY, locate, require
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class Frame:
         return np.asarray(points, np.float64) @ self.matrix[:, :2].T + self.matrix[:, 2]
 
     def to_photo(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(points, np.float64) @ cv2.invertAffineTransform(self.matrix)[:, :2].T \
-            + cv2.invertAffineTransform(self.matrix)[:, 2]
+        inverse = cv2.invertAffineTransform(self.matrix)
+        return np.asarray(points, np.float64) @ inverse[:, :2].T + inverse[:, 2]
 
 
 @dataclass
@@ -129,12 +130,10 @@ def check_backends(settings) -> str:
         ValueError: for an unknown backend name.
     """
     detector, landmarker = resolve_backends(settings.detector_backend, settings.landmark_backend)
-    if detector == "retinaface" and retinaface_variant() is None:
-        require(WEIGHTS_BY_KEY["retinaface_resnet50"])
     if detector == "retinaface":
-        key = "retinaface_resnet50" if retinaface_variant() == "resnet50" else "retinaface_mobilenet"
-        require(WEIGHTS_BY_KEY[key], settings.weights_verify)
-        detector = f"retinaface ({retinaface_variant()})"
+        variant = retinaface_variant()
+        require(WEIGHTS_BY_KEY[RETINAFACE_WEIGHTS[variant]], settings.weights_verify)
+        detector = f"retinaface ({variant})"
     if landmarker == "fan":
         require(WEIGHTS_BY_KEY["fan"], settings.weights_verify)
     return f"detector={detector} landmarks={landmarker}"
@@ -150,11 +149,7 @@ class Preprocessor:
         self.min_confidence = min_confidence
         self.regions = tuple(regions)
         if detector == "retinaface":
-            variant = retinaface_variant()
-            if variant is None:  # one clear line naming the production file
-                require(WEIGHTS_BY_KEY["retinaface_resnet50"])
-                raise WeightsMissing("RetinaFace weights are missing")
-            self.detector = RetinaFaceDetector(variant, min_confidence, device, verify=verify_weights)
+            self.detector = RetinaFaceDetector(retinaface_variant(), min_confidence, device, verify=verify_weights)
         else:
             self.detector = MediaPipeDetector(min_confidence)
         self.mesh = FANLandmarks(device, verify=verify_weights) if landmarker == "fan" else MediaPipeMesh()
