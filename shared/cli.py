@@ -356,6 +356,9 @@ def tokens_revoke(token_id: int) -> None:
 @click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Fine-tune a pretrained checkpoint (`gestalt pretrain`): new final layers, Xavier-normal at "
                    "gain 0.3, SGD with momentum 0.9 and no weight decay.")
+@click.option("--transfer-pairs", type=click.IntRange(0, 5), default=None,
+              help="With --init: keep the pretrained weights of only the first N of each net's five conv pairs "
+                   "and start the rest afresh [default: keep all]. Keep fewer after pretraining on few identities.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
               help="[default: sgd with --init, adam from scratch]")
 @click.option("--mode", type=click.Choice(["multiclass", "binary", "specialised"]), default="multiclass",
@@ -374,9 +377,9 @@ def tokens_revoke(token_id: int) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the checkpoint to this file.")
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
-          optimizer: str | None, mode: str, positive: str | None, classes: str | None, select_topk: int,
-          val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool, register: bool,
-          output: Path | None) -> None:
+          transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
+          select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
+          register: bool, output: Path | None) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version."""
     from shared.ml.data import load_samples
     from shared.ml.gestalt import resolve_device
@@ -417,11 +420,13 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         finally:
             session.rollback()
             session.close()
+    if transfer_pairs is not None and init_path is None:
+        raise click.ClickException("--transfer-pairs needs --init")
     init = None
     if init_path is not None:
         seed_everything(seed)  # the new final layers' initial weights
         try:
-            init = load_pretrained(init_path.read_bytes(), len(class_names))
+            init = load_pretrained(init_path.read_bytes(), len(class_names), transfer_pairs=transfer_pairs)
         except ValueError as exc:
             raise click.ClickException(f"{init_path}: {exc}") from exc
         width = init.width
@@ -440,6 +445,7 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
     metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,
+                       **({"transfer_pairs": transfer_pairs} if init_path and transfer_pairs is not None else {}),
                        **({"positive": class_names[0]} if mode == "binary" else {})}
     _print_metrics(metrics)
     # What the model saw, so that evaluation can refuse leaked subjects and images.

@@ -129,6 +129,57 @@ def test_fine_tune_from_pretrained(cli, pretrained, tmp_path):
     assert state["state_dict"]["nets.full_face.fc.weight"].shape == (2, pre["nets.full_face.fc.weight"].shape[1])
 
 
+def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
+    """`--transfer-pairs 2`: the first two conv pairs start from the checkpoint, the later three afresh."""
+    from shared.ml.nets import CASIANet
+
+    out, _, _ = pretrained
+    orl = shared_data("faces", "orl")
+    rows = ["image,subject,label"] + [f"{orl / p / f'{i}.pgm'},{p}-{i},{p}" for p in ("s1", "s2", "s3")
+                                      for i in range(1, 11)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    ft = tmp_path / "ft.pt"
+    result = cli("train", "--data", str(manifest), "--init", str(out), "--transfer-pairs", "2", "--optimizer", "adam",
+                 "--lr", "1e-3", "--epochs", "2", "--batch-size", "16", "--no-register", "--output", str(ft))
+    assert result.exit_code == 0, result.output
+    state = _load(ft)
+    assert state["metrics"]["task"]["transfer_pairs"] == 2
+    pre, tuned = _load(out)["state_dict"], state["state_dict"]
+    starts = CASIANet(1, width=0.25).pair_starts
+
+    def corr(layer: int) -> float:
+        key = f"nets.full_face.features.{layer}.weight"
+        return float(np.corrcoef(pre[key].flatten().numpy(), tuned[key].flatten().numpy())[0, 1])
+
+    assert corr(starts[0]) > 0.9 and corr(starts[1]) > 0.9  # kept, then fine-tuned for two epochs
+    assert all(abs(corr(s)) < 0.3 for s in starts[2:-1])  # started afresh
+
+    result = cli("train", "--data", str(manifest), "--transfer-pairs", "2", "--no-register")
+    assert result.exit_code != 0 and "--transfer-pairs needs --init" in result.output
+
+
+def test_reinit_pairs_from_resets_only_the_later_pairs():
+    from shared.ml.nets import CASIANet
+
+    net = CASIANet(3, width=0.125)
+    with torch.no_grad():  # as if trained: values no initialisation gives (batch norm statistics included)
+        for value in net.state_dict().values():
+            if value.is_floating_point():
+                value.add_(0.25)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.reinit_pairs_from(2)
+    for j, layer in enumerate(net.features):
+        for name, value in layer.state_dict().items():
+            if name == "num_batches_tracked":
+                continue
+            same = torch.equal(value, before[f"features.{j}.{name}"])
+            assert same == (j < net.pair_starts[2]), (j, name)
+    assert torch.equal(net.fc.weight, before["fc.weight"])  # the classifier is reset_classifier's job
+    with pytest.raises(ValueError, match="between 0 and 5"):
+        net.reinit_pairs_from(6)
+
+
 def test_unknown_classes_are_listed(cli, tmp_path):
     orl = shared_data("faces", "orl")
     result = cli("train", "--data", str(orl), "--mode", "specialised", "--classes", "s1,s2,nobody,s99",

@@ -34,8 +34,11 @@ class CASIANet(nn.Module):
         super().__init__()
         self.width = width
         layers: list[nn.Module] = []
+        # Index into ``features`` of the first layer of each conv pair (plus the end), for partial transfer.
+        self.pair_starts: list[int] = []
         cin = in_chans
         for i, (c1, c2) in enumerate(BASE_CHANNELS):
+            self.pair_starts.append(len(layers))
             c1, c2 = max(4, round(c1 * width)), max(4, round(c2 * width))
             last = i == len(BASE_CHANNELS) - 1
             layers += _conv(cin, c1, norm=True)
@@ -43,6 +46,7 @@ class CASIANet(nn.Module):
             if not last:
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             cin = c2
+        self.pair_starts.append(len(layers))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
@@ -52,16 +56,23 @@ class CASIANet(nn.Module):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He-normal
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+            _init_module(m)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_starts) - 1
+
+    def reinit_pairs_from(self, pair: int) -> None:
+        """Re-initialise conv pairs ``pair`` (0-based) to the last, as a fresh net would start them.
+
+        Fine-tuning from a net pretrained on a small or distant task keeps only its first,
+        more general pairs (Yosinski et al. 2014): ``reinit_pairs_from(2)`` keeps two.
+        """
+        if not 0 <= pair <= self.num_pairs:
+            raise ValueError(f"pair must be between 0 and {self.num_pairs}, got {pair}")
+        for layer in self.features[self.pair_starts[pair]:]:
+            for m in layer.modules():
+                _init_module(m)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features, ``N x num_features``."""
@@ -79,6 +90,21 @@ class CASIANet(nn.Module):
         if num_classes:
             nn.init.xavier_normal_(self.fc.weight, gain=gain)
             nn.init.zeros_(self.fc.bias)
+
+
+def _init_module(m: nn.Module) -> None:
+    """The paper's initialisation: He-normal convolutions and linear layers, identity batch norm."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He-normal
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        m.reset_running_stats()
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.kaiming_normal_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def create_model(arch: str, num_classes: int, **kwargs) -> nn.Module:

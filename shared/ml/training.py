@@ -181,7 +181,7 @@ def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks:
 
 
 def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | None = None,
-                    gain: float = FINETUNE_HEAD_GAIN) -> RegionalEnsemble:
+                    gain: float = FINETUNE_HEAD_GAIN, transfer_pairs: int | None = None) -> RegionalEnsemble:
     """An ensemble for fine-tuning: the region nets of a pretrained checkpoint with new final layers.
 
     Args:
@@ -189,9 +189,14 @@ def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | No
         num_classes: outputs of the new final layers.
         regions: the regions to keep, each in the checkpoint (default: all of the checkpoint's).
         gain: Xavier-normal gain of the new final layers (the paper's 0.3).
+        transfer_pairs: how many of each net's conv pairs keep their pretrained weights; the
+            later ones start afresh (He-normal). None keeps all of them, as the paper does
+            after pretraining on 10,000 identities. After pretraining on a few dozen, the
+            later pairs only know those people, and keeping fewer transfers better
+            (README, "Pretraining and fine-tuning").
 
     Raises:
-        ValueError: when the checkpoint lacks one of ``regions``.
+        ValueError: when the checkpoint lacks one of ``regions``, or ``transfer_pairs`` is out of range.
     """
     pretrained, _ = load_checkpoint(data)
     regions = tuple(regions) if regions is not None else pretrained.regions
@@ -202,6 +207,8 @@ def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | No
     model = RegionalEnsemble(tuple(regions), num_classes, arch=pretrained.arch, width=pretrained.width)
     for r in regions:
         net = pretrained.nets[r]
+        if transfer_pairs is not None:
+            net.reinit_pairs_from(transfer_pairs)
         net.reset_classifier(num_classes, gain=gain)
         model.nets[r] = net
     return model.train()
