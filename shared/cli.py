@@ -398,6 +398,8 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         train_ensemble,
     )
 
+    if transfer_pairs is not None and init_path is None:
+        raise click.ClickException("--transfer-pairs needs --init")
     settings = get_settings()
     set_torch_threads(settings.torch_threads)
     samples = [s for s in load_samples(data_dir) if s.path.name not in set(exclude)]
@@ -420,8 +422,6 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         finally:
             session.rollback()
             session.close()
-    if transfer_pairs is not None and init_path is None:
-        raise click.ClickException("--transfer-pairs needs --init")
     init = None
     if init_path is not None:
         seed_everything(seed)  # the new final layers' initial weights
