@@ -311,7 +311,9 @@ def tokens() -> None:
 @tokens.command("create")
 @click.option("--email", required=True)
 @click.option("--name", default="api", show_default=True)
-def tokens_create(email: str, name: str) -> None:
+@click.option("--days", type=click.IntRange(1, 3650), default=None,
+              help="Days until the token expires (default: GESTALT_TOKEN_DAYS, 90).")
+def tokens_create(email: str, name: str, days: int | None) -> None:
     """Create a token; its secret is printed once."""
     from shared.audit import audit
     from shared.db import session_scope
@@ -321,10 +323,35 @@ def tokens_create(email: str, name: str) -> None:
         user = find_user(session, email)
         if user is None:
             raise click.ClickException(f"no user {email}")
-        token, secret = create_token(session, user, name)
+        token, secret = create_token(session, user, name, days)
         audit(session, "token_create", None, "api_token", token.id, via="cli", owner=user.id)
-        console.print(f"token {token.id} for {user.email}; store it now, it is not shown again:")
+        console.print(f"token {token.id} for {user.email}, valid until {token.expires_at:%Y-%m-%d %H:%M} UTC; "
+                      "store it now, it is not shown again:")
     click.echo(secret)
+
+
+@tokens.command("list")
+def tokens_list() -> None:
+    """Every token: id, owner, name, created, last used, expiry and state (never the secret)."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    from shared.db import session_scope
+    from shared.users import list_tokens
+
+    def when(value) -> str:
+        return f"{value:%Y-%m-%d %H:%M}" if value else "-"
+
+    table = Table("id", "owner", "name", "prefix", "created", "last used", "expires", "state")
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        for token, email in list_tokens(session):
+            state = "revoked" if token.revoked_at else (
+                "expired" if token.expires_at and token.expires_at <= now else "active")
+            table.add_row(str(token.id), email, token.name, token.prefix + "…", when(token.created_at),
+                          when(token.last_used_at), when(token.expires_at) if token.expires_at else "never", state)
+    Console(width=160).print(table)
 
 
 @tokens.command("revoke")

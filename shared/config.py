@@ -128,8 +128,17 @@ class Settings:
     web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))
     # Gunicorn worker processes for the web app.
     web_workers: int = field(default_factory=lambda: _int("GESTALT_WEB_WORKERS", 2))
-    # Login attempts allowed per client address (Flask-Limiter syntax).
+    # Failed logins allowed per account and client address (Flask-Limiter syntax); successes do not count.
     login_rate_limit: str = field(default_factory=lambda: _str("GESTALT_LOGIN_RATE_LIMIT", "10 per minute"))
+    # Failed logins allowed per client address across all accounts (password spraying).
+    login_address_rate_limit: str = field(
+        default_factory=lambda: _str("GESTALT_LOGIN_ADDRESS_RATE_LIMIT", "10 per minute;50 per hour"))
+    # Hours a portal session may sit idle before it ends (the next request asks for a login).
+    session_idle_hours: float = field(default_factory=lambda: _float("GESTALT_SESSION_IDLE_HOURS", 8.0))
+    # Hours after login at which a portal session ends, however active it is.
+    session_max_hours: float = field(default_factory=lambda: _float("GESTALT_SESSION_MAX_HOURS", 24.0))
+    # Days an API token is valid from its creation (`gestalt tokens create --days` overrides it).
+    token_days: int = field(default_factory=lambda: _int("GESTALT_TOKEN_DAYS", 90))
     # Days a case is kept after it was created; 0 keeps cases until a clinician deletes them.
     retention_days: int = field(default_factory=lambda: _int("GESTALT_RETENTION_DAYS", 0))
     # Seconds before Redis hands an unacknowledged task (its worker died) to another worker.

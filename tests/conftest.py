@@ -63,6 +63,8 @@ TEST_SETTINGS = {
     "GESTALT_SWEEP_SECONDS": "5",
     "PYTHONUNBUFFERED": "1",
     "GESTALT_SECURE_COOKIES": "0",  # the test server speaks plain http on loopback
+    # Every test logs in from 127.0.0.1: per-address failures are limited in test_hardening's own app.
+    "GESTALT_LOGIN_ADDRESS_RATE_LIMIT": "1000 per minute",
 }
 
 

@@ -45,10 +45,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
     csrf.init_app(app)
-    from web import admin, api, auth, cases, db, heatmaps
+    from web import admin, api, auth, cases, db, heatmaps, inputs
 
     db.init_app(app)
     auth.init_app(app)
+    inputs.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(cases.bp)
     app.register_blueprint(api.bp)
@@ -62,6 +63,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         if _wants_json():
             return jsonify(error=message), 413
         return message, 413
+
+    @app.errorhandler(400)
+    def bad_request(exc):
+        message = exc.description or "the request could not be understood"
+        if _wants_json():
+            return jsonify(error=message), 400
+        return render_template("error.html", message=message), 400
 
     @app.errorhandler(404)
     @app.errorhandler(403)

@@ -12,7 +12,7 @@ from shared.audit import audit
 from shared.ml import registry
 from shared.ml.retrain import latest_runs, rollback
 from shared.models import AuditLog, Image, ImageStatus, ModelVersion, Role, User
-from shared.users import UserError, create_user, hash_password
+from shared.users import UserError, create_user, disable_user, reset_password
 from web.auth import admin_required
 from web.db import get_db
 
@@ -94,11 +94,12 @@ def create_account():
         return _done("Unknown role.", "admin.users", "error")
     temporary = secrets.token_urlsafe(12)
     try:
-        user = create_user(db, request.form.get("email", ""), temporary, Role(role))
+        user = create_user(db, request.form.get("email", ""), temporary, Role(role), must_change_password=True)
     except UserError as exc:
         db.rollback()
         return _done(str(exc), "admin.users", "error")
     audit(db, "user_create", current_user.id, "user", user.id, ip=request.remote_addr, role=role)
+    flash(f"{user.email} must choose their own password at the first login.", "info")
     return _done(f"Created {user.email}. Temporary password (shown once): {temporary}", "admin.users")
 
 
@@ -112,14 +113,15 @@ def update_account(user_id: int):
     if user.id == current_user.id and action in ("disable", "role"):
         return _done("You cannot disable yourself or change your own role.", "admin.users", "error")
     if action == "disable":
-        user.is_active = False
-        message = f"{user.email} disabled."
+        disable_user(db, user)
+        message = f"{user.email} disabled; their sessions and API tokens have ended."
     elif action == "enable":
         user.is_active = True
         message = f"{user.email} enabled."
     elif action == "reset":
-        temporary = secrets.token_urlsafe(12)
-        user.password_hash = hash_password(temporary)
+        temporary = reset_password(db, user)
+        flash(f"{user.email} must choose a new password at their next login; their sessions and API tokens "
+              "have ended.", "info")
         message = f"New temporary password for {user.email} (shown once): {temporary}"
     elif action == "role" and request.form.get("role") in {r.value for r in Role}:
         user.role = request.form["role"]

@@ -1,8 +1,6 @@
 """JSON API under /api/v1 (same login as the portal)."""
 from __future__ import annotations
 
-import re
-
 from flask import Blueprint, jsonify, request
 from flask_login import current_user
 
@@ -10,10 +8,9 @@ from shared.audit import audit
 from web.access import case_or_404, image_or_404
 from web.db import get_db
 from web.results import case_payload, image_payload
+from web.schemas import DiagnosisUpdate, NewCase, parse
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-SEXES = ("female", "male", "other", "unknown")
-PATIENT_REF = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @bp.get("/openapi.json")
@@ -39,28 +36,14 @@ def create_case():
     from shared.catalog import CatalogError, validate_hpo_terms
     from shared.models import Case
 
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        return jsonify(error="send a JSON object with patient_ref, sex and age_years"), 400
-    ref, sex, age = body.get("patient_ref"), body.get("sex", "unknown"), body.get("age_years")
-    ancestry = body.get("ancestry")
-    if ancestry is not None and (not isinstance(ancestry, str) or len(ancestry) > 64 or "\x00" in ancestry):
-        return jsonify(error="ancestry must be text of at most 64 characters, or null"), 400
-    if not isinstance(ref, str) or not PATIENT_REF.match(ref):
-        return jsonify(error="patient_ref: 1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"), 400
-    if sex not in SEXES:
-        return jsonify(error=f"sex must be one of {', '.join(SEXES)}"), 400
-    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or not 0 <= age <= 120):
-        return jsonify(error="age_years must be a number from 0 to 120, or null"), 400
+    body = parse(NewCase, request.get_json(silent=True))
     db = get_db()
-    if not isinstance(body.get("hpo_terms", []), list):
-        return jsonify(error="hpo_terms must be a list of HPO IDs such as \"HP:0000316\""), 400
     try:
-        terms = validate_hpo_terms(db, body.get("hpo_terms") or [])
+        terms = validate_hpo_terms(db, body.hpo_terms)
     except CatalogError as exc:
         return jsonify(error=str(exc)), 400
-    case = Case(owner_id=current_user.id, patient_ref=ref, sex=sex, age_years=float(age) if age is not None else None,
-                ancestry=(ancestry or "").strip() or None, hpo_terms=terms)
+    case = Case(owner_id=current_user.id, patient_ref=body.patient_ref, sex=body.sex, age_years=body.age_years,
+                ancestry=body.ancestry or None, hpo_terms=terms)
     db.add(case)
     db.flush()
     audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
@@ -139,19 +122,19 @@ def aligned_face(image_id: int):
     return jsonify(url=get_storage().presigned_url(image.face.aligned_key), expires_in=PRESIGN_SECONDS)
 
 
-@bp.post("/cases/<int:case_id>/diagnosis")
+@bp.route("/cases/<int:case_id>/diagnosis", methods=["POST", "PATCH"])
 def put_diagnosis(case_id: int):
-    """JSON ``{"syndrome": name|id|OMIM, "kind": "clinical"|"molecular", "gene", "variant", "consent": bool}``."""
+    """JSON ``{"syndrome": name|id|OMIM, "kind": "clinical"|"molecular", "gene", "variant", "consent": bool}``.
+
+    A field left out keeps its stored value (the first diagnosis of a case needs ``syndrome``);
+    ``"consent": false`` withdraws consent, which is audited and ends the photos' use in training."""
     from web.diagnoses import DiagnosisError, diagnosis_payload, set_diagnosis
 
     db = get_db()
     case = case_or_404(case_id)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        return jsonify(error="send a JSON object: syndrome, kind, gene, variant, consent"), 400
+    update = parse(DiagnosisUpdate, request.get_json(silent=True))
     try:
-        set_diagnosis(db, case, body.get("syndrome"), body.get("kind", "clinical"), body.get("gene"),
-                      body.get("variant"), bool(body.get("consent", False)), current_user.id, request.remote_addr)
+        set_diagnosis(db, case, update.model_dump(exclude_unset=True), current_user.id, request.remote_addr)
     except DiagnosisError as exc:
         return jsonify(error=exc.message), 400
     return jsonify(diagnosis_payload(db, case))

@@ -1,22 +1,37 @@
-"""Login, logout and the rule that every page and API needs a logged-in user."""
+"""Login, logout, password changes and the rule that every page and API needs a logged-in user.
+
+A portal login is a server-side session (``login_sessions``): the signed cookie carries its secret,
+so logging out, an idle or absolute timeout, a password reset or change and disabling the account
+end it on the server, and a replayed cookie is worth nothing afterwards.
+"""
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import timedelta
 from functools import wraps
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, abort, flash, g, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from wtforms import EmailField, PasswordField
-from wtforms.validators import DataRequired, Length
+from wtforms.validators import DataRequired, EqualTo, Length
 
 from shared.audit import audit
 from shared.config import get_settings
 from shared.models import User
-from shared.users import find_user, user_for_token, verify_password
+from shared.users import (
+    MIN_PASSWORD_LENGTH,
+    UserError,
+    change_password,
+    end_session,
+    find_user,
+    session_user,
+    start_session,
+    user_for_token,
+    verify_password,
+)
 from web import csrf
 from web.db import get_db
 
@@ -27,19 +42,30 @@ limiter = Limiter(key_func=get_remote_address, default_limits=[])
 
 
 def _login_key() -> str:
-    """Attempts count per client address and account, so one clinic's NAT does not lock everyone out."""
+    """Failures count per client address and account, so one clinic's NAT does not lock everyone out..."""
     return f"{get_remote_address()}:{(request.form.get('email') or '').strip().lower()[:254]}"
+
+
+def _login_failed(response) -> bool:
+    """...and only failures count: a clinic's staff logging in all morning is no attack."""
+    return response.status_code != 302
+
+
 PUBLIC_ENDPOINTS = {"auth.login", "static", "healthz"}
+# What a user who must choose a new password may still reach.
+PASSWORD_CHANGE_ENDPOINTS = {"auth.change_password_view", "auth.logout", "static", "healthz"}
 
 
 class LoginUser:
     """The Flask-Login view of a user row (detached from the request session)."""
 
-    def __init__(self, user: User):
+    def __init__(self, user: User, session_secret: str | None = None):
         self.id = user.id
         self.email = user.email
         self.role = user.role
         self.active = user.is_active
+        self.must_change_password = user.must_change_password
+        self.session_secret = session_secret
 
     is_authenticated = True
     is_anonymous = False
@@ -53,7 +79,8 @@ class LoginUser:
         return self.role == "admin"
 
     def get_id(self) -> str:
-        return str(self.id)
+        # Flask-Login keeps this in the cookie: the user and the secret of the server-side session.
+        return f"{self.id}:{self.session_secret}"
 
 
 class LoginForm(FlaskForm):
@@ -61,22 +88,36 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
 
 
+class PasswordForm(FlaskForm):
+    current = PasswordField("Current password", validators=[DataRequired(), Length(max=1024)])
+    new = PasswordField(f"New password (at least {MIN_PASSWORD_LENGTH} characters)",
+                        validators=[DataRequired(), Length(min=MIN_PASSWORD_LENGTH, max=1024)])
+    repeat = PasswordField("New password again", validators=[DataRequired(), EqualTo("new", "the passwords differ")])
+
+
 @login_manager.user_loader
-def load_user(user_id: str) -> LoginUser | None:
-    if not (user_id.isascii() and user_id.isdigit()):
+def load_user(cookie_id: str) -> LoginUser | None:
+    user_id, _, secret = cookie_id.partition(":")
+    if not (user_id.isascii() and user_id.isdigit() and len(user_id) < 10 and secret):
         return None
-    user = get_db().get(User, int(user_id))
-    return LoginUser(user) if user is not None and user.is_active else None
+    settings = get_settings()
+    db = get_db()
+    user = session_user(db, int(user_id), secret, timedelta(hours=settings.session_idle_hours),
+                        timedelta(hours=settings.session_max_hours))
+    if db.dirty:
+        db.commit()  # the last-seen time, or the end of an expired session
+    return LoginUser(user, secret) if user is not None else None
 
 
 @login_manager.request_loader
 def load_user_from_token(req) -> LoginUser | None:
-    """API clients: ``Authorization: Bearer gst_...`` (a revocable per-user token)."""
-    header = req.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
+    """API clients: ``Authorization: Bearer gst_...`` (a revocable, expiring per-user token; the scheme's
+    case does not matter, RFC 6750)."""
+    scheme, _, credentials = req.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
         return None
     db = get_db()
-    user = user_for_token(db, header[len("Bearer "):].strip())
+    user = user_for_token(db, credentials.strip())
     if user is None:
         return None
     db.commit()
@@ -111,6 +152,10 @@ def init_app(app: Flask) -> None:
             return login_manager.unauthorized()
         if unsafe and not g.get("token_auth"):
             csrf.protect()
+        if current_user.must_change_password and request.endpoint not in PASSWORD_CHANGE_ENDPOINTS:
+            if request.path.startswith("/api/"):
+                return jsonify(error="choose a new password in the portal first (/account/password)"), 403
+            return redirect(url_for("auth.change_password_view"))
         return None
 
 
@@ -131,17 +176,24 @@ def _safe_next(target: str | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 @limiter.limit(lambda: get_settings().login_rate_limit, key_func=_login_key, methods=["POST"],
-               error_message="too many login attempts; wait a minute and try again")
+               deduct_when=_login_failed, error_message="too many login attempts; wait a minute and try again")
+@limiter.limit(lambda: get_settings().login_address_rate_limit, key_func=get_remote_address, methods=["POST"],
+               deduct_when=_login_failed, scope="login-address",
+               error_message="too many failed logins from this address; wait and try again")
 def login():
     form = LoginForm()
     if form.validate_on_submit():
         db = get_db()
         user = find_user(db, form.email.data)
         if user is not None and user.is_active and verify_password(user, form.password.data):
-            user.last_login_at = datetime.now(UTC)
+            secret = start_session(db, user, request.remote_addr)
             audit(db, "login", user.id, "user", user.id, ip=request.remote_addr)
             db.commit()
-            login_user(LoginUser(user))
+            session.clear()  # a fresh cookie: nothing from before the login carries over
+            login_user(LoginUser(user, secret))
+            if user.must_change_password:
+                flash("Choose your own password before you go on.", "info")
+                return redirect(url_for("auth.change_password_view"))
             return redirect(_safe_next(request.args.get("next")))
         audit(db, "login_failed", user.id if user else None, ip=request.remote_addr)
         db.commit()
@@ -151,7 +203,34 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    audit(get_db(), "logout", current_user.id, "user", current_user.id, ip=request.remote_addr)
-    get_db().commit()
+    db = get_db()
+    if current_user.session_secret:
+        end_session(db, current_user.session_secret)
+    audit(db, "logout", current_user.id, "user", current_user.id, ip=request.remote_addr)
+    db.commit()
     logout_user()
+    session.clear()
     return redirect(url_for("auth.login"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+def change_password_view():
+    """Change one's own password; every other session and API token of the account ends with it."""
+    form = PasswordForm()
+    if form.validate_on_submit():
+        db = get_db()
+        user = db.get(User, current_user.id)
+        try:
+            change_password(db, user, form.current.data, form.new.data)
+        except UserError as exc:
+            db.rollback()
+            form.current.errors = [*form.current.errors, str(exc)]
+        else:
+            secret = start_session(db, user, request.remote_addr)  # this browser stays logged in
+            audit(db, "password_change", user.id, "user", user.id, ip=request.remote_addr)
+            db.commit()
+            login_user(LoginUser(user, secret))
+            flash("Your password was changed; other sessions and API tokens of your account have ended.", "info")
+            return redirect(url_for("cases.index"))
+    return render_template("password.html", form=form, forced=current_user.must_change_password), \
+        200 if request.method == "GET" else 400

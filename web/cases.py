@@ -165,8 +165,10 @@ def diagnose(case_id: int):
     db = get_db()
     case = case_or_404(case_id)
     try:
-        set_diagnosis(db, case, request.form.get("syndrome"), request.form.get("kind", "clinical"),
-                      request.form.get("gene"), request.form.get("variant"), request.form.get("consent") == "yes",
+        # The form always shows every stored value, so every field it sends is meant; an unticked box withdraws.
+        set_diagnosis(db, case, {"syndrome": request.form.get("syndrome", ""), "kind": request.form.get("kind"),
+                                 "gene": request.form.get("gene", ""), "variant": request.form.get("variant", ""),
+                                 "consent": request.form.get("consent") == "yes"},
                       current_user.id, request.remote_addr)
         flash("Diagnosis recorded.", "info")
     except DiagnosisError as exc:

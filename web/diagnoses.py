@@ -39,31 +39,43 @@ def find_syndrome(db: Session, ref: str | int | None) -> Syndrome:
     return syndrome
 
 
-def set_diagnosis(db: Session, case: Case, syndrome_ref: str | int | None, kind: str, gene: str | None,
-                  variant: str | None, consent: bool, user_id: int, ip: str | None) -> Diagnosis:
-    """Record (or replace) the case's confirmed diagnosis; with consent it joins the next retraining."""
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise DiagnosisError(f"kind must be one of {', '.join(KINDS)}")
-    for name, value in (("gene", gene), ("variant", variant), ("syndrome", syndrome_ref)):
-        if value is not None and not isinstance(value, str | int):
-            raise DiagnosisError(f"{name} must be text")
-        if isinstance(value, str) and "\x00" in value:
-            raise DiagnosisError(f"{name} contains a NUL character")
-    if isinstance(syndrome_ref, (list, dict, bool)):
-        raise DiagnosisError("syndrome must be a catalogue name, id, or OMIM/Orphanet ID")
-    syndrome = find_syndrome(db, syndrome_ref)
-    if case.diagnosis is None:
-        case.diagnosis = Diagnosis(case_id=case.id)  # through the relationship, so the payload sees it
+def set_diagnosis(db: Session, case: Case, fields: dict, user_id: int, ip: str | None) -> Diagnosis:
+    """Record or update the case's confirmed diagnosis from ``fields`` (syndrome, kind, gene, variant,
+    consent; validated by :class:`web.schemas.DiagnosisUpdate`). A field not given keeps its stored value;
+    with consent the photos join the next retraining, and withdrawing consent takes them out of it."""
+    from web.schemas import DIAGNOSIS_KINDS, GENE_MAX, VARIANT_MAX
+
     diagnosis = case.diagnosis
-    diagnosis.syndrome_id = syndrome.id
+    if diagnosis is None and fields.get("syndrome") is None:
+        raise DiagnosisError("choose the confirmed syndrome")
+    kind = fields.get("kind") or (diagnosis.kind if diagnosis else "clinical")
+    if kind not in DIAGNOSIS_KINDS:
+        raise DiagnosisError(f"kind must be one of {', '.join(DIAGNOSIS_KINDS)}")
+    for name, limit in (("gene", GENE_MAX), ("variant", VARIANT_MAX)):
+        if len(fields.get(name) or "") > limit:
+            raise DiagnosisError(f"{name} has at most {limit} characters")
+    syndrome = find_syndrome(db, fields["syndrome"]) if fields.get("syndrome") is not None else None
+    if diagnosis is None:
+        case.diagnosis = diagnosis = Diagnosis(case_id=case.id)  # through the relationship, so the payload sees it
+    had_consent = bool(diagnosis.consent)
+    if syndrome is not None:
+        diagnosis.syndrome_id = syndrome.id
     diagnosis.kind = kind
-    diagnosis.gene = (gene or "").strip()[:32] or None
-    diagnosis.variant = (variant or "").strip()[:255] or None
-    diagnosis.consent = bool(consent)
+    if "gene" in fields:
+        diagnosis.gene = (fields["gene"] or "").strip() or None
+    if "variant" in fields:
+        diagnosis.variant = (fields["variant"] or "").strip() or None
+    if fields.get("consent") is not None:
+        diagnosis.consent = bool(fields["consent"])
+    diagnosis.consent = bool(diagnosis.consent)
     diagnosis.diagnosed_by = user_id
     db.add(diagnosis)
     db.flush()
-    audit(db, "diagnosis", user_id, "case", case.id, ip=ip, syndrome_id=syndrome.id, kind=kind, consent=consent)
+    audit(db, "diagnosis", user_id, "case", case.id, ip=ip, syndrome_id=diagnosis.syndrome_id, kind=kind,
+          consent=diagnosis.consent, fields=sorted(fields))
+    if had_consent and not diagnosis.consent:
+        # The retraining and the gallery select consented diagnoses when they run: these photos are out.
+        audit(db, "consent_withdrawn", user_id, "case", case.id, ip=ip)
     db.commit()
     return diagnosis
 

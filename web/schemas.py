@@ -1,0 +1,70 @@
+"""The API's request bodies as strict pydantic models: a JSON boolean is a boolean, a number a number.
+
+``"consent": "no"`` is not a truthy string but a 400 that names the field; so is a number sent as
+text, a string longer than its column, or a value outside its range. Views call :func:`parse` and
+get a model, or an :class:`web.inputs.InputRejected` that the app answers with 400.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from web.inputs import InputRejected
+
+SEXES = ("female", "male", "other", "unknown")
+DIAGNOSIS_KINDS = ("clinical", "molecular")
+PATIENT_REF_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+PATIENT_REF_RULE = "1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"
+GENE_MAX, VARIANT_MAX, ANCESTRY_MAX = 32, 255, 64
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, str_strip_whitespace=True)
+
+
+class NewCase(_Strict):
+    patient_ref: Annotated[str, StringConstraints(pattern=PATIENT_REF_PATTERN)]
+    sex: Literal[SEXES] = "unknown"  # type: ignore[valid-type]
+    age_years: Annotated[float, Field(ge=0, le=120)] | None = None
+    ancestry: Annotated[str, StringConstraints(max_length=ANCESTRY_MAX)] | None = None
+    hpo_terms: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=200)] = []
+
+
+SyndromeRef = Annotated[str, StringConstraints(min_length=1, max_length=300)] | Annotated[int, Field(ge=1)]
+
+
+class DiagnosisUpdate(_Strict):
+    """Fields left out keep their stored value; ``consent: false`` withdraws consent (audited)."""
+
+    syndrome: SyndromeRef | None = None
+    kind: Literal[DIAGNOSIS_KINDS] | None = None  # type: ignore[valid-type]
+    gene: Annotated[str, StringConstraints(max_length=GENE_MAX)] | None = None
+    variant: Annotated[str, StringConstraints(max_length=VARIANT_MAX)] | None = None
+    consent: bool | None = None
+
+
+def _problem(error: dict) -> tuple[str, str]:
+    """(field, what is wrong with it) for one pydantic error."""
+    field = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "constrained")))
+    kinds = {"bool_type": "must be true or false (a JSON boolean)", "missing": "is required",
+             "literal_error": error.get("msg", "").replace("Input should be", "must be"),
+             "string_too_long": f"has at most {error.get('ctx', {}).get('max_length')} characters",
+             "too_long": f"has at most {error.get('ctx', {}).get('max_length')} items",
+             "string_pattern_mismatch": f"must be {PATIENT_REF_RULE}" if field == "patient_ref"
+             else "has the wrong form"}
+    return field or "body", kinds.get(error["type"], error.get("msg", "is not valid").lower())
+
+
+def parse(model: type[Model], body: object) -> Model:
+    """``body`` as ``model``, or InputRejected naming the first field that is wrong."""
+    if not isinstance(body, dict):
+        names = ", ".join(model.model_fields)
+        raise InputRejected("body", f"send a JSON object with {names}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        field, problem = _problem(exc.errors(include_url=False)[0])
+        raise InputRejected(field, problem) from None
