@@ -51,7 +51,13 @@ def test_user_management(engines, web_server):
     assert Portal(web_server).login(email, new_password).status_code == 302
     _post(admin, f"/admin/users/{user_id}", action="role", role="admin")
     promoted = Portal(web_server)
-    promoted.login(email, new_password)
+    assert promoted.login(email, new_password).headers["Location"].endswith("/account/password")
+    assert promoted.http.get(web_server + "/admin/").url.endswith("/account/password")  # forced change first
+    token = promoted.csrf("/account/password")
+    chosen = "my own password 42"
+    r = promoted.http.post(web_server + "/account/password", data={
+        "csrf_token": token, "current": new_password, "new": chosen, "repeat": chosen}, allow_redirects=False)
+    assert r.status_code == 302
     assert promoted.http.get(web_server + "/admin/").status_code == 200
     assert "user_disable" in admin.http.get(web_server + "/admin/audit", params={"action": "user_disable"}).text
 

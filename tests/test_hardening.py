@@ -97,6 +97,7 @@ def test_consent_must_be_a_json_boolean(app, consent):
     ({"patient_ref": "Jane Doe"}, "patient_ref"),
     ({"patient_ref": "PT-1", "sex": "F"}, "sex"),
     ({"patient_ref": "PT-1", "hpo_terms": "HP:0000316"}, "hpo_terms"),
+    ({"patient_ref": "PT-1", "name": "Jane Doe"}, "name"),
 ])
 def test_case_fields_are_typed_strictly(app, body, field):
     r = _post(_client(app), "/api/v1/cases", json=body)

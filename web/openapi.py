@@ -48,10 +48,11 @@ SPEC = {
                 "type": "object", "properties": {"images": {"type": "array", "items": {
                     "type": "object", "properties": {"id": {"type": "integer"}, "status": {"type": "string"}}}}}}}}},
                 "400": ERROR, "401": ERROR, "404": ERROR, "413": ERROR, "415": ERROR}}},
-        "/cases/{case_id}/diagnosis": {"post": {
-            "summary": "Record the confirmed diagnosis", "parameters": [_id("case_id")],
-            "requestBody": {"required": True, **_json("Diagnosis")},
-            "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}},
+        "/cases/{case_id}/diagnosis": {method: {
+            "summary": "Record or update the confirmed diagnosis; fields left out keep their stored value",
+            "parameters": [_id("case_id")], "requestBody": {"required": True, **_json("Diagnosis")},
+            "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}
+            for method in ("post", "patch")},
         "/hpo": {"get": {
             "summary": "HPO terms matching a text (ID, name or synonym), for autocomplete",
             "parameters": _search("hyperte"),
@@ -97,12 +98,16 @@ SPEC = {
                 "id": {"type": "integer"}, "patient_ref": {"type": "string"}, "sex": {"type": "string"},
                 "age_years": {"type": "number", "nullable": True}, "images": {"type": "array", "items": {}}}},
             "CaseList": {"type": "object", "properties": {"cases": {"type": "array", "items": {}}}},
-            "Diagnosis": {"type": "object", "required": ["syndrome"], "properties": {
-                "syndrome": {"type": "string",
+            "Diagnosis": {"type": "object", "additionalProperties": False, "description": (
+                "A case's first diagnosis needs `syndrome`; later updates change only the fields they name. "
+                "`consent: false` withdraws consent to use the photos for training (audited)."), "properties": {
+                "syndrome": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": 300},
+                                       {"type": "integer", "minimum": 1}],
                              "description": "Catalogue name, id, or OMIM/Orphanet ID (OMIM:122470, ORPHA:2322)"},
                 "kind": {"type": "string", "enum": ["clinical", "molecular"]},
-                "gene": {"type": "string", "maxLength": 32}, "variant": {"type": "string", "maxLength": 255},
-                "consent": {"type": "boolean"}}},
+                "gene": {"type": "string", "maxLength": 32, "nullable": True},
+                "variant": {"type": "string", "maxLength": 255, "nullable": True},
+                "consent": {"type": "boolean", "description": "A JSON boolean; anything else is a 400"}}},
         },
     },
 }

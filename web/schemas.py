@@ -22,7 +22,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, str_strip_whitespace=True)
+    model_config = ConfigDict(strict=True, str_strip_whitespace=True, extra="forbid")
 
 
 class NewCase(_Strict):
@@ -52,6 +52,7 @@ def _problem(error: dict) -> tuple[str, str]:
     kinds = {"bool_type": "must be true or false (a JSON boolean)", "missing": "is required",
              "literal_error": error.get("msg", "").replace("Input should be", "must be"),
              "string_too_long": f"has at most {error.get('ctx', {}).get('max_length')} characters",
+             "extra_forbidden": "is not a field of this request",
              "too_long": f"has at most {error.get('ctx', {}).get('max_length')} items",
              "string_pattern_mismatch": f"must be {PATIENT_REF_RULE}" if field == "patient_ref"
              else "has the wrong form"}
