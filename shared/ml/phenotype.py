@@ -1103,8 +1103,8 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.ml.phenotype", description=__doc__.split("\n")[0])
-    shared_data = Path(os.environ.get("GESTALT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared/data"))
-    parser.add_argument("--embeddings", type=Path, default=shared_data / "embeddings/mini_gm_public_v0.1.p")
+    parser.add_argument("--embeddings", type=Path, required=True,
+                        help="mini_gm-style pickle {disorder: {subject: {image: 320-d vector}}}")
     parser.add_argument("--train", type=int, default=400, help="training cases per noise level")
     parser.add_argument("--eval", type=int, default=400, help="evaluation cases per noise level")
     parser.add_argument("--seed", type=int, default=0)
