@@ -965,6 +965,17 @@ def heads_benchmark(path: Path, folds: int) -> None:
     out.print(f"heads vs best baseline: {results['heads']['top1'] - best:+.3f}")
     click.echo(f"top1={results['heads']['top1']:.4f}")
 
+def _add_command_groups() -> None:
+    from shared.commands.exchange import export_group, import_group
+    from shared.commands.phenotype import evaluate_phenotype
+
+    for command in (export_group, import_group, evaluate_phenotype):
+        main.add_command(command)
+
+
+_add_command_groups()
+
+
 def run() -> None:
     try:
         main(standalone_mode=True)

@@ -1,7 +1,7 @@
 """JSON API under /api/v1 (same login as the portal)."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 from flask_login import current_user
 
 from shared.audit import audit
@@ -92,6 +92,18 @@ def get_case(case_id: int):
         audit(db, "result_view", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
         db.commit()
     return jsonify(payload)
+
+
+@bp.get("/cases/<int:case_id>/phenopacket")
+def get_phenopacket(case_id: int):
+    """The case as a GA4GH Phenopacket v2 (audited as an export)."""
+    from shared.phenopackets import case_packet, packet_json
+
+    db = get_db()
+    case = case_or_404(case_id)
+    audit(db, "phenopacket_export", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
+    db.commit()
+    return current_app.response_class(packet_json(case_packet(db, case)), mimetype="application/json")
 
 
 @bp.get("/images/<int:image_id>")

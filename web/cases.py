@@ -90,6 +90,21 @@ def report(case_id: int):
                            printed=datetime.now(UTC))
 
 
+@bp.get("/cases/<int:case_id>/phenopacket.json")
+def phenopacket(case_id: int):
+    """The case as a GA4GH Phenopacket v2 (a download; audited as an export)."""
+    from flask import Response
+
+    from shared.phenopackets import case_packet, packet_id, packet_json
+
+    db = get_db()
+    case = case_or_404(case_id)
+    audit(db, "phenopacket_export", current_user.id, "case", case.id, ip=request.remote_addr)
+    db.commit()
+    return Response(packet_json(case_packet(db, case)), mimetype="application/json", headers={
+        "Content-Disposition": f'attachment; filename="{packet_id(case)}.json"'})
+
+
 @bp.route("/cases/new", methods=["GET", "POST"])
 def new_case():
     form = CaseForm()

@@ -53,6 +53,11 @@ SPEC = {
             "parameters": [_id("case_id")], "requestBody": {"required": True, **_json("Diagnosis")},
             "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}
             for method in ("post", "patch")},
+        "/cases/{case_id}/phenopacket": {"get": {
+            "summary": "The case as a GA4GH Phenopacket v2 (subject, HPO terms, diagnosis, measurements, photo hashes)",
+            "parameters": [_id("case_id")],
+            "responses": {"200": {"description": "Phenopacket v2 JSON", "content": {"application/json": {"schema": {
+                "type": "object"}}}}, "401": ERROR, "404": ERROR}}},
         "/hpo": {"get": {
             "summary": "HPO terms matching a text (ID, name or synonym), for autocomplete",
             "parameters": _search("hyperte"),

@@ -63,7 +63,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: int) -> DecodedImage:
+def _metadata_free(im: Image.Image) -> bool:
+    """True when ``im`` (as opened, before any transpose) carries nothing but pixels: a JPEG with no
+    segment other than JFIF's and no comment, or an RGB PNG with no ancillary data."""
+    if im.mode != "RGB":
+        return False
+    if im.format == "JPEG":
+        return all(marker == "APP0" and body.startswith(b"JFIF") for marker, body in getattr(im, "applist", [])) \
+            and not {"exif", "comment", "icc_profile", "xmp", "photoshop", "adobe"} & set(im.info)
+    return im.format == "PNG" and set(im.info) <= {"dpi"}
+
+
+def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: int,
+                  keep_clean: bool = False) -> DecodedImage:
     """Decode a photo safely and return it upright, in RGB, with metadata-free bytes to store.
 
     Args:
@@ -71,6 +83,8 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         max_bytes: larger files are refused with HTTP 413.
         max_pixels: larger images are refused before decoding (decompression bombs).
         min_side: photos smaller than this on either side are refused.
+        keep_clean: store the bytes as they are when they carry no metadata at all (photos that Gestalt
+            itself stored, coming back in a Phenopacket), so they keep their hash; otherwise re-encode.
 
     Raises:
         ImageRejected: with a reason a clinician can read.
@@ -100,6 +114,7 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
                 raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
                                     http_status=415)
             im.load()
+            clean = keep_clean and _metadata_free(im)
             im = ImageOps.exif_transpose(im)
             rgb_im = _to_rgb(im)
     except ImageRejected:
@@ -119,7 +134,10 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
             f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
 
     out = io.BytesIO()
-    if fmt == "JPEG":
+    if clean:
+        out.write(data)
+        content_type, ext = ("image/jpeg", "jpg") if fmt == "JPEG" else ("image/png", "png")
+    elif fmt == "JPEG":
         # A fresh encode: no EXIF (GPS included), no comments, no ICC, no XMP.
         rgb_im.save(out, format="JPEG", quality=JPEG_QUALITY)
         content_type, ext = "image/jpeg", "jpg"

@@ -35,10 +35,13 @@ ACTIVE_STATES = ("queued", "detecting", "aligning", "scoring")
 
 class Case(Base):
     __tablename__ = "cases"
-    __table_args__ = (CheckConstraint("sex in ('female', 'male', 'other', 'unknown')", name="sex"),)
+    __table_args__ = (CheckConstraint("sex in ('female', 'male', 'other', 'unknown')", name="sex"),
+                      UniqueConstraint("owner_id", "external_id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    # The id of the Phenopacket the case was imported from: importing it again creates nothing new.
+    external_id: Mapped[str | None] = mapped_column(String(128))
     # Pseudonymous patient ID chosen by the clinic; never a name.
     patient_ref: Mapped[str] = mapped_column(String(64))
     sex: Mapped[str] = mapped_column(String(8), default="unknown")

@@ -1,0 +1,92 @@
+"""``gestalt export phenopackets`` and ``gestalt import phenopackets``: cases in and out as GA4GH Phenopackets v2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _owner(session, email: str):
+    from shared.users import find_user
+
+    user = find_user(session, email)
+    if user is None:
+        raise click.ClickException(f"no user {email}")
+    return user
+
+
+@click.group("export")
+def export_group() -> None:
+    """Export cases for other tools."""
+
+
+@export_group.command("phenopackets")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <packet id>.json files and their photos/.")
+@click.option("--case", "case_ids", type=int, multiple=True, help="Case id (repeatable; default: all of --owner).")
+@click.option("--owner", "owner_email", default=None, help="Every case of this user.")
+def export_phenopackets(out_dir: Path, case_ids: tuple[int, ...], owner_email: str | None) -> None:
+    """Write cases as Phenopacket v2 JSON, with their photos beside them (audited)."""
+    from sqlalchemy import select
+
+    from shared.audit import audit
+    from shared.db import session_scope
+    from shared.models import Case
+    from shared.phenopackets import export_cases
+    from shared.storage import get_storage
+
+    if not case_ids and not owner_email:
+        raise click.UsageError("name cases with --case ID or all of a user's cases with --owner EMAIL")
+    with session_scope() as session:
+        stmt = select(Case).order_by(Case.id)
+        if case_ids:
+            stmt = stmt.where(Case.id.in_(case_ids))
+        if owner_email:
+            stmt = stmt.where(Case.owner_id == _owner(session, owner_email).id)
+        cases = session.scalars(stmt).all()
+        missing = sorted(set(case_ids) - {c.id for c in cases})
+        if missing:
+            raise click.ClickException(f"no case {', '.join(map(str, missing))}")
+        written = export_cases(session, get_storage(), cases, out_dir)
+        for case in cases:
+            audit(session, "phenopacket_export", None, "case", case.id, via="cli", out=str(out_dir))
+    console.print(f"{len(written)} Phenopacket(s) written to {out_dir}")
+
+
+@click.group("import")
+def import_group() -> None:
+    """Import cases from other tools."""
+
+
+@import_group.command("phenopackets")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--owner", "owner_email", required=True, help="The clinician who will own the imported cases.")
+def import_phenopackets(folder: Path, owner_email: str) -> None:
+    """Create cases from the *.json Phenopackets of FOLDER (photos by relative path): all of them or none.
+
+    A packet imported before for the same owner is skipped, so running it again creates nothing."""
+    from shared.db import session_scope
+    from shared.phenopackets import ImportRefused, import_packets
+    from shared.storage import get_storage
+
+    with session_scope() as session:
+        owner = _owner(session, owner_email)
+        try:
+            result = import_packets(session, get_storage(), folder, owner.id)
+        except ImportRefused as exc:
+            raise click.ClickException("nothing was imported:\n  " + "\n  ".join(exc.problems)) from exc
+        created = [(c.id, c.external_id) for c in result.cases]
+    from worker.tasks.pipeline import enqueue_image
+
+    for image_id in result.image_ids:
+        try:
+            enqueue_image(image_id)
+        except Exception:  # noqa: BLE001 - the row is committed; the sweeper queues it later
+            console.print(f"photo {image_id} will be queued by the sweeper (the broker did not answer)")
+    for case_id, external_id in created:
+        click.echo(f"case {case_id} <- {external_id}")
+    console.print(f"{len(created)} case(s) and {len(result.image_ids)} photo(s) imported; "
+                  f"{len(result.skipped)} packet(s) were imported before and skipped")

