@@ -161,6 +161,11 @@ def load_catalog(session: Session, diseases: list[Disease] | None = None, terms:
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
             "name": stmt.excluded.name, "synonyms": stmt.excluded.synonyms}))
     session.flush()
+    # The phenotype ranker's arrays and calibration come from the same bundled data: build their cache
+    # now, so that no portal request has to (shared.ml.phenotype).
+    from shared.ml.phenotype import shared_ranker
+
+    shared_ranker()
     counts = {"diseases": len(diseases), "inserted": len(inserts), "updated": len(updates), "hpo_terms": len(terms),
               "read_s": round(t_read, 2), "total_s": round(time.monotonic() - t0, 2)}
     logger.info("catalog load %s", counts)

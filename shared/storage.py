@@ -55,6 +55,10 @@ def heatmap_key(sha256: str, model_sha256: str, syndrome_id: int, region: str) -
     return f"{heatmap_prefix(sha256)}{HEATMAP_RENDER}-{model_sha256[:12]}-{syndrome_id}-{region}.png"
 
 
+# The fitted face + phenotype combination (gestalt evaluate-phenotype --install); read by the portal.
+PHENOTYPE_COMBINER_KEY = "models/phenotype-combiner.json"
+
+
 def checkpoint_key(name: str, sha256: str) -> str:
     return f"models/{name}-{sha256[:12]}.pt"
 

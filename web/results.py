@@ -11,6 +11,7 @@ from shared.ml.gestalt import rank
 from shared.ml.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
 from web.diagnoses import diagnosis_payload
+from web.phenotype import phenotype_payload
 
 TOP_N = 30
 
@@ -129,4 +130,5 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
         "case_result": result,
         "diagnosis": diagnosis_payload(db, case),
         "gallery": gallery_payload(db, case, active, viewer_id, viewer_is_admin),
+        "phenotype": phenotype_payload(db, case, active_id),
     }

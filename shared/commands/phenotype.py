@@ -23,8 +23,10 @@ console = Console(stderr=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (markdown) here, and the rows and fitted weights beside it as JSON.")
+@click.option("--install", is_flag=True,
+              help="Install the fitted joint combination: the case pages rank face and phenotype with it.")
 def evaluate_phenotype(embeddings: Path, n_train: int, n_eval: int, other_fraction: float, seed: int,
-                       out: Path | None) -> None:
+                       out: Path | None, install: bool) -> None:
     """Top-1/top-10 with 95% CIs of face only, phenotype only and joint, at every noise level (Köhler et al.
     2009: terms sampled from a syndrome's annotations, made imprecise and noisy)."""
     from shared.ml.phenotype import evaluate_simulation, format_table
@@ -37,3 +39,17 @@ def evaluate_phenotype(embeddings: Path, n_train: int, n_eval: int, other_fracti
         out.write_text(table + "\n")
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         console.print(f"written to {out} and {out.with_suffix('.json')}")
+    if install:
+        from shared.audit import audit
+        from shared.db import session_scope
+        from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
+
+        combiner = dict(result["combiner"])
+        joint = {r["level"]: round(r["top1"], 4) for r in result["rows"]
+                 if r["method"] == "joint" and r["cohort"] == "facial" and "top1" in r}
+        combiner["meta"] = {**combiner.get("meta", {}), "embeddings": embeddings.name, "simulated_top1": joint}
+        get_storage().put(PHENOTYPE_COMBINER_KEY, json.dumps(combiner).encode(), "application/json")
+        with session_scope() as session:
+            audit(session, "phenotype_combiner_install", None, via="cli", embeddings=embeddings.name,
+                  weights=combiner["weights"])
+        console.print("installed: case pages now show the joint face + phenotype ranking")

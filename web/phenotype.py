@@ -1,0 +1,116 @@
+"""Face and phenotype on the case page: the phenotype ranking of the case's HPO terms over the whole
+catalogue and, where a fitted combination is installed, the joint ranking with each part's share.
+
+The ontology arrays load once per process on first use (from the cache `gestalt catalog load` fills);
+the combination's weights are fitted on data by `gestalt evaluate-phenotype --install` and read from
+the object store. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.models import Case, Image, ModelVersion, Result, Syndrome
+
+logger = logging.getLogger(__name__)
+TOP = 10
+_combiner_cache: dict[str, object] = {"etag": None, "value": None}
+
+
+def installed_combiner():
+    """The installed :class:`~shared.ml.phenotype.Combiner`, or None (one HEAD request; read again when the
+    stored object changes)."""
+    from minio.error import S3Error
+
+    from shared.ml.phenotype import Combiner
+    from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
+
+    storage = get_storage()
+    try:
+        etag = storage.client.stat_object(storage.bucket, PHENOTYPE_COMBINER_KEY).etag
+    except S3Error:
+        etag = None
+    if etag != _combiner_cache["etag"]:
+        value = None
+        if etag is not None:
+            try:
+                value = Combiner.from_dict(json.loads(storage.get(PHENOTYPE_COMBINER_KEY)))
+            except (ValueError, KeyError) as exc:
+                logger.error("phenotype combiner unreadable: %s", exc)
+        _combiner_cache.update(etag=etag, value=value)
+    return _combiner_cache["value"]
+
+
+_loading: dict[str, object] = {"thread": None, "error": None}
+
+
+def ranker(wait: float = 3.0):
+    """The process's phenotype ranker; None while it is still loading (a first load without the cache that
+    `gestalt catalog load` fills takes tens of seconds, so it runs beside the requests, not inside one)."""
+    from shared.ml.phenotype import shared_ranker
+
+    if shared_ranker.cache_info().currsize:
+        return shared_ranker()
+    thread = _loading["thread"]
+    if thread is None:
+
+        def load() -> None:
+            try:
+                shared_ranker()
+            except Exception as exc:  # noqa: BLE001 - shown on the page, logged here
+                logger.exception("phenotype ranker failed to load")
+                _loading["error"] = str(exc)
+
+        thread = threading.Thread(target=load, name="phenotype-ranker", daemon=True)
+        _loading["thread"] = thread
+        thread.start()
+    thread.join(wait)
+    return shared_ranker() if shared_ranker.cache_info().currsize else None
+
+
+def facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict[str, float], str | None]:
+    """``{catalogue code: mean probability}`` over the case's photos scored by ``version_id`` (else by the
+    model that scored most of them), and that model's name."""
+    rows = db.execute(select(Result.model_version_id, Result.scores).join(Image, Image.id == Result.image_id)
+                      .where(Image.case_id == case.id, Image.status == "done")).all()
+    if not rows:
+        return {}, None
+    counts: dict[int, int] = {}
+    for v, _ in rows:
+        counts[v] = counts.get(v, 0) + 1
+    version_id = version_id if version_id in counts else max(counts, key=counts.get)
+    version = db.get(ModelVersion, version_id)
+    mean = np.mean([s for v, s in rows if v == version_id], axis=0)
+    ids = [c["syndrome_id"] for c in version.classes]
+    codes = {s.id: s.omim or s.orpha for s in db.scalars(select(Syndrome).where(Syndrome.id.in_(ids)))}
+    return {codes[i]: float(p) for i, p in zip(ids, mean, strict=True) if codes.get(i)}, version.name
+
+
+def phenotype_payload(db: Session, case: Case, active_id: int | None) -> dict | None:
+    """The phenotype and joint rankings of a case with HPO terms (None without terms)."""
+    terms = list(case.hpo_terms or [])
+    if not terms:
+        return None
+    loaded = ranker()
+    if loaded is None:
+        return {"error": _loading["error"] or "the phenotype index is still loading; reload the page in a minute"}
+    try:
+        scores = loaded.score(terms)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    names = loaded.names()
+    order = scores.order("adjusted")[:TOP]
+    phenotype = [{"rank": i + 1, "code": str(scores.codes[j]), "name": names.get(str(scores.codes[j]), ""),
+                  "similarity": float(scores.similarity[j]), "p_value": float(scores.pvalue[j])}
+                 for i, j in enumerate(order)]
+    face, model = facial_scores(db, case, active_id)
+    combiner = installed_combiner()
+    joint = combiner.rank(scores, face or None).top(TOP, names) if combiner is not None else None
+    return {"terms": len(terms), "ignored": scores.ignored, "mapped": scores.mapped, "phenotype": phenotype,
+            "joint": joint, "facial_model": model, "facial_classes": len(face),
+            "combiner": None if combiner is None else combiner.meta}
