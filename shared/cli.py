@@ -371,6 +371,62 @@ def tokens_revoke(token_id: int) -> None:
 
 
 # ---------------------------------------------------------------------------- models
+def _torch_options(func):
+    """--threads and --device, shared by train, pretrain and evaluate."""
+    func = click.option("--device", default=None,
+                        help="Where torch runs: cpu, cuda, cuda:N or auto (CUDA when present) "
+                             "[default: $GESTALT_DEVICE, else auto].")(func)
+    return click.option("--threads", type=click.IntRange(min=0), default=None,
+                        help="Torch CPU threads; 0 leaves torch's own choice "
+                             "[default: $GESTALT_TORCH_THREADS, else 0].")(func)
+
+
+def _torch_runtime(threads: int | None, device: str | None):
+    """Settings with the chosen device, torch's thread count set; prints both. Returns (settings, device)."""
+    import dataclasses
+
+    import torch
+
+    from shared.ml.gestalt import resolve_device
+    from shared.ml.registry import set_torch_threads
+
+    settings = get_settings()
+    if device:
+        settings = dataclasses.replace(settings, device=device)
+    set_torch_threads(threads if threads is not None else settings.torch_threads)
+    try:
+        resolved = resolve_device(settings.device)
+    except RuntimeError as exc:
+        raise click.ClickException(f"device {settings.device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException(f"device {settings.device!r}: no CUDA device is available here")
+    console.print(f"torch: device {resolved}, {torch.get_num_threads()} CPU thread(s)")
+    return settings, resolved
+
+
+def _load_samples_or_fail(path: Path):
+    """A folder or manifest's samples; a bad manifest or an empty folder is a one-line error."""
+    from shared.ml.data import load_samples
+
+    try:
+        return load_samples(path)
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _report_skipped(rejected, path: Path | None) -> None:
+    """One line of counts by reason; the full list (image, subject, label, reason) to ``path``."""
+    from shared.ml.training import skipped_summary, write_skipped
+
+    if not rejected:
+        return
+    counts = "; ".join(f"{n} {reason}" for reason, n in skipped_summary(rejected))
+    console.print(f"[yellow]skipped {len(rejected)} photo(s)[/]: {counts}")
+    if path is not None:
+        write_skipped(rejected, path)
+        console.print(f"the skipped photos and their reasons: {path}")
+
+
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
               help="Labelled photos: DIR/<label>/<subject>/<image>, DIR/<label>/<image>, or a manifest CSV "
@@ -403,20 +459,30 @@ def tokens_revoke(token_id: int) -> None:
 @click.option("--register/--no-register", default=True, help="Register the model version in the database.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the checkpoint to this file.")
+@click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
+                   "beside --output, else reports/train-<time>/skipped.csv].")
+@_torch_options
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
           select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
-          register: bool, output: Path | None) -> None:
-    """Train the regional CNNs from a labelled photo folder and register a model version."""
-    from shared.ml.data import load_samples
-    from shared.ml.gestalt import resolve_device
+          register: bool, output: Path | None, skipped_path: Path | None, threads: int | None,
+          device: str | None) -> None:
+    """Train the regional CNNs from a labelled photo folder and register a model version.
+
+    A binary model stores the label mapping it trained with (every label but --positive becomes
+    `others`) and an operating threshold chosen on the validation split (Youden's J), which
+    `gestalt evaluate` applies.
+    """
+    from datetime import datetime
+
     from shared.ml.preprocess import Preprocessor
-    from shared.ml.registry import set_torch_threads
     from shared.ml.splits import subject_split
     from shared.ml.training import (
         FINETUNE_LR,
         SCRATCH_LR,
         TrainConfig,
+        binary_label_map,
         data_hash,
         load_pretrained,
         prepare,
@@ -427,9 +493,9 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
 
     if transfer_pairs is not None and init_path is None:
         raise click.ClickException("--transfer-pairs needs --init")
-    settings = get_settings()
-    set_torch_threads(settings.torch_threads)
-    samples = [s for s in load_samples(data_dir) if s.path.name not in set(exclude)]
+    settings, torch_device = _torch_runtime(threads, device)
+    samples = [s for s in _load_samples_or_fail(data_dir) if s.path.name not in set(exclude)]
+    original_labels = {s.label for s in samples}
     try:
         samples, class_names = select_task(samples, mode, positive,
                                            [c.strip() for c in classes.split(",")] if classes else None)
@@ -459,14 +525,19 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         width = init.width
     # A fine-tuned model keeps the regions of its pretrained nets.
     preprocessor = Preprocessor.from_settings(settings, init.regions) if init else Preprocessor.from_settings(settings)
-    data = prepare(samples, class_names, preprocessor)
-    for sample, reason in data.rejected:
-        console.print(f"[yellow]skipped[/] {sample.path}: {reason}")
+    try:
+        data = prepare(samples, class_names, preprocessor)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if skipped_path is None:
+        skipped_path = (output.parent / f"{output.stem}-skipped.csv" if output else
+                        Path("reports") / f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}" / "skipped.csv")
+    _report_skipped(data.rejected, skipped_path)
     train_idx, val_idx = subject_split(data.samples, val_fraction, seed)
     cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size,
                       lr=lr if lr is not None else (FINETUNE_LR if init else SCRATCH_LR),
                       optimizer=optimizer or ("sgd" if init else "adam"), select_topk=select_topk, seed=seed,
-                      device=str(resolve_device(settings.device)))
+                      device=str(torch_device))
     model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init=init,
                                     positive=0 if mode == "binary" else None)
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
@@ -479,6 +550,12 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     seen = [data.samples[i] for i in train_idx]
     extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
              "holdout_subjects": sorted({data.samples[i].subject for i in val_idx}), "mode": mode}
+    extra.update(_validation_extra(model, data, val_idx, class_names, mode,
+                                   binary_label_map(original_labels, positive) if mode == "binary" else None))
+    if "temperature" in extra:
+        console.print(f"calibration temperature {extra['temperature']:.3f} (fitted on the validation split)")
+    if mode == "binary":
+        console.print(f"operating threshold {extra['threshold']:.3f} on P({positive}) ({extra['threshold_source']})")
     if output:
         from shared.ml.gestalt import save_checkpoint
 
@@ -486,6 +563,31 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         console.print(f"checkpoint written to {output}")
     if register:
         _register(model, class_names, metrics, name, activate, extra, base_set=(data, val_idx))
+
+
+def _validation_extra(model, data, val_idx: list[int], class_names: list[str], mode: str,
+                      label_map: dict[str, str] | None) -> dict:
+    """What evaluation applies, fitted on the validation split: a temperature for calibrated scores and, for a
+    binary model, its label mapping and the operating threshold (Youden's J on the calibrated scores)."""
+    from shared.ml.evaluation import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
+    from shared.ml.gestalt import predict
+
+    extra: dict = {}
+    probs = labels = None
+    if len(val_idx) >= 2:
+        probs, labels = predict(model, data.crops[val_idx]).region_probs, data.labels[val_idx]
+        extra["temperature"] = fit_temperature(probs, labels)
+        extra["temperature_source"] = f"validation split, {len(val_idx)} images"
+        probs = apply_temperature(probs, extra["temperature"])
+    if mode != "binary":
+        return extra
+    threshold, source = None, "the default 0.5: no validation split"
+    if probs is not None:
+        threshold = choose_threshold(probs.mean(axis=1)[:, 0], labels == 0)
+        source = (f"Youden's J on {len(val_idx)} validation images" if threshold is not None
+                  else "the default 0.5: the validation split lacks a class")
+    return {**extra, "label_map": label_map or {}, "positive": class_names[0], "negative": class_names[1],
+            "threshold": DEFAULT_THRESHOLD if threshold is None else threshold, "threshold_source": source}
 
 
 @main.command()
@@ -507,26 +609,23 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
               help="Skip identities with fewer usable images.")
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@_torch_options
 def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs: int, lr: float, sgd_lr: float,
              batch_size: int, val_fraction: float, regions: str | None, min_images: int, augment: bool,
-             seed: int) -> None:
+             seed: int, threads: int | None, device: str | None) -> None:
     """Pretrain the region nets on face identification, for `gestalt train --init`."""
     from collections import Counter
 
     import numpy as np
 
-    from shared.ml.data import load_samples
-    from shared.ml.gestalt import resolve_device
     from shared.ml.preprocess import Preprocessor
     from shared.ml.pretrain import PretrainConfig, summary_rows
     from shared.ml.pretrain import pretrain as run_pretrain
     from shared.ml.regions import DEFAULT_REGIONS, REGIONS
-    from shared.ml.registry import set_torch_threads
     from shared.ml.training import PreparedData, prepare
 
-    settings = get_settings()
-    set_torch_threads(settings.torch_threads)
-    samples = load_samples(data_dir)
+    settings, torch_device = _torch_runtime(threads, device)
+    samples = _load_samples_or_fail(data_dir)
     identities = sorted({s.label for s in samples})
     console.print(f"{len(samples)} images, {len(identities)} identities")
     wanted = tuple(r.strip() for r in regions.split(",")) if regions else DEFAULT_REGIONS
@@ -534,9 +633,11 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
     if unknown:
         raise click.ClickException(f"unknown region(s) {', '.join(unknown)}; known: {', '.join(REGIONS)}")
     preprocessor = Preprocessor.from_settings(settings, wanted)
-    data = prepare(samples, identities, preprocessor)
-    for sample, reason in data.rejected:
-        console.print(f"[yellow]skipped[/] {sample.path}: {reason}")
+    try:
+        data = prepare(samples, identities, preprocessor)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _report_skipped(data.rejected, output.parent / f"{output.stem}-skipped.csv")
     counts = Counter(s.label for s in data.samples)
     kept = sorted(label for label, n in counts.items() if n >= min_images)
     if len(kept) < 2:
@@ -551,7 +652,7 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
                          sgd_lr=sgd_lr, val_fraction=val_fraction, augment=augment, seed=seed)
     try:
         _, metrics = run_pretrain(data, kept, preprocessor.regions, cfg, output,
-                                  device=str(resolve_device(settings.device)))
+                                  device=str(torch_device))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     if metrics["resumed_from"]:
@@ -573,10 +674,11 @@ def _print_metrics(metrics: dict) -> None:
         return
     table = Table(title=f"validation ({val['n']} images, {val['subjects']} subjects)")
     table.add_column("region")
-    for k in ("top1", "top5", "top10"):
+    ks = list(val["aggregate"])  # top-k for k below the number of classes (two classes: top-1 only)
+    for k in ks:
         table.add_column(k, justify="right")
     for region, row in [*val["regions"].items(), ("aggregate", val["aggregate"])]:
-        table.add_row(region, *(f"{row[k]:.3f}" for k in ("top1", "top5", "top10")))
+        table.add_row(region, *(f"{row[k]:.3f}" for k in ks))
     console.print(table)
     if "binary" in val:
         b = val["binary"]
@@ -631,13 +733,14 @@ def _wake_waiting() -> None:
         console.print(f"{counts['woken']} waiting image(s) queued for scoring")
 
 
-def _load_model(ref: str):
+def _load_model(ref: str, device=None):
     """A checkpoint file, or a registered model version (name or id). Returns (model, state, name)."""
     from shared.ml.gestalt import load_checkpoint
 
+    device = device or "cpu"
     path = Path(ref)
     if path.is_file():
-        model, state = load_checkpoint(path.read_bytes())
+        model, state = load_checkpoint(path.read_bytes(), device)
         return model, state, path.stem
     from shared.db import session_scope
     from shared.ml import registry
@@ -649,78 +752,161 @@ def _load_model(ref: str):
             key, name = version.checkpoint_key, version.name
     except registry.ModelNotFound as exc:
         raise click.ClickException(f"{exc} (and no checkpoint file {ref})") from exc
-    model, state = load_checkpoint(get_storage().get(key))
+    model, state = load_checkpoint(get_storage().get(key), device)
     return model, state, name
+
+
+def _parse_data_sets(values: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``PATH`` or ``NAME=PATH`` per --data; names default to the folder or file name, made unique."""
+    sets: list[tuple[str, Path]] = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        path = Path(rest if sep and not Path(value).exists() else value)
+        if not sep or Path(value).exists():
+            name = path.stem or path.name
+        if not path.exists():
+            raise click.ClickException(f"--data {value}: {path} does not exist")
+        if not name or "/" in name:
+            raise click.ClickException(f"--data {value}: a set name must be non-empty and have no '/'")
+        taken = {n for n, _ in sets}
+        base, i = name, 2
+        while name in taken:
+            name, i = f"{base}-{i}", i + 1
+        sets.append((name, path))
+    return sets
 
 
 @main.command()
 @click.option("--model", "model_ref", required=True, help="Model version (name or id) or a checkpoint file.")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Test photos: a labelled folder or a manifest CSV.")
+@click.option("--data", "data_paths", required=True, multiple=True,
+              help="Test photos: a labelled folder or a manifest CSV (image,subject,label). Repeat it to evaluate "
+                   "several test sets side by side, each as PATH or NAME=PATH.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: reports/<model>-<time>).")
+              help="Report folder (default: reports/<model>-<time>); with several --data, one subfolder per set.")
 @click.option("--baseline-accuracy", type=float, default=None, help="A published top-1 accuracy (0-1) to test against.")
 @click.option("--baseline-n", type=int, default=None, help="Images behind the baseline (default: the test size).")
-@click.option("--positive", default=None, help="Binary models: the positive class.")
+@click.option("--positive", default=None,
+              help="Two-class models: the positive class [default: a binary model's own positive label].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Two-class models: call positive at P(positive) >= this [default: the threshold the checkpoint "
+                   "chose on validation data, else 0.5].")
+@click.option("--prevalence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Two-class models: also report PPV and NPV at this prevalence (e.g. 0.001 for screening).")
 @click.option("--resamples", type=int, default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--permutations", type=int, default=100_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-leakage", is_flag=True, help="Report even if test subjects or images were trained on.")
-def evaluate(model_ref: str, data_path: Path, out: Path | None, baseline_accuracy: float | None,
-             baseline_n: int | None, positive: str | None, resamples: int, permutations: int, seed: int,
-             allow_leakage: bool) -> None:
-    """Evaluate a model on labelled photos and write a report folder (md, html, json, plots)."""
+@_torch_options
+def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, baseline_accuracy: float | None,
+             baseline_n: int | None, positive: str | None, threshold: float | None, prevalence: float | None,
+             resamples: int, permutations: int, seed: int, allow_leakage: bool, threads: int | None,
+             device: str | None) -> None:
+    """Evaluate a model on labelled photos and write a report folder (md, html, json, predictions.csv, plots).
+
+    Test labels are mapped as in training (a binary model's other labels become `others`).
+    Skipped photos are counted by reason; the list is in skipped.csv.
+    """
     from datetime import datetime
 
-    from shared.ml.data import load_samples
-    from shared.ml.gestalt import predict
+    from shared.ml.report import headline
+
+    sets = _parse_data_sets(data_paths)
+    settings, torch_device = _torch_runtime(threads, device)
+    model, state, name = _load_model(model_ref, torch_device)
+    class_names = state["class_names"]
+    extra = state.get("extra") or {}
+    if len(class_names) == 2:
+        positive = positive or extra.get("positive") or class_names[0]
+        if positive not in class_names:
+            raise click.ClickException(f"--positive {positive}: the model's classes are {', '.join(class_names)}")
+        if threshold is None and extra.get("threshold") is not None:
+            threshold, source = float(extra["threshold"]), str(extra.get("threshold_source", "from the checkpoint"))
+            if positive != class_names[0] and extra.get("positive") == class_names[0]:
+                raise click.ClickException(f"the checkpoint's threshold is for {class_names[0]}; "
+                                           "give --threshold for the other class")
+        elif threshold is not None:
+            source = "given with --threshold"
+        else:
+            source = ""
+    elif positive or threshold is not None or prevalence is not None:
+        raise click.ClickException("--positive, --threshold and --prevalence apply to two-class models only")
+    else:
+        source = ""
     from shared.ml.preprocess import Preprocessor
+
+    preprocessor = Preprocessor.from_settings(settings, model.regions)
+    out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    results = {}
+    for set_name, path in sets:
+        target = out / set_name if len(sets) > 1 else out
+        results[set_name] = _evaluate_set(model, state, name, path, target, preprocessor, positive=positive,
+                                          threshold=threshold, threshold_source=source, prevalence=prevalence,
+                                          baseline_accuracy=baseline_accuracy, baseline_n=baseline_n,
+                                          resamples=resamples, permutations=permutations, seed=seed,
+                                          allow_leakage=allow_leakage)
+        for line in headline(results[set_name]):
+            click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
+    if len(sets) > 1:
+        from shared.ml.report import write_comparison
+
+        write_comparison(name, {n: (p, results[n]) for n, p in sets}, out)
+        console.print(f"comparison written to {out}/report.html; each set's report in its subfolder")
+    else:
+        console.print(f"report written to {out}/report.html")
+
+
+def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, preprocessor, **opts) -> dict:
+    """One test set's report; returns its metrics."""
+    import numpy as np
+
+    from shared.ml.evaluation import apply_temperature
+    from shared.ml.gestalt import predict
     from shared.ml.report import EvalInput, write_report
     from shared.ml.splits import LeakageError, check_leakage
-    from shared.ml.training import data_hash, prepare
+    from shared.ml.training import apply_label_map, data_hash, prepare
 
-    model, state, name = _load_model(model_ref)
     class_names = state["class_names"]
-    samples = load_samples(data_path)
     extra = state.get("extra") or {}
+    original = _load_samples_or_fail(data_path)
+    samples, applied = apply_label_map(original, class_names, extra)
+    originals = {id(m): o.label for m, o in zip(samples, original, strict=True)}
     if "train_subjects" in extra:
         try:
             check_leakage(extra["train_subjects"], extra.get("train_sha256", []),
                           {s.subject for s in samples}, {s.sha256 for s in samples})
             split = "test data checked disjoint from the model's training subjects and images"
         except LeakageError as exc:
-            if not allow_leakage:
-                raise click.ClickException(str(exc)) from exc
+            if not opts["allow_leakage"]:
+                raise click.ClickException(f"{data_path}: {exc}") from exc
             split = f"LEAKAGE ALLOWED: {exc}"
     else:
         split = "unknown: the checkpoint does not record its training set"
     try:
-        data = prepare(samples, class_names, Preprocessor.from_settings(get_settings(), model.regions),
-                       keep_aligned=True)
+        data = prepare(samples, class_names, preprocessor, keep_aligned=True)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(f"{data_path}: {exc}") from exc
+    _report_skipped(data.rejected, None)
     if len(data.samples) < 2:
         reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])
         raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
                                    f"({len(data.rejected)} rejected: {reasons})")
-    pred = predict(model, data.crops)
-    out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    region_probs = predict(model, data.crops).region_probs
+    temperature = extra.get("temperature")
+    if temperature:
+        region_probs = apply_temperature(region_probs, float(temperature))
     metrics = write_report(EvalInput(
-        model_name=name, class_names=class_names, regions=list(model.regions), region_probs=pred.region_probs,
+        model_name=name, class_names=class_names, regions=list(model.regions), region_probs=np.asarray(region_probs),
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
-        aligned=data.aligned, baseline_accuracy=baseline_accuracy, baseline_n=baseline_n, positive=positive,
-        resamples=resamples, permutations=permutations, seed=seed), out)
-    table = Table(title=f"{name} on {data_path} ({metrics['data']['images']} images)")
-    for col in ("metric", "per image", "macro", "permutation p"):
-        table.add_column(col)
-    for k, v in metrics["per_image"].items():
-        m = metrics["macro"][k]
-        table.add_row(k, f"{100 * v['value']:.1f}% ({100 * v['low']:.1f}-{100 * v['high']:.1f})",
-                      f"{100 * m['value']:.1f}% ({100 * m['low']:.1f}-{100 * m['high']:.1f})",
-                      f"{metrics['permutation_p'][k]:.2g}")
-    Console().print(table)
-    console.print(f"report written to {out}/report.html")
+        aligned=data.aligned, baseline_accuracy=opts["baseline_accuracy"], baseline_n=opts["baseline_n"],
+        positive=opts["positive"], resamples=opts["resamples"], permutations=opts["permutations"], seed=opts["seed"],
+        images=[str(s.path) for s in data.samples], original_labels=[originals[id(s)] for s in data.samples],
+        label_map=applied, threshold=opts["threshold"], threshold_source=opts["threshold_source"],
+        prevalence=opts["prevalence"], preprocessing=preprocessor.provenance,
+        temperature=float(temperature) if temperature else None), out)
+    if data.rejected:
+        console.print(f"the skipped photos and their reasons: {out}/skipped.csv")
+    return metrics
 
 
 @main.group()
@@ -747,10 +933,15 @@ def stats_proportion(k1: float, n1: int, p2: float, n2: int) -> None:
 @stats.command("bootstrap-ci")
 @click.option("--k", type=int, required=True, help="Correct answers.")
 @click.option("--n", type=int, required=True, help="Total.")
-@click.option("--resamples", type=int, default=10_000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resamples", type=int, default=10_000, show_default=True,
+              help="Unused: the interval is exact (kept for scripts that pass it).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Unused, as --resamples.")
 def stats_bootstrap(k: int, n: int, resamples: int, seed: int) -> None:
-    """Accuracy k/n with its 95% percentile-bootstrap CI, in percent."""
+    """Accuracy k/n with its 95% percentile-bootstrap CI, in percent.
+
+    The bootstrap distribution of k/n is exactly Binomial(n, k/n) / n; its 2.5 and 97.5
+    percentiles are computed exactly (no resampling), so the result does not depend on a seed.
+    """
     from shared.ml.evaluation import bootstrap_ci_counts
 
     try:
@@ -762,8 +953,8 @@ def stats_bootstrap(k: int, n: int, resamples: int, seed: int) -> None:
 
 @stats.command("permutation")
 @click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="CSV: a 'label' column (class index or name) and one score column per class; or .npz with "
-                   "arrays 'probs' (N x C) and 'labels' (N).")
+              help="predictions.csv of `gestalt evaluate`; or a CSV with a 'label' column (class index or name) and "
+                   "one score column per class; or .npz with arrays 'probs' (N x C) and 'labels' (N).")
 @click.option("--k", type=int, default=1, show_default=True)
 @click.option("--permutations", type=int, default=100_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -779,28 +970,81 @@ def stats_permutation(predictions: Path, k: int, permutations: int, seed: int) -
 
 
 def _read_predictions(path: Path):
-    import csv
-
+    """Scores N x C and labels N from .npz, `gestalt evaluate`'s predictions.csv (``score:<class>`` columns)
+    or a plain CSV (``label`` and one column per class)."""
     import numpy as np
 
     if path.suffix == ".npz":
         with np.load(path) as npz:
             return npz["probs"], npz["labels"].astype(int)
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "label" not in reader.fieldnames:
-            raise click.ClickException(f"{path} needs a 'label' column and one score column per class")
-        classes = [c for c in reader.fieldnames if c != "label"]
-        rows = list(reader)
-    if not rows:
-        raise click.ClickException(f"{path} has no rows")
-    probs = np.array([[float(r[c]) for c in classes] for r in rows])
+    fields, rows = _read_csv(path)
+    if "label" not in fields:
+        raise click.ClickException(f"{path} needs a 'label' column and one score column per class")
+    scored = [c for c in fields if c.startswith("score:")]
+    columns = scored or [c for c in fields if c != "label"]
+    classes = [c.removeprefix("score:") for c in columns] if scored else columns
+    try:
+        probs = np.array([[float(r[c]) for c in columns] for r in rows])
+    except ValueError as exc:
+        raise click.ClickException(f"{path}: a score is not a number ({exc})") from exc
     index = {c: i for i, c in enumerate(classes)}
     try:
         labels = np.array([index[r["label"]] if r["label"] in index else int(r["label"]) for r in rows])
     except ValueError as exc:
         raise click.ClickException(f"labels must be class names ({', '.join(classes)}) or indices") from exc
     return probs, labels
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in reader.fieldnames or []]
+        reader.fieldnames = fields
+        rows = list(reader)
+    if not rows:
+        raise click.ClickException(f"{path} has no rows")
+    return fields, rows
+
+
+def _read_calls(path: Path) -> dict[str, bool]:
+    """Image -> whether the model's call was right, from `gestalt evaluate`'s predictions.csv."""
+    fields, rows = _read_csv(path)
+    if "image" not in fields or "correct" not in fields:
+        raise click.ClickException(f"{path}: not a predictions.csv of `gestalt evaluate` "
+                                   "(it needs 'image' and 'correct' columns)")
+    calls = {r["image"]: r["correct"].strip() in ("1", "true", "True") for r in rows}
+    if len(calls) != len(rows):
+        raise click.ClickException(f"{path}: an image is listed twice")
+    return calls
+
+
+@stats.command("mcnemar")
+@click.argument("first", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("second", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--exact/--chi2", default=True, show_default=True,
+              help="Exact binomial test on the discordant images, or the chi-square form with continuity correction.")
+def stats_mcnemar(first: Path, second: Path, exact: bool) -> None:
+    """McNemar's paired test of two models on the same images (two predictions.csv of `gestalt evaluate`).
+
+    Compares whether each model's call was right, image by image: only the images one model got
+    right and the other wrong count. Both files must list the same images.
+    """
+    import numpy as np
+
+    from shared.ml.evaluation import mcnemar_test
+
+    a, b = _read_calls(first), _read_calls(second)
+    if set(a) != set(b):
+        only_a, only_b = len(set(a) - set(b)), len(set(b) - set(a))
+        raise click.ClickException(f"the files must list the same images: {only_a} only in {first}, "
+                                   f"{only_b} only in {second}")
+    images = sorted(a)
+    r = mcnemar_test(np.array([a[i] for i in images]), np.array([b[i] for i in images]), exact=exact)
+    click.echo(f"images={r.n} A_right={r.both_right + r.only_a} B_right={r.both_right + r.only_b} "
+               f"both_right={r.both_right} only_A={r.only_a} only_B={r.only_b} both_wrong={r.both_wrong}")
+    click.echo(f"mcnemar {'exact' if exact else 'chi2'} statistic={r.statistic:.4g} p={r.p:.4g}")
 
 
 @main.command()

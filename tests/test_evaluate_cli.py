@@ -61,7 +61,8 @@ def test_evaluate_writes_a_complete_report(tmp_path):
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for section in ("Top-k accuracy", "Against the baseline", "Regions against the aggregate", "Plots"):
         assert section in md and section in html
-    for png in ("confusion_matrix.png", "topk_curve.png", "composite_faces.png"):
+    assert (out / "predictions.csv").read_text().count("\n") == 1 + metrics["data"]["images"]
+    for png in ("confusion_matrix.png", "topk_curve.png", "composite_faces.png", "reliability.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 200
         assert png in md and png in html
@@ -89,8 +90,8 @@ def test_evaluate_binary_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["binary"]["positive"] == "s3"
-    assert {"accuracy", "sensitivity", "specificity"} <= set(metrics["binary"])
-    assert "Binary model" in (out / "report.md").read_text()
+    assert {"accuracy", "sensitivity", "specificity", "ppv", "npv", "auc"} <= set(metrics["binary"])
+    assert "Screening model: s3 against s1" in (out / "report.md").read_text()
 
 
 def test_too_few_usable_photos_is_a_clear_error(tmp_path):
@@ -130,3 +131,67 @@ def test_stats_commands(tmp_path):
 def test_stats_errors_are_one_line(args):
     r = gestalt(*args)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def _manifest(path, rows, bom=False, crlf=False):
+    nl = "\r\n" if crlf else "\n"
+    text = nl.join(["image,subject,label", *(",".join(r) for r in rows)]) + nl
+    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    return path
+
+
+def test_binary_model_evaluated_on_the_original_labels(tmp_path):
+    """Issue #17: `train --mode binary --positive down` merged `healthy` into `others`; evaluation refused it."""
+    orl = shared_data("faces", "orl")
+    # s1, s3, s4 and s5 have faces large enough in photos 1, 3, 6 and 7.
+    train = _manifest(tmp_path / "train.csv", [(str(orl / f"s{s}" / f"{i}.pgm"), f"s{s}", lab)
+                                               for s, lab in ((1, "down"), (3, "healthy"), (4, "down"),
+                                                              (5, "healthy")) for i in (1, 3, 6, 7)],
+                      bom=True, crlf=True)
+    model = tmp_path / "m.pt"
+    r = gestalt("train", "--data", str(train), "--mode", "binary", "--positive", "down", "--no-register",
+                "--output", str(model), "--width", "0.125", "--epochs", "1", "--val-fraction", "0.5",
+                "--threads", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "top5" not in r.stderr and "operating threshold" in r.stderr
+    test_rows = [(str(orl / f"s{s}" / f"{i}.pgm"), f"s{s}", lab)
+                 for s, lab in ((6, "down"), (7, "healthy"), (8, "healthy")) for i in (9, 10)]
+    test = _manifest(tmp_path / "test.csv", test_rows, crlf=True)
+    down_only = _manifest(tmp_path / "down.csv", [row for row in test_rows if row[2] == "down"])
+    out = tmp_path / "report"
+    r = gestalt("evaluate", "--model", str(model), "--data", str(test), "--data", f"down-only={down_only}",
+                "--positive", "down", "--out", str(out), "--resamples", "200", "--permutations", "100",
+                "--prevalence", "0.01", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "unknown label" not in r.stderr
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    b = metrics["binary"]
+    assert metrics["label_map"] == {"healthy": "others"}
+    assert "validation" in b["threshold_source"] or "default" in b["threshold_source"]
+    assert b["n_positive"] + b["n_negative"] == metrics["data"]["images"]
+    assert metrics["preprocessing"]["detector"] and metrics["temperature"] is not None
+    rows = (out / "test" / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("image,subject,original_label,label,predicted,correct,ranking,score:down,score:others")
+    assert any(",healthy,others," in row for row in rows[1:])
+    single = json.loads((out / "down-only" / "metrics.json").read_text())["binary"]
+    assert single["specificity"]["n"] == 0 and single["accuracy"]["n"] > 0
+    assert "nan" not in (out / "down-only" / "report.md").read_text().lower()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert [s["set"] for s in summary["sets"]] == ["test", "down-only"]
+    assert "| test set | images | skipped | correct calls | sensitivity | specificity | AUC | ECE |" in (
+        out / "report.md").read_text()
+    r = gestalt("stats", "mcnemar", str(out / "test" / "predictions.csv"), str(out / "test" / "predictions.csv"))
+    assert r.returncode == 0 and "only_A=0 only_B=0" in r.stdout and "p=1" in r.stdout, r.stderr
+
+
+def test_skipped_photos_are_summarised(tmp_path):
+    orl = shared_data("faces", "orl")
+    model = _train(orl, ["s1", "s2"], tmp_path, epochs=1)
+    # Most of s2's photos fail the face-size gate.
+    test = _manifest(tmp_path / "t.csv", [(str(orl / s / f"{i}.pgm"), s, s) for s in ("s1", "s2") for i in (8, 9, 10)])
+    r = gestalt("evaluate", "--model", str(model), "--data", str(test), "--out", str(tmp_path / "r"),
+                "--resamples", "100", "--permutations", "100", "--allow-leakage")
+    skipped = (tmp_path / "r" / "skipped.csv").read_text().splitlines()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(skipped) > 1 and f"skipped {len(skipped) - 1} photo(s)" in r.stderr
+    assert "the face is too small in the photo" in r.stderr and str(orl / "s2") not in r.stderr

@@ -45,22 +45,35 @@ def scan_folder(root: Path) -> list[Sample]:
 
 
 def load_manifest(path: Path) -> list[Sample]:
-    """Samples of a CSV with columns ``image,subject,label``; relative image paths are relative to the CSV."""
+    """Samples of a CSV with columns ``image,subject,label``; relative image paths are relative to the CSV.
+
+    UTF-8 with or without a byte-order mark, LF or CRLF line endings; blank lines are skipped.
+
+    Raises:
+        ValueError: a missing column, an empty field, or no image listed at all.
+        FileNotFoundError: listed images that do not exist.
+    """
     path = Path(path)
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
+        if reader.fieldnames:
+            reader.fieldnames = [f.strip() for f in reader.fieldnames]
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(MANIFEST_COLUMNS)}")
         samples = []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
+            row = {k: (v or "").strip() for k, v in row.items() if k is not None}
+            if not any(row.values()):
+                continue
             if not row["image"] or not row["label"] or not row["subject"]:
                 raise ValueError(f"{path}:{line}: image, subject and label must all be set")
             image = Path(row["image"])
-            samples.append(Sample(image if image.is_absolute() else path.parent / image, row["label"].strip(),
-                                  row["subject"].strip()))
+            samples.append(Sample(image if image.is_absolute() else path.parent / image, row["label"],
+                                  row["subject"]))
     if not samples:
-        raise ValueError(f"{path} lists no images")
+        raise ValueError(f"{path} lists no images (a header only?); expected rows of {','.join(MANIFEST_COLUMNS)}")
     absent = [str(s.path) for s in samples if not s.path.exists()]
     if absent:
         raise FileNotFoundError(f"{len(absent)} image(s) in {path} do not exist, e.g. {absent[:3]}")

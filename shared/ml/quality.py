@@ -18,6 +18,8 @@ Each check has a documented threshold, measured on the real photos in the test d
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -28,9 +30,11 @@ MIN_BRIGHTNESS = 35.0
 MIN_SHARPNESS = 8.0
 
 IMAGE_TOO_SMALL = f"the photo is too small (under {MIN_IMAGE_SIDE} pixels on a side); upload the original photo"
-FACE_TOO_SMALL = ("the face is too small in the photo (eyes under {px:.0f} pixels apart, at least "
+# The measured figure is shown to one decimal, rounded away from the limit (down for a distance under
+# its minimum, up for an angle over its maximum), so that it never reads as the limit itself.
+FACE_TOO_SMALL = ("the face is too small in the photo (eyes {px:.1f} pixels apart, at least "
                   f"{MIN_INTEROCULAR_PX:.0f} needed); upload a closer or higher-resolution photo")
-NON_FRONTAL = ("the face is turned too far to the side (about {yaw:.0f} degrees, at most "
+NON_FRONTAL = ("the face is turned too far to the side ({yaw:.1f} degrees, at most "
                f"{MAX_YAW_DEGREES:.0f} accepted); upload a frontal photo")
 TOO_DARK = "the face is too dark to analyse; upload a photo taken in better light"
 TOO_BLURRY = "the face is too blurry to analyse; upload a sharper photo"
@@ -58,9 +62,9 @@ def assess(aligned_gray: np.ndarray, aligned_landmarks: np.ndarray, interocular_
 def rejection(quality: dict[str, float]) -> str | None:
     """The first failed check as a sentence, or None when the face is usable."""
     if quality["interocular_px"] < MIN_INTEROCULAR_PX:
-        return FACE_TOO_SMALL.format(px=quality["interocular_px"])
+        return FACE_TOO_SMALL.format(px=math.floor(10 * quality["interocular_px"]) / 10)
     if abs(quality["yaw_degrees"]) > MAX_YAW_DEGREES:
-        return NON_FRONTAL.format(yaw=abs(quality["yaw_degrees"]))
+        return NON_FRONTAL.format(yaw=math.ceil(10 * abs(quality["yaw_degrees"])) / 10)
     if quality["brightness"] < MIN_BRIGHTNESS:
         return TOO_DARK
     if quality["sharpness"] < MIN_SHARPNESS:

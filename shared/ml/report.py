@@ -40,6 +40,42 @@ class EvalInput:
     resamples: int = ev.DEFAULT_RESAMPLES
     permutations: int = 100_000
     seed: int = 0
+    images: list[str] | None = None  # per image: its file, for predictions.csv
+    original_labels: list[str] | None = None  # per image: the test set's own label (before the model's mapping)
+    label_map: dict[str, str] = field(default_factory=dict)  # original label -> class, as applied
+    threshold: float | None = None  # binary: operating threshold on the positive probability
+    threshold_source: str = ""
+    prevalence: float | None = None  # binary: PPV/NPV also at this prevalence
+    preprocessing: dict = field(default_factory=dict)  # detector/landmarker names and weight hashes
+    temperature: float | None = None  # the calibration temperature applied to the scores, if any
+
+
+def _estimates(d: dict) -> dict:
+    """Estimates and nested dicts of them as plain values (NaN becomes None, valid JSON)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, ev.Estimate):
+            v = v.as_dict()
+        if isinstance(v, dict):
+            v = _estimates(v)
+        elif isinstance(v, float) and not np.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def positive_index(inp: EvalInput) -> int:
+    return inp.class_names.index(inp.positive) if inp.positive in inp.class_names else 0
+
+
+def calls(inp: EvalInput) -> np.ndarray:
+    """The class each image is called: argmax, or for two classes the positive class at the threshold."""
+    agg = inp.region_probs.mean(axis=1)
+    if len(inp.class_names) != 2:
+        return agg.argmax(axis=1)
+    pos = positive_index(inp)
+    thr = ev.DEFAULT_THRESHOLD if inp.threshold is None else inp.threshold
+    return np.where(agg[:, pos] >= thr, pos, 1 - pos)
 
 
 def compute(inp: EvalInput) -> dict:
@@ -49,27 +85,46 @@ def compute(inp: EvalInput) -> dict:
     n_classes = len(inp.class_names)
     ks = tuple(k for k in KS if k <= n_classes) or (1,)
     table = ev.topk_table(agg, labels, ks, inp.resamples, inp.seed)
+    for k in ks:  # per-image proportions: exact Clopper-Pearson intervals
+        table["per_image"][f"top{k}"] = ev.proportion_of(ev.topk_hits(agg, labels, k))
+    binary = n_classes == 2
     metrics: dict = {
         "model": inp.model_name, "data": {"source": inp.data_source, "hash": inp.data_hash, "split": inp.split,
                                           "images": int(len(labels)), "subjects": len(set(inp.subjects)),
                                           "disorders": int(len(np.unique(labels))), "rejected": len(inp.rejected)},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "preprocessing": inp.preprocessing,
+        "label_map": inp.label_map, "temperature": inp.temperature,
         "resamples": inp.resamples, "permutations": inp.permutations, "seed": inp.seed,
         "per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
         "macro": {k: v.as_dict() for k, v in table["macro"].items()},
         "permutation_p": {f"top{k}": ev.permutation_pvalue(agg, labels, k, inp.permutations, inp.seed) for k in ks},
         "regions": {},
-        "topk_curve": [float(ev.topk_hits(agg, labels, k).mean()) for k in range(1, min(CURVE_MAX_K, n_classes) + 1)],
+        # Two classes: top-2 is always 100%, so no curve.
+        "topk_curve": [] if binary else [float(ev.topk_hits(agg, labels, k).mean())
+                                         for k in range(1, min(CURVE_MAX_K, n_classes) + 1)],
         "rejected": [{"image": i, "reason": r} for i, r in inp.rejected],
+        "skipped_summary": _skipped_counts(inp.rejected),
     }
-    for i, region in enumerate(inp.regions):
-        metrics["regions"][region] = {f"top{k}": ev.bootstrap_mean(ev.topk_hits(inp.region_probs[:, i], labels, k),
-                                                                   inp.resamples, inp.seed).as_dict() for k in ks}
-    metrics["regions"]["aggregate"] = metrics["per_image"]
-    if n_classes == 2:
-        pos = inp.class_names.index(inp.positive) if inp.positive else 0
-        binary = ev.binary_metrics(agg.argmax(axis=1) == pos, labels == pos, inp.resamples, inp.seed)
-        metrics["binary"] = {"positive": inp.class_names[pos], **{k: v.as_dict() for k, v in binary.items()}}
+    if binary:
+        pos = positive_index(inp)
+        thr = ev.DEFAULT_THRESHOLD if inp.threshold is None else float(inp.threshold)
+        truth = labels == pos
+        screen = ev.screening_metrics(agg[:, pos], truth, thr, inp.prevalence, inp.resamples, inp.seed)
+        metrics["binary"] = {"positive": inp.class_names[pos], "negative": inp.class_names[1 - pos],
+                             "threshold_source": inp.threshold_source or "the default 0.5: the checkpoint stores none",
+                             **_estimates(screen)}
+        metrics["calibration"] = {"of": f"P({inp.class_names[pos]})", **ev.calibration(agg[:, pos], truth)}
+        for i, region in enumerate(inp.regions):
+            metrics["regions"][region] = _estimates(ev.screening_metrics(
+                inp.region_probs[:, i, pos], truth, thr, None, inp.resamples, inp.seed))
+        metrics["regions"]["aggregate"] = {k: v for k, v in metrics["binary"].items()}
+    else:
+        for i, region in enumerate(inp.regions):
+            metrics["regions"][region] = {f"top{k}": ev.proportion_of(ev.topk_hits(inp.region_probs[:, i], labels, k))
+                                          .as_dict() for k in ks}
+        metrics["regions"]["aggregate"] = metrics["per_image"]
+        top = agg.argmax(axis=1)
+        metrics["calibration"] = {"of": "top-1 confidence", **ev.calibration(agg.max(axis=1), top == labels)}
     if inp.baseline_accuracy is not None:
         n2 = inp.baseline_n or len(labels)
         hits = int(ev.topk_hits(agg, labels, 1).sum())
@@ -78,15 +133,24 @@ def compute(inp: EvalInput) -> dict:
     return metrics
 
 
+def _skipped_counts(rejected: list[tuple[str, str]]) -> list[dict]:
+    from collections import Counter
+
+    from shared.ml.training import reason_kind
+
+    return [{"reason": k, "n": n} for k, n in Counter(reason_kind(r) for _, r in rejected).most_common()]
+
+
 def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
     files = {}
     agg = inp.region_probs.mean(axis=1)
     n_classes = len(inp.class_names)
+    binary = n_classes == 2
 
     cm = np.zeros((n_classes, n_classes), int)
-    np.add.at(cm, (inp.labels, agg.argmax(axis=1)), 1)
+    np.add.at(cm, (inp.labels, calls(inp)), 1)
     size = min(14, 3 + 0.25 * n_classes)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = plt.subplots(figsize=(max(size, 4), max(size, 4)))
     ax.imshow(cm, cmap="Blues")
     if n_classes <= 40:
         ax.set_xticks(range(n_classes), inp.class_names, rotation=90, fontsize=7)
@@ -94,7 +158,7 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
         if n_classes <= 12:
             for (i, j), v in np.ndenumerate(cm):
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("predicted (top-1)")
+    ax.set_xlabel("called (at the threshold)" if binary else "predicted (top-1)")
     ax.set_ylabel("diagnosed")
     ax.set_title("Confusion matrix")
     fig.tight_layout()
@@ -102,40 +166,114 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
     plt.close(fig)
     files["confusion"] = "confusion_matrix.png"
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     curve = metrics["topk_curve"]
-    ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", ms=3)
-    ax.set_xlabel("k")
-    ax.set_ylabel("top-k accuracy (%)")
-    ax.set_ylim(0, 100)
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", ms=3)
+        ax.set_xlabel("k")
+        ax.set_ylabel("top-k accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title("Top-k accuracy")
+        fig.tight_layout()
+        fig.savefig(out / "topk_curve.png", dpi=110)
+        plt.close(fig)
+        files["topk"] = "topk_curve.png"
+
+    if binary and metrics["binary"]["auc"]["n"]:
+        from sklearn.metrics import roc_curve
+
+        pos = positive_index(inp)
+        fpr, tpr, _ = roc_curve(inp.labels == pos, agg[:, pos])
+        b = metrics["binary"]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {_pct(b['auc'], 'n/a', 3)}")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        if b["sensitivity"]["n"] and b["specificity"]["n"]:
+            ax.plot(1 - b["specificity"]["value"], b["sensitivity"]["value"], "o", color="C3",
+                    label=f"threshold {b['threshold']:.3f}")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"ROC: {b['positive']} against {b['negative']}")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "roc_curve.png", dpi=110)
+        plt.close(fig)
+        files["roc"] = "roc_curve.png"
+
+    cal = metrics["calibration"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="perfect calibration")
+    if cal["bins"]:
+        conf = [r["confidence"] for r in cal["bins"]]
+        obs = [r["observed"] for r in cal["bins"]]
+        ax.plot(conf, obs, marker="o", label=f"model (ECE {cal['ece']:.3f})")
+        for c, o, r in zip(conf, obs, cal["bins"], strict=True):
+            ax.annotate(str(r["n"]), (c, o), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"predicted {cal['of']}")
+    ax.set_ylabel("observed rate")
+    ax.set_title("Reliability diagram (images per bin)")
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    ax.set_title("Top-k accuracy")
     fig.tight_layout()
-    fig.savefig(out / "topk_curve.png", dpi=110)
+    fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
-    files["topk"] = "topk_curve.png"
+    files["reliability"] = "reliability.png"
 
     if inp.aligned is not None and len(inp.aligned):
         present = sorted(np.unique(inp.labels))
-        cols = min(8, len(present))
+        cols = min(6, len(present))
         rows = int(np.ceil(len(present) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+        # At least 6 inches wide, so the title fits on one line; constrained layout keeps it inside the figure.
+        fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 2.2 * cols), 2.5 * rows + 0.6), squeeze=False,
+                                 layout="constrained")
         for ax in axes.ravel():
             ax.axis("off")
         for ax, c in zip(axes.ravel(), present, strict=False):
-            ax.imshow(inp.aligned[inp.labels == c].astype(np.float64).mean(axis=0), cmap="gray")
-            ax.set_title(f"{inp.class_names[c]} (n={int((inp.labels == c).sum())})", fontsize=7)
-        fig.suptitle("Composite faces (mean of aligned faces)")
-        fig.tight_layout()
-        fig.savefig(out / "composite_faces.png", dpi=72)
+            ax.imshow(inp.aligned[inp.labels == c].astype(np.float64).mean(axis=0), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{inp.class_names[c]} (n={int((inp.labels == c).sum())})", fontsize=9)
+        fig.suptitle("Composite faces (mean of aligned faces)", fontsize=12)
+        fig.savefig(out / "composite_faces.png", dpi=100)
         plt.close(fig)
         files["composites"] = "composite_faces.png"
     return files
 
 
+def write_predictions(inp: EvalInput, path: Path) -> None:
+    """One row per image: file, subject, labels, the call, the ranking and every score (aggregate and region).
+
+    Columns: ``image, subject, original_label, label, predicted, correct, ranking`` (``class:score``
+    best first, ``;``-separated), then ``score:<class>`` (aggregate) and ``<region>:<class>`` per region.
+    ``gestalt stats permutation`` and ``gestalt stats mcnemar`` read it.
+    """
+    import csv
+
+    agg = inp.region_probs.mean(axis=1)
+    called = calls(inp)
+    names = inp.class_names
+    n = len(inp.labels)
+    images = inp.images or [""] * n
+    originals = inp.original_labels or [names[y] for y in inp.labels]
+    with Path(path).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "subject", "original_label", "label", "predicted", "correct", "ranking",
+                    *(f"score:{c}" for c in names), *(f"{r}:{c}" for r in inp.regions for c in names)])
+        for i in range(n):
+            order = np.argsort(-agg[i], kind="stable")
+            w.writerow([images[i], inp.subjects[i], originals[i], names[inp.labels[i]], names[called[i]],
+                        int(called[i] == inp.labels[i]), ";".join(f"{names[j]}:{agg[i, j]:.6f}" for j in order),
+                        *(f"{v:.6f}" for v in agg[i]), *(f"{v:.6f}" for v in inp.region_probs[i].ravel())])
 
 
-def _pct(v: dict) -> str:
+def _pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str:
+    """``61.3% (57.2–65.5)``; a fraction-scale figure (AUC) with ``digits``; ``missing`` when undefined."""
+    if not v or not v.get("n") or v.get("value") is None:
+        return missing
+    if digits is not None:
+        return f"{v['value']:.{digits}f} ({v['low']:.{digits}f}–{v['high']:.{digits}f})"
     return f"{100 * v['value']:.1f}% ({100 * v['low']:.1f}–{100 * v['high']:.1f})"
 
 
@@ -143,12 +281,96 @@ def write_report(inp: EvalInput, out: Path) -> dict:
     """Compute every figure and write the report folder; returns the metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = compute(inp)
+    metrics = _estimates(compute(inp))
     files = _plots(inp, metrics, out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_predictions(inp, out / "predictions.csv")
+    files["predictions"] = "predictions.csv"
+    if inp.rejected:
+        with (out / "skipped.csv").open("w", newline="") as fh:
+            import csv
+
+            w = csv.writer(fh)
+            w.writerow(["image", "reason"])
+            w.writerows(inp.rejected)
+        files["skipped"] = "skipped.csv"
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     # Autoescape for HTML only: Markdown has no escaping, and the values are numbers and our own labels.
     env = Environment(loader=PackageLoader("shared.ml", "templates"),
                       autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False))
     for name in ("report.md", "report.html"):
-        (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=_pct))
+        (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=_pct,
+                                                                     headline=headline(metrics)))
     return metrics
+
+
+def headline(metrics: dict) -> list[str]:
+    """The report's summary in a few lines (also printed by ``gestalt evaluate``)."""
+    d = metrics["data"]
+    lines = [f"{metrics['model']}: {d['images']} images of {d['subjects']} subjects ({d['rejected']} skipped)"]
+    b = metrics.get("binary")
+    if b:
+        lines.append(f"screening {b['positive']} against {b['negative']} at threshold {b['threshold']:.3f} "
+                     f"[{b['threshold_source']}]; {b['n_positive']} positive, {b['n_negative']} negative images")
+        lines.append(f"correct calls {_pct(b['accuracy'])}; AUC {_pct(b['auc'], 'n/a (one class only)', 3)}")
+        lines.append(f"sensitivity {_pct(b['sensitivity'], 'n/a (no positive images)')}; "
+                     f"specificity {_pct(b['specificity'], 'n/a (no negative images)')}")
+        lines.append(f"PPV {_pct(b['ppv'])}, NPV {_pct(b['npv'])} at the test prevalence "
+                     f"{100 * b['test_prevalence']:.1f}%")
+        if b.get("at_prevalence"):
+            a = b["at_prevalence"]
+            lines.append(f"PPV {_pct(a['ppv'])}, NPV {_pct(a['npv'])} at a prevalence of {100 * a['prevalence']:.3g}%")
+    else:
+        lines += [f"{k}: {_pct(v)} per image, {_pct(metrics['macro'][k])} per disorder"
+                  for k, v in metrics["per_image"].items()]
+    lines.append(f"expected calibration error ({metrics['calibration']['of']}): {metrics['calibration']['ece']:.3f}")
+    return lines
+
+
+def write_comparison(model_name: str, sets: dict[str, tuple[Path, dict]], out: Path) -> dict:
+    """One model on several test sets side by side: report.md, report.html and metrics.json in ``out``
+    (each set's full report is in ``out/<set>/``)."""
+    out = Path(out)
+    rows = []
+    for name, (path, m) in sets.items():
+        row = {"set": name, "source": str(path), "images": m["data"]["images"], "subjects": m["data"]["subjects"],
+               "skipped": m["data"]["rejected"], "top1": m["per_image"]["top1"], "ece": m["calibration"]["ece"]}
+        if m.get("binary"):
+            b = m["binary"]
+            row.update(accuracy=b["accuracy"], sensitivity=b["sensitivity"], specificity=b["specificity"],
+                       auc=b["auc"], threshold=b["threshold"])
+        else:
+            row.update(top5=m["per_image"].get("top5"), macro_top1=m["macro"]["top1"])
+        rows.append(row)
+    binary = any("auc" in r for r in rows)
+    cols = (["correct calls", "sensitivity", "specificity", "AUC"] if binary
+            else ["top-1 per image", "top-5 per image", "top-1 per disorder"])
+
+    def cells(r: dict) -> list[str]:
+        if binary:
+            return [_pct(r["accuracy"]), _pct(r["sensitivity"]), _pct(r["specificity"]), _pct(r["auc"], "n/a", 3)]
+        return [_pct(r["top1"]), _pct(r.get("top5")), _pct(r["macro_top1"])]
+
+    header = ["test set", "images", "skipped", *cols, "ECE"]
+    body = [[f"[{r['set']}]({r['set']}/report.md)", str(r["images"]), str(r["skipped"]), *cells(r),
+             f"{r['ece']:.3f}"] for r in rows]
+    md = [f"# Model {model_name} on {len(rows)} test sets", "",
+          "Each set's full report is in its own folder; intervals are 95% (exact Clopper-Pearson for proportions, "
+          "percentile bootstrap for the AUC).", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(b) + " |" for b in body), ""]
+    md += [f"- {r['set']}: `{r['source']}`" for r in rows]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    from html import escape
+
+    html_rows = "".join(
+        "<tr>" + f"<td><a href=\"{escape(r['set'])}/report.html\">{escape(r['set'])}</a></td>"
+        + "".join(f"<td>{escape(c)}</td>" for c in b[1:]) + "</tr>" for r, b in zip(rows, body, strict=True))
+    (out / "report.html").write_text(
+        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(model_name)}: test sets</title>"
+        "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2rem auto}table{border-collapse:"
+        "collapse}td,th{border:1px solid #dfe3ea;padding:.3rem .6rem;text-align:left}</style></head><body>"
+        f"<h1>Model {escape(model_name)} on {len(rows)} test sets</h1><table><tr>"
+        + "".join(f"<th>{escape(h)}</th>" for h in header) + f"</tr>{html_rows}</table></body></html>\n")
+    summary = {"model": model_name, "sets": rows}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    return summary

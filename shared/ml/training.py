@@ -170,6 +170,8 @@ def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks:
     """
     model.eval()
     pred = predict(model, crops)
+    # Top-k for k >= the number of classes is 100% by construction: not shown (two classes: top-1 only).
+    ks = tuple(k for k in ks if k == 1 or k < model.num_classes)
     out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
     for k in ks:
         out["aggregate"][f"top{k}"] = float(topk_hits(pred.aggregate, labels, k).mean())
@@ -240,7 +242,8 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
     aug = augmentation() if cfg.augment else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    ks = tuple(sorted({1, 5, cfg.select_topk}))
+    select_topk = cfg.select_topk if cfg.select_topk < len(class_names) else 1
+    ks = tuple(k for k in sorted({1, 5, select_topk}) if k == 1 or k < len(class_names))
     history, best, best_state = [], None, None
     for epoch in tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress):
         loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device)
@@ -249,7 +252,7 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
         if val_idx:
             metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=ks)
             entry.update({f"val_top{k}": metrics["aggregate"][f"top{k}"] for k in ks})
-            score = (entry[f"val_top{cfg.select_topk}"], *(entry[f"val_top{k}"] for k in ks), -entry["loss"])
+            score = (entry[f"val_top{select_topk}"], *(entry[f"val_top{k}"] for k in ks), -entry["loss"])
             if best is None or score >= best:
                 best = score
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -315,3 +318,63 @@ def data_hash(samples: list[Sample]) -> str:
     for s in samples:
         h.update(f"{s.label}\0{s.subject}\0{s.path.name}\n".encode())
     return h.hexdigest()[:16]
+
+
+def binary_label_map(labels: list[str] | set[str], positive: str) -> dict[str, str]:
+    """Binary mode's mapping of every original label onto ``positive`` or ``others``, stored with the model."""
+    return {label: positive if label == positive else BINARY_NEGATIVE for label in sorted(labels)}
+
+
+def apply_label_map(samples: list[Sample], class_names: list[str], extra: dict) -> tuple[list[Sample], dict[str, str]]:
+    """Test samples with the labels the model was trained on: the mapping ``gestalt train`` applied.
+
+    A binary model's checkpoint stores its ``label_map`` (e.g. ``healthy -> others``); a label it has
+    not seen (or an older checkpoint without a map) goes to the negative class. Other models use their
+    class names as they are (an unknown label is then an error in :func:`prepare`).
+
+    Returns:
+        The samples and the mapping applied (original label -> class name; only labels that changed).
+    """
+    mapping = dict(extra.get("label_map") or {})
+    binary = extra.get("mode") == "binary" or (len(class_names) == 2 and class_names[1] == BINARY_NEGATIVE)
+    negative = extra.get("negative") or (class_names[1] if binary else None)
+    applied: dict[str, str] = {}
+    out = []
+    for s in samples:
+        target = s.label
+        if s.label not in class_names:
+            if s.label in mapping:
+                target = mapping[s.label]
+            elif binary:
+                target = negative
+        if target != s.label:
+            applied[s.label] = target
+            s = dataclasses.replace(s, label=target)
+        out.append(s)
+    return out, applied
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its figures and advice, for counting (``the face is too small in the photo``)."""
+    return reason.split(" (", 1)[0].split(";", 1)[0].strip()
+
+
+def skipped_summary(rejected: list[tuple[Sample, str]]) -> list[tuple[str, int]]:
+    """(reason, count) of skipped photos, the most frequent first."""
+    from collections import Counter
+
+    return Counter(reason_kind(r) for _, r in rejected).most_common()
+
+
+def write_skipped(rejected: list[tuple[Sample, str]], path) -> None:
+    """Every skipped photo with its reason: a CSV of image, subject, label, reason."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "subject", "label", "reason"])
+        for sample, reason in rejected:
+            w.writerow([str(sample.path), sample.subject, sample.label, reason])
