@@ -459,6 +459,12 @@ def _report_skipped(rejected, path: Path | None) -> None:
 @click.option("--register/--no-register", default=True, help="Register the model version in the database.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the checkpoint to this file.")
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Early stopping: stop after this many epochs without a better validation top-k (0: off); "
+                   "the best epoch is kept either way.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Epoch state, rewritten after every epoch; when it exists, training resumes after its last "
+                   "epoch (same data and settings) [default: <output>.state beside --output, else none].")
 @click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
                    "beside --output, else reports/train-<time>/skipped.csv].")
@@ -466,8 +472,8 @@ def _report_skipped(rejected, path: Path | None) -> None:
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
           select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
-          register: bool, output: Path | None, skipped_path: Path | None, threads: int | None,
-          device: str | None) -> None:
+          register: bool, output: Path | None, patience: int, state_path: Path | None, skipped_path: Path | None,
+          threads: int | None, device: str | None) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version.
 
     A binary model stores the label mapping it trained with (every label but --positive becomes
@@ -537,9 +543,19 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size,
                       lr=lr if lr is not None else (FINETUNE_LR if init else SCRATCH_LR),
                       optimizer=optimizer or ("sgd" if init else "adam"), select_topk=select_topk, seed=seed,
-                      device=str(torch_device))
-    model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init=init,
-                                    positive=0 if mode == "binary" else None)
+                      device=str(torch_device), patience=patience)
+    if state_path is None and output is not None:
+        state_path = output.with_name(output.name + ".state")
+    try:
+        model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init=init,
+                                        positive=0 if mode == "binary" else None, state_path=state_path)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if metrics["resumed_from"]:
+        console.print(f"resumed after epoch {metrics['resumed_from']} from {state_path}")
+    if metrics["stopped_early"]:
+        console.print(f"stopped early after epoch {metrics['history'][-1]['epoch']} (patience {patience}); "
+                      f"kept epoch {metrics['best_epoch']}")
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
     metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,

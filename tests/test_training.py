@@ -147,3 +147,69 @@ def test_load_pretrained_replaces_the_final_layers():
     assert model(torch.zeros(2, 1, 1, 100, 100)).shape == (2, 1, 7)
     with pytest.raises(ValueError, match="no net for region"):
         load_pretrained(blob, 7, ("lower_half",))
+
+
+# ---------------------------------------------------------------------------- early stopping and resuming
+def _tiny_data(n: int = 12):
+    from shared.ml.training import PreparedData
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    crops = rng.integers(0, 255, (n, 1, 100, 100)).astype(np.uint8)
+    crops[labels == 1, :, 40:60, 40:60] = 255
+    samples = [Sample(Path(f"{i}.jpg"), "ab"[y], f"p{i}") for i, y in enumerate(labels)]
+    return PreparedData(crops, labels.astype(np.int64), samples)
+
+
+def test_training_resumes_from_the_last_epoch(tmp_path, monkeypatch):
+    import torch
+
+    from shared.ml import training
+    from shared.ml.training import TrainConfig, train_ensemble
+
+    data = _tiny_data()
+    cfg = TrainConfig(width=0.125, epochs=3, batch_size=4, progress=False, augment=False)
+    args = (data, ["a", "b"], ("full_face",), list(range(8)), list(range(8, 12)), cfg)
+    straight, _ = train_ensemble(*args, state_path=tmp_path / "a.state")
+
+    real, calls = training.train_epoch, []
+
+    def dies_in_epoch_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_ensemble(*args, state_path=tmp_path / "b.state")
+    monkeypatch.setattr(training, "train_epoch", real)
+    resumed, metrics = train_ensemble(*args, state_path=tmp_path / "b.state")
+    assert metrics["resumed_from"] == 2 and [e["epoch"] for e in metrics["history"]] == [1, 2, 3]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    with pytest.raises(ValueError, match="other data, split or settings"):
+        train_ensemble(data, ["a", "b"], ("full_face",), list(range(6)), list(range(6, 12)), cfg,
+                       state_path=tmp_path / "b.state")
+
+
+def test_early_stopping_keeps_the_best_epoch(monkeypatch):
+    from shared.ml import training
+    from shared.ml.training import TrainConfig, train_ensemble
+
+    scores = iter([0.5, 0.75, 0.75, 0.5, 0.75, 1.0, 1.0])
+    real = training.evaluate
+
+    def scripted(model, crops, labels, ks=(1,), positive=None):
+        out = real(model, crops, labels, ks=ks, positive=positive)
+        if ks != (1, 5, 10):  # per-epoch validation, not the final report
+            out["aggregate"] = {f"top{k}": next(scores) for k in ks}
+        return out
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    data = _tiny_data()
+    cfg = TrainConfig(width=0.125, epochs=7, batch_size=4, progress=False, augment=False, patience=2)
+    _, metrics = train_ensemble(data, ["a", "b"], ("full_face",), list(range(8)), list(range(8, 12)), cfg)
+    # Epoch 2 reached 0.75; epochs 3 and 4 did not beat it: stop after epoch 4, keep the best.
+    assert [e["epoch"] for e in metrics["history"]] == [1, 2, 3, 4] and metrics["stopped_early"]
+    assert metrics["best_epoch"] in (2, 3)

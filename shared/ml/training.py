@@ -90,6 +90,8 @@ class TrainConfig:
     # The best epoch is the one with the highest validation top-k at this k (ties: lower k, then loss).
     select_topk: int = 1
     augment: bool = True
+    # Early stopping: stop after this many epochs without a better validation score (0: run every epoch).
+    patience: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -216,15 +218,31 @@ def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | No
     return model.train()
 
 
+def _resume_fingerprint(class_names, regions, train_idx, val_idx, cfg: TrainConfig, init) -> dict:
+    """What a resumed run must share with the run that wrote the epoch state."""
+    return {"class_names": list(class_names), "regions": list(regions), "train_idx": [int(i) for i in train_idx],
+            "val_idx": [int(i) for i in val_idx], "fine_tuned": init is not None,
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "progress", "patience")}}
+
+
 def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
                    val_idx: list[int], cfg: TrainConfig, init: RegionalEnsemble | None = None,
-                   positive: int | None = None) -> tuple[RegionalEnsemble, dict]:
+                   positive: int | None = None, state_path=None) -> tuple[RegionalEnsemble, dict]:
     """Train one CASIA-Net per region on the same faces; keep the epoch with the best validation top-k.
 
     Args:
         init: fine-tune this ensemble (its heads must already have ``len(class_names)`` outputs, see
             :func:`load_pretrained`) instead of training a new one from scratch.
         positive: for a binary model, the positive class (validation then reports sensitivity and specificity).
+        state_path: rewritten after every epoch (through a temp file) with the weights, the optimizer,
+            scheduler and random state and the best epoch so far; when it exists, training resumes
+            after its last epoch (the data, split and recipe must be the same).
+
+    Early stopping (``cfg.patience``) ends training after that many epochs without a better
+    validation score; the best epoch's weights are kept either way.
+
+    Raises:
+        ValueError: when ``state_path`` was written by a different run.
 
     Returns:
         The trained ensemble (CPU, eval mode) and its metrics.
@@ -244,8 +262,27 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
     generator = torch.Generator().manual_seed(cfg.seed)
     select_topk = cfg.select_topk if cfg.select_topk < len(class_names) else 1
     ks = tuple(k for k in sorted({1, 5, select_topk}) if k == 1 or k < len(class_names))
-    history, best, best_state = [], None, None
-    for epoch in tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress):
+    history, best, best_state, start, since_best, stopped_early = [], None, None, 0, 0, False
+    fingerprint = _resume_fingerprint(class_names, regions, train_idx, val_idx, cfg, init)
+    if state_path is not None:
+        state = _load_train_state(state_path)
+        if state is not None:
+            if state["fingerprint"] != fingerprint:
+                raise ValueError(f"{state_path} was written by a run with other data, split or settings; "
+                                 "remove it or choose another file")
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["rng"])
+            start, history, since_best = int(state["epoch"]), list(state["history"]), int(state["since_best"])
+            best = tuple(state["best"]) if state["best"] is not None else None
+            best_state, stopped_early = state["best_state"], bool(state["stopped_early"])
+            logger.info("train resume epoch=%d path=%s", start, state_path)
+    for epoch in tqdm(range(start, cfg.epochs), desc="train", unit="epoch", initial=start, total=cfg.epochs,
+                      disable=not cfg.progress or stopped_early):
+        if stopped_early:
+            break
         loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device)
         scheduler.step()
         entry = {"epoch": epoch + 1, "loss": loss}
@@ -253,20 +290,42 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
             metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=ks)
             entry.update({f"val_top{k}": metrics["aggregate"][f"top{k}"] for k in ks})
             score = (entry[f"val_top{select_topk}"], *(entry[f"val_top{k}"] for k in ks), -entry["loss"])
+            # Patience counts epochs since validation top-k last rose (the training loss breaks ties only).
+            improved = best is None or score[:-1] > tuple(best[:-1])
             if best is None or score >= best:
                 best = score
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 entry["best"] = True
+            since_best = 0 if improved else since_best + 1
+            if cfg.patience and since_best >= cfg.patience:
+                stopped_early = True
+                entry["stopped_early"] = True
         history.append(entry)
         logger.info("train epoch=%d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in entry.items()
                                                              if isinstance(v, float)))
+        if state_path is not None:
+            from shared.ml.pretrain import save_state
+
+            save_state(state_path, {
+                "kind": "gestalt-train-state", "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "rng": torch.get_rng_state(),
+                "best": list(best) if best is not None else None, "best_state": best_state,
+                "since_best": since_best, "stopped_early": stopped_early})
+        if stopped_early:
+            logger.info("train early stop epoch=%d patience=%d", epoch + 1, cfg.patience)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model = model.cpu().eval()
     metrics = {
         "train": {"n": len(train_idx), "subjects": len({data.samples[i].subject for i in train_idx})},
         "history": history,
-        "config": {"width": model.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "best_epoch": next((e["epoch"] for e in reversed(history) if e.get("best")), None),
+        "stopped_early": stopped_early, "resumed_from": start,
+        "config": {"width": model.width, "epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
+                   "lr": cfg.lr,
                    "weight_decay": cfg.weight_decay if cfg.optimizer == "adam" else 0.0, "seed": cfg.seed,
                    "optimizer": cfg.optimizer, "select_topk": cfg.select_topk, "fine_tuned": init is not None},
     }
@@ -274,6 +333,19 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
         metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx], positive=positive)
         metrics["validation"]["subjects"] = len({data.samples[i].subject for i in val_idx})
     return model, metrics
+
+
+def _load_train_state(path) -> dict | None:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    import io
+
+    state = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
+    if state.get("kind") != "gestalt-train-state":
+        raise ValueError(f"{path} is not a training state file of `gestalt train`; choose another file")
+    return state
 
 
 def select_task(samples: list[Sample], mode: str, positive: str | None = None,
