@@ -421,7 +421,7 @@ def _report_skipped(rejected, path: Path | None) -> None:
     if not rejected:
         return
     counts = "; ".join(f"{n} {reason}" for reason, n in skipped_summary(rejected))
-    console.print(f"[yellow]skipped {len(rejected)} photo(s)[/]: {counts}")
+    console.print(f"[yellow]skipped {len(rejected)} photo(s)[/]: {counts}", soft_wrap=True)
     if path is not None:
         write_skipped(rejected, path)
         console.print(f"the skipped photos and their reasons: {path}")
@@ -463,8 +463,9 @@ def _report_skipped(rejected, path: Path | None) -> None:
               help="Early stopping: stop after this many epochs without a better validation top-k (0: off); "
                    "the best epoch is kept either way.")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Epoch state, rewritten after every epoch; when it exists, training resumes after its last "
-                   "epoch (same data and settings) [default: <output>.state beside --output, else none].")
+              help="Epoch state, rewritten after every epoch and removed when training finishes; when it exists, "
+                   "training resumes after its last epoch (same data and settings) [default: <output>.state beside "
+                   "--output, else none].")
 @click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
                    "beside --output, else reports/train-<time>/skipped.csv].")
@@ -579,6 +580,8 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         console.print(f"checkpoint written to {output}")
     if register:
         _register(model, class_names, metrics, name, activate, extra, base_set=(data, val_idx))
+    if state_path is not None and state_path.exists():  # a finished run needs no resuming
+        state_path.unlink()
 
 
 def _validation_extra(model, data, val_idx: list[int], class_names: list[str], mode: str,

@@ -154,6 +154,7 @@ def test_binary_model_evaluated_on_the_original_labels(tmp_path):
                 "--threads", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "top5" not in r.stderr and "operating threshold" in r.stderr
+    assert not (tmp_path / "m.pt.state").exists()  # the epoch state of a finished run is removed
     test_rows = [(str(orl / f"s{s}" / f"{i}.pgm"), f"s{s}", lab)
                  for s, lab in ((6, "down"), (7, "healthy"), (8, "healthy")) for i in (9, 10)]
     test = _manifest(tmp_path / "test.csv", test_rows, crlf=True)
