@@ -468,7 +468,7 @@ def _report_skipped(rejected, path: Path | None) -> None:
                    "--output, else none].")
 @click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
-                   "beside --output, else reports/train-<time>/skipped.csv].")
+                   "beside --output, else $GESTALT_DATA_DIR/reports/train-<time>-skipped.csv].")
 @_torch_options
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
@@ -537,8 +537,8 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     if skipped_path is None:
-        skipped_path = (output.parent / f"{output.stem}-skipped.csv" if output else
-                        Path("reports") / f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}" / "skipped.csv")
+        skipped_path = (output.parent / f"{output.stem}-skipped.csv" if output else settings.data_dir / "reports"
+                        / f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}-skipped.csv")
     _report_skipped(data.rejected, skipped_path)
     train_idx, val_idx = subject_split(data.samples, val_fraction, seed)
     cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size,

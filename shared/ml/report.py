@@ -187,7 +187,7 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
         fpr, tpr, _ = roc_curve(inp.labels == pos, agg[:, pos])
         b = metrics["binary"]
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {_pct(b['auc'], 'n/a', 3)}")
+        ax.plot(fpr, tpr, label=f"AUC {_pct(b['auc'], 'n/a', 3)}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         if b["sensitivity"]["n"] and b["specificity"]["n"]:
             ax.plot(1 - b["specificity"]["value"], b["sensitivity"]["value"], "o", color="C3",
