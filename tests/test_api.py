@@ -81,7 +81,7 @@ def test_nul_characters_are_refused_not_500(web_server, token):
         assert r.status_code == 400 and "NUL" in r.json()["error"]
     r = requests.post(f"{web_server}/cases/{case_id}/images", headers={**auth, "Accept": "application/json"},
                       files={"photo": ("bad\x00name.jpg", b"not an image")})
-    assert r.status_code == 415
+    assert r.status_code == 400 and r.json()["error"] == "photo (file name) contains a NUL character"
 
 
 def test_api_case_with_hpo_terms_and_a_catalogue_diagnosis(web_server, token):

@@ -37,10 +37,12 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _check_text(field: str, value: str) -> None:
+def _check_text(field: str | None, value: str | None) -> None:
+    if value is None:  # a multipart part without a usable name
+        return
     problem = text_problem(value)
     if problem:
-        raise InputRejected(_printable(field), problem)
+        raise InputRejected(_printable(field or "a field"), problem)
 
 
 def _printable(field: str) -> str:

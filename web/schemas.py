@@ -49,7 +49,12 @@ class DiagnosisUpdate(_Strict):
 def _problem(error: dict) -> tuple[str, str]:
     """(field, what is wrong with it) for one pydantic error."""
     field = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "constrained")))
+    if error["loc"] and error["loc"][0] == "hpo_terms" and error["type"].endswith("_type"):
+        return "hpo_terms", 'must be a list of HPO IDs such as "HP:0000316"'
     kinds = {"bool_type": "must be true or false (a JSON boolean)", "missing": "is required",
+             "string_type": "must be text", "list_type": "must be a list",
+             "float_type": "must be a number", "int_type": "must be a whole number",
+             "int_from_float": "must be a whole number",
              "literal_error": error.get("msg", "").replace("Input should be", "must be"),
              "string_too_long": f"has at most {error.get('ctx', {}).get('max_length')} characters",
              "extra_forbidden": "is not a field of this request",
