@@ -1229,10 +1229,11 @@ def heads_benchmark(path: Path, folds: int) -> None:
     click.echo(f"top1={results['heads']['top1']:.4f}")
 
 def _add_command_groups() -> None:
+    from shared.commands.encode import encode_cmd
     from shared.commands.exchange import export_group, import_group
     from shared.commands.phenotype import evaluate_phenotype
 
-    for command in (export_group, import_group, evaluate_phenotype):
+    for command in (encode_cmd, export_group, import_group, evaluate_phenotype):
         main.add_command(command)
 
 
