@@ -562,7 +562,7 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,
                        **({"transfer_pairs": transfer_pairs} if init_path and transfer_pairs is not None else {}),
                        **({"positive": class_names[0]} if mode == "binary" else {})}
-    _print_metrics(metrics)
+    _print_metrics(metrics, len(class_names))
     # What the model saw, so that evaluation can refuse leaked subjects and images.
     seen = [data.samples[i] for i in train_idx]
     extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
@@ -686,14 +686,15 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
     console.print(f"pretrained checkpoint written to {output}")
 
 
-def _print_metrics(metrics: dict) -> None:
+def _print_metrics(metrics: dict, n_classes: int) -> None:
     val = metrics.get("validation")
     if not val:
         console.print("no validation split (every label has one subject)")
         return
     table = Table(title=f"validation ({val['n']} images, {val['subjects']} subjects)")
     table.add_column("region")
-    ks = list(val["aggregate"])  # top-k for k below the number of classes (two classes: top-1 only)
+    # Top-k for k >= the number of classes is 100% by construction: not shown (two classes: top-1 only).
+    ks = [k for k in val["aggregate"] if k == "top1" or int(k.removeprefix("top")) < n_classes]
     for k in ks:
         table.add_column(k, justify="right")
     for region, row in [*val["regions"].items(), ("aggregate", val["aggregate"])]:

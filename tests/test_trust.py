@@ -322,3 +322,16 @@ def test_predictions_csv_feeds_the_stats_commands(tmp_path):
     other.write_text("image,correct\nx.jpg,1\n")
     r = CliRunner().invoke(main, ["stats", "mcnemar", str(tmp_path / "a" / "predictions.csv"), str(other)])
     assert r.exit_code == 1 and "same images" in r.output
+
+
+def test_validation_of_two_classes_prints_top1_only(capsys):
+    from shared.cli import _print_metrics
+
+    row = {"top1": 0.5, "top5": 1.0, "top10": 1.0}
+    metrics = {"validation": {"n": 4, "subjects": 2, "aggregate": row, "regions": {"full_face": row}}}
+    _print_metrics(metrics, 2)
+    printed = capsys.readouterr().err
+    assert "top1" in printed and "top5" not in printed and "top10" not in printed
+    _print_metrics(metrics, 7)
+    printed = capsys.readouterr().err
+    assert "top5" in printed and "top10" not in printed

@@ -127,7 +127,8 @@ def compute(inp: EvalInput) -> dict:
         metrics["calibration"] = {"of": "top-1 confidence", **ev.calibration(agg.max(axis=1), top == labels)}
     if inp.baseline_accuracy is not None:
         n2 = inp.baseline_n or len(labels)
-        hits = int(ev.topk_hits(agg, labels, 1).sum())
+        # Top-1, or for a two-class model its calls at the threshold.
+        hits = int((calls(inp) == labels).sum()) if binary else int(ev.topk_hits(agg, labels, 1).sum())
         z = ev.two_proportion_ztest(hits, len(labels), inp.baseline_accuracy, n2)
         metrics["baseline"] = {"accuracy": inp.baseline_accuracy, "n": n2, "ours": z.p1, "z": z.z, "p": z.p}
     return metrics

@@ -172,8 +172,6 @@ def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks:
     """
     model.eval()
     pred = predict(model, crops)
-    # Top-k for k >= the number of classes is 100% by construction: not shown (two classes: top-1 only).
-    ks = tuple(k for k in ks if k == 1 or k < model.num_classes)
     out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
     for k in ks:
         out["aggregate"][f"top{k}"] = float(topk_hits(pred.aggregate, labels, k).mean())
