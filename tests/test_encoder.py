@@ -201,6 +201,7 @@ def test_reader_reads_dlibs_primitives():
 @needs_model
 def test_load_converts_once_then_uses_the_verified_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GESTALT_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # not a cache in this machine's hub folder
     state = encoder.load_state_dict()  # converted from face_recognition_models, cached in GESTALT_WEIGHTS_DIR
     cache = tmp_path / encoder.CACHE_FILE
     assert cache.is_file() and cache.stat().st_mode & 0o044 == 0o044
