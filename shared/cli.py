@@ -572,7 +572,9 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     if "temperature" in extra:
         console.print(f"calibration temperature {extra['temperature']:.3f} (fitted on the validation split)")
     if mode == "binary":
-        console.print(f"operating threshold {extra['threshold']:.3f} on P({positive}) ({extra['threshold_source']})")
+        console.print(f"operating threshold {extra['threshold']:.3f} on P({positive}) ({extra['threshold_source']})"
+                      + (f"; on validation there: sensitivity {extra['val_sensitivity']:.3f}, specificity "
+                         f"{extra['val_specificity']:.3f}" if "val_sensitivity" in extra else ""))
     if output:
         from shared.ml.gestalt import save_checkpoint
 
@@ -605,6 +607,10 @@ def _validation_extra(model, data, val_idx: list[int], class_names: list[str], m
         threshold = choose_threshold(probs.mean(axis=1)[:, 0], labels == 0)
         source = (f"Youden's J on {len(val_idx)} validation images" if threshold is not None
                   else "the default 0.5: the validation split lacks a class")
+        if threshold is not None:
+            called, truth = probs.mean(axis=1)[:, 0] >= threshold, labels == 0
+            extra["val_sensitivity"] = float(called[truth].mean())
+            extra["val_specificity"] = float((~called[~truth]).mean())
     return {**extra, "label_map": label_map or {}, "positive": class_names[0], "negative": class_names[1],
             "threshold": DEFAULT_THRESHOLD if threshold is None else threshold, "threshold_source": source}
 
@@ -816,11 +822,14 @@ def _parse_data_sets(values: tuple[str, ...]) -> list[tuple[str, Path]]:
 @click.option("--permutations", type=int, default=100_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-leakage", is_flag=True, help="Report even if test subjects or images were trained on.")
+@click.option("--temperature/--no-temperature", "use_temperature", default=True, show_default=True,
+              help="Apply the calibration temperature the checkpoint stores (fitted on validation data at training "
+                   "time); --no-temperature scores as the workers do.")
 @_torch_options
 def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, baseline_accuracy: float | None,
              baseline_n: int | None, positive: str | None, threshold: float | None, prevalence: float | None,
-             resamples: int, permutations: int, seed: int, allow_leakage: bool, threads: int | None,
-             device: str | None) -> None:
+             resamples: int, permutations: int, seed: int, allow_leakage: bool, use_temperature: bool,
+             threads: int | None, device: str | None) -> None:
     """Evaluate a model on labelled photos and write a report folder (md, html, json, predictions.csv, plots).
 
     Test labels are mapped as in training (a binary model's other labels become `others`).
@@ -863,7 +872,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
                                           threshold=threshold, threshold_source=source, prevalence=prevalence,
                                           baseline_accuracy=baseline_accuracy, baseline_n=baseline_n,
                                           resamples=resamples, permutations=permutations, seed=seed,
-                                          allow_leakage=allow_leakage)
+                                          allow_leakage=allow_leakage, use_temperature=use_temperature)
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
@@ -911,7 +920,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
                                    f"({len(data.rejected)} rejected: {reasons})")
     region_probs = predict(model, data.crops).region_probs
-    temperature = extra.get("temperature")
+    temperature = extra.get("temperature") if opts["use_temperature"] else None
     if temperature:
         region_probs = apply_temperature(region_probs, float(temperature))
     metrics = write_report(EvalInput(

@@ -335,3 +335,26 @@ def test_validation_of_two_classes_prints_top1_only(capsys):
     _print_metrics(metrics, 7)
     printed = capsys.readouterr().err
     assert "top5" in printed and "top10" not in printed
+
+
+def test_evaluate_applies_the_stored_temperature_unless_told_not_to(tmp_path):
+    from shared.cli import main
+    from tests.conftest import shared_data
+
+    orl = shared_data("faces", "orl")
+    model = _tiny_checkpoint(tmp_path / "m.pt", extra={"mode": "binary", "positive": "down", "negative": "others",
+                                                       "temperature": 5.0, "threshold": 0.4,
+                                                       "threshold_source": "Youden's J on 9 validation images"})
+    rows = [f"{orl / s / '10.pgm'},{s},{lab}" for s, lab in (("s1", "down"), ("s3", "healthy"), ("s4", "healthy"))]
+    (tmp_path / "t.csv").write_text("image,subject,label\n" + "\n".join(rows) + "\n")
+    probs = {}
+    for flag in ("--temperature", "--no-temperature"):
+        out = tmp_path / flag
+        r = CliRunner().invoke(main, ["evaluate", "--model", str(model), "--data", str(tmp_path / "t.csv"), "--out",
+                                      str(out), "--resamples", "50", "--permutations", "50", flag, "--threads", "1"])
+        assert r.exit_code == 0, r.output
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["binary"]["threshold"] == 0.4 and m["label_map"] == {"healthy": "others"}
+        probs[flag] = (m["temperature"], (out / "predictions.csv").read_text().splitlines()[1].split(",")[7])
+    assert probs["--temperature"][0] == 5.0 and probs["--no-temperature"][0] is None
+    assert probs["--temperature"][1] != probs["--no-temperature"][1]
