@@ -62,13 +62,37 @@ def heartbeats() -> list[dict]:
     return sorted(beats, key=lambda b: (b["node"] or "", b["pid"]))
 
 
+def _waited(times: dict) -> float:
+    """Seconds a photo spent waiting for a model to be activated (0 if it never did)."""
+    start, end = times.get("awaiting_model"), times.get("infer_start")
+    return max(0.0, end - start) if start is not None and end is not None and end >= start else 0.0
+
+
+def _durations(times: dict) -> dict[str, float]:
+    """Each stage's duration for one photo's ``stage_times``; "end to end" leaves out the wait for a model,
+    which is reported on its own."""
+    out = {}
+    for name, start, end in STAGES:
+        if start in times and end in times and times[end] >= times[start]:
+            out[name] = times[end] - times[start]
+    waited = _waited(times)
+    if waited:
+        out["waiting for a model"] = waited
+        if "end to end" in out:
+            out["end to end"] = max(0.0, out["end to end"] - waited)
+    return out
+
+
+LATENCY_ROWS = (*(name for name, _, _ in STAGES), "waiting for a model")
+
+
 def recent_activity(session: Session, seconds: float = 3600) -> dict:
     """Counts and per-stage latency p50/p95 over images touched in the last ``seconds``."""
     since = time.time() - seconds
     rows = session.execute(select(Image.status, Image.stage_times).where(
         Image.updated_at >= _utc(since))).all()
     counts = {"running": 0, "succeeded": 0, "rejected": 0, "failed": 0, "retried": 0, "waiting_for_model": 0}
-    durations: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    durations: dict[str, list[float]] = {name: [] for name in LATENCY_ROWS}
     for status, times in rows:
         times = times or {}
         if status in ("queued", "detecting", "aligning", "scoring"):
@@ -81,12 +105,56 @@ def recent_activity(session: Session, seconds: float = 3600) -> dict:
             counts[status] += 1
         if times.get("retries") or times.get("sweeps"):
             counts["retried"] += 1
-        for name, start, end in STAGES:
-            if start in times and end in times and times[end] >= times[start]:
-                durations[name].append(times[end] - times[start])
+        for name, value in _durations(times).items():
+            durations[name].append(value)
     latency = {name: {"n": len(v), "p50": float(np.percentile(v, 50)) if v else None,
                       "p95": float(np.percentile(v, 95)) if v else None} for name, v in durations.items()}
     return {"counts": counts, "latency": latency}
+
+
+def activity_series(session: Session, hours: float = 6, bucket_minutes: int = 15) -> dict:
+    """Per time bucket over the last ``hours``: photos finished, and the p50/p95 of their end-to-end
+    processing time (waiting for a model left out), for the admin console's plots."""
+    now = time.time()
+    width = bucket_minutes * 60
+    n = max(1, int(hours * 3600 // width))
+    start = now - n * width
+    rows = session.scalars(select(Image.stage_times).where(Image.updated_at >= _utc(start))).all()
+    done: list[list[float]] = [[] for _ in range(n)]
+    for times in rows:
+        finished = (times or {}).get("done")
+        if finished is None or finished < start:
+            continue
+        bucket = min(n - 1, int((finished - start) // width))
+        done[bucket].append(_durations(times).get("end to end", 0.0))
+    return {"t": [start + (i + 1) * width for i in range(n)], "done": [len(b) for b in done],
+            "p50": [float(np.percentile(b, 50)) if b else None for b in done],
+            "p95": [float(np.percentile(b, 95)) if b else None for b in done], "bucket_minutes": bucket_minutes}
+
+
+DEPTHS_KEY = "gestalt:queue-depths"
+DEPTHS_KEEP_SECONDS = 24 * 3600
+
+
+def record_queue_depths() -> None:
+    """One sample of every queue's depth (beat's sweep calls this); a day of samples is kept."""
+    depths = queue_depths()
+    if all(v is None for v in depths.values()):
+        return
+    now = time.time()
+    with contextlib.suppress(redis.RedisError):  # monitoring must never fail a task
+        client = _redis()
+        client.zadd(DEPTHS_KEY, {json.dumps({"t": now, **depths}): now})
+        client.zremrangebyscore(DEPTHS_KEY, 0, now - DEPTHS_KEEP_SECONDS)
+
+
+def depth_history(hours: float = 6) -> list[dict]:
+    """The recorded queue-depth samples of the last ``hours``, oldest first."""
+    try:
+        raw = _redis().zrangebyscore(DEPTHS_KEY, time.time() - hours * 3600, "+inf")
+    except redis.RedisError:
+        return []
+    return [json.loads(r) for r in raw]
 
 
 def _utc(ts: float):

@@ -141,8 +141,8 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     assert admin.locator("#versions >> text=browser-model").count() == 1
     admin.screenshot(path=str(SHOTS / "09-admin-models.png"), full_page=True)
     admin.click("header >> text=Audit log")
-    assert admin.locator("td >> text=report_export").count() >= 1
-    assert admin.locator("td >> text=heatmap_view").count() >= 2
+    assert admin.locator("td >> text=report export").count() >= 1
+    assert admin.locator("td >> text=heatmap view").count() >= 2
     admin.screenshot(path=str(SHOTS / "10-admin-audit.png"), full_page=True)
     # Nothing is wider than a 1024 px tablet.
     for p in (page, admin):
@@ -194,6 +194,13 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
     admin.click("header >> text=Models")
     candidate = admin.locator("#versions tbody tr", has_text="browser-candidate")
     expect(candidate.locator("td").nth(1)).to_have_text("candidate")
+    asked = []
+    admin.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))  # the admin has second thoughts
+    candidate.locator("button", has_text="Activate").click()
+    admin.wait_for_timeout(300)
+    assert asked and "Activate browser-candidate?" in asked[0]
+    expect(candidate.locator("td").nth(1)).to_have_text("candidate")  # nothing happened
+    admin.once("dialog", lambda d: d.accept())
     candidate.locator("button", has_text="Activate").click()
     expect(admin.locator(".flash", has_text="browser-candidate is now the active model.")).to_be_visible()
     candidate = admin.locator("#versions tbody tr", has_text="browser-candidate")

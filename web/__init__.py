@@ -45,6 +45,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
     csrf.init_app(app)
+    from web.charts import duration
+
+    app.jinja_env.filters["duration"] = duration
     from web import admin, api, auth, cases, db, heatmaps, inputs
 
     db.init_app(app)

@@ -17,7 +17,7 @@ from web.auth import admin_required
 from web.db import get_db
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-PAGE = 200
+PAGE = 100  # audit rows per page
 
 
 @bp.before_request
@@ -47,8 +47,27 @@ def queues():
                         .order_by(Image.updated_at.desc()).limit(100)).all()
     active = registry.active_version(db)
     return render_template("admin/queues.html", depths=monitoring.queue_depths(),
-                           activity=monitoring.recent_activity(db), pings=pings,
+                           activity=monitoring.recent_activity(db), pings=pings, charts=_charts(db),
                            beats=monitoring.heartbeats(), failed=failed, active=active)
+
+
+def _charts(db, hours: float = 6) -> dict:
+    """Throughput, processing latency and queue depth over the last hours, as inline SVG."""
+    from web.charts import line_chart
+
+    series = monitoring.activity_series(db, hours)
+    per = f"photos per {series['bucket_minutes']} min"
+    charts = {
+        "throughput": line_chart(series["t"], {"finished": series["done"]}, f"Throughput, last {hours:g} h", per),
+        "latency": line_chart(series["t"], {"p50": series["p50"], "p95": series["p95"]},
+                              "End-to-end processing (waiting for a model left out)", "seconds"),
+    }
+    samples = monitoring.depth_history(hours)
+    if samples:
+        queues = [q for q in monitoring.QUEUES if any(s.get(q) for s in samples)] or ["detect"]
+        charts["depth"] = line_chart([s["t"] for s in samples], {q: [s.get(q) for s in samples] for q in queues},
+                                     "Queue depth (sampled by the sweep)", "messages waiting")
+    return charts
 
 
 @bp.post("/images/<int:image_id>/retry")
@@ -182,18 +201,40 @@ def start_retrain():
 # ------------------------------------------------------------------ audit
 @bp.get("/audit")
 def audit_log():
-    """The latest audit entries, filterable by action and user."""
+    """The audit log, newest first, a page at a time; filtered by action, user and dates (UTC days)."""
+    from datetime import UTC, datetime, timedelta
+
     db = get_db()
     stmt = select(AuditLog, User.email).outerjoin(User, User.id == AuditLog.user_id)
     action = request.args.get("action", "").strip()
     email = request.args.get("user", "").strip().lower()
+    since, until = request.args.get("from", "").strip(), request.args.get("to", "").strip()
+    try:
+        start = datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=UTC) if since else None
+        end = datetime.strptime(until, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) if until else None
+    except ValueError:
+        return _bad_filter("dates are YYYY-MM-DD")
+    raw_page = request.args.get("page", "1")
+    page = int(raw_page) if raw_page.isascii() and raw_page.isdigit() and 0 < len(raw_page) < 7 else 1
     if action:
         stmt = stmt.where(AuditLog.action == action)
     if email:
         stmt = stmt.where(User.email == email)
-    rows = db.execute(stmt.order_by(AuditLog.id.desc()).limit(PAGE)).all()
+    if start:
+        stmt = stmt.where(AuditLog.at >= start)
+    if end:
+        stmt = stmt.where(AuditLog.at < end)
+    rows = db.execute(stmt.order_by(AuditLog.id.desc()).offset((max(page, 1) - 1) * PAGE).limit(PAGE + 1)).all()
     actions = db.scalars(select(AuditLog.action).distinct().order_by(AuditLog.action)).all()
     audit(db, "audit_view", current_user.id, ip=request.remote_addr, filter_action=action or None,
-          filter_user=email or None)
+          filter_user=email or None, filter_from=since or None, filter_to=until or None, page=page)
     db.commit()
-    return render_template("admin/audit.html", rows=rows, actions=actions, action=action, user=email)
+    filters = {k: v for k, v in (("action", action), ("user", email), ("from", since), ("to", until)) if v}
+    return render_template("admin/audit.html", rows=rows[:PAGE], actions=actions, action=action, user=email,
+                           since=since, until=until, page=page, more=len(rows) > PAGE, filters=filters)
+
+
+def _bad_filter(message: str):
+    from werkzeug.exceptions import BadRequest
+
+    raise BadRequest(message)

@@ -188,10 +188,6 @@
     return payload.images.every((img) => FINAL.has(img.status) || img.status === "awaiting_model");
   }
 
-  document.querySelectorAll("form[data-confirm]").forEach((f) => {
-    f.addEventListener("submit", (event) => { if (!window.confirm(f.dataset.confirm)) event.preventDefault(); });
-  });
-
   let timer = null;
   async function poll() {
     clearTimeout(timer);

@@ -8,7 +8,10 @@ from worker.tasks.pipeline import enqueue_image, enqueue_infer
 
 @app.task(name="maintenance.sweep")
 def sweep() -> dict[str, int]:
-    """Re-queue lost images and score those waiting for a model."""
+    """Re-queue lost images and score those waiting for a model; sample the queue depths for the console."""
+    from shared.monitoring import record_queue_depths
+
+    record_queue_depths()
     return pipeline.sweep(enqueue_image, enqueue_infer)
 
 
