@@ -152,6 +152,50 @@ def test_combiner_weights_are_learned_and_round_trip(ranker, tmp_path):
     assert not no_photo.facial_model.any()
 
 
+def test_gallery_features_for_syndromes_without_a_facial_model(ranker):
+    """Gallery similarity counts only for syndromes the facial model has no class for; its rank is among all
+    gallery syndromes; combiners saved before the gallery features load with weight 0 for them."""
+    codes = ranker.codes.tolist()
+    down, williams, kabuki2 = ph.FACIAL_SYNDROMES[0], ph.FACIAL_SYNDROMES[1], "OMIM:300867"
+    scores = ranker.score(["HP:0000316", "HP:0001249", "HP:0000486"])
+    face = np.full(len(codes), np.nan)
+    face[codes.index(down)] = 0.6
+    gallery = np.full(len(codes), np.nan)
+    gallery[[codes.index(down), codes.index(williams), codes.index(kabuki2)]] = [0.9, 0.5, 0.7]
+    x = ph.candidate_features(scores, face, gallery)
+    col = {f: i for i, f in enumerate(ph.FEATURES)}
+    assert x.shape == (len(codes), len(ph.FEATURES))
+    assert x[:, col["in_gallery"]].sum() == 2  # Down has a facial model: its gallery similarity is not a feature
+    assert x[codes.index(kabuki2), col["gallery_similarity"]] == pytest.approx(0.7)
+    assert x[codes.index(kabuki2), col["gallery_log_rank"]] == pytest.approx(-np.log(2))  # after Down's 0.9
+    assert x[codes.index(williams), col["gallery_log_rank"]] == pytest.approx(-np.log(3))
+    np.testing.assert_array_equal(x[:, :7], ph.candidate_features(scores, face)[:, :7])
+
+    old = {"kind": "gestalt.phenotype.combiner", "version": 1, "meta": {},
+           "features": list(ph.PHENOTYPE_FEATURES + ph.FACE_FEATURES),
+           "weights": {"adjusted": 1.5, "z": 0.5, "facial_model": 8.0, "face_log_prob": 1.0}}
+    legacy = ph.Combiner.from_dict(old)
+    assert all(legacy.vector[col[f]] == 0 for f in ph.GALLERY_FEATURES)
+    near = {down: 0.9, williams.lower(): 0.5, kabuki2: 0.7, "LOCAL:7": 0.99}
+    same = legacy.rank(scores, {down: 0.6}, near)
+    base = legacy.rank(scores, {down: 0.6})
+    np.testing.assert_allclose(same.score, base.score)
+
+    combiner = ph.Combiner({**old["weights"], "in_gallery": -1.0, "gallery_similarity": 10.0,
+                            "gallery_log_rank": 0.5})
+    joint = combiner.rank(scores, {down: 0.6}, near)
+    np.testing.assert_allclose(joint.score, joint.phenotype + joint.face)
+    rows = {r["code"]: r for r in joint.top(len(codes))}
+    assert rows[kabuki2]["face_source"] == "gallery" and rows[kabuki2]["gallery_similarity"] == pytest.approx(0.7)
+    assert rows[kabuki2]["face_part"] == pytest.approx(-1.0 + 7.0 - 0.5 * np.log(2))
+    assert rows[down]["face_source"] == "facial_model" and rows[down]["gallery_similarity"] is None
+    assert rows["OMIM:122470"]["face_source"] is None and rows["OMIM:122470"]["face_part"] == 0
+    assert joint.ignored_gallery == ["LOCAL:7"]
+    assert set(joint.codes[joint.face_source == "gallery"].tolist()) == {williams, kabuki2}
+    # No facial scores at all: every gallery syndrome gets the gallery features.
+    assert (combiner.rank(scores, None, near).face_source == "gallery").sum() == 3
+
+
 def test_simulation_joint_beats_face_and_phenotype(ranker):
     path = shared_data("embeddings", "mini_gm_public_v0.1.p")
     t = time.monotonic()
@@ -159,14 +203,23 @@ def test_simulation_joint_beats_face_and_phenotype(ranker):
     elapsed = time.monotonic() - t
     print("\n" + ph.format_table(result) + f"\n{elapsed:.1f} s")  # about 25 s on 2 cores
     rows = {(r["level"], r["cohort"], r["method"]): r for r in result["rows"]}
-    totals = {m: 0.0 for m in ph.METHODS}
+    totals = {(cohort, m): 0.0 for cohort in ph.COHORTS for m in ph.METHODS}
     for level in ph.NOISE_LEVELS:
         joint = rows[(level.name, "facial", "joint")]["top1"]
         for method in ("face", "phenotype", "phenotype (learned)"):
             assert joint >= rows[(level.name, "facial", method)]["top1"], (level.name, method)
-        for method in ph.METHODS:
-            totals[method] += rows[(level.name, "facial", method)]["top1"]
-        assert rows[(level.name, "facial", "joint")]["n"] == 40
-    assert totals["joint"] > totals["face"] and totals["joint"] > totals["phenotype"]
-    assert result["combiner"]["weights"]["face_log_prob"] > 0
+        # Syndromes with gallery patients but no facial-model class: the gallery part helps.
+        gallery_joint = rows[(level.name, "gallery", "joint")]["top1"]
+        assert gallery_joint >= rows[(level.name, "gallery", "phenotype")]["top1"], level.name
+        for (cohort, method) in totals:
+            totals[(cohort, method)] += rows.get((level.name, cohort, method), {}).get("top1", 0.0)
+        assert rows[(level.name, "facial", "joint")]["n"] == 28  # 7 of the 10 syndromes have a facial model
+        assert rows[(level.name, "gallery", "joint")]["n"] == 12
+        assert (level.name, "gallery", "face") not in rows and (level.name, "facial", "gallery") not in rows
+    assert totals[("facial", "joint")] > totals[("facial", "face")]
+    assert totals[("facial", "joint")] > totals[("facial", "phenotype")]
+    assert totals[("gallery", "joint")] > totals[("gallery", "phenotype")]
+    weights = result["combiner"]["weights"]
+    assert weights["face_log_prob"] > 0 and weights["gallery_similarity"] > 0
+    assert len(result["gallery_only"]) == 3
     assert "simulation device" in result["note"].lower()

@@ -1,5 +1,8 @@
 """Face and phenotype on the case page: the phenotype ranking of the case's HPO terms over the whole
-catalogue and, where a fitted combination is installed, the joint ranking with each part's share.
+catalogue and, where a fitted combination is installed, the joint ranking with each part's share. A joint
+row's face part comes from the facial model (syndromes it has a class for), from diagnosed gallery patients
+(syndromes it has no class for: the nearest patient's similarity, as the similar-patients list computes it),
+or from neither (phenotype alone).
 
 The ontology arrays load once per process on first use (from the cache `gestalt catalog load` fills);
 the combination's weights are fitted on data by `gestalt evaluate-phenotype --install` and read from
@@ -76,10 +79,15 @@ def ranker(wait: float = 3.0):
 def facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict[str, float], str | None]:
     """``{catalogue code: mean probability}`` over the case's photos scored by ``version_id`` (else by the
     model that scored most of them), and that model's name."""
+    face, name, _ = _facial_scores(db, case, version_id)
+    return face, name
+
+
+def _facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict[str, float], str | None, int | None]:
     rows = db.execute(select(Result.model_version_id, Result.scores).join(Image, Image.id == Result.image_id)
                       .where(Image.case_id == case.id, Image.status == "done")).all()
     if not rows:
-        return {}, None
+        return {}, None, None
     counts: dict[int, int] = {}
     for v, _ in rows:
         counts[v] = counts.get(v, 0) + 1
@@ -88,11 +96,46 @@ def facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict
     mean = np.mean([s for v, s in rows if v == version_id], axis=0)
     ids = [c["syndrome_id"] for c in version.classes]
     codes = {s.id: s.omim or s.orpha for s in db.scalars(select(Syndrome).where(Syndrome.id.in_(ids)))}
-    return {codes[i]: float(p) for i, p in zip(ids, mean, strict=True) if codes.get(i)}, version.name
+    return {codes[i]: float(p) for i, p in zip(ids, mean, strict=True) if codes.get(i)}, version.name, version_id
 
 
-def phenotype_payload(db: Session, case: Case, active_id: int | None) -> dict | None:
-    """The phenotype and joint rankings of a case with HPO terms (None without terms)."""
+def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dict[str, float]:
+    """``{catalogue code: cosine similarity of the nearest diagnosed, consented gallery patient}`` for every
+    syndrome in the gallery, from the case's photos under the backbone of model ``version_id`` (as the
+    similar-patients list computes it; the case itself left out). Empty without that model, features or
+    gallery."""
+    from shared.ml.gallery import case_features, load_gallery
+
+    version = db.get(ModelVersion, version_id) if version_id is not None else None
+    config = (version.config or {}) if version is not None else {}
+    backbone, regions = config.get("backbone_sha"), tuple(config.get("regions") or ())
+    if not backbone or not regions:
+        return {}
+    query = case_features(db, case.id, backbone, regions)
+    if len(query) == 0:
+        return {}
+    gallery = load_gallery(db, backbone, regions)
+    match = gallery.match(query, exclude_case=case.id, patients=0, syndromes=len(gallery) or 1)
+    out: dict[str, float] = {}
+    for row in match["syndromes"]:
+        code = row.get("omim") or row.get("orpha")
+        if code and code not in out:  # best first: a code keeps its nearest patient
+            out[code] = float(row["similarity"])
+    return out
+
+
+def _uses_gallery(combiner) -> bool:
+    from shared.ml.phenotype import GALLERY_FEATURES
+
+    return any(combiner.weights.get(f, 0.0) for f in GALLERY_FEATURES)
+
+
+def phenotype_payload(db: Session, case: Case, active_id: int | None,
+                      gallery: dict[str, float] | None = None) -> dict | None:
+    """The phenotype and joint rankings of a case with HPO terms (None without terms).
+
+    ``gallery``: ``{catalogue code: nearest gallery patient's similarity}``; computed here (under the backbone
+    of the model whose facial scores are used) when not given and the installed combination weighs it."""
     terms = list(case.hpo_terms or [])
     if not terms:
         return None
@@ -108,9 +151,14 @@ def phenotype_payload(db: Session, case: Case, active_id: int | None) -> dict | 
     phenotype = [{"rank": i + 1, "code": str(scores.codes[j]), "name": names.get(str(scores.codes[j]), ""),
                   "similarity": float(scores.similarity[j]), "p_value": float(scores.pvalue[j])}
                  for i, j in enumerate(order)]
-    face, model = facial_scores(db, case, active_id)
+    face, model, version_id = _facial_scores(db, case, active_id)
     combiner = installed_combiner()
-    joint = combiner.rank(scores, face or None).top(TOP, names) if combiner is not None else None
+    joint = None
+    if combiner is not None:
+        if gallery is None and _uses_gallery(combiner):
+            gallery = gallery_similarities(db, case, version_id if version_id is not None else active_id)
+        joint = combiner.rank(scores, face or None, gallery or None).top(TOP, names)
     return {"terms": len(terms), "ignored": scores.ignored, "mapped": scores.mapped, "phenotype": phenotype,
             "joint": joint, "facial_model": model, "facial_classes": len(face),
+            "gallery_syndromes": len(gallery or {}),
             "combiner": None if combiner is None else combiner.meta}

@@ -625,7 +625,12 @@ def simulate_terms(index: HpoIndex, disease: int, rng: np.random.Generator, n_te
 
 PHENOTYPE_FEATURES = ("similarity", "adjusted", "z", "log_rank_similarity", "log_rank_adjusted")
 FACE_FEATURES = ("facial_model", "face_log_prob")
-FEATURES = PHENOTYPE_FEATURES + FACE_FEATURES
+# For syndromes without a facial-model class whose diagnosed patients are in the gallery: an indicator, the
+# cosine similarity of the nearest such patient (shared.ml.gallery's vectors), and -log of that syndrome's
+# rank among all gallery syndromes (those with a facial model included) by nearest patient.
+GALLERY_FEATURES = ("in_gallery", "gallery_similarity", "gallery_log_rank")
+FEATURES = PHENOTYPE_FEATURES + FACE_FEATURES + GALLERY_FEATURES
+N_PHENOTYPE = len(PHENOTYPE_FEATURES)
 FACE_PROB_FLOOR = 1e-4
 Z_CLIP = 10.0
 
@@ -635,11 +640,16 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return stats.rankdata(-values, method="average")
 
 
-def candidate_features(scores: PhenotypeScores, face: np.ndarray | None) -> np.ndarray:
+def candidate_features(scores: PhenotypeScores, face: np.ndarray | None,
+                       gallery: np.ndarray | None = None) -> np.ndarray:
     """``D x len(FEATURES)`` features of every catalogue disease for one case.
 
     ``face``: ``D`` facial-model probabilities, NaN for syndromes the facial model does not know
     (or ``None``: no photo, no facial model). Those get 0 for both face features.
+    ``gallery``: ``D`` cosine similarities of the case's photo to each syndrome's nearest diagnosed
+    gallery patient, NaN for syndromes without gallery patients (or ``None``: no gallery). The gallery
+    features are set only for syndromes the facial model does not know; their rank is among all
+    syndromes with gallery patients.
     """
     d = len(scores.codes)
     x = np.zeros((d, len(FEATURES)))
@@ -653,7 +663,34 @@ def candidate_features(scores: PhenotypeScores, face: np.ndarray | None) -> np.n
         known = ~np.isnan(face)
         x[known, 5] = 1.0
         x[known, 6] = np.log(np.maximum(face[known], FACE_PROB_FLOOR))
+    if gallery is not None:
+        present = ~np.isnan(gallery)
+        only = present & (x[:, 5] == 0)
+        if only.any():
+            rank = np.zeros(d)
+            rank[present] = _ranks(gallery[present])
+            x[only, 7] = 1.0
+            x[only, 8] = gallery[only]
+            x[only, 9] = -np.log(rank[only])
     return x
+
+
+def _catalogue_vector(codes: np.ndarray, values: dict[str, float] | None) -> tuple[np.ndarray | None, list[str]]:
+    """``{code: value}`` (codes in any case, ``omim:147920``) as a ``D`` vector (NaN: absent), and the codes
+    outside the catalogue."""
+    if not values:
+        return None, []
+    pos = {c: i for i, c in enumerate(codes.tolist())}
+    vec = np.full(len(codes), np.nan)
+    ignored = []
+    for code, value in values.items():
+        m = CATALOGUE_ID.match(str(code).strip())
+        key = f"{m.group(1).upper()}:{int(m.group(2))}" if m else None
+        if key in pos and value is not None and np.isfinite(float(value)):
+            vec[pos[key]] = float(value)
+        else:
+            ignored.append(code)
+    return vec, ignored
 
 
 @dataclass
@@ -664,19 +701,34 @@ class JointRanking:
     probability: np.ndarray  # softmax of ``score`` over the catalogue
     score: np.ndarray  # phenotype + face (a logit)
     phenotype: np.ndarray  # the phenotype features' contribution to ``score``
-    face: np.ndarray  # the face features' contribution (0 where there is no facial model)
-    facial_model: np.ndarray  # bool: the facial model knows this syndrome (else phenotype alone)
+    face: np.ndarray  # the face's contribution: facial model or gallery patients (0 where neither)
+    facial_model: np.ndarray  # bool: the facial model knows this syndrome
     face_probability: np.ndarray  # the facial model's probability (NaN without a facial model)
     similarity: np.ndarray  # the phenotype similarity (nats)
     ignored_face_classes: list[str] = field(default_factory=list)  # facial classes outside the catalogue
+    # Without a facial model: the nearest gallery patient's cosine similarity (NaN: no gallery patients).
+    gallery_similarity: np.ndarray | None = None
+    ignored_gallery: list[str] = field(default_factory=list)  # gallery syndromes outside the catalogue
+
+    @property
+    def face_source(self) -> np.ndarray:
+        """Per syndrome, where its face part comes from: ``"facial_model"``, ``"gallery"`` or ``""`` (phenotype
+        alone)."""
+        gallery = (~np.isnan(self.gallery_similarity) if self.gallery_similarity is not None
+                   else np.zeros(len(self.codes), bool))
+        return np.where(self.facial_model, "facial_model", np.where(gallery, "gallery", ""))
 
     def top(self, n: int = 10, names: dict[str, str] | None = None) -> list[dict]:
         out = []
+        source = self.face_source
         for i in range(min(n, len(self.codes))):
+            g = None if self.gallery_similarity is None else self.gallery_similarity[i]
             row = {"rank": i + 1, "code": str(self.codes[i]), "probability": float(self.probability[i]),
                    "score": float(self.score[i]), "phenotype_part": float(self.phenotype[i]),
                    "face_part": float(self.face[i]), "facial_model": bool(self.facial_model[i]),
+                   "face_source": str(source[i]) or None,
                    "face_probability": None if np.isnan(self.face_probability[i]) else float(self.face_probability[i]),
+                   "gallery_similarity": None if g is None or np.isnan(g) else float(g),
                    "similarity": float(self.similarity[i])}
             if names is not None:
                 row["name"] = names.get(row["code"], "")
@@ -688,7 +740,10 @@ class Combiner:
     """A conditional logit over the catalogue: ``score(s) = w . x(s)``, ``P(s) = softmax(score)``.
 
     ``x(s)`` are the :data:`FEATURES` of syndrome ``s`` for the case (phenotype similarity, its
-    calibrated forms and ranks; whether a facial model knows ``s`` and its log-probability). The
+    calibrated forms and ranks; whether a facial model knows ``s`` and its log-probability; for
+    syndromes without one, whether diagnosed gallery patients have it, the nearest one's cosine
+    similarity and that syndrome's rank among the gallery's). Combiners saved before a feature
+    existed load with a weight of 0 for it. The
     weights are fitted by penalised maximum likelihood of the true syndromes of simulated cases
     (:meth:`fit`); unfitted, every weight is 0 and all syndromes tie. ``features`` restricts the
     model (``PHENOTYPE_FEATURES``: the phenotype alone, recalibrated).
@@ -727,7 +782,7 @@ class Combiner:
             fixed = {int(true)}
             for j in (0, 1):
                 fixed.update(np.argpartition(-x[:, j], min(negatives, len(x) - 1))[:negatives].tolist())
-            fixed.update(np.flatnonzero(x[:, 5] > 0).tolist())
+            fixed.update(np.flatnonzero((x[:, 5] > 0) | (x[:, 7] > 0)).tolist())
             fixed.discard(int(true))
             fixed = [int(true)] + sorted(fixed)
             rest = np.setdiff1d(np.arange(len(x)), fixed)
@@ -768,34 +823,30 @@ class Combiner:
 
     # -- ranking --
 
-    def rank(self, scores: PhenotypeScores, face: dict[str, float] | None = None) -> JointRanking:
-        """The joint ranking of a case: its :class:`PhenotypeScores` and the facial model's
-        ``{catalogue code: probability}`` (``None``: no photo scored)."""
+    def rank(self, scores: PhenotypeScores, face: dict[str, float] | None = None,
+             gallery: dict[str, float] | None = None) -> JointRanking:
+        """The joint ranking of a case: its :class:`PhenotypeScores`, the facial model's
+        ``{catalogue code: probability}`` (``None``: no photo scored) and the gallery's
+        ``{catalogue code: cosine similarity of the nearest diagnosed patient}`` (``None``: no
+        gallery; syndromes the facial model knows keep their facial score, the others with gallery
+        patients get the gallery features)."""
         codes = scores.codes
-        vec = None
-        ignored: list[str] = []
-        if face:
-            pos = {c: i for i, c in enumerate(codes.tolist())}
-            vec = np.full(len(codes), np.nan)
-            for code, p in face.items():
-                m = CATALOGUE_ID.match(str(code).strip())
-                key = f"{m.group(1).upper()}:{int(m.group(2))}" if m else None
-                if key in pos:
-                    vec[pos[key]] = float(p)
-                else:
-                    ignored.append(code)
-        x = candidate_features(scores, vec)
+        vec, ignored = _catalogue_vector(codes, face)
+        gvec, ignored_gallery = _catalogue_vector(codes, gallery)
+        x = candidate_features(scores, vec, gvec)
         w = self.vector
-        pheno = x[:, :len(PHENOTYPE_FEATURES)] @ w[:len(PHENOTYPE_FEATURES)]
-        face_part = x[:, len(PHENOTYPE_FEATURES):] @ w[len(PHENOTYPE_FEATURES):]
+        pheno = x[:, :N_PHENOTYPE] @ w[:N_PHENOTYPE]
+        face_part = x[:, N_PHENOTYPE:] @ w[N_PHENOTYPE:]
         total = pheno + face_part
         prob = np.exp(total - total.max())
         prob /= prob.sum()
         order = np.argsort(-total, kind="stable")
         has_face = x[:, 5] > 0
         fp = vec if vec is not None else np.full(len(codes), np.nan)
+        gs = np.where(x[:, 7] > 0, x[:, 8], np.nan)
         return JointRanking(codes[order], prob[order], total[order], pheno[order], face_part[order],
-                            has_face[order], fp[order], scores.similarity[order], ignored)
+                            has_face[order], fp[order], scores.similarity[order], ignored, gs[order],
+                            ignored_gallery)
 
     # -- persistence --
 
@@ -861,9 +912,13 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, lis
 class FacialPredictions:
     """Held-out facial-model probabilities for every image of a features set.
 
-    ``known``: the image's disorder is among the model's classes (5-fold GroupKFold by subject,
-    out of fold). ``unknown``: the model never saw the image's disorder (trained on the other
+    The facial model has classes for the disorders marked ``facial`` only (the others are
+    gallery-only: diagnosed patients, no class). ``known``: the model's prediction for the image as
+    a patient of its own disorder: out of fold (5-fold GroupKFold by subject) for the facial
+    disorders; for the gallery-only ones, the model trained on all facial disorders (it never saw
+    theirs). ``unknown``: the model never saw the image's disorder (trained on the other facial
     disorders; that class's column is 0), what a face of a syndrome without a facial model gets.
+    Columns of gallery-only disorders are 0.
     """
 
     known: np.ndarray  # N x C
@@ -871,32 +926,65 @@ class FacialPredictions:
     labels: np.ndarray  # N
     subjects: np.ndarray  # N
     disorders: list[str]
+    facial: np.ndarray = None  # type: ignore[assignment]  # C bool: the facial model has a class for it
+
+    def __post_init__(self):
+        if self.facial is None:
+            self.facial = np.ones(len(self.disorders), bool)
 
 
 def facial_predictions(features: np.ndarray, labels: np.ndarray, subjects: np.ndarray, disorders: list[str],
-                       folds: int = 5) -> FacialPredictions:
+                       folds: int = 5, facial: np.ndarray | None = None) -> FacialPredictions:
     """Out-of-fold probabilities of a standardised logistic regression (C=0.1, balanced): the data
-    README's baseline, about 0.77 top-1 per image on mini_gm."""
+    README's baseline, about 0.77 top-1 per image on mini_gm. ``facial``: per disorder, whether the
+    facial model has a class for it (default: all)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     n_classes = len(disorders)
+    facial = np.ones(n_classes, bool) if facial is None else np.asarray(facial, bool)
+    in_model = facial[labels]
 
     def model():
         return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
 
     known = np.zeros((len(labels), n_classes))
-    for train, test in GroupKFold(n_splits=folds).split(features, labels, groups=subjects):
+    rows = np.flatnonzero(in_model)
+    for train, test in GroupKFold(n_splits=folds).split(features[rows], labels[rows], groups=subjects[rows]):
+        train, test = rows[train], rows[test]
         m = model().fit(features[train], labels[train])
         known[np.ix_(test, m[-1].classes_)] = m.predict_proba(features[test])
     unknown = np.zeros_like(known)
-    for c in range(n_classes):
+    if not in_model.all():  # gallery-only disorders: the whole facial model never saw them
+        m = model().fit(features[in_model], labels[in_model])
+        out = np.flatnonzero(~in_model)
+        known[np.ix_(out, m[-1].classes_)] = unknown[np.ix_(out, m[-1].classes_)] = m.predict_proba(features[out])
+    for c in np.flatnonzero(facial):
         out = labels == c
-        m = model().fit(features[~out], labels[~out])
+        m = model().fit(features[in_model & ~out], labels[in_model & ~out])
         unknown[np.ix_(np.flatnonzero(out), m[-1].classes_)] = m.predict_proba(features[out])
-    return FacialPredictions(known, unknown, labels, subjects, disorders)
+    return FacialPredictions(known, unknown, labels, subjects, disorders, facial)
+
+
+def gallery_similarities(features: np.ndarray, labels: np.ndarray, subjects: np.ndarray, gallery: np.ndarray,
+                         n_classes: int) -> np.ndarray:
+    """``N x C``: each image's cosine similarity to the nearest gallery photo of each disorder, as
+    :mod:`shared.ml.gallery` computes it (regions normalised, then the whole); the gallery is the
+    images where ``gallery`` is true, less the image's own subject (-inf: no photo)."""
+    from shared.ml.gallery import gallery_vectors
+
+    v = gallery_vectors(features)
+    g = np.flatnonzero(gallery)
+    sims = v @ v[g].T
+    sims[subjects[:, None] == subjects[g][None, :]] = -np.inf
+    out = np.full((len(labels), n_classes), -np.inf)
+    for c in range(n_classes):
+        cols = labels[g] == c
+        if cols.any():
+            out[:, c] = sims[:, cols].max(axis=1)
+    return out
 
 
 @dataclass
@@ -906,6 +994,11 @@ class SimulatedCase:
     face: np.ndarray  # D facial probabilities (NaN: no facial model for that syndrome)
     facial: bool  # the true syndrome has a facial model
     level: str
+    gallery: np.ndarray | None = None  # D nearest-gallery-patient similarities (NaN: no gallery patients)
+    cohort: str = ""  # "facial", "gallery" (gallery patients, no facial model) or "other"
+
+    def __post_init__(self):
+        self.cohort = self.cohort or ("facial" if self.facial else "other")
 
 
 def split_subjects(preds: FacialPredictions, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -922,14 +1015,17 @@ def split_subjects(preds: FacialPredictions, fraction: float = 0.5, seed: int = 
 def simulate_cases(ranker: PhenotypeRanker, preds: FacialPredictions, images: np.ndarray, level: NoiseLevel,
                    n_facial: int, n_other: int, rng: np.random.Generator,
                    syndromes: tuple[str, ...] = FACIAL_SYNDROMES, n_terms: tuple[int, int] = (3, 8),
-                   min_annotations: int = 3) -> list[SimulatedCase]:
+                   min_annotations: int = 3, gallery: np.ndarray | None = None) -> list[SimulatedCase]:
     """Simulated patients, each with a real held-out face (drawn among ``images``) and simulated terms.
 
-    ``n_facial`` patients have one of the facial syndromes (cycled through) and the facial
-    model's out-of-fold prediction for a photo of a subject of the assigned disorder;
-    ``n_other`` have a catalogue syndrome without a facial model (any disease with at least
-    ``min_annotations`` annotations) and the prediction for a photo of a disorder the facial
-    model never saw. The number of terms is uniform in ``n_terms``.
+    ``n_facial`` patients have one of the assigned ``syndromes`` (cycled through) and the facial
+    model's prediction for a photo of a subject of the assigned disorder (out of fold where the
+    model has a class for it; cohort ``"gallery"`` where it has not); ``n_other`` have a catalogue
+    syndrome outside them (any disease with at least ``min_annotations`` annotations) and the
+    prediction for a photo of a facial disorder the model never saw. The number of terms is
+    uniform in ``n_terms``. ``gallery`` (``N x C``, :func:`gallery_similarities`) gives each case
+    its photo's nearest-patient similarity per assigned syndrome; an "other" case's own disorder is
+    left out of the gallery (its photo stands for a syndrome nobody diagnosed).
     """
     index = ranker.index
     pos = {c: i for i, c in enumerate(index.dis_codes.tolist())}
@@ -941,26 +1037,40 @@ def simulate_cases(ranker: PhenotypeRanker, preds: FacialPredictions, images: np
     subjects_by_class = [sorted({preds.subjects[i] for i in b}) for b in by_class]
     counts = np.diff(index.ann.indptr)
     others = np.setdiff1d(np.flatnonzero(counts >= min_annotations), facial_idx)
-    pool = np.flatnonzero(images)
+    pool = np.flatnonzero(images & preds.facial[preds.labels])
+    model_idx = facial_idx[preds.facial]
     cases = []
 
     def face_vector(probs):
         v = np.full(index.n_diseases, np.nan)
-        v[facial_idx] = probs
+        v[model_idx] = probs[preds.facial]
+        return v
+
+    def gallery_vector(image, leave_out=None):
+        if gallery is None:
+            return None
+        sims = gallery[image].astype(np.float64)
+        if leave_out is not None:
+            sims[leave_out] = -np.inf
+        v = np.full(index.n_diseases, np.nan)
+        v[facial_idx] = np.where(np.isfinite(sims), sims, np.nan)
         return v
 
     for i in range(n_facial + n_other):
-        facial = i < n_facial
-        if facial:
+        if i < n_facial:
             c = i % len(syndromes)
             subject = subjects_by_class[c][rng.integers(len(subjects_by_class[c]))]
             image = rng.choice(by_subject[subject])  # one photo of a random patient: patients weigh equally
-            disease, probs = facial_idx[c], preds.known[image]
+            disease, probs, leave_out = facial_idx[c], preds.known[image], None
+            cohort = "facial" if preds.facial[c] else "gallery"
         else:
-            disease, probs = rng.choice(others), preds.unknown[rng.choice(pool)]
+            disease = rng.choice(others)
+            image = rng.choice(pool)
+            probs, leave_out, cohort = preds.unknown[image], preds.labels[image], "other"
         k = int(rng.integers(n_terms[0], n_terms[1] + 1))
         terms = simulate_terms(index, int(disease), rng, k, level, ranker.term_pool)
-        cases.append(SimulatedCase(int(disease), terms, face_vector(probs), facial, level.name))
+        cases.append(SimulatedCase(int(disease), terms, face_vector(probs), cohort == "facial", level.name,
+                                   gallery_vector(image, leave_out), cohort))
     return cases
 
 
@@ -991,29 +1101,39 @@ def _row(level: str, cohort: str, method: str, ranks: list[float], top_prob: lis
     return row
 
 
-METHODS = ("face", "phenotype", "phenotype (learned)", "phenotype + facial prior", "joint")
+METHODS = ("face", "gallery", "phenotype", "phenotype (learned)", "phenotype + facial prior", "joint")
+COHORTS = ("facial", "gallery", "other")
+# The last disorders by ID that the simulation's facial model has no class for (gallery patients only).
+GALLERY_ONLY = 3
 
 
 def evaluate_simulation(embeddings: Path, ranker: PhenotypeRanker | None = None,
                         levels: tuple[NoiseLevel, ...] = NOISE_LEVELS, n_train: int = 400, n_eval: int = 400,
                         other_fraction: float = 0.5, folds: int = 5, seed: int = 0,
                         n_terms: tuple[int, int] = (3, 8), phenotype_key: str = "adjusted",
-                        cache_dir: Path | None = None, progress=None) -> dict:
+                        cache_dir: Path | None = None, progress=None, gallery_only: int = GALLERY_ONLY) -> dict:
     """The Köhler et al. (2009) simulation with real held-out facial predictions. Returns
     ``{"rows": [...], "combiner": dict, "phenotype_combiner": dict, "note": str, "seconds": float}``.
 
-    1. Facial predictions on ``embeddings`` (``{disorder: {subject: {image: vector}}}``): out of
-       fold, 5-fold GroupKFold by subject; and leave-one-disorder-out for unknown syndromes.
+    1. The last ``gallery_only`` disorders of ``embeddings`` (``{disorder: {subject: {image:
+       vector}}}``, sorted by ID) are gallery-only: the facial model has no class for them. Facial
+       predictions for the others: out of fold, 5-fold GroupKFold by subject; and leave-one-disorder-out
+       for unknown syndromes.
     2. Subjects are split in halves per disorder: training cases draw their photos from one,
-       evaluation cases from the other; terms are drawn afresh for every case.
+       evaluation cases from the other; terms are drawn afresh for every case. The training half's
+       photos of every disorder are the gallery of diagnosed patients (a case never matches its own
+       subject): each case's photo gets its nearest-patient cosine similarity per syndrome.
     3. Per noise level, ``n_train`` training and ``n_eval`` evaluation cases, ``other_fraction``
-       of them with a syndrome that has no facial model. The combiner is fitted once, on the
-       training cases of all levels together (a clinic does not know its noise level).
+       of them with a catalogue syndrome outside the 10 (no facial model, no gallery patients), the
+       rest cycling through the 10. The combiner is fitted once, on the training cases of all levels
+       together (a clinic does not know its noise level).
     4. Ranks of the true syndrome among all catalogue diseases: face-only (the facial syndromes
-       by probability, everything else after them, tied), phenotype-only (``phenotype_key`` of
+       by probability, everything else after them, tied), gallery (the 10 syndromes by nearest
+       patient, the rest tied after them), phenotype-only (``phenotype_key`` of
        :class:`PhenotypeScores`), the phenotype recalibrated by a combiner without face features,
-       and joint. Rows per level and cohort (``facial``: the true syndrome has a facial model;
-       ``other``: it has not) with top-1 and top-10 and their 95% Wilson intervals.
+       the phenotype with the indicators of facial-model and gallery syndromes (no photo), and joint.
+       Rows per level and cohort (``facial``: the true syndrome has a facial model; ``gallery``:
+       gallery patients only; ``other``: neither) with top-1 and top-10 and their 95% Wilson intervals.
     """
     t0 = time.monotonic()
     say = progress or (lambda msg: None)
@@ -1021,25 +1141,31 @@ def evaluate_simulation(embeddings: Path, ranker: PhenotypeRanker | None = None,
     feats, labels, subjects, disorders = load_embeddings(embeddings)
     if len(disorders) != len(FACIAL_SYNDROMES):
         raise ValueError(f"the simulation assigns {len(FACIAL_SYNDROMES)} disorders, not {len(disorders)}")
-    say(f"facial predictions ({len(labels)} images, {folds}-fold by subject and leave-one-disorder-out)")
-    preds = facial_predictions(feats, labels, subjects, disorders, folds)
+    if not 0 <= gallery_only < len(disorders) - 1:
+        raise ValueError(f"gallery_only must be between 0 and {len(disorders) - 2}")
+    facial = np.arange(len(disorders)) < len(disorders) - gallery_only
+    say(f"facial predictions ({len(labels)} images, {int(facial.sum())} disorders with a facial model, "
+        f"{folds}-fold by subject and leave-one-disorder-out)")
+    preds = facial_predictions(feats, labels, subjects, disorders, folds, facial)
     held = split_subjects(preds, 0.5, seed)
+    gallery = gallery_similarities(feats, labels, subjects, ~held, len(disorders))
     rng = np.random.default_rng(seed)
     n_other_train = round(other_fraction * n_train)
     n_other_eval = round(other_fraction * n_eval)
     train, evaluation = [], []
     for level in levels:
         train += simulate_cases(ranker, preds, ~held, level, n_train - n_other_train, n_other_train, rng,
-                                n_terms=n_terms)
+                                n_terms=n_terms, gallery=gallery)
         evaluation += simulate_cases(ranker, preds, held, level, n_eval - n_other_eval, n_other_eval, rng,
-                                     n_terms=n_terms)
+                                     n_terms=n_terms, gallery=gallery)
     say(f"features of {len(train)} training cases")
-    train_x = [(candidate_features(ranker.scores_of(c.terms), c.face), c.disease) for c in train]
+    train_x = [(candidate_features(ranker.scores_of(c.terms), c.face, c.gallery), c.disease) for c in train]
     combiner = Combiner(meta={"trained_on": "simulated cases", "seed": seed}).fit(train_x, seed=seed)
     pheno_combiner = Combiner(features=PHENOTYPE_FEATURES, meta={"trained_on": "simulated cases"}).fit(
         train_x, seed=seed)
-    # The facial model's class list without the photo: how much of the joint's gain is the prior alone.
-    prior_combiner = Combiner(features=PHENOTYPE_FEATURES + ("facial_model",),
+    # Which syndromes have a facial model or gallery patients, without the photo: how much of the joint's
+    # gain is that prior alone.
+    prior_combiner = Combiner(features=PHENOTYPE_FEATURES + ("facial_model", "in_gallery"),
                               meta={"trained_on": "simulated cases"}).fit(train_x, seed=seed)
     del train_x
     say(f"ranking {len(evaluation)} evaluation cases")
@@ -1047,22 +1173,25 @@ def evaluate_simulation(embeddings: Path, ranker: PhenotypeRanker | None = None,
     top_prob: dict[tuple, list] = defaultdict(list)
     for c in evaluation:
         s = ranker.scores_of(c.terms)
-        x = candidate_features(s, c.face)
-        cohort = "facial" if c.facial else "other"
+        x = candidate_features(s, c.face, c.gallery)
         face_scores = np.where(np.isnan(c.face), -np.inf, c.face)
         outputs = {"face": face_scores, "phenotype": s.key(phenotype_key),
                    "phenotype (learned)": pheno_combiner.scores(x),
                    "phenotype + facial prior": prior_combiner.scores(x), "joint": combiner.scores(x)}
+        if c.gallery is not None:
+            outputs["gallery"] = np.where(np.isnan(c.gallery), -np.inf, c.gallery)
         for method, values in outputs.items():
-            if method == "face" and not c.facial:
+            if method == "face" and c.cohort != "facial":
                 continue  # always a miss: the facial model does not know the syndrome
-            ranks[(c.level, cohort, method)].append(true_rank(values, c.disease))
+            if method == "gallery" and c.cohort != "gallery":
+                continue  # the face-only analogue for gallery-only syndromes
+            ranks[(c.level, c.cohort, method)].append(true_rank(values, c.disease))
         joint = outputs["joint"]
         p = np.exp(joint - joint.max())
-        top_prob[(c.level, cohort, "joint")].append(float(p.max() / p.sum()))
+        top_prob[(c.level, c.cohort, "joint")].append(float(p.max() / p.sum()))
     rows = []
     for level in levels:
-        for cohort in ("facial", "other"):
+        for cohort in COHORTS:
             for method in METHODS:
                 key = (level.name, cohort, method)
                 if ranks.get(key):
@@ -1071,14 +1200,16 @@ def evaluate_simulation(embeddings: Path, ranker: PhenotypeRanker | None = None,
             "prior_combiner": prior_combiner.to_dict(), "other_fraction": other_fraction,
             "note": ASSIGNMENT_NOTE, "seconds": round(time.monotonic() - t0, 1),
             "assignment": dict(zip(disorders, FACIAL_SYNDROMES, strict=True)),
-            "face_top1_known": float((preds.known.argmax(1) == labels).mean())}
+            "gallery_only": [f"{d} as {code}" for d, code, f in zip(disorders, FACIAL_SYNDROMES, facial, strict=True)
+                             if not f],
+            "face_top1_known": float((preds.known[facial[labels]].argmax(1) == labels[facial[labels]]).mean())}
 
 
 def format_table(result: dict) -> str:
     """The simulation's rows as a markdown table, with the assignment note."""
     lines = ["| noise | true syndrome | method | n | top-1 (95% CI) | top-10 (95% CI) | median rank | mean P(top) |",
              "|---|---|---|---|---|---|---|---|"]
-    cohorts = {"facial": "has a facial model", "other": "no facial model"}
+    cohorts = {"facial": "has a facial model", "gallery": "gallery patients only", "other": "neither"}
     for r in result["rows"]:
         cells = [f"{100 * r[f'top{k}']:.1f}% ({100 * r[f'top{k}_low']:.1f}–{100 * r[f'top{k}_high']:.1f})"
                  for k in (1, 10)]
@@ -1086,17 +1217,23 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['level']} | {cohorts[r['cohort']]} | {r['method']} | {r['n']} | {cells[0]} | {cells[1]} "
                      f"| {r['median_rank']:g} | {prob} |")
     w = result["combiner"]["weights"]
+    gallery_only = result.get("gallery_only") or []
     lines += ["", "Joint weights (raw features): " + ", ".join(f"{k} {v:+.3f}" for k, v in w.items()),
               "", result["note"],
-              "Face-only ranks the 10 facial syndromes by probability and every other syndrome after them (tied); "
-              "it is not shown for patients whose syndrome has no facial model (always a miss).",
+              (f"Gallery patients only (no facial-model class; the training half's patients of every disorder form "
+               f"the gallery): {', '.join(gallery_only)}." if gallery_only else "No gallery-only syndromes."),
+              "Face-only ranks the facial model's syndromes by probability and every other syndrome after them "
+              "(tied); it is shown only for patients whose syndrome has a facial model (else always a miss). "
+              "gallery: the 10 syndromes by their nearest gallery patient's cosine similarity, shown for patients "
+              "whose syndrome has gallery patients only.",
               "phenotype: PhenotypeRanker's adjusted similarity; phenotype (learned): the combiner fitted on the "
-              "phenotype features alone; phenotype + facial prior: plus the indicator of the facial model's classes "
-              "(no photo); joint: plus the photo's facial log-probability.",
-              f"Simulated patients: {100 * (1 - result.get('other_fraction', 0.5)):.0f}% with a facial syndrome, the "
-              "rest with a random catalogue syndrome and the facial prediction for a photo of a disorder the facial "
-              "model never saw. mean P(top): the joint's mean probability for its top syndrome (calibration: compare "
-              "with top-1).",
+              "phenotype features alone; phenotype + facial prior: plus the indicators of the facial model's classes "
+              "and of the gallery-only syndromes (no photo); joint: plus the photo's facial log-probability and, for "
+              "gallery-only syndromes, its nearest-patient similarity and rank.",
+              f"Simulated patients: {100 * (1 - result.get('other_fraction', 0.5)):.0f}% with one of the 10 syndromes, "
+              "the rest with a random catalogue syndrome and the facial prediction for a photo of a disorder the "
+              "facial model never saw (left out of the gallery). mean P(top): the joint's mean probability for its top "
+              "syndrome (calibration: compare with top-1).",
               "Intervals: 95% Wilson score intervals. Ranks among all catalogue diseases; ties count half."]
     return "\n".join(lines)
 
@@ -1110,13 +1247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--other-fraction", type=float, default=0.5,
                         help="share of simulated patients whose syndrome has no facial model")
+    parser.add_argument("--gallery-only", type=int, default=GALLERY_ONLY,
+                        help="disorders (the last by ID) without a facial-model class, gallery patients only")
     parser.add_argument("--json", type=Path, help="also write the rows and the fitted combiner here")
     args = parser.parse_args(argv)
     if not args.embeddings.exists():
         print(f"{args.embeddings} is absent", file=sys.stderr)
         return 2
     result = evaluate_simulation(args.embeddings, n_train=args.train, n_eval=args.eval, seed=args.seed,
-                                 other_fraction=args.other_fraction, progress=lambda m: print(m, file=sys.stderr))
+                                 other_fraction=args.other_fraction, gallery_only=args.gallery_only,
+                                 progress=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
     print(f"\n{result['seconds']} s", file=sys.stderr)
     if args.json:
