@@ -39,6 +39,20 @@ def browser():
         b.close()
 
 
+def _assert_prints_on_at_most(pdf: Path, pages: int) -> None:
+    """Render the PDF with pdftoppm (poppler, as a clinic's printer would get it) and count its pages."""
+    import subprocess
+
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm (Debian's poppler-utils) is not installed")
+    out = pdf.with_suffix("")
+    for old in pdf.parent.glob(out.name + "-*.png"):
+        old.unlink()
+    subprocess.run(["pdftoppm", "-png", "-r", "50", str(pdf), str(out)], check=True, timeout=60)
+    rendered = sorted(pdf.parent.glob(out.name + "-*.png"))
+    assert 1 <= len(rendered) <= pages, f"the report prints on {len(rendered)} pages"
+
+
 def _photos(tmp_path: Path) -> list[Path]:
     paths = []
     for i, img in enumerate((data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1]))):
@@ -126,9 +140,14 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     report = popup.value
     report.wait_for_load_state()
     assert "Facial analysis report" in report.content() and "NIPBL" in report.content()
+    content = report.content()
+    assert "not a probability of disease" in content and "Syndromes ranked by facial similarity" in content
+    assert "browser-model" in content and report.locator(".photos img").count() == 2
+    assert report.evaluate("() => [...document.querySelectorAll('.photos img')].every(i => i.naturalWidth > 0)")
     report.emulate_media(media="print")
     report.pdf(path=str(SHOTS / "07-report.pdf"), format="A4")
     report.screenshot(path=str(SHOTS / "07-report.png"), full_page=True)
+    _assert_prints_on_at_most(SHOTS / "07-report.pdf", 2)
 
     admin = browser.new_page(viewport={"width": 1024, "height": 800})
     _login(admin, web_server, new_user("admin"))

@@ -80,14 +80,27 @@ def index():
 
 @bp.get("/cases/<int:case_id>/report")
 def report(case_id: int):
-    """A one-page printable report for the clinic's records (audited as an export)."""
+    """A printable report (one or two A4 pages) for the clinic's records (audited as an export)."""
+    from shared.models import ModelVersion
+    from web import presentation
+
     db = get_db()
     case = case_or_404(case_id)
     audit(db, "report_export", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
-    return render_template("report.html", case=case, payload=case_payload(db, case, current_user.id,
-                                                                       current_user.is_admin), user=current_user,
-                           printed=datetime.now(UTC))
+    payload = case_payload(db, case, current_user.id, current_user.is_admin)
+    # The case-level ranking (mean over photos scored by one model), else the one scored photo's.
+    result = payload["case_result"] or next((i["result"] for i in payload["images"] if i["result"]), None)
+    version = db.get(ModelVersion, result["model_version"]["id"]) if result else None
+    scored = [{"index": n, "scores": {r["syndrome_id"]: r["score"] for r in i["result"]["ranking"]}}
+              for n, i in enumerate(payload["images"], 1)
+              if i["result"] and version and i["result"]["model_version"]["id"] == version.id]
+    return render_template(
+        "report.html", case=case, payload=payload, user=current_user, printed=datetime.now(UTC),
+        ranking=result["ranking"] if result else [], ranking_photos=(result or {}).get("photos", 1), scored=scored,
+        model={"name": version.name, "classes": len(version.classes)} if version else None,
+        validation=presentation.validation_summary(version), disclaimer=presentation.DISCLAIMER,
+        status_label=presentation.status_label, band=presentation.similarity_band)
 
 
 @bp.get("/cases/<int:case_id>/phenopacket.json")
