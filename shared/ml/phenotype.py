@@ -14,15 +14,17 @@ object store):
   term-pair lookups. Scores are also calibrated per disease against random queries of the
   same size (a z-score and a one-sided normal p-value, Phenomizer's correction for diseases
   with many annotations).
-* :class:`Combiner` joins the facial ranking (for the syndromes a facial model knows) with the
-  phenotype ranking as a conditional logit (a softmax over the catalogue) whose weights are
-  fitted on simulated cases, not set by hand. Each syndrome's score is a sum of a phenotype
-  part and a face part, both reported; syndromes without a facial model get a face part of 0
-  and are marked so.
-* :func:`evaluate_simulation` evaluates face-only, phenotype-only and joint ranking by the
-  simulation protocol of Köhler et al. (2009): patients whose terms are sampled from a
+* :class:`Combiner` joins the facial ranking (for the syndromes a facial model knows) and the
+  gallery's nearest-patient similarity (for syndromes it has no class for but diagnosed patients
+  of) with the phenotype ranking as a conditional logit (a softmax over the catalogue) whose
+  weights are fitted on simulated cases, not set by hand. Each syndrome's score is a sum of a
+  phenotype part and a face part, both reported, with where the face part comes from
+  (``facial_model``, ``gallery``, or neither: a face part of 0, phenotype alone).
+* :func:`evaluate_simulation` evaluates face-only, gallery, phenotype-only and joint ranking by
+  the simulation protocol of Köhler et al. (2009): patients whose terms are sampled from a
   syndrome's annotations, with imprecision (terms replaced by their parents) and noise
-  (random terms), combined with real held-out facial predictions on GestaltMatcher features.
+  (random terms), combined with real held-out facial predictions on GestaltMatcher features and
+  nearest-patient similarities to a gallery of other subjects.
 
 ``python -m shared.ml.phenotype`` prints the simulation table (``--help`` for its options).
 """
