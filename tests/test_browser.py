@@ -102,6 +102,14 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     page.wait_for_selector("#upload-progress li >> text=uploaded")
     page.screenshot(path=str(SHOTS / "04-uploading.png"), full_page=True)
     expect(page.locator("h2 .status-done")).to_have_count(2, timeout=120_000)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    page.set_input_files("#photo-input", [str(notes)])
+    page.click("#upload-form button[type=submit]")
+    refused = page.locator("#upload-progress li.refused")
+    expect(refused).to_have_count(1)
+    assert refused.locator("progress").count() == 0 and refused.inner_text().count("notes.txt") == 1
+    assert "refused: " in refused.inner_text()
     page.screenshot(path=str(SHOTS / "05-results.png"), full_page=True)
     assert page.locator("#images table.scores:not(.measurements)").count() == 3  # two photos and the case ranking
     assert page.locator("#case-result >> text=Case ranking (mean of 2 photos)").count() == 1

@@ -393,3 +393,25 @@ def test_emails_are_validated(engines, app, email):
     assert "not an e-mail address" in r.get_data(as_text=True)
     with session_scope() as s:
         assert find_user(s, email) is None
+
+
+# ------------------------------------------------------------------------------ case editing
+def test_cases_can_be_edited_in_the_portal_and_the_api_and_it_is_audited(app):
+    client = _client(app)
+    case_id = _case(client)
+    page = client.get(f"/cases/{case_id}/edit").get_data(as_text=True)
+    assert 'value="PT-HARD"' in page and "Save changes" in page
+    r = client.post(f"/cases/{case_id}/edit", data={"csrf_token": _csrf(client, f"/cases/{case_id}/edit"),
+                                                    "patient_ref": "PT-HARD-2", "sex": "female", "age_years": "4.5",
+                                                    "ancestry": "Sardinian", "hpo_terms": ""}, follow_redirects=True)
+    assert "Saved: patient ref, age years, ancestry." in r.get_data(as_text=True)
+    r = client.patch(f"/api/v1/cases/{case_id}", json={"sex": "other"}, headers={"X-CSRFToken": _csrf(client, "/")})
+    assert r.status_code == 200 and r.get_json()["sex"] == "other" and r.get_json()["patient_ref"] == "PT-HARD-2"
+    r = client.patch(f"/api/v1/cases/{case_id}", json={"age_years": "5"}, headers={"X-CSRFToken": _csrf(client, "/")})
+    assert r.status_code == 400 and r.get_json()["error"].startswith("age_years")
+    stranger = _client(app)
+    assert stranger.get(f"/cases/{case_id}/edit").status_code == 404
+    with session_scope() as s:
+        edits = s.scalars(select(AuditLog.detail).where(AuditLog.action == "case_edit",
+                                                         AuditLog.target_id == str(case_id))).all()
+    assert [e["changed"] for e in edits] == [["patient_ref", "age_years", "ancestry"], ["sex"]]

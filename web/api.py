@@ -8,7 +8,7 @@ from shared.audit import audit
 from web.access import case_or_404, image_or_404
 from web.db import get_db
 from web.results import case_payload, image_payload
-from web.schemas import DiagnosisUpdate, NewCase, parse
+from web.schemas import CaseUpdate, DiagnosisUpdate, NewCase, parse
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -49,6 +49,28 @@ def create_case():
     audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
     db.commit()
     return jsonify(_payload(db, case)), 201
+
+
+@bp.patch("/cases/<int:case_id>")
+def patch_case(case_id: int):
+    """Correct a case: JSON with any of patient_ref, sex, age_years, ancestry, hpo_terms (audited)."""
+    from shared.catalog import CatalogError, validate_hpo_terms
+    from web.cases import update_case
+
+    db = get_db()
+    case = case_or_404(case_id)
+    body = parse(CaseUpdate, request.get_json(silent=True))
+    fields = body.model_dump(exclude_unset=True)
+    for required in ("patient_ref", "sex"):
+        if required in fields and fields[required] is None:
+            return jsonify(error=f"{required} cannot be cleared"), 400
+    if "hpo_terms" in fields:
+        try:
+            fields["hpo_terms"] = validate_hpo_terms(db, fields["hpo_terms"] or [])
+        except CatalogError as exc:
+            return jsonify(error=str(exc)), 400
+    update_case(db, case, fields, current_user.id, request.remote_addr, via="api")
+    return jsonify(_payload(db, case))
 
 
 def _payload(db, case) -> dict:

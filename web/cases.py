@@ -135,6 +135,41 @@ def new_case():
     return render_template("case_new.html", form=form), 200 if request.method == "GET" else 400
 
 
+CASE_FIELDS = ("patient_ref", "sex", "age_years", "ancestry", "hpo_terms")
+
+
+def update_case(db, case: Case, fields: dict, user_id: int, ip: str | None, via: str = "portal") -> list[str]:
+    """Apply validated ``fields`` (any of :data:`CASE_FIELDS`) to ``case``; audit which changed (names only)."""
+    changed = [name for name in CASE_FIELDS if name in fields and fields[name] != getattr(case, name)]
+    for name in changed:
+        setattr(case, name, fields[name])
+    if changed:
+        audit(db, "case_edit", user_id, "case", case.id, ip=ip, via=via, changed=changed)
+    db.commit()
+    return changed
+
+
+@bp.route("/cases/<int:case_id>/edit", methods=["GET", "POST"])
+def edit_case(case_id: int):
+    """Correct a case's details (audited: which fields changed)."""
+    from shared.catalog import hpo_labels
+
+    db = get_db()
+    case = case_or_404(case_id)
+    terms = "\n".join(f"{t['id']} {t['name']}" for t in hpo_labels(db, list(case.hpo_terms or [])))
+    form = CaseForm(data={"patient_ref": case.patient_ref, "sex": case.sex, "age_years": case.age_years,
+                          "ancestry": case.ancestry or "", "hpo_terms": terms})
+    if form.validate_on_submit():
+        changed = update_case(db, case, {
+            "patient_ref": form.patient_ref.data.strip(), "sex": form.sex.data,
+            "age_years": float(form.age_years.data) if form.age_years.data is not None else None,
+            "ancestry": (form.ancestry.data or "").strip() or None,
+            "hpo_terms": getattr(form.hpo_terms, "ids", [])}, current_user.id, request.remote_addr)
+        flash(f"Saved: {', '.join(c.replace('_', ' ') for c in changed)}." if changed else "Nothing changed.", "info")
+        return redirect(url_for("cases.show", case_id=case.id), 303)
+    return render_template("case_new.html", form=form, case=case), 200 if request.method == "GET" else 400
+
+
 @bp.get("/cases/<int:case_id>")
 def show(case_id: int):
     db = get_db()

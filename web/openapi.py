@@ -37,7 +37,12 @@ SPEC = {
         "/cases/{case_id}": {"get": {"summary": "A case with its photos, statuses and results",
                                      "parameters": [_id("case_id")],
                                      "responses": {"200": {"description": "The case", **_json("Case")},
-                                                   "401": ERROR, "404": ERROR}}},
+                                                   "401": ERROR, "404": ERROR}},
+                             "patch": {"summary": "Correct a case's details; fields left out keep their value",
+                                       "parameters": [_id("case_id")],
+                                       "requestBody": {"required": True, **_json("CaseUpdate")},
+                                       "responses": {"200": {"description": "The case", **_json("Case")},
+                                                     "400": ERROR, "401": ERROR, "404": ERROR}}},
         "/cases/{case_id}/images": {"post": {
             "summary": "Add photos (multipart, field `photo`, repeatable); all are stored or none",
             "parameters": [_id("case_id")],
@@ -90,6 +95,13 @@ SPEC = {
                              "description": "Self-reported ancestry (optional)"},
                 "hpo_terms": {"type": "array", "maxItems": 200, "items": {"type": "string", "pattern": "^HP:[0-9]{7}$"},
                               "description": "HPO term IDs; unknown IDs are refused (400)"}}},
+            "CaseUpdate": {"type": "object", "additionalProperties": False, "properties": {
+                "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+                "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
+                "ancestry": {"type": "string", "maxLength": 64, "nullable": True},
+                "hpo_terms": {"type": "array", "maxItems": 200,
+                              "items": {"type": "string", "pattern": "^HP:[0-9]{7}$"}}}},
             "HpoTerms": {"type": "object", "properties": {"terms": {"type": "array", "items": {
                 "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
                                                  "synonyms": {"type": "array", "items": {"type": "string"}},

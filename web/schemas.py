@@ -33,6 +33,16 @@ class NewCase(_Strict):
     hpo_terms: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=200)] = []
 
 
+class CaseUpdate(_Strict):
+    """Fields left out keep their stored value; ``null`` clears an optional one."""
+
+    patient_ref: Annotated[str, StringConstraints(pattern=PATIENT_REF_PATTERN)] | None = None
+    sex: Literal[SEXES] | None = None  # type: ignore[valid-type]
+    age_years: Annotated[float, Field(ge=0, le=120)] | None = None
+    ancestry: Annotated[str, StringConstraints(max_length=ANCESTRY_MAX)] | None = None
+    hpo_terms: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=200)] | None = None
+
+
 SyndromeRef = Annotated[str, StringConstraints(min_length=1, max_length=300)] | Annotated[int, Field(ge=1)]
 
 

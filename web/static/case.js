@@ -32,11 +32,19 @@
       xhr.onload = () => {
         let body = {};
         try { body = JSON.parse(xhr.responseText); } catch (err) { body = { error: xhr.statusText }; }
-        note.textContent = xhr.status === 201 ? " uploaded" : " refused: " + (body.error || xhr.status);
-        bar.value = 100;
+        if (xhr.status === 201) {
+          bar.value = 100;
+          note.textContent = " uploaded";
+        } else {
+          // A refused file gets no full progress bar, and its name once.
+          const error = String(body.error || xhr.status);
+          bar.remove();
+          item.classList.add("refused");
+          note.textContent = "refused: " + (error.startsWith(file.name + ": ") ? error.slice(file.name.length + 2) : error);
+        }
         resolve();
       };
-      xhr.onerror = () => { note.textContent = " network error"; resolve(); };
+      xhr.onerror = () => { bar.remove(); item.classList.add("refused"); note.textContent = "network error"; resolve(); };
       const data = new FormData();
       data.append("photo", file);
       xhr.send(data);
