@@ -55,7 +55,8 @@ def _assert_prints_on_at_most(pdf: Path, pages: int) -> None:
 
 def _photos(tmp_path: Path) -> list[Path]:
     paths = []
-    for i, img in enumerate((data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1]))):
+    brighter = np.clip(data.astronaut().astype(np.float32) * 1.15, 0, 255).astype(np.uint8)
+    for i, img in enumerate((data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1]), brighter)):
         path = tmp_path / f"photo{i}.jpg"
         Image.fromarray(img).save(path, quality=90)
         paths.append(path)
@@ -97,11 +98,11 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     page.wait_for_selector("#upload-form")
 
     page.set_input_files("#photo-input", [str(p) for p in _photos(tmp_path)])
-    assert page.locator("img.preview").count() == 2
+    assert page.locator("img.preview").count() == 3
     page.click("#upload-form button[type=submit]")
     page.wait_for_selector("#upload-progress li >> text=uploaded")
     page.screenshot(path=str(SHOTS / "04-uploading.png"), full_page=True)
-    expect(page.locator("h2 .status-done")).to_have_count(2, timeout=120_000)
+    expect(page.locator("h2 .status-done")).to_have_count(3, timeout=180_000)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a photo")
     page.set_input_files("#photo-input", [str(notes)])
@@ -110,14 +111,27 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     expect(refused).to_have_count(1)
     assert refused.locator("progress").count() == 0 and refused.inner_text().count("notes.txt") == 1
     assert "refused: " in refused.inner_text()
+    # What a clinician sees first: one case ranking, then the photos side by side; details fold away.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.reload()
+    expect(page.locator("#case-ranking table.ranking")).to_have_count(1)
     page.screenshot(path=str(SHOTS / "05-results.png"), full_page=True)
-    assert page.locator("#images table.scores:not(.measurements)").count() == 3  # two photos and the case ranking
-    assert page.locator("#case-result >> text=Case ranking (mean of 2 photos)").count() == 1
-    assert page.locator("figure.face img").count() == 2
-    assert page.locator("figure.face svg.landmarks circle").count() == 2 * 68  # 68 landmarks per face
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    assert height < 2500, f"the results page of 3 photos is {height} px tall at 1280 px"
+    assert page.locator("#case-ranking >> text=Mean of 3 photos").count() == 1
+    assert page.locator("#case-ranking td.similarity .band").count() == 2  # two classes, each with its band
+    assert page.locator("#case-ranking th.photo").count() == 3  # per-photo scores in a compact matrix
+    assert page.locator("#images table.scores:not(.measurements)").count() == 3  # one folded table per photo
+    assert page.locator("#images details.result[open]").count() == 0
+    assert page.locator("figure.face img").count() == 3
+    assert page.locator("figure.face svg.landmarks circle").count() == 3 * 68  # 68 landmarks per face
+    assert page.locator("figure.face svg.landmarks rect.region").count() == 3 * 4  # the paper's four regions
     assert page.evaluate("() => document.querySelector('figure.face img').naturalWidth") == 200
-    assert page.locator("#images table.scores:not(.measurements) >> text=Syndrome A").count() == 3
-    assert page.locator("table.scores th >> text=full_face").count() == 2  # per-region columns per photo
+    assert page.evaluate("() => document.querySelector('figure.face img').getBoundingClientRect().width") >= 400
+    assert page.locator("th[data-region=full_face] >> text=Whole face").count() == 3  # human region labels
+    assert page.locator("h2 .status-done >> text=Scored").count() == 3
+    page.set_viewport_size({"width": 1024, "height": 800})
+    page.locator("article.image details.result summary").first.click()
 
     # Clicking a syndrome in a photo's ranking opens its saliency heatmap over the aligned face.
     page.locator("article.image .result table.scores td:nth-child(2)", has_text="Syndrome B").first.click()
@@ -129,7 +143,7 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     assert "syndrome=Syndrome+B" in page.locator("#heatmap-img").get_attribute("src")
     page.screenshot(path=str(SHOTS / "05b-heatmap.png"))
     page.select_option("#heatmap-region", "upper_half")
-    expect(page.locator("#heatmap-status")).to_have_text("upper_half · Syndrome B", timeout=60_000)
+    expect(page.locator("#heatmap-status")).to_have_text("Upper face · Syndrome B", timeout=60_000)
     assert "region=upper_half" in page.locator("#heatmap-img").get_attribute("src")
     page.screenshot(path=str(SHOTS / "05c-heatmap-region.png"))
     page.click("#heatmap-close")
@@ -150,7 +164,7 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     assert "Facial analysis report" in report.content() and "NIPBL" in report.content()
     content = report.content()
     assert "not a probability of disease" in content and "Syndromes ranked by facial similarity" in content
-    assert "browser-model" in content and report.locator(".photos img").count() == 2
+    assert "browser-model" in content and report.locator(".photos img").count() == 3
     assert report.evaluate("() => [...document.querySelectorAll('.photos img')].every(i => i.naturalWidth > 0)")
     report.emulate_media(media="print")
     report.pdf(path=str(SHOTS / "07-report.pdf"), format="A4")

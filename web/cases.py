@@ -233,10 +233,10 @@ def diagnose(case_id: int):
                                  "gene": request.form.get("gene", ""), "variant": request.form.get("variant", ""),
                                  "consent": request.form.get("consent") == "yes"},
                       current_user.id, request.remote_addr)
-        flash("Diagnosis recorded.", "info")
+        flash("Diagnosis recorded.", "diagnosis")
     except DiagnosisError as exc:
         flash(exc.message, "error")
-    return redirect(url_for("cases.show", case_id=case.id), 303)
+    return redirect(url_for("cases.show", case_id=case.id, _anchor="diagnosis"), 303)
 
 
 @bp.post("/cases/<int:case_id>/delete")

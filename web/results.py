@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from shared.ml.alignment import CANVAS
 from shared.ml.gestalt import rank
+from shared.ml.regions import DEFAULT_REGIONS, REGIONS
 from shared.ml.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
 from web.diagnoses import diagnosis_payload
@@ -28,6 +29,7 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
         m = np.asarray(face.transform)
         canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
         out["face"] = {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": CANVAS,
+                       "regions": {name: list(box) for name, box in REGIONS.items() if name in DEFAULT_REGIONS},
                        "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
                        "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
                        "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
@@ -113,6 +115,17 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
             "gallery_patients": match["gallery_patients"], "patients": patients, "syndromes": syndromes}
 
 
+def display_fields(db: Session, result: dict | None, active: ModelVersion | None) -> dict:
+    """What a person reads instead of internal names, and how the ranking's model was validated."""
+    from web import presentation
+
+    version = db.get(ModelVersion, result["model_version"]["id"]) if result else active
+    return {"regions": presentation.REGION_LABELS, "statuses": presentation.STATUS_LABELS,
+            "status_hints": presentation.STATUS_HINTS, "disclaimer": presentation.DISCLAIMER,
+            "model": {"name": version.name, "classes": len(version.classes),
+                      "validation": presentation.validation_summary(version)} if version else None}
+
+
 def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_is_admin: bool = False) -> dict:
     from shared.catalog import hpo_labels
 
@@ -130,5 +143,6 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
         "case_result": result,
         "diagnosis": diagnosis_payload(db, case),
         "gallery": gallery_payload(db, case, active, viewer_id, viewer_is_admin),
+        "display": display_fields(db, result, active),
         "phenotype": phenotype_payload(db, case, active_id),
     }

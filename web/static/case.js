@@ -75,9 +75,42 @@
     poll();
   });
 
+  const ranking = document.getElementById("case-ranking");
+  const DISPLAY = ranking ? JSON.parse(ranking.dataset.display) : { regions: {}, statuses: {}, status_hints: {} };
+  const regionLabel = (r) => DISPLAY.regions[r] || r.replace(/_/g, " ");
+  const statusLabel = (s) => DISPLAY.statuses[s] || s.replace(/_/g, " ");
+
+  function catalogueLink(r) {
+    const id = r.omim || r.orpha;
+    if (!id) return el("span", { class: "meta" }, "local");
+    const [source, number] = id.split(":");
+    const href = source === "OMIM" ? "https://omim.org/entry/" + number
+      : "https://www.orpha.net/en/disease/detail/" + number;
+    return el("a", { href: href, target: "_blank", rel: "noopener noreferrer" }, id);
+  }
+
+  function band(score, top) {
+    const ratio = top > 0 ? score / top : 0;
+    return ratio >= 0.66 ? "high" : ratio >= 0.33 ? "medium" : "low";
+  }
+
+  function scoreCell(score, top) {
+    const cell = el("td", { class: "similarity" });
+    const bar = el("div", { class: "bar" });
+    const fill = el("span");
+    fill.style.width = Math.round(100 * (top > 0 ? score / top : 0)) + "%";
+    bar.append(fill);
+    cell.append(bar, el("span", { class: "band band-" + band(score, top) }, band(score, top) + " · " + score.toFixed(2)));
+    return cell;
+  }
+
   function renderResult(card, result) {
-    const box = el("div", { class: "result" });
-    const head = el("p", { class: "meta" }, "Model " + result.model_version.name);
+    // One photo's full ranking and its regions: folded away, one click from the case ranking.
+    const box = el("details", { class: "result" });
+    const top = result.ranking[0];
+    box.append(el("summary", {}, "All syndromes and regions for this photo" +
+      (top ? " (top: " + top.name + ", " + top.score.toFixed(2) + ")" : "")));
+    const head = el("p", { class: "meta" }, "Model " + result.model_version.name + ". Click a syndrome for its heatmap.");
     if (result.outdated) {
       head.append(el("span", { class: "warn" }, " · scored by an older model than the active one "));
       const again = el("button", { type: "button" }, "Re-score");
@@ -88,12 +121,14 @@
         poll();
       });
       head.append(again);
+      box.open = true;
     }
     box.append(head);
     const regions = Object.keys(result.regions);
     const table = el("table", { class: "scores" });
     const hr = el("tr");
-    ["#", "Syndrome", "Gestalt score", ""].concat(regions).forEach((h) => hr.append(el("th", {}, h)));
+    ["#", "Syndrome", "Gestalt score", ""].forEach((h) => hr.append(el("th", {}, h)));
+    regions.forEach((reg) => hr.append(el("th", { "data-region": reg }, regionLabel(reg))));
     table.append(hr);
     result.ranking.forEach((r) => {
       const tr = el("tr");
@@ -116,19 +151,30 @@
 
   function renderFace(card, face) {
     const NS = "http://www.w3.org/2000/svg";
-    const box = el("figure", { class: "face" });
+    const box = el("figure", { class: "face", title: "Click to enlarge" });
     const img = el("img", { src: face.aligned_url, alt: "aligned face", width: String(face.size), height: String(face.size) });
     const svg = document.createElementNS(NS, "svg");
     svg.setAttribute("viewBox", "0 0 " + face.size + " " + face.size);
     svg.setAttribute("class", "landmarks");
+    Object.entries(face.regions || {}).forEach(([name, [x0, y0, x1, y1]]) => {
+      const r = document.createElementNS(NS, "rect");
+      r.setAttribute("x", x0); r.setAttribute("y", y0); r.setAttribute("width", x1 - x0); r.setAttribute("height", y1 - y0);
+      r.setAttribute("class", "region");
+      const t = document.createElementNS(NS, "title");
+      t.textContent = regionLabel(name);
+      r.append(t);
+      svg.append(r);
+    });
     face.landmarks.forEach(([x, y]) => {
       const c = document.createElementNS(NS, "circle");
-      c.setAttribute("cx", x); c.setAttribute("cy", y); c.setAttribute("r", "0.8");
+      c.setAttribute("cx", x); c.setAttribute("cy", y); c.setAttribute("r", "1.6");
       svg.append(c);
     });
-    const toggle = el("button", { type: "button" }, "Landmarks");
-    toggle.addEventListener("click", () => svg.classList.toggle("hidden"));
-    box.append(img, svg, el("figcaption", {}, face.faces_found > 1 ? face.faces_found + " faces found; the largest is analysed" : "aligned face"), toggle);
+    const toggle = el("button", { type: "button" }, "Landmarks and regions");
+    toggle.addEventListener("click", (e) => { e.stopPropagation(); svg.classList.toggle("hidden"); });
+    box.addEventListener("click", () => box.classList.toggle("zoomed"));
+    const caption = el("figcaption", {}, face.faces_found > 1 ? face.faces_found + " faces found; the largest is analysed" : "Aligned face");
+    box.append(img, svg, caption, toggle);
     card.append(box);
     if (face.measurements) card.append(renderMeasurements(face));
   }
@@ -145,37 +191,74 @@
   ];
 
   function renderMeasurements(face) {
+    const box = el("details", { class: "measurements" });
+    box.append(el("summary", {}, "Facial measurements" + (face.rotation ? " (photo turned " + face.rotation + "°)" : "")));
     const table = el("table", { class: "scores measurements" });
-    table.append(el("caption", {}, "Facial measurements" + (face.rotation ? " (photo turned " + face.rotation + "°)" : "")));
     MEASUREMENTS.forEach(([key, label, digits]) => {
       if (face.measurements[key] === undefined) return;
       const tr = el("tr", { "data-measurement": key });
-      tr.append(el("th", {}, label), el("td", {}, face.measurements[key].toFixed(digits)));
+      tr.append(el("th", {}, label), el("td", {}, face.measurements[key].toFixed(digits)), el("td", { class: "meta" }, "no reference"));
       table.append(tr);
     });
-    return table;
+    box.append(table, el("p", { class: "meta" }, "No normative reference by age and sex is shipped yet: compare with your own references."));
+    return box;
+  }
+
+  function caseRanking(payload) {
+    // The case-level ranking; with one scored photo, that photo's ranking.
+    if (payload.case_result) return payload.case_result;
+    const scored = payload.images.filter((i) => i.result);
+    if (scored.length !== 1) return null;
+    return { model_version: scored[0].result.model_version, photos: 1, ranking: scored[0].result.ranking };
   }
 
   function renderCaseResult(payload) {
-    let card = document.getElementById("case-result");
-    if (!payload.case_result) { if (card) card.remove(); return; }
-    if (!card) { card = el("article", { class: "card", id: "case-result" }); section.prepend(card); }
-    const key = payload.case_result.model_version.id + ":" + payload.case_result.photos;
-    if (card.dataset.state === key) return;
-    card.dataset.state = key;
-    card.replaceChildren(el("h2", {}, "Case ranking (mean of " + payload.case_result.photos + " photos)"));
-    const table = el("table", { class: "scores" });
+    const body = document.getElementById("case-ranking-body");
+    const result = caseRanking(payload);
+    if (!body || !result) return;
+    const photos = payload.images.map((image, i) => ({ n: i + 1, image: image }))
+      .filter((p) => p.image.result && p.image.result.model_version.id === result.model_version.id);
+    const key = result.model_version.id + ":" + photos.map((p) => p.image.id).join(",");
+    if (body.dataset.state === key) return;
+    body.dataset.state = key;
+    const model = DISPLAY.model;
+    let about = (result.photos > 1 ? "Mean of " + result.photos + " photos" : "One photo") + ", model " + result.model_version.name;
+    if (model && model.name === result.model_version.name && model.validation && model.validation.top1 !== null) {
+      const v = model.validation;
+      about += ": on " + (v.n || "its") + " held-out photos the true syndrome ranked first for " + Math.round(100 * v.top1) + "%";
+      if (v.topk !== null && model.classes > v.k) about += " and in the top " + v.k + " for " + Math.round(100 * v.topk) + "%";
+      about += " (" + model.classes + " syndromes known)";
+    }
+    const table = el("table", { class: "scores ranking" });
     const hr = el("tr");
-    ["#", "Syndrome", "Gestalt score"].forEach((h) => hr.append(el("th", {}, h)));
+    ["#", "Syndrome", "ID", "Genes", "Similarity"].forEach((h) => hr.append(el("th", {}, h)));
+    photos.forEach((p) => hr.append(el("th", { class: "photo" }, "Photo " + p.n)));
     table.append(hr);
-    payload.case_result.ranking.slice(0, 10).forEach((r) => {
-      const tr = el("tr");
-      // Genes as the name's tooltip: the name cell's text is what the heatmap dialog looks up.
-      const genes = (r.genes || []).length ? "Genes: " + r.genes.join(", ") : "no genes in the catalogue";
-      tr.append(el("td", {}, String(r.rank)), el("td", { title: genes }, r.name), el("td", {}, r.score.toFixed(3)));
+    const top = result.ranking.length ? result.ranking[0].score : 0;
+    result.ranking.slice(0, 30).forEach((r, i) => {
+      const tr = el("tr", i >= 10 ? { class: "more" } : {});
+      const genes = r.genes || [];
+      tr.append(el("td", {}, String(r.rank)), el("td", { class: "name" }, r.name));
+      const id = el("td");
+      id.append(catalogueLink(r));
+      tr.append(id, el("td", { class: "genes", title: genes.join(", ") }, genes.slice(0, 3).join(", ") + (genes.length > 3 ? " …" : "")));
+      tr.append(scoreCell(r.score, top));
+      photos.forEach((p) => {
+        const own = p.image.result.ranking.find((x) => x.syndrome_id === r.syndrome_id);
+        tr.append(el("td", { class: "photo" }, own ? own.score.toFixed(2) : "–"));
+      });
       table.append(tr);
     });
-    card.append(el("p", { class: "meta" }, "Model " + payload.case_result.model_version.name), table);
+    const children = [el("p", { class: "meta" }, about), table];
+    if (result.ranking.length > 10) {
+      const more = el("button", { type: "button", class: "link" }, "Show up to 30");
+      more.addEventListener("click", () => {
+        table.classList.toggle("expanded");
+        more.textContent = table.classList.contains("expanded") ? "Show the top 10" : "Show up to 30";
+      });
+      children.push(more);
+    }
+    body.replaceChildren(...children);
   }
 
   function render(payload) {
@@ -187,9 +270,11 @@
       card.dataset.state = image.status + (image.result ? image.result.model_version.id : "");
       card.replaceChildren();
       const h = el("h2", {}, "Photo " + (i + 1));
-      h.append(el("span", { class: "status status-" + image.status }, image.status));
+      h.append(el("span", { class: "status status-" + image.status }, statusLabel(image.status)));
       card.append(h);
       if (image.reason) card.append(el("p", { class: "reason" }, image.reason));
+      const hint = DISPLAY.status_hints[image.status];
+      if (hint) card.append(el("p", { class: "meta hint" }, hint));
       if (image.face) renderFace(card, image.face);
       if (image.result) renderResult(card, image.result);
     });

@@ -21,7 +21,8 @@
 
   img.addEventListener("load", () => {
     img.classList.remove("loading");
-    status.textContent = (select.value === "all" ? "All regions" : select.value) + " · " + current.syndrome;
+    const label = select.options[select.selectedIndex] ? select.options[select.selectedIndex].text : select.value;
+    status.textContent = (select.value === "all" ? "All regions" : label) + " · " + current.syndrome;
   });
   img.addEventListener("error", () => {
     img.classList.remove("loading");
@@ -33,8 +34,9 @@
     if (!cell) return;
     const card = cell.closest("article.image");
     const regions = Array.from(cell.closest("table").querySelectorAll("tr:first-child th"))
-      .slice(FIRST_REGION_COLUMN).map((th) => th.textContent);
-    select.replaceChildren(new Option("all regions combined", "all"), ...regions.map((r) => new Option(r, r)));
+      .slice(FIRST_REGION_COLUMN).map((th) => [th.dataset.region || th.textContent, th.textContent]);
+    select.replaceChildren(new Option("all regions combined", "all"),
+      ...regions.map(([name, label]) => new Option(label, name)));
     current = { imageId: card.id.replace("image-", ""), syndrome: cell.textContent };
     title.textContent = "Heatmap: " + current.syndrome;
     show();
