@@ -404,6 +404,36 @@ def _torch_runtime(threads: int | None, device: str | None):
     return settings, resolved
 
 
+def _cache_options(func):
+    """--cache DIR and --no-cache, shared by train, pretrain and evaluate."""
+    func = click.option("--no-cache", "no_cache", is_flag=True,
+                        help="Preprocess every photo afresh and store nothing.")(func)
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Preprocessing cache (faces found, crops, rejections; keyed by photo sha256 and the "
+                             "detector, landmarker and regions), shared by train and evaluate "
+                             "[default: $GESTALT_DATA_DIR/prep-cache].")(func)
+
+
+def _prep_cache(settings, preprocessor, cache_dir: Path | None, no_cache: bool):
+    """The preprocessing cache to use, or None with --no-cache."""
+    from shared.ml.prepcache import DEFAULT_SUBDIR, PrepCache
+
+    if no_cache:
+        return None
+    root = cache_dir or Path(settings.data_dir) / DEFAULT_SUBDIR
+    try:
+        return PrepCache.for_preprocessor(root, preprocessor)
+    except OSError as exc:
+        console.print(f"[yellow]preprocessing cache {root} unusable ({exc}); running without it[/]")
+        return None
+
+
+def _cache_note(cache) -> None:
+    if cache is not None and cache.hits + cache.misses:
+        console.print(f"preprocessing cache {cache.root}: {cache.hits} photo(s) read, {cache.misses} computed",
+                      soft_wrap=True)
+
+
 def _load_samples_or_fail(path: Path):
     """A folder or manifest's samples; a bad manifest or an empty folder is a one-line error."""
     from shared.ml.data import load_samples
@@ -469,12 +499,13 @@ def _report_skipped(rejected, path: Path | None) -> None:
 @click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
                    "beside --output, else $GESTALT_DATA_DIR/reports/train-<time>-skipped.csv].")
+@_cache_options
 @_torch_options
 def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
           select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
           register: bool, output: Path | None, patience: int, state_path: Path | None, skipped_path: Path | None,
-          threads: int | None, device: str | None) -> None:
+          threads: int | None, device: str | None, cache_dir: Path | None, no_cache: bool) -> None:
     """Train the regional CNNs from a labelled photo folder and register a model version.
 
     A binary model stores the label mapping it trained with (every label but --positive becomes
@@ -532,10 +563,12 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
         width = init.width
     # A fine-tuned model keeps the regions of its pretrained nets.
     preprocessor = Preprocessor.from_settings(settings, init.regions) if init else Preprocessor.from_settings(settings)
+    cache = _prep_cache(settings, preprocessor, cache_dir, no_cache)
     try:
-        data = prepare(samples, class_names, preprocessor)
+        data = prepare(samples, class_names, preprocessor, cache=cache)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    _cache_note(cache)
     if skipped_path is None:
         skipped_path = (output.parent / f"{output.stem}-skipped.csv" if output else settings.data_dir / "reports"
                         / f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}-skipped.csv")
@@ -634,10 +667,11 @@ def _validation_extra(model, data, val_idx: list[int], class_names: list[str], m
               help="Skip identities with fewer usable images.")
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@_cache_options
 @_torch_options
 def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs: int, lr: float, sgd_lr: float,
              batch_size: int, val_fraction: float, regions: str | None, min_images: int, augment: bool,
-             seed: int, threads: int | None, device: str | None) -> None:
+             seed: int, threads: int | None, device: str | None, cache_dir: Path | None, no_cache: bool) -> None:
     """Pretrain the region nets on face identification, for `gestalt train --init`."""
     from collections import Counter
 
@@ -658,10 +692,12 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
     if unknown:
         raise click.ClickException(f"unknown region(s) {', '.join(unknown)}; known: {', '.join(REGIONS)}")
     preprocessor = Preprocessor.from_settings(settings, wanted)
+    cache = _prep_cache(settings, preprocessor, cache_dir, no_cache)
     try:
-        data = prepare(samples, identities, preprocessor)
+        data = prepare(samples, identities, preprocessor, cache=cache)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    _cache_note(cache)
     _report_skipped(data.rejected, output.parent / f"{output.stem}-skipped.csv")
     counts = Counter(s.label for s in data.samples)
     kept = sorted(label for label, n in counts.items() if n >= min_images)
@@ -825,11 +861,12 @@ def _parse_data_sets(values: tuple[str, ...]) -> list[tuple[str, Path]]:
 @click.option("--temperature/--no-temperature", "use_temperature", default=True, show_default=True,
               help="Apply the calibration temperature the checkpoint stores (fitted on validation data at training "
                    "time); --no-temperature scores as the workers do.")
+@_cache_options
 @_torch_options
 def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, baseline_accuracy: float | None,
              baseline_n: int | None, positive: str | None, threshold: float | None, prevalence: float | None,
              resamples: int, permutations: int, seed: int, allow_leakage: bool, use_temperature: bool,
-             threads: int | None, device: str | None) -> None:
+             threads: int | None, device: str | None, cache_dir: Path | None, no_cache: bool) -> None:
     """Evaluate a model on labelled photos and write a report folder (md, html, json, predictions.csv, plots).
 
     Test labels are mapped as in training (a binary model's other labels become `others`).
@@ -864,6 +901,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
     from shared.ml.preprocess import Preprocessor
 
     preprocessor = Preprocessor.from_settings(settings, model.regions)
+    cache = _prep_cache(settings, preprocessor, cache_dir, no_cache)
     out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results = {}
     for set_name, path in sets:
@@ -872,7 +910,8 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
                                           threshold=threshold, threshold_source=source, prevalence=prevalence,
                                           baseline_accuracy=baseline_accuracy, baseline_n=baseline_n,
                                           resamples=resamples, permutations=permutations, seed=seed,
-                                          allow_leakage=allow_leakage, use_temperature=use_temperature)
+                                          allow_leakage=allow_leakage, use_temperature=use_temperature,
+                                          cache=cache)
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
@@ -911,9 +950,10 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     else:
         split = "unknown: the checkpoint does not record its training set"
     try:
-        data = prepare(samples, class_names, preprocessor, keep_aligned=True)
+        data = prepare(samples, class_names, preprocessor, keep_aligned=True, cache=opts.get("cache"))
     except ValueError as exc:
         raise click.ClickException(f"{data_path}: {exc}") from exc
+    _cache_note(opts.get("cache"))
     _report_skipped(data.rejected, None)
     if len(data.samples) < 2:
         reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])

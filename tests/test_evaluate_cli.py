@@ -196,3 +196,24 @@ def test_skipped_photos_are_summarised(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(skipped) > 1 and f"skipped {len(skipped) - 1} photo(s)" in r.stderr
     assert "the face is too small in the photo" in r.stderr and str(orl / "s2") not in r.stderr
+
+
+def test_second_evaluate_reads_the_preprocessing_cache(tmp_path):
+    orl = shared_data("faces", "orl")
+    names = ["s1", "s2", "s3", "s4"]
+    model = _train(orl, names, tmp_path, epochs=1)
+    test = _held_out(orl, names, tmp_path)
+    cache = tmp_path / "prep-cache"
+    args = ["evaluate", "--model", str(model), "--data", str(test), "--resamples", "100", "--permutations", "100",
+            "--cache", str(cache)]
+    first = gestalt(*args, "--out", str(tmp_path / "r1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "0 photo(s) read, 4 computed" in first.stdout + first.stderr
+    second = gestalt(*args, "--out", str(tmp_path / "r2"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "4 photo(s) read, 0 computed" in second.stdout + second.stderr
+    assert (tmp_path / "r1" / "predictions.csv").read_text() == (tmp_path / "r2" / "predictions.csv").read_text()
+    none = gestalt("evaluate", "--model", str(model), "--data", str(test), "--resamples", "100", "--permutations",
+                   "100", "--no-cache", "--cache", str(tmp_path / "unused"), "--out", str(tmp_path / "r3"))
+    assert none.returncode == 0, none.stderr[-3000:]
+    assert not (tmp_path / "unused").exists() and "photo(s) read" not in none.stdout + none.stderr

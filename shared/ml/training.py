@@ -19,6 +19,7 @@ from shared.ml.data import Sample
 from shared.ml.evaluation import topk_hits
 from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint, predict
 from shared.ml.imaging import ImageRejected, decode_upload
+from shared.ml.prepcache import CachedFace, CachedRejection, PrepCache
 from shared.ml.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,12 @@ class PreparedData:
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
             max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True,
-            keep_aligned: bool = False) -> PreparedData:
+            keep_aligned: bool = False, cache: PrepCache | None = None) -> PreparedData:
     """Decode, detect, align and crop every sample, as the worker does for an upload.
+
+    With ``cache``, a photo preprocessed before with the same setup (backends, regions, threshold) is
+    read from it instead: neither decoding nor the detector runs. Faces found and photos rejected by
+    the preprocessor are both cached; photos the decoder refuses are not (cheap, and limit-dependent).
 
     Raises:
         ValueError: when a sample's label is not in ``class_names`` (all unknown labels are listed).
@@ -47,18 +52,38 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
         raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
     crops, labels, kept, rejected, aligned, landmarks = [], [], [], [], [], []
     for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
-        try:
-            decoded = decode_upload(s.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
-            result = preprocessor.run(decoded.rgb)
-        except ImageRejected as exc:
-            rejected.append((s, exc.reason))
+        raw = s.path.read_bytes()
+        entry = None
+        if cache is not None:
+            digest = hashlib.sha256(raw).hexdigest()
+            entry = cache.get(digest)
+        if entry is None:
+            try:
+                decoded = decode_upload(raw, max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
+            except ImageRejected as exc:
+                rejected.append((s, exc.reason))
+                continue
+            try:
+                result = preprocessor.run(decoded.rgb)
+            except ImageRejected as exc:
+                entry = CachedRejection(exc.reason)
+            else:
+                entry = CachedFace(np.stack([result.aligned.crops[r] for r in preprocessor.regions]),
+                                   cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY),
+                                   result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32))
+            if cache is not None:
+                cache.put(digest, entry)
+        if isinstance(entry, CachedRejection):
+            rejected.append((s, entry.reason))
             continue
-        crops.append(np.stack([result.aligned.crops[r] for r in preprocessor.regions]))
+        crops.append(entry.crops)
         labels.append(index[s.label])
         kept.append(s)
         if keep_aligned:
-            aligned.append(cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY))
-            landmarks.append(result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32))
+            aligned.append(entry.aligned)
+            landmarks.append(entry.landmarks)
+    if cache is not None:
+        logger.info("preprocessing cache %s: %d read, %d computed", cache.root, cache.hits, cache.misses)
     if not crops:
         raise ValueError("no usable face in the data")
     return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
