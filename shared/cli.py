@@ -923,6 +923,19 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
         console.print(f"report written to {out}/report.html")
 
 
+def _heatmap_for(model, data):
+    """(image index, class index) -> the aligned face with that class's Grad-CAM map, all regions combined."""
+    import numpy as np
+
+    from shared.ml.saliency import combine, overlay, region_maps
+
+    def render(i: int, class_index: int):
+        rgb = np.repeat(data.aligned[i][..., None], 3, axis=2)
+        return overlay(rgb, combine(region_maps(model, data.crops[i], class_index), rgb.shape[0]))
+
+    return render
+
+
 def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, preprocessor, **opts) -> dict:
     """One test set's report; returns its metrics."""
     import numpy as np
@@ -972,7 +985,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         images=[str(s.path) for s in data.samples], original_labels=[originals[id(s)] for s in data.samples],
         label_map=applied, threshold=opts["threshold"], threshold_source=opts["threshold_source"],
         prevalence=opts["prevalence"], preprocessing=preprocessor.provenance,
-        temperature=float(temperature) if temperature else None), out)
+        temperature=float(temperature) if temperature else None, heatmap=_heatmap_for(model, data)), out)
     if data.rejected:
         console.print(f"the skipped photos and their reasons: {out}/skipped.csv")
     return metrics

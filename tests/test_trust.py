@@ -358,3 +358,60 @@ def test_evaluate_applies_the_stored_temperature_unless_told_not_to(tmp_path):
         probs[flag] = (m["temperature"], (out / "predictions.csv").read_text().splitlines()[1].split(",")[7])
     assert probs["--temperature"][0] == 5.0 and probs["--no-temperature"][0] is None
     assert probs["--temperature"][1] != probs["--no-temperature"][1]
+
+
+def test_error_gallery_shows_the_worst_false_positives_and_negatives(tmp_path):
+    from shared.ml.report import error_cases, write_report
+
+    labels = np.array([0] * 10 + [1] * 10)
+    inp = _binary_input(labels, threshold=0.5)
+    p = inp.region_probs.mean(axis=1)[:, 0]
+    fp = sorted((i for i in range(20) if labels[i] == 1 and p[i] >= 0.5), key=lambda i: -p[i])
+    fn = sorted((i for i in range(20) if labels[i] == 0 and p[i] < 0.5), key=lambda i: p[i])
+    cases = error_cases(inp)
+    assert 0 < len(cases) <= 6
+    assert [c["index"] for c in cases if c["kind"] == "false positive"] == fp[:len(
+        [c for c in cases if c["kind"] == "false positive"])]
+    assert [c["index"] for c in cases if c["kind"] == "false negative"] == fn[:len(
+        [c for c in cases if c["kind"] == "false negative"])]
+    seen = []
+    inp.heatmap = lambda i, cls: seen.append((i, cls)) or np.zeros((200, 200, 3), np.uint8)
+    m = write_report(inp, tmp_path)
+    assert len(m["error_gallery"]) == len(cases) and all(cls == 0 for _, cls in seen)
+    html = (tmp_path / "report.html").read_text()
+    assert "Error gallery" in html and "false " in html
+    for e in m["error_gallery"]:
+        with Image.open(tmp_path / e["png"]) as im:
+            assert im.size == (200, 200)
+        assert e["png"] in html and e["png"] in (tmp_path / "report.md").read_text()
+
+
+def test_error_gallery_multiclass_uses_the_most_confident_wrong_calls():
+    from shared.ml.report import EvalInput, error_cases
+
+    rp = np.full((4, 1, 3), 0.1, np.float32)
+    rp[0, 0] = [0.1, 0.8, 0.1]   # wrong, confident
+    rp[1, 0] = [0.3, 0.4, 0.3]   # wrong, unsure
+    rp[2, 0] = [0.9, 0.05, 0.05]  # right
+    rp[3, 0] = [0.05, 0.05, 0.9]  # wrong, most confident
+    inp = EvalInput(model_name="m", class_names=["a", "b", "c"], regions=["full_face"], region_probs=rp,
+                    labels=np.array([0, 0, 0, 1]), subjects=list("pqrs"), data_source="x", data_hash="h", split="s")
+    assert [(c["index"], c["called"], c["heatmap_class"]) for c in error_cases(inp)] == [
+        (3, "c", "c"), (0, "b", "b"), (1, "b", "b")]
+
+
+def test_grad_cam_thumbnail_of_a_small_model():
+    from types import SimpleNamespace
+
+    import torch
+
+    from shared.cli import _heatmap_for
+    from shared.ml.gestalt import RegionalEnsemble
+
+    torch.manual_seed(0)
+    model = RegionalEnsemble(("full_face", "upper_half"), 3, width=0.125).eval()
+    rng = np.random.default_rng(0)
+    data = SimpleNamespace(aligned=rng.integers(0, 255, (2, 200, 200)).astype(np.uint8),
+                           crops=rng.integers(0, 255, (2, 2, 100, 100)).astype(np.uint8))
+    image = _heatmap_for(model, data)(1, 2)
+    assert image.shape == (200, 200, 3) and image.dtype == np.uint8

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +49,8 @@ class EvalInput:
     prevalence: float | None = None  # binary: PPV/NPV also at this prevalence
     preprocessing: dict = field(default_factory=dict)  # detector/landmarker names and weight hashes
     temperature: float | None = None  # the calibration temperature applied to the scores, if any
+    # (image index, class index) -> RGB overlay of the aligned face with that class's heatmap, for the error gallery
+    heatmap: Callable[[int, int], np.ndarray] | None = None
 
 
 def _estimates(d: dict) -> dict:
@@ -278,12 +281,60 @@ def _pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str
     return f"{100 * v['value']:.1f}% ({100 * v['low']:.1f}–{100 * v['high']:.1f})"
 
 
+ERROR_GALLERY = 6  # thumbnails at most
+
+
+def error_cases(inp: EvalInput, limit: int = ERROR_GALLERY) -> list[dict]:
+    """The worst mistakes: for two classes the most confident false positives and false negatives (by
+    P(positive), half each when both exist); otherwise the most confident wrong top-1 calls. Each with the
+    class whose heatmap explains it (the positive class, or the wrongly called one)."""
+    agg = inp.region_probs.mean(axis=1)
+    called = calls(inp)
+    if len(inp.class_names) == 2:
+        pos = positive_index(inp)
+        p = agg[:, pos]
+        fp = sorted(np.flatnonzero((called == pos) & (inp.labels != pos)), key=lambda i: -p[i])
+        fn = sorted(np.flatnonzero((called != pos) & (inp.labels == pos)), key=lambda i: p[i])
+        n_fp = min(len(fp), max(limit // 2, limit - len(fn)))
+        picked = [(i, "false positive") for i in fp[:n_fp]] + [(i, "false negative") for i in fn[:limit - n_fp]]
+        cases = [(i, kind, pos, float(p[i])) for i, kind in picked]
+    else:
+        wrong = sorted(np.flatnonzero(called != inp.labels), key=lambda i: -agg[i, called[i]])
+        cases = [(i, "wrong top-1", int(called[i]), float(agg[i, called[i]])) for i in wrong[:limit]]
+    out = []
+    for i, kind, cls, score in cases:
+        out.append({"index": int(i), "kind": kind, "image": Path(inp.images[i]).name if inp.images else str(i),
+                    "subject": inp.subjects[i], "true": inp.class_names[inp.labels[i]],
+                    "called": inp.class_names[called[i]], "heatmap_class": inp.class_names[cls],
+                    "score": round(score, 4), "_class": cls})
+    return out
+
+
+def _error_gallery(inp: EvalInput, out: Path) -> list[dict]:
+    """PNG thumbnails (aligned face, with the heatmap when the model is at hand) in ``out/errors``."""
+    if inp.aligned is None or not len(inp.aligned):
+        return []
+    from shared.ml.imaging import encode_png
+
+    cases = error_cases(inp)
+    if cases:
+        (out / "errors").mkdir(exist_ok=True)
+    for n, case in enumerate(cases, 1):
+        i, cls = case.pop("index"), case.pop("_class")
+        face = inp.aligned[i]
+        image = inp.heatmap(i, cls) if inp.heatmap else np.repeat(face[..., None], 3, axis=2)
+        case["png"] = f"errors/error-{n}.png"
+        (out / case["png"]).write_bytes(encode_png(image))
+    return cases
+
+
 def write_report(inp: EvalInput, out: Path) -> dict:
     """Compute every figure and write the report folder; returns the metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = _estimates(compute(inp))
     files = _plots(inp, metrics, out)
+    metrics["error_gallery"] = _error_gallery(inp, out)
     write_predictions(inp, out / "predictions.csv")
     files["predictions"] = "predictions.csv"
     if inp.rejected:
