@@ -461,9 +461,12 @@ def _report_skipped(rejected, path: Path | None) -> None:
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
               help="Labelled photos: DIR/<label>/<subject>/<image>, DIR/<label>/<image>, or a manifest CSV "
                    "(image,subject,label).")
-@click.option("--width", type=float, default=1.0, show_default=True, help="CASIA-Net channel multiplier.")
-@click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--preset", type=click.Choice(["cpu-small", "paper"]), default=None,
+              help="Defaults for --width, --epochs and --batch-size: cpu-small (0.25, 8, 16) for a quick run on a "
+                   "laptop CPU, paper (1.0, 40, 32). Options given explicitly win [default: paper].")
+@click.option("--width", type=float, default=None, help="CASIA-Net channel multiplier [default: 1.0].")
+@click.option("--epochs", type=int, default=None, help="[default: 40]")
+@click.option("--batch-size", type=int, default=None, help="[default: 32]")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 5e-3 with --init (SGD), 1e-3 from scratch (Adam)].")
 @click.option("--init", "init_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -501,7 +504,8 @@ def _report_skipped(rejected, path: Path | None) -> None:
                    "beside --output, else $GESTALT_DATA_DIR/reports/train-<time>-skipped.csv].")
 @_cache_options
 @_torch_options
-def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float | None, init_path: Path | None,
+def train(data_dir: Path, preset: str | None, width: float | None, epochs: int | None, batch_size: int | None,
+          lr: float | None, init_path: Path | None,
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
           select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
           register: bool, output: Path | None, patience: int, state_path: Path | None, skipped_path: Path | None,
@@ -514,10 +518,12 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     """
     from datetime import datetime
 
+    from shared.ml.data import subjects_known
     from shared.ml.preprocess import Preprocessor
     from shared.ml.splits import subject_split
     from shared.ml.training import (
         FINETUNE_LR,
+        PRESETS,
         SCRATCH_LR,
         TrainConfig,
         binary_label_map,
@@ -531,8 +537,22 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
 
     if transfer_pairs is not None and init_path is None:
         raise click.ClickException("--transfer-pairs needs --init")
+    recipe = PRESETS[preset or "paper"]
+    width = recipe["width"] if width is None else width
+    epochs = recipe["epochs"] if epochs is None else epochs
+    batch_size = recipe["batch_size"] if batch_size is None else batch_size
+    if preset:
+        console.print(f"preset {preset}: width {width}, {epochs} epochs, batch size {batch_size}")
     settings, torch_device = _torch_runtime(threads, device)
     samples = [s for s in _load_samples_or_fail(data_dir) if s.path.name not in set(exclude)]
+    known = subjects_known(samples)
+    if not known:
+        console.print(
+            "[bold yellow]WARNING: subjects are unknown.[/]\n"
+            f"  {data_dir} uses the flat layout DIR/<label>/<image>, so every photo counts as its own subject.\n"
+            "  Photos of one person can land on both sides of the validation split: validation figures will be\n"
+            "  optimistic and the model's metrics record subjects_known=false. To split by person, use\n"
+            "  DIR/<label>/<subject>/<image> or a manifest CSV (image,subject,label).", soft_wrap=True)
     original_labels = {s.label for s in samples}
     try:
         samples, class_names = select_task(samples, mode, positive,
@@ -590,6 +610,7 @@ def train(data_dir: Path, width: float, epochs: int, batch_size: int, lr: float 
     if metrics["stopped_early"]:
         console.print(f"stopped early after epoch {metrics['history'][-1]['epoch']} (patience {patience}); "
                       f"kept epoch {metrics['best_epoch']}")
+    metrics["subjects_known"] = known
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
     metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,

@@ -213,3 +213,29 @@ def test_early_stopping_keeps_the_best_epoch(monkeypatch):
     # Epoch 2 reached 0.75; epochs 3 and 4 did not beat it: stop after epoch 4, keep the best.
     assert [e["epoch"] for e in metrics["history"]] == [1, 2, 3, 4] and metrics["stopped_early"]
     assert metrics["best_epoch"] in (2, 3)
+
+
+# ---------------------------------------------------------------------------- flat layout, run-time estimate
+def test_flat_layout_has_unknown_subjects(tmp_path):
+    from shared.ml.data import subjects_known
+
+    for rel in ("a/1.jpg", "a/2.jpg", "b/3.jpg"):
+        _touch(tmp_path / "flat" / rel)
+    for rel in ("a/p1/1.jpg", "a/p1/2.jpg", "b/p2/3.jpg"):
+        _touch(tmp_path / "nested" / rel)
+    assert not subjects_known(scan_folder(tmp_path / "flat"))
+    assert subjects_known(scan_folder(tmp_path / "nested"))
+
+
+def test_run_time_estimate_after_the_first_batches(capsys):
+    from shared.ml.training import TrainConfig, run_time_estimate, train_ensemble
+
+    assert run_time_estimate(2.0, 4, 40, 10) == pytest.approx(200.0)
+    assert run_time_estimate(2.0, 4, 40, 10, val_share=0.3) == pytest.approx(220.0)
+    data = _tiny_data()
+    cfg = TrainConfig(width=0.125, epochs=2, batch_size=2, progress=True, augment=False)
+    _, metrics = train_ensemble(data, ["a", "b"], ("full_face",), list(range(8)), list(range(8, 12)), cfg)
+    assert metrics["timing"]["estimated_seconds"] > 0 and metrics["timing"]["train_seconds"] > 0
+    err = capsys.readouterr()
+    assert "for 2 epochs (estimated from the first batches)" in err.out + err.err
+    assert "epoch 1/2" in err.err  # the per-epoch progress bar

@@ -84,3 +84,10 @@ def load_samples(source: Path) -> list[Sample]:
     """A folder (see :func:`scan_folder`) or a manifest CSV."""
     source = Path(source)
     return load_manifest(source) if source.is_file() else scan_folder(source)
+
+
+def subjects_known(samples: list[Sample]) -> bool:
+    """False when every image is its own subject, as in the flat ``DIR/<label>/<image>`` layout: then a
+    validation split cannot keep a person's photos on one side."""
+    return len({s.subject for s in samples}) < len(samples) or not all(
+        s.subject == f"{s.label}/{s.path.name}" for s in samples)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -100,6 +101,13 @@ BINARY_NEGATIVE = "others"
 MODES = ("multiclass", "binary", "specialised")
 
 
+# `gestalt train --preset NAME`: defaults for width, epochs and batch size (options given explicitly win).
+PRESETS = {
+    "cpu-small": {"width": 0.25, "epochs": 8, "batch_size": 16},
+    "paper": {"width": 1.0, "epochs": 40, "batch_size": 32},
+}
+
+
 @dataclass
 class TrainConfig:
     width: float = 1.0
@@ -149,10 +157,30 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
+ESTIMATE_AFTER = 5  # batches timed for the run-time estimate
+
+
+def run_time_estimate(seconds: float, done: int, total: int, epochs: int, val_share: float = 0.0) -> float:
+    """Seconds for ``epochs`` epochs of ``total`` batches, from ``done`` batches in ``seconds`` (validation:
+    ``val_share`` of the training images, scored at about a third of a training step's cost per image)."""
+    per_epoch = seconds / max(done, 1) * total * (1 + val_share / 3)
+    return per_epoch * epochs
+
+
+def _say_estimate(seconds: float, epochs: int) -> str:
+    minutes = seconds / 60
+    when = f"about {minutes:.0f} min" if minutes >= 1.5 else f"about {max(seconds, 1):.0f} s"
+    return f"{when} for {epochs} epoch{'s' if epochs != 1 else ''} (estimated from the first batches)"
+
+
 def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.Tensor, loss_fn: nn.Module,
                 optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-                aug: v2.Transform | None, device: torch.device, progress: bool = False) -> float:
+                aug: v2.Transform | None, device: torch.device, progress: bool = False, desc: str = "batch",
+                on_first_batches=None) -> float:
     """One pass over uint8 crops ``N x R x H x W``; each region net learns from its own crop of each face.
+
+    ``on_first_batches(seconds, batches_done, batches_total)`` is called once, after the first
+    :data:`ESTIMATE_AFTER` batches (or all, when there are fewer), for a run-time estimate.
 
     Returns:
         The mean loss per region.
@@ -162,7 +190,11 @@ def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.T
     total, seen = 0.0, 0
     n_regions = x_train.shape[1]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="batch", unit="batch", leave=False, disable=not progress):
+    started = time.perf_counter()
+    for done, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress), 1):
+        if on_first_batches is not None and done - 1 == min(ESTIMATE_AFTER, len(batches)):
+            on_first_batches(time.perf_counter() - started, done - 1, len(batches))
+            on_first_batches = None
         if len(idx) < 2:
             continue  # batch norm needs two samples
         # One random transform per face, shared by its regions (they come from one aligned canvas).
@@ -176,6 +208,8 @@ def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.T
         optimizer.step()
         total += loss.item() * len(idx)
         seen += len(idx)
+    if on_first_batches is not None and batches:
+        on_first_batches(time.perf_counter() - started, len(batches), len(batches))
     return total / max(seen, 1) / n_regions
 
 
@@ -286,6 +320,8 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
     select_topk = cfg.select_topk if cfg.select_topk < len(class_names) else 1
     ks = tuple(k for k in sorted({1, 5, select_topk}) if k == 1 or k < len(class_names))
     history, best, best_state, start, since_best, stopped_early = [], None, None, 0, 0, False
+    timing: dict = {}
+    started = time.perf_counter()
     fingerprint = _resume_fingerprint(class_names, regions, train_idx, val_idx, cfg, init)
     if state_path is not None:
         state = _load_train_state(state_path)
@@ -306,7 +342,16 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
                       disable=not cfg.progress or stopped_early):
         if stopped_early:
             break
-        loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device)
+        def estimate(seconds: float, done: int, total: int, left: int = cfg.epochs - epoch) -> None:
+            eta = run_time_estimate(seconds, done, total, left, len(val_idx) / max(len(train_idx), 1))
+            timing["estimated_seconds"] = round(eta, 1)
+            if cfg.progress:
+                tqdm.write(_say_estimate(eta, left))
+            logger.info("train estimate seconds=%.0f epochs=%d", eta, left)
+
+        loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device,
+                           progress=cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           on_first_batches=estimate if epoch == start else None)
         scheduler.step()
         entry = {"epoch": epoch + 1, "loss": loss}
         if val_idx:
@@ -347,6 +392,7 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
         "history": history,
         "best_epoch": next((e["epoch"] for e in reversed(history) if e.get("best")), None),
         "stopped_early": stopped_early, "resumed_from": start,
+        "timing": {**timing, "train_seconds": round(time.perf_counter() - started, 1)},
         "config": {"width": model.width, "epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
                    "lr": cfg.lr,
                    "weight_decay": cfg.weight_decay if cfg.optimizer == "adam" else 0.0, "seed": cfg.seed,
