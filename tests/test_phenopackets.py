@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from google.protobuf import json_format
 from PIL import Image as PILImage
 from skimage import data
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from shared.db import session_scope
 from shared.models import Case, Face, Image, Syndrome
@@ -51,7 +51,11 @@ def case_id(engines):
         s.flush()
         s.add(Face(image_id=image.id, box=[0, 0, 10, 10], confidence=1.0, detector="test",
                    measurements={"canthal_index": 38.5, "palpebral_fissure_slant": 4.2}))
-        return case.id
+        case_id = case.id
+    yield case_id
+    # The original and its imported copies carry a consented diagnosis: nightly retraining must not find them.
+    with session_scope() as s:
+        s.execute(delete(Case).where(Case.patient_ref.in_(["PT-PP-1"])))
 
 
 def _fields(case: Case) -> dict:
