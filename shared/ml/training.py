@@ -179,8 +179,9 @@ def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.T
                 on_first_batches=None) -> float:
     """One pass over uint8 crops ``N x R x H x W``; each region net learns from its own crop of each face.
 
-    ``on_first_batches(seconds, batches_done, batches_total)`` is called once, after the first
-    :data:`ESTIMATE_AFTER` batches (or all, when there are fewer), for a run-time estimate.
+    ``on_first_batches(seconds, batches_timed, batches_total)`` is called once, after
+    :data:`ESTIMATE_AFTER` batches following the first (or at the end, when there are fewer), for a
+    run-time estimate.
 
     Returns:
         The mean loss per region.
@@ -190,10 +191,13 @@ def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.T
     total, seen = 0.0, 0
     n_regions = x_train.shape[1]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    started = time.perf_counter()
+    # The first batch is left out of the estimate: it pays for warming up (allocations, thread pools).
+    started = first = time.perf_counter()
     for done, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress), 1):
-        if on_first_batches is not None and done - 1 == min(ESTIMATE_AFTER, len(batches)):
-            on_first_batches(time.perf_counter() - started, done - 1, len(batches))
+        if done == 2:
+            started = time.perf_counter()
+        if on_first_batches is not None and done - 2 == ESTIMATE_AFTER:
+            on_first_batches(time.perf_counter() - started, ESTIMATE_AFTER, len(batches))
             on_first_batches = None
         if len(idx) < 2:
             continue  # batch norm needs two samples
@@ -209,7 +213,8 @@ def train_epoch(model: RegionalEnsemble, x_train: torch.Tensor, y_train: torch.T
         total += loss.item() * len(idx)
         seen += len(idx)
     if on_first_batches is not None and batches:
-        on_first_batches(time.perf_counter() - started, len(batches), len(batches))
+        timed = len(batches) - 1 if len(batches) > 1 else 1
+        on_first_batches(time.perf_counter() - (started if len(batches) > 1 else first), timed, len(batches))
     return total / max(seen, 1) / n_regions
 
 
