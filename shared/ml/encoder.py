@@ -30,7 +30,6 @@ given unless ``num_jitters > 1`` is asked for; this port has no jitter.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.ml.gestalt import resolve_device
+from shared.ml.gestalt import autocast_context, resolve_device
 from shared.ml.weights import WeightsMissing, search_dirs, sha256_of
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,6 @@ SAME_PERSON_DISTANCE = 0.6
 
 # (channels, number of blocks, whether the first block downsamples), from the input side.
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -483,14 +481,6 @@ def chips_to_tensor(chips: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> 
     return _as_uint8_nhwc(chips).permute(0, 3, 1, 2).float()
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -514,7 +504,7 @@ def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batc
     for part in _batches(len(x_all), batch_size):
         # uint8 crosses to the device (a quarter of the bytes); the NHWC -> NCHW permute is a channels-last view.
         x = x_all[part].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        with _autocast(device, precision):
+        with autocast_context(device, precision):
             d = model(x)
         out.append(d.float().cpu())
     if not out:

@@ -91,7 +91,8 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
     return model
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast for ``precision`` "bf16", or "auto" on CUDA; otherwise no autocast."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -120,7 +121,7 @@ def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, f
         n = len(x)
         if flip_tta:  # one pass over crops and mirrors: twice the batch, one launch per layer
             x = torch.cat([x, x.flip(-1)])
-        with _autocast(device, precision):
+        with autocast_context(device, precision):
             logits, f = forward(x)
         p = torch.softmax(logits.float(), dim=-1)
         if flip_tta:
