@@ -428,10 +428,13 @@ def _prep_cache(settings, preprocessor, cache_dir: Path | None, no_cache: bool):
         return None
 
 
-def _cache_note(cache) -> None:
-    if cache is not None and cache.hits + cache.misses:
-        console.print(f"preprocessing cache {cache.root}: {cache.hits} photo(s) read, {cache.misses} computed",
-                      soft_wrap=True)
+def _cache_note(cache, before: tuple[int, int] = (0, 0)) -> None:
+    """The photos read from and computed into ``cache`` since its counts were ``before`` (hits, misses)."""
+    if cache is None:
+        return
+    hits, misses = cache.hits - before[0], cache.misses - before[1]
+    if hits + misses:
+        console.print(f"preprocessing cache {cache.root}: {hits} photo(s) read, {misses} computed", soft_wrap=True)
 
 
 def _load_samples_or_fail(path: Path):
@@ -984,10 +987,12 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     else:
         split = "unknown: the checkpoint does not record its training set"
     try:
-        data = prepare(samples, class_names, preprocessor, keep_aligned=True, cache=opts.get("cache"))
+        cache = opts.get("cache")
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+        data = prepare(samples, class_names, preprocessor, keep_aligned=True, cache=cache)
     except ValueError as exc:
         raise click.ClickException(f"{data_path}: {exc}") from exc
-    _cache_note(opts.get("cache"))
+    _cache_note(cache, before)
     _report_skipped(data.rejected, None)
     if len(data.samples) < 2:
         reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])
