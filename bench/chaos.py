@@ -34,9 +34,9 @@ def main() -> None:
     from shared import migrate
     from shared.config import reload_settings
     from shared.db import session_scope
-    from shared.ml import registry
     from shared.ml.gestalt import RegionalEnsemble
     from shared.ml.regions import DEFAULT_REGIONS
+    from shared.modelops import registry
     from shared.storage import get_storage
 
     reload_settings()

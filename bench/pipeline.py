@@ -102,9 +102,9 @@ def run(url: str, args) -> None:
     import torch
 
     from shared.db import session_scope
-    from shared.ml import registry
     from shared.ml.gestalt import RegionalEnsemble, predict
     from shared.ml.regions import DEFAULT_REGIONS
+    from shared.modelops import registry
     from shared.models import Image as ImageRow
     from shared.storage import get_storage
 

@@ -388,7 +388,7 @@ def _torch_runtime(threads: int | None, device: str | None):
     import torch
 
     from shared.ml.gestalt import resolve_device
-    from shared.ml.registry import set_torch_threads
+    from shared.modelops.registry import set_torch_threads
 
     settings = get_settings()
     if device:
@@ -778,9 +778,9 @@ def _register(model, class_names, metrics, name, activate: bool, extra: dict | N
     import numpy as np
 
     from shared.db import session_scope
-    from shared.ml import registry
     from shared.ml.heads import backbone_sha, extract_features, save_feature_set
-    from shared.storage import get_storage, sha256_hex
+    from shared.modelops import registry
+    from shared.storage import feature_set_key, get_storage, train_data_key
 
     config = {}
     if base_set is not None:
@@ -795,10 +795,9 @@ def _register(model, class_names, metrics, name, activate: bool, extra: dict | N
         meta = ([names.get(s.label, s.label) for s in data.samples], [s.subject for s in data.samples], holdout,
                 [s.sha256 for s in data.samples])
         blob = save_feature_set(extract_features(model, data.crops), *meta)
-        key = f"features/{backbone_sha(model)}/base-{sha256_hex(blob)[:16]}.npz"
-        config["base_features_key"] = get_storage().put(key, blob)
+        config["base_features_key"] = get_storage().put(feature_set_key(backbone_sha(model), blob), blob)
         crops = save_feature_set(np.zeros((0,)), *meta, crops=data.crops)  # for full fine-tunes
-        config["base_crops_key"] = get_storage().put(f"train-data/base-{sha256_hex(crops)[:16]}.npz", crops)
+        config["base_crops_key"] = get_storage().put(train_data_key(crops), crops)
     with session_scope() as session:
         version = registry.register_model(session, get_storage(), model, class_names, metrics, name=name,
                                           extra=extra, config=config)
@@ -829,7 +828,7 @@ def _load_model(ref: str, device=None):
         model, state = load_checkpoint(path.read_bytes(), device)
         return model, state, path.stem
     from shared.db import session_scope
-    from shared.ml import registry
+    from shared.modelops import registry
     from shared.storage import get_storage
 
     try:
@@ -1171,7 +1170,7 @@ def retrain(dry_run: bool, use_queue: bool, shuffle_labels: bool, full: bool) ->
         console.print(f"queued on `train`: task {result.id}")
         return
     from shared.db import session_scope
-    from shared.ml.retrain import run_retrain
+    from shared.modelops.retrain import run_retrain
     from shared.models import TrainingRun
 
     run_id = run_retrain("cli", dry_run=dry_run, shuffle_labels=shuffle_labels, kind="full" if full else "heads")
@@ -1211,7 +1210,7 @@ def models_rollback() -> None:
     """Re-activate the version that was active before the current one."""
     from shared.audit import audit
     from shared.db import session_scope
-    from shared.ml.retrain import rollback
+    from shared.modelops.retrain import rollback
 
     try:
         with session_scope() as session:
@@ -1228,7 +1227,7 @@ def models_activate(ref: str) -> None:
     """Make a model version (name or id) the active one."""
     from shared.audit import audit
     from shared.db import session_scope
-    from shared.ml import registry
+    from shared.modelops import registry
 
     try:
         with session_scope() as session:

@@ -63,6 +63,16 @@ def checkpoint_key(name: str, sha256: str) -> str:
     return f"models/{name}-{sha256[:12]}.pt"
 
 
+def feature_set_key(backbone_sha: str, blob: bytes) -> str:
+    """A training set stored as backbone features (retraining starts from it), by backbone and content."""
+    return f"features/{backbone_sha}/base-{sha256_hex(blob)[:16]}.npz"
+
+
+def train_data_key(blob: bytes) -> str:
+    """A training set stored as crops (for full fine-tunes), by content."""
+    return f"train-data/base-{sha256_hex(blob)[:16]}.npz"
+
+
 class Storage:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str = "us-east-1"):

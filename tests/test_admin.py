@@ -8,8 +8,8 @@ import torch
 from sqlalchemy import select
 
 from shared.db import session_scope
-from shared.ml import registry
 from shared.ml.gestalt import RegionalEnsemble
+from shared.modelops import registry
 from shared.models import Case, Image, ModelVersion
 from shared.storage import get_storage
 from tests.conftest import Portal, new_user

@@ -196,8 +196,8 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
     from sqlalchemy import update
 
     from shared.db import session_scope
-    from shared.ml import registry
     from shared.ml.gestalt import RegionalEnsemble
+    from shared.modelops import registry
     from shared.models import Image as ImageRow
     from shared.storage import get_storage
     from tests.conftest import Portal

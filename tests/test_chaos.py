@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from shared.db import session_scope
-from shared.ml import registry
 from shared.ml.gestalt import RegionalEnsemble
 from shared.ml.regions import DEFAULT_REGIONS
+from shared.modelops import registry
 from shared.stack import Process
 from shared.storage import get_storage
 from tests.chaos import run_chaos, worker_process

@@ -130,7 +130,7 @@ def test_a_diagnosis_update_keeps_what_it_does_not_name(app):
 
 
 def test_withdrawn_consent_is_audited_and_leaves_the_training_set(app):
-    from shared.ml.retrain import diagnosed_images
+    from shared.modelops.retrain import diagnosed_images
 
     client = _client(app)
     case_id = _case(client)

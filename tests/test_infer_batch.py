@@ -10,9 +10,9 @@ from skimage import data
 from sqlalchemy import select, update
 
 from shared.db import session_scope
-from shared.ml import registry
 from shared.ml.gestalt import RegionalEnsemble, predict
 from shared.ml.imaging import decode_png_gray
+from shared.modelops import registry
 from shared.models import Image as ImageRow
 from shared.models import ModelVersion, Result
 from shared.storage import get_storage

@@ -82,7 +82,7 @@ def test_compiled_model_matches_eager(model, crops):
 def test_model_cache_loads_a_version_once(engines):
     """The worker's ModelCache downloads and loads the active version once, and again only after a switch."""
     from shared.db import session_scope
-    from shared.ml import registry
+    from shared.modelops import registry
     from shared.storage import Storage, get_storage
 
     class CountingStorage(Storage):

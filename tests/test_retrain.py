@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.ml.registry import active_version
-from shared.ml.retrain import run_retrain
+from shared.modelops.registry import active_version
+from shared.modelops.retrain import run_retrain
 from shared.models import ModelVersion, Syndrome, TrainingRun
 from shared.stack import Process
 from tests.conftest import Portal, _env, new_user, run_cli, shared_data
@@ -107,7 +107,7 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
     assert run.counts["new_classes"] == NEW
     # Features of this test's photos were cached when they were scored; only diagnosed photos that other
     # tests left in the shared database (scored by other models, other backbones) needed computing.
-    from shared.ml.retrain import diagnosed_images
+    from shared.modelops.retrain import diagnosed_images
 
     ours = {case_id for case_id, _ in case_ids}
     with session_scope() as s:

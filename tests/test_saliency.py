@@ -141,7 +141,7 @@ def test_overlay_png_draws_over_the_face(trained):
 @pytest.mark.e2e
 def test_heatmap_route_access_cache_and_audit(engines, workers, web_server):
     from shared.db import session_scope
-    from shared.ml import registry
+    from shared.modelops import registry
     from shared.models import AuditLog, Image, ModelVersion
     from shared.storage import get_storage, heatmap_key
     from tests.conftest import Portal, new_user

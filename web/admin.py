@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from shared import monitoring
 from shared.audit import audit
-from shared.ml import registry
-from shared.ml.retrain import latest_runs, rollback
+from shared.modelops import registry
+from shared.modelops.retrain import latest_runs, rollback
 from shared.models import AuditLog, Image, ImageStatus, ModelVersion, Role, User
 from shared.users import UserError, create_user, disable_user, reset_password
 from web.auth import admin_required

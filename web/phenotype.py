@@ -104,7 +104,7 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
     syndrome in the gallery, from the case's photos under the backbone of model ``version_id`` (as the
     similar-patients list computes it; the case itself left out). Empty without that model, features or
     gallery."""
-    from shared.ml.gallery import case_features, load_gallery
+    from shared.modelops.gallery import case_features, load_gallery
 
     version = db.get(ModelVersion, version_id) if version_id is not None else None
     config = (version.config or {}) if version is not None else {}

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from shared.ml.alignment import CANVAS
 from shared.ml.gestalt import rank
 from shared.ml.regions import DEFAULT_REGIONS, REGIONS
-from shared.ml.registry import active_version
+from shared.modelops.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
 from web.diagnoses import diagnosis_payload
 from web.phenotype import phenotype_payload
@@ -90,7 +90,7 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     Other clinicians' patients appear as a diagnosis and a similarity only: no photo, no patient
     ID, no case ID. The viewer's own cases carry a link (every case, for an admin).
     """
-    from shared.ml.gallery import case_features, load_gallery
+    from shared.modelops.gallery import case_features, load_gallery
 
     if active is None or not active.config.get("backbone_sha"):
         return None

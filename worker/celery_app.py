@@ -9,7 +9,7 @@ from celery.signals import worker_process_init
 
 from shared.config import get_settings
 from shared.db import dispose_engine
-from shared.ml.registry import set_torch_threads
+from shared.modelops.registry import set_torch_threads
 from shared.storage import reset_storage
 
 logger = logging.getLogger(__name__)

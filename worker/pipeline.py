@@ -23,8 +23,8 @@ from shared.ml.gestalt import predict, rank
 from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, encode_png
 from shared.ml.preprocess import Preprocessor
 from shared.ml.regions import ALL_REGIONS
-from shared.ml.registry import ModelCache, active_version
-from shared.ml.retrain import store_features
+from shared.modelops.features import store_features
+from shared.modelops.registry import ModelCache, active_version
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
 from shared.models.cases import ACTIVE_STATES
 from shared.monitoring import heartbeat

@@ -6,14 +6,13 @@ It refuses what it cannot safely decode with :class:`ImageRejected`, whose
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from shared.storage import sha256_hex
 
 # Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}
@@ -146,7 +145,7 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         content_type, ext = "image/png", "png"
     stored = out.getvalue()
     return DecodedImage(rgb=np.asarray(rgb_im), data=stored, content_type=content_type, ext=ext,
-                        sha256=sha256_hex(stored))
+                        sha256=hashlib.sha256(stored).hexdigest())
 
 
 def decode_stored(data: bytes) -> np.ndarray:

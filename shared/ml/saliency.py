@@ -8,6 +8,7 @@ face with a colour map, one region at a time or all regions combined.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 
@@ -21,7 +22,6 @@ from shared.ml.alignment import CANVAS
 from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint
 from shared.ml.imaging import encode_png
 from shared.ml.regions import REGIONS
-from shared.storage import sha256_hex
 
 ALL = "all"  # the region name of the combined map
 OVERLAY_ALPHA = 0.5  # colour-map weight where the saliency is strongest
@@ -145,7 +145,7 @@ class VersionCache:
                 self._models.move_to_end(checkpoint_sha256)
                 return self._models[checkpoint_sha256]
             data = load_bytes()
-            if sha256_hex(data) != checkpoint_sha256:
+            if hashlib.sha256(data).hexdigest() != checkpoint_sha256:
                 raise ValueError("the checkpoint does not match its sha256")
             model, _ = load_checkpoint(data, self.device)
             self._models[checkpoint_sha256] = model

@@ -1,7 +1,7 @@
 """Retraining on the `train` queue."""
 from __future__ import annotations
 
-from shared.ml.retrain import run_retrain
+from shared.modelops.retrain import run_retrain
 from worker.celery_app import app
 
 

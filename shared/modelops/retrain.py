@@ -10,7 +10,6 @@ released when the process dies.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, text, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.config import Settings, get_settings
@@ -29,21 +27,21 @@ from shared.db import get_engine, session_scope
 from shared.ml import heads as hd
 from shared.ml.gestalt import load_checkpoint
 from shared.ml.imaging import decode_png_gray
-from shared.ml.registry import activate, active_version, register_model
 from shared.ml.splits import in_holdout
+from shared.modelops.features import cached_features
+from shared.modelops.registry import activate, active_version, register_model
 from shared.models import (
     Case,
     Crop,
     Diagnosis,
     Face,
     Image,
-    ImageFeature,
     ModelStatus,
     ModelVersion,
     Syndrome,
     TrainingRun,
 )
-from shared.storage import Storage, get_storage
+from shared.storage import Storage, feature_set_key, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +85,6 @@ def _finish(run_id: int, status: str, decision: str, **fields) -> None:
     logger.info("retrain run=%d status=%s decision=%r", run_id, status, decision)
 
 
-def store_features(session: Session, image_id: int, regions: tuple[str, ...], backbone: str,
-                   features: np.ndarray) -> None:
-    """Upsert one cached feature row per region for ``backbone``."""
-    rows = [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": hd.pack(features[i])}
-            for i, r in enumerate(regions)]
-    stmt = insert(ImageFeature).values(rows)
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "region", "backbone_sha"],
-                                               set_={"vector": stmt.excluded.vector}))
-
-
 def diagnosed_images(session: Session) -> list[tuple[int, str, str, str]]:
     """(image id, syndrome name, subject, sha256) of scored images of consented, diagnosed cases."""
     rows = session.execute(
@@ -105,28 +93,6 @@ def diagnosed_images(session: Session) -> list[tuple[int, str, str, str]]:
         .join(Syndrome, Syndrome.id == Diagnosis.syndrome_id)
         .where(Diagnosis.consent.is_(True), Image.status == "done").order_by(Image.id)).all()
     return [(image_id, name, f"case:{case_id}", sha) for image_id, name, case_id, sha in rows]
-
-
-def case_features(session: Session, storage: Storage, model, backbone: str, image_ids: list[int]) -> tuple[dict, int]:
-    """Cached features per image id, computing (and caching) the missing ones from the stored crops."""
-    regions = list(model.regions)
-    cached: dict[int, dict[str, np.ndarray]] = {}
-    for f in session.scalars(select(ImageFeature).where(ImageFeature.backbone_sha == backbone,
-                                                        ImageFeature.image_id.in_(image_ids))):
-        cached.setdefault(f.image_id, {})[f.region] = hd.unpack(f.vector)
-    missing = [i for i in image_ids if set(cached.get(i, {})) != set(regions)]
-    if missing:
-        crops = {(fid, c.region): c.object_key for fid, c in session.execute(
-            select(Face.image_id, Crop).join(Crop, Crop.face_id == Face.id).where(Face.image_id.in_(missing)))}
-        usable = [i for i in missing if all((i, r) in crops for r in regions)]
-        stack = np.stack([np.stack([decode_png_gray(storage.get(crops[(i, r)])) for r in regions])
-                          for i in usable]) if usable else np.zeros((0, len(regions), 100, 100), np.uint8)
-        feats = hd.extract_features(model, stack)
-        for i, image_id in enumerate(usable):
-            store_features(session, image_id, tuple(regions), backbone, feats[i])
-            cached[image_id] = {r: feats[i, j] for j, r in enumerate(regions)}
-    out = {i: np.stack([v[r] for r in regions]) for i, v in cached.items() if set(v) == set(regions)}
-    return out, len(missing)
 
 
 def run_retrain(trigger: str, dry_run: bool = False, shuffle_labels: bool = False,
@@ -197,7 +163,7 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     t = time.monotonic()
     with session_scope() as s:
         diagnosed = diagnosed_images(s)
-        feats, computed = case_features(s, storage, model, backbone, [d[0] for d in diagnosed])
+        feats, computed = cached_features(s, storage, model, backbone, [d[0] for d in diagnosed])
     durations["features"] = time.monotonic() - t
     base_hashes = set(base["sha256"].tolist())
     seen: set[str] = set()
@@ -313,8 +279,7 @@ def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels
     n_base = len(base["labels"])
     blob = hd.save_feature_set(hd.extract_features(candidate, crops[:n_base]), base["labels"].tolist(),
                                base["subjects"].tolist(), base["holdout"], base["sha256"].tolist())
-    key = storage.put(f"features/{hd.backbone_sha(candidate)}/base-{hashlib.sha256(blob).hexdigest()[:16]}.npz",
-                      blob)
+    key = storage.put(feature_set_key(hd.backbone_sha(candidate), blob), blob)
     return candidate, cand_probs, act_probs, key
 
 
