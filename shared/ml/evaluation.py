@@ -369,16 +369,18 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def fit_temperature(region_probs: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature (one for all regions) that minimises the negative log-likelihood of the aggregate
-    (the mean of the regions' scaled softmaxes) on held-out data, searched over 0.05-20."""
+def fit_temperature(region_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The temperature (one for all members) that minimises the negative log-likelihood of the aggregate
+    (the mean, or with ``weights`` the weighted sum, of the members' scaled softmaxes) on held-out data,
+    searched over 0.05-20."""
     from scipy.optimize import minimize_scalar
 
     labels = np.asarray(labels)
     rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:
-        agg = apply_temperature(region_probs, float(np.exp(log_t))).mean(axis=-2)
+        scaled = apply_temperature(region_probs, float(np.exp(log_t)))
+        agg = scaled.mean(axis=-2) if weights is None else np.einsum("nrc,r->nc", scaled, np.asarray(weights))
         return float(-np.log(np.clip(agg[rows, labels], 1e-12, None)).mean())
 
     res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")

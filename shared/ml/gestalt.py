@@ -25,10 +25,19 @@ class RegionalEnsemble(nn.Module):
         # Inference layout and compiled forward, set by prepare_for_inference.
         self.channels_last = False
         self.compiled = None
+        # The face-identity member (shared.ml.identity.IdentityMember): a head on the encoder's
+        # descriptors, its weight in the aggregate and the out-of-distribution reference; None
+        # for a model of regional networks only.
+        self.identity = None
 
     @property
     def config(self) -> dict:
-        return {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
+        config = {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
+        if self.identity is not None:
+            config["members"] = {"identity": {"weight": self.identity.weight, "encoder_sha": self.identity.encoder_sha,
+                                              "head": self.identity.head.selection.get("chosen", self.identity.head.kind)},
+                                 "regions": {"weight": round(1.0 - self.identity.weight, 4)}}
+        return config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``N x R x C`` for crops ``N x R x 1 x H x W``."""
@@ -54,8 +63,10 @@ def crops_to_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
 @dataclass
 class Prediction:
     region_probs: np.ndarray  # N x R x C
-    aggregate: np.ndarray  # N x C, mean of the region softmaxes
+    aggregate: np.ndarray  # N x C: the regions' mean, combined with the identity member's when there is one
     features: np.ndarray  # N x R x F
+    identity_probs: np.ndarray | None = None  # N x C, the identity member's scores
+    ood: list[dict] | None = None  # per face, how unlike the training photos (see shared.ml.identity.OODReference)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -102,7 +113,7 @@ def autocast_context(device: torch.device, precision: str):
 
 @torch.inference_mode()
 def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, flip_tta: bool = False,
-            precision: str = "auto") -> Prediction:
+            precision: str = "auto", descriptors: np.ndarray | None = None) -> Prediction:
     """Scores for many faces at once: all regions of ``batch_size`` faces per step.
 
     Args:
@@ -112,6 +123,9 @@ def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, f
         flip_tta: average each region's softmax over the crop and its horizontal flip (the features
             stay those of the crop as given, the ones region heads and the gallery are built on).
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
+        descriptors: ``N x 128`` face-identity descriptors of the same faces
+            (:func:`shared.ml.encoder.encode` of their face chips); a model with an identity member
+            then scores them and combines that member with the regions. None: regions only.
     """
     device = next(model.parameters()).device
     forward = getattr(model, "compiled", None) or model.forward_with_features
@@ -134,8 +148,16 @@ def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, f
         empty = np.zeros((0, r, c), np.float32)
         return Prediction(empty, np.zeros((0, c), np.float32), np.zeros((0, r, 0), np.float32))
     region_probs = torch.cat(probs).numpy()
-    return Prediction(region_probs=region_probs, aggregate=region_probs.mean(axis=1),
+    pred = Prediction(region_probs=region_probs, aggregate=region_probs.mean(axis=1),
                       features=torch.cat(feats).numpy())
+    member = getattr(model, "identity", None)
+    if member is not None and descriptors is not None:
+        from shared.ml.identity import combine
+
+        pred.identity_probs = member.head.probs(descriptors)
+        pred.aggregate = combine(region_probs, pred.identity_probs, member.weight).astype(np.float32)
+        pred.ood = member.ood.score(descriptors) if member.ood is not None else None
+    return pred
 
 
 def rank(aggregate: np.ndarray, classes: list[dict]) -> list[dict]:
@@ -156,6 +178,8 @@ def save_checkpoint(model: RegionalEnsemble, class_names: list[str], metrics: di
         "metrics": metrics,
         "extra": extra or {},
     }
+    if getattr(model, "identity", None) is not None:
+        state["members"] = {"identity": model.identity.state()}
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -170,4 +194,9 @@ def load_checkpoint(data: bytes, device: torch.device | str = "cpu",
     cfg = state["config"]
     model = RegionalEnsemble(tuple(cfg["regions"]), cfg["num_classes"], state["arch"], cfg["width"])
     model.load_state_dict(state["state_dict"])
+    members = state.get("members") or {}
+    if members.get("identity"):
+        from shared.ml.identity import IdentityMember
+
+        model.identity = IdentityMember.from_state(members["identity"])
     return prepare_for_inference(model, device, compile=compile), state

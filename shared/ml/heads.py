@@ -218,11 +218,14 @@ def promotion_guard(candidate_probs: np.ndarray, active_probs: np.ndarray | None
 
 
 def save_feature_set(features: np.ndarray, labels: list[str], subjects: list[str], holdout: np.ndarray,
-                     sha256: list[str], crops: np.ndarray | None = None) -> bytes:
+                     sha256: list[str], crops: np.ndarray | None = None, identity: np.ndarray | None = None) -> bytes:
     """A base training set (npz bytes): features, what nightly head runs start from, or, with
-    ``crops``, the uint8 region crops that a full fine-tune starts from."""
+    ``crops``, the uint8 region crops that a full fine-tune starts from; ``identity`` adds the identity
+    encoder's descriptors (``N x 128``) that the identity member's head is retrained from."""
     buf = io.BytesIO()
     arrays = {"features": features.astype(np.float32)} if crops is None else {"crops": crops.astype(np.uint8)}
+    if identity is not None:
+        arrays["identity"] = np.asarray(identity, np.float32)
     np.savez_compressed(buf, labels=np.asarray(labels), subjects=np.asarray(subjects),
                         holdout=np.asarray(holdout, bool), sha256=np.asarray(sha256), **arrays)
     return buf.getvalue()

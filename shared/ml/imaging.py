@@ -176,3 +176,13 @@ def decode_png_gray(data: bytes) -> np.ndarray:
     if arr is None:
         raise ValueError("crop could not be decoded")
     return arr
+
+
+def decode_png_rgb(data: bytes) -> np.ndarray:
+    """An RGB crop stored by :func:`encode_png` (e.g. the identity encoder's face chip), ``H x W x 3``."""
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError("crop could not be decoded")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)

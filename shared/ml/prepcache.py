@@ -2,8 +2,8 @@
 
 One file per photo and preprocessing setup: the key is the sha256 of the photo's bytes together with
 the detector and landmark backends (names and weights' sha256), the face-confidence threshold, the
-regions and :data:`FORMAT`. An entry holds the region crops (uint8), the aligned grayscale face and
-its landmarks on the aligned canvas, or the reason the photo was rejected. The folder is created
+regions and :data:`FORMAT`. An entry holds the region crops (uint8), the aligned grayscale face,
+its landmarks on the aligned canvas and the identity encoder's face chip, or the reason the photo was rejected. The folder is created
 0700 and entries are written 0600 (they are face images), atomically, so parallel runs may share it.
 A damaged entry is treated as a miss and rewritten.
 """
@@ -23,7 +23,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when what is stored, or how preprocessing computes it, changes.
-FORMAT = 1
+FORMAT = 2  # 2: entries keep the face chip
 DEFAULT_SUBDIR = "prep-cache"
 
 
@@ -32,6 +32,7 @@ class CachedFace:
     crops: np.ndarray  # R x 100 x 100 uint8, in the cache's region order
     aligned: np.ndarray  # canvas x canvas uint8 grayscale
     landmarks: np.ndarray  # L x 2 float32 on the aligned canvas
+    chip: np.ndarray | None = None  # 150 x 150 x 3 uint8, the identity encoder's input
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PrepCache:
                 if "reason" in z.files:
                     entry = CachedRejection(str(z["reason"]))
                 else:
-                    entry = CachedFace(z["crops"], z["aligned"], z["landmarks"])
+                    entry = CachedFace(z["crops"], z["aligned"], z["landmarks"], z["chip"])
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -87,7 +88,8 @@ class PrepCache:
         else:
             np.savez_compressed(buf, crops=np.asarray(entry.crops, np.uint8),
                                 aligned=np.asarray(entry.aligned, np.uint8),
-                                landmarks=np.asarray(entry.landmarks, np.float32))
+                                landmarks=np.asarray(entry.landmarks, np.float32),
+                                chip=np.asarray(entry.chip, np.uint8))
         try:
             if not path.parent.is_dir():
                 path.parent.mkdir(exist_ok=True, mode=0o700)

@@ -28,6 +28,7 @@ from shared.ml.detection import (
     choose_main_face,
     retinaface_variant,
 )
+from shared.ml.facechip import face_chip
 from shared.ml.imaging import ImageRejected
 from shared.ml.landmarks import FANLandmarks, MediaPipeMesh, five_points
 from shared.ml.measurements import measure
@@ -93,6 +94,8 @@ class AlignedFace:
     crops: dict[str, np.ndarray]  # region -> 100 x 100 uint8
     quality: dict[str, float]
     measurements: dict[str, float]
+    # dlib's 150 x 150 RGB face chip from the photo itself (shared.ml.facechip), the identity encoder's input.
+    chip: np.ndarray | None = None
 
 
 @dataclass
@@ -261,7 +264,8 @@ class Preprocessor:
         if reason:
             raise ImageRejected(reason)
         return AlignedFace(landmarks=landmarks, alignment=alignment, aligned_rgb=aligned_rgb,
-                           crops=crop_regions(gray, self.regions), quality=quality, measurements=measure(on_canvas))
+                           crops=crop_regions(gray, self.regions), quality=quality, measurements=measure(on_canvas),
+                           chip=face_chip(rgb, landmarks))
 
     def align(self, rgb: np.ndarray, box: tuple[float, float, float, float], rotation: float = 0.0) -> AlignedFace:
         """Landmarks, the quality gate, alignment, crops and measurements of the face in ``box``.

@@ -27,7 +27,7 @@ class EvalInput:
     model_name: str
     class_names: list[str]
     regions: list[str]
-    region_probs: np.ndarray  # N x R x C
+    region_probs: np.ndarray  # N x R x C: the ensemble's members (regions, then the identity member if any)
     labels: np.ndarray  # N
     subjects: list[str]
     data_source: str
@@ -51,6 +51,14 @@ class EvalInput:
     temperature: float | None = None  # the calibration temperature applied to the scores, if any
     # (image index, class index) -> RGB overlay of the aligned face with that class's heatmap, for the error gallery
     heatmap: Callable[[int, int], np.ndarray] | None = None
+    # Each member's weight in the aggregate (sums to 1); None: the members' plain mean.
+    member_weights: list[float] | None = None
+
+    def aggregate(self) -> np.ndarray:
+        """``N x C``: the members combined as the model combines them."""
+        if self.member_weights is None:
+            return self.region_probs.mean(axis=1)
+        return np.einsum("nrc,r->nc", self.region_probs, np.asarray(self.member_weights, np.float64))
 
 
 def _estimates(d: dict) -> dict:
@@ -73,7 +81,7 @@ def positive_index(inp: EvalInput) -> int:
 
 def calls(inp: EvalInput) -> np.ndarray:
     """The class each image is called: argmax, or for two classes the positive class at the threshold."""
-    agg = inp.region_probs.mean(axis=1)
+    agg = inp.aggregate()
     if len(inp.class_names) != 2:
         return agg.argmax(axis=1)
     pos = positive_index(inp)
@@ -83,7 +91,7 @@ def calls(inp: EvalInput) -> np.ndarray:
 
 def compute(inp: EvalInput) -> dict:
     """All figures of the report, as plain JSON-able values."""
-    agg = inp.region_probs.mean(axis=1)
+    agg = inp.aggregate()
     labels = inp.labels
     n_classes = len(inp.class_names)
     ks = tuple(k for k in KS if k <= n_classes) or (1,)
@@ -147,7 +155,7 @@ def _skipped_counts(rejected: list[tuple[str, str]]) -> list[dict]:
 
 def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
     files = {}
-    agg = inp.region_probs.mean(axis=1)
+    agg = inp.aggregate()
     n_classes = len(inp.class_names)
     binary = n_classes == 2
 
@@ -255,7 +263,7 @@ def write_predictions(inp: EvalInput, path: Path) -> None:
     """
     import csv
 
-    agg = inp.region_probs.mean(axis=1)
+    agg = inp.aggregate()
     called = calls(inp)
     names = inp.class_names
     n = len(inp.labels)
@@ -288,7 +296,7 @@ def error_cases(inp: EvalInput, limit: int = ERROR_GALLERY) -> list[dict]:
     """The worst mistakes: for two classes the most confident false positives and false negatives (by
     P(positive), half each when both exist); otherwise the most confident wrong top-1 calls. Each with the
     class whose heatmap explains it (the positive class, or the wrongly called one)."""
-    agg = inp.region_probs.mean(axis=1)
+    agg = inp.aggregate()
     called = calls(inp)
     if len(inp.class_names) == 2:
         pos = positive_index(inp)

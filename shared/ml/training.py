@@ -33,6 +33,8 @@ class PreparedData:
     rejected: list[tuple[Sample, str]] = field(default_factory=list)
     aligned: np.ndarray | None = None  # N x 200 x 200 uint8 aligned grayscale faces (keep_aligned=True)
     landmarks: np.ndarray | None = None  # N x L x 2 landmarks on the aligned canvas (keep_aligned=True)
+    chips: np.ndarray | None = None  # N x 150 x 150 x 3 uint8 face chips, the identity encoder's input
+    descriptors: np.ndarray | None = None  # N x 128 identity descriptors of the chips (describe_faces)
 
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
@@ -51,7 +53,7 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
     unknown = sorted({s.label for s in samples} - set(index))
     if unknown:
         raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
-    crops, labels, kept, rejected, aligned, landmarks = [], [], [], [], [], []
+    crops, labels, kept, rejected, aligned, landmarks, chips = [], [], [], [], [], [], []
     for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
         raw = s.path.read_bytes()
         entry = None
@@ -71,13 +73,15 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
             else:
                 entry = CachedFace(np.stack([result.aligned.crops[r] for r in preprocessor.regions]),
                                    cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY),
-                                   result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32))
+                                   result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32),
+                                   result.aligned.chip)
             if cache is not None:
                 cache.put(digest, entry)
         if isinstance(entry, CachedRejection):
             rejected.append((s, entry.reason))
             continue
         crops.append(entry.crops)
+        chips.append(entry.chip)
         labels.append(index[s.label])
         kept.append(s)
         if keep_aligned:
@@ -88,7 +92,8 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
     if not crops:
         raise ValueError("no usable face in the data")
     return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
-                        np.stack(aligned) if keep_aligned else None, np.stack(landmarks) if keep_aligned else None)
+                        np.stack(aligned) if keep_aligned else None, np.stack(landmarks) if keep_aligned else None,
+                        np.stack(chips))
 
 
 # The paper's fine-tuning recipe: a new final layer, Xavier-normal at this gain, trained with SGD.
@@ -524,3 +529,42 @@ def write_skipped(rejected: list[tuple[Sample, str]], path) -> None:
         w.writerow(["image", "subject", "label", "reason"])
         for sample, reason in rejected:
             w.writerow([str(sample.path), sample.subject, sample.label, reason])
+
+
+# --- the identity member -------------------------------------------------------------------------
+
+
+def describe_faces(data: PreparedData, device: str = "cpu") -> np.ndarray:
+    """The identity encoder's descriptors of every face of ``data`` (computed once, kept on ``data``)."""
+    from shared.ml.encoder import encode, load_encoder
+
+    if data.descriptors is None:
+        if data.chips is None:
+            raise ValueError("the prepared data has no face chips for the identity encoder")
+        data.descriptors = encode(load_encoder(device), data.chips)
+    return data.descriptors
+
+
+def add_identity_member(model: RegionalEnsemble, data: PreparedData, train_idx: list[int], val_idx: list[int],
+                        device: str = "cpu", seed: int = 0):
+    """Fit the identity member on the training photos and set it on ``model`` (see
+    :func:`shared.ml.identity.build_member`); its weight and OOD reference come from the validation photos."""
+    from shared.ml.encoder import CONVERTED_SHA256
+    from shared.ml.identity import build_member
+
+    descriptors = describe_faces(data, device)
+    region_val = predict(model, data.crops[val_idx]).region_probs if len(val_idx) else None
+    model.identity = build_member(descriptors, data.labels, model.num_classes, train_idx, val_idx,
+                                  [s.subject for s in data.samples], region_val, CONVERTED_SHA256, seed=seed)
+    return model.identity
+
+
+def member_probs(model: RegionalEnsemble, crops: np.ndarray,
+                 descriptors: np.ndarray | None) -> tuple[list[str], np.ndarray, list[float]]:
+    """Each member's scores (``N x M x C``: regions, then the identity member if the model has one and
+    ``descriptors`` are given), the member names and their weights in the aggregate."""
+    from shared.ml.identity import member_scores
+
+    pred = predict(model, crops, descriptors=descriptors)
+    weight = model.identity.weight if model.identity is not None else 0.0
+    return member_scores(model.regions, pred.region_probs, pred.identity_probs, weight)
