@@ -325,7 +325,7 @@ def test_predictions_csv_feeds_the_stats_commands(tmp_path):
 
 
 def test_validation_of_two_classes_prints_top1_only(capsys):
-    from shared.cli import _print_metrics
+    from shared.cli.train import _print_metrics
 
     row = {"top1": 0.5, "top5": 1.0, "top10": 1.0}
     metrics = {"validation": {"n": 4, "subjects": 2, "aggregate": row, "regions": {"full_face": row}}}
@@ -405,7 +405,7 @@ def test_grad_cam_thumbnail_of_a_small_model():
 
     import torch
 
-    from shared.cli import _heatmap_for
+    from shared.cli.evaluate import _heatmap_for
     from shared.ml.gestalt import RegionalEnsemble
 
     torch.manual_seed(0)

@@ -79,11 +79,11 @@ def import_phenopackets(folder: Path, owner_email: str) -> None:
         except ImportRefused as exc:
             raise click.ClickException("nothing was imported:\n  " + "\n  ".join(exc.problems)) from exc
         created = [(c.id, c.external_id) for c in result.cases]
-    from worker.tasks.pipeline import enqueue_image
+    from shared.dispatch import enqueue_photo
 
     for image_id in result.image_ids:
         try:
-            enqueue_image(image_id)
+            enqueue_photo(image_id)
         except Exception:  # noqa: BLE001 - the row is committed; the sweeper queues it later
             console.print(f"photo {image_id} will be queued by the sweeper (the broker did not answer)")
     for case_id, external_id in created:

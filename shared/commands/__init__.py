@@ -1,1 +1,0 @@
-"""Command groups of ``gestalt``, one module each; ``shared.cli`` adds them to the main group."""

@@ -1,0 +1,53 @@
+"""Registering a freshly trained model: its version row and checkpoint, and its training set as the
+base feature set (and crops) that nightly retraining starts from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.db import session_scope
+from shared.ml.heads import backbone_sha, extract_features, save_feature_set
+from shared.modelops import registry
+from shared.storage import Storage, feature_set_key, get_storage, train_data_key
+
+
+@dataclass(frozen=True)
+class Registered:
+    id: int
+    name: str
+    status: str
+
+
+def store_base_set(storage: Storage, model, class_names: list[str], data, val_idx: list[int]) -> dict[str, str]:
+    """Store the training set under ``model``'s backbone, as features and as crops (for full fine-tunes).
+
+    Labels are stored as the model's class names (a catalogue ID such as OMIM:147920 becomes its
+    syndrome's name), the names nightly retraining matches diagnoses by. Returns the version config keys.
+    """
+    holdout = np.zeros(len(data.samples), bool)
+    holdout[val_idx] = True
+    with session_scope() as session:
+        names = {raw: c["name"] for raw, c in zip(class_names, registry.upsert_syndromes(session, class_names),
+                                                  strict=True)}
+    meta = ([names.get(s.label, s.label) for s in data.samples], [s.subject for s in data.samples], holdout,
+            [s.sha256 for s in data.samples])
+    blob = save_feature_set(extract_features(model, data.crops), *meta)
+    crops = save_feature_set(np.zeros((0,)), *meta, crops=data.crops)
+    return {"base_features_key": storage.put(feature_set_key(backbone_sha(model), blob), blob),
+            "base_crops_key": storage.put(train_data_key(crops), crops)}
+
+
+def register_trained(model, class_names: list[str], metrics: dict, name: str | None, activate: bool,
+                     extra: dict | None = None, base_set=None) -> Registered:
+    """Register (and maybe activate) a trained model; with ``base_set`` (prepared data, validation
+    indices) also store its training set for nightly retraining. Waking the photos that wait for a
+    model is the caller's (:func:`shared.dispatch.wake_waiting_photos`)."""
+    storage = get_storage()
+    config = store_base_set(storage, model, class_names, *base_set) if base_set is not None else {}
+    with session_scope() as session:
+        version = registry.register_model(session, storage, model, class_names, metrics, name=name,
+                                          extra=extra, config=config)
+        if activate:
+            registry.activate(session, version)
+        return Registered(version.id, version.name, version.status)
