@@ -77,7 +77,8 @@ def grid(device: torch.device, args, console: Console) -> tuple[Table, float, st
     for col in ("precision", "layout", "compile", *[f"batch {b}" for b in args.batches]):
         table.add_column(col, justify="right")
     best, best_name = 0.0, ""
-    for precision, channels_last, compiled in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
+    compiles = {"no": (False,), "yes": (True,), "both": (False, True)}[args.compile]
+    for precision, channels_last, compiled in itertools.product(("fp32", "bf16"), (False, True), compiles):
         torch.manual_seed(0)
         model = prepare_for_inference(RegionalEnsemble(("full_face",), args.classes, width=width), device,
                                       channels_last=channels_last, compile=compiled)
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default). On a busy machine 1 avoids stalls of threads that "
                              "wait for a descheduled sibling")
+    parser.add_argument("--compile", choices=("no", "yes", "both"), default="both",
+                        help="which rows of the grid use torch.compile (bench/gpu.sh: no, to fit its time)")
+    parser.add_argument("--rows", type=Path, default=None, help="append the results as JSON lines (bench/gpu.sh)")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.threads > 0:
@@ -149,6 +153,7 @@ def main() -> None:
     summary = Table(title=f"the worker's inference path vs the best configuration (target >= {TARGET:.0%})")
     for col in ("device", "worker path", "crops/s", "best configuration", "best crops/s", "ratio", "target"):
         summary.add_column(col, justify="right")
+    rows: list[dict] = []
     for name in devices:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -162,7 +167,15 @@ def main() -> None:
             # The target is the throughput of a busy worker; an idle one answers a single photo fast enough.
             verdict = ("met" if ratio >= TARGET else "missed") if faces > 1 else "(latency)"
             summary.add_row(name, how, f"{rate:,.0f}", best_name, f"{best:,.0f}", f"{ratio:.0%}", verdict)
+            rows.append({"bench": "inference", "what": f"worker path, {name}: {how}", "value": round(rate),
+                         "unit": "crops/s", "note": f"{ratio:.0%} of the best ({best_name}: {best:,.0f}); {verdict}"})
     console.print(summary)
+    if args.rows:
+        import json
+
+        with args.rows.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

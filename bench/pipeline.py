@@ -66,16 +66,17 @@ MODES = ("real", "null", "random-production")
 
 # ----- photos ---------------------------------------------------------------------------------
 
-def sources(models: str) -> list[np.ndarray]:
+def sources(models: str, megapixels: float = 1.0) -> list[np.ndarray]:
     """RGB sources of ~1 MP: the astronaut, plus the shared people photos for real models.
 
     The stand-ins know one face, so the other modes upload astronaut variants only."""
-    out = [np.asarray(Image.fromarray(data.astronaut()).resize((1000, 1000)))]
+    side = int(round(1000 * megapixels ** 0.5))
+    out = [np.asarray(Image.fromarray(data.astronaut()).resize((side, side)))]
     people = SHARED_DATA / "faces" / "people"
     if models == "real" and people.exists():
         for path in sorted(people.glob("img*.jpg"))[:20]:
             im = Image.open(path).convert("RGB")
-            scale = (1e6 / (im.width * im.height)) ** 0.5
+            scale = (megapixels * 1e6 / (im.width * im.height)) ** 0.5
             out.append(np.asarray(im.resize((int(im.width * scale), int(im.height * scale)))))
     return out
 
@@ -260,6 +261,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the pipeline worker on the GPU")
     ap.add_argument("--gpu-procs", type=int, default=2, help="pipeline worker processes sharing the GPU")
+    ap.add_argument("--megapixels", type=float, default=1.0, help="photo size (bench/gpu.sh --cpu-smoke: small)")
+    ap.add_argument("--preload", action="store_true",
+                    help="queue every upload first, then time the pipeline draining them (the web out of the way)")
+    ap.add_argument("--no-bound", action="store_true", help="skip the networks-alone bound (a quick smoke run)")
+    ap.add_argument("--web-workers", type=int, default=2)
     ap.add_argument("--upload-threads", type=int, default=4)
     ap.add_argument("--rows", type=Path, default=None, help="append the results as JSON lines (bench/gpu.sh)")
     ap.add_argument("--label", default="", help="a name for this run in the table titles and rows")
@@ -280,7 +286,7 @@ def main() -> None:
 
     reload_settings()
     migrate.upgrade()
-    srcs = sources(args.models)
+    srcs = sources(args.models, args.megapixels)
     if args.models != "real":
         os.environ[FACE_ENV] = json.dumps(known_face(srcs[0]))
     env = {**os.environ}
@@ -300,8 +306,8 @@ def main() -> None:
                    Process("cpu-worker", [sys.executable, "-m", "shared.cli", "worker", "-Q", "default", "-c", "2",
                                           "-n", "cpu@%h"], env, tmp / "cpu-worker.log", cwd=ROOT)]
     port = free_port()
-    web = Process("web", [sys.executable, "-m", "shared.cli", "web", "--port", str(port), "--workers", "2"],
-                  env, tmp / "web.log", cwd=ROOT)
+    web = Process("web", [sys.executable, "-m", "shared.cli", "web", "--port", str(port), "--workers",
+                               str(args.web_workers)], env, tmp / "web.log", cwd=ROOT)
     procs = [*workers, web]
     try:
         for p in procs:
@@ -386,7 +392,8 @@ def run(url: str, args, srcs: list[np.ndarray], groups: dict[str, list[Process]]
     model = register(args)
     portal = Portal(url, new_user())
     token = portal.csrf("/cases/new")
-    label = f"{args.models} models, {args.device}" + (f", {args.label}" if args.label else "")
+    label = f"{args.models} models, {args.device}" + (", preloaded queue" if args.preload else "") + \
+        (f", {args.label}" if args.label else "")
     n_warm = 2 * (args.concurrency if args.device == "cpu" else args.gpu_procs)
     blobs = distinct_jpegs(srcs, n_warm + args.single + args.uploads)
     cases = [portal.create_case(f"PT-B{i}") for i in range(max(1, args.uploads // 4) + 2)]
@@ -425,10 +432,23 @@ def run(url: str, args, srcs: list[np.ndarray], groups: dict[str, list[Process]]
 
     # 2. Sustained throughput, with every process's CPU time.
     first = n_warm + args.single
-    xact0, cpu0 = transactions(), cpu_snapshot(groups)
-    start = time.monotonic()
-    with ThreadPoolExecutor(args.upload_threads) as pool:
-        ids = list(pool.map(lambda i: upload(first + i, cases[2 + i // 4 % (len(cases) - 2)]), range(args.uploads)))
+    def upload_all() -> list[int]:
+        with ThreadPoolExecutor(args.upload_threads) as pool:
+            return list(pool.map(lambda i: upload(first + i, cases[2 + i // 4 % (len(cases) - 2)]),
+                                 range(args.uploads)))
+
+    if args.preload:  # the photos wait in the detect queue; the clock starts when the workers take it again
+        from worker.celery_app import app as celery_app
+
+        celery_app.control.cancel_consumer("detect", reply=True, timeout=5)
+        ids = upload_all()
+        xact0, cpu0 = transactions(), cpu_snapshot(groups)
+        start = time.monotonic()
+        celery_app.control.add_consumer("detect", reply=True, timeout=5)
+    else:
+        xact0, cpu0 = transactions(), cpu_snapshot(groups)
+        start = time.monotonic()
+        ids = upload_all()
     counts = wait_settled(ids, 1800)
     elapsed = time.monotonic() - start
     cpu1, xact1 = cpu_snapshot(groups), transactions()
@@ -455,7 +475,7 @@ def run(url: str, args, srcs: list[np.ndarray], groups: dict[str, list[Process]]
         console.print(f"[red]not every photo was scored: {counts}[/red]")
 
     # 3. The networks alone, in the same run.
-    if args.models != "null":
+    if args.models != "null" and not args.no_bound:
         bounds = network_bounds(args, srcs, model)
         table = Table(title=f"the networks alone on pre-decoded photos, same run ({label})")
         for col in ("bound", "photos/s", "pipeline / bound"):
@@ -524,7 +544,7 @@ def network_bounds(args, srcs: list[np.ndarray], model) -> dict[str, float]:
 
     cores = os.cpu_count() or 2
     procs = cores if args.device == "cpu" else args.gpu_procs
-    blobs = distinct_jpegs(srcs, max(8, min(40, args.uploads // procs)), offset=10**6)
+    blobs = distinct_jpegs(srcs, max(2, min(40, args.uploads // procs)), offset=10**6)
     face = json.loads(os.environ[FACE_ENV]) if args.models != "real" else None
     ctx = mp.get_context("spawn")
     pipes, children = [], []
