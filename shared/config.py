@@ -153,6 +153,19 @@ class Settings:
     embedded_redis_port: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_REDIS_PORT", 63799))
     # First of the nine consecutive ports SeaweedFS uses; the S3 API is base+6.
     embedded_s3_port_base: int = field(default_factory=lambda: _int("GESTALT_EMBEDDED_S3_PORT_BASE", 18300))
+    # Most photos one detect task runs the detector on in one batch: itself plus photos waiting behind it
+    # (claimed with SKIP LOCKED). Batching is for the GPU; on 2 CPU cores it saves transactions and round trips.
+    detect_batch: int = field(default_factory=lambda: _int("GESTALT_DETECT_BATCH", 8))
+    # Most photos one align task runs the landmark model on in one batch (the same claim as detect's).
+    align_batch: int = field(default_factory=lambda: _int("GESTALT_ALIGN_BATCH", 8))
+    # Run detect, align and infer for a claimed batch in one go: "auto" when the worker consumes all three
+    # queues (a GPU worker does), "on" or "off". The three queues stay separate for split deployments.
+    fuse_stages: str = field(default_factory=lambda: _str("GESTALT_FUSE_STAGES", "auto"))
+    # Seconds a batch's claim on a photo holds: the photo's own message waits meanwhile and redoes the
+    # stage only after this (the claiming worker died). Longer than a batch takes.
+    claim_lease_seconds: float = field(default_factory=lambda: _float("GESTALT_CLAIM_LEASE_SECONDS", 30.0))
+    # Decoded originals each worker process keeps (by sha256), so detect and align decode a photo once.
+    decode_cache: int = field(default_factory=lambda: _int("GESTALT_DECODE_CACHE", 8))
 
     def __post_init__(self) -> None:
         # Commands run beside `gestalt up` (users create, train, ...) find the embedded
