@@ -58,6 +58,14 @@ def enqueue_scoring(image_id: int) -> None:
     _celery().send_task("pipeline.infer", args=(image_id,), queue="infer")
 
 
+def ping_workers(timeout: float = 1.0) -> dict:
+    """The workers that answer within ``timeout`` seconds ({node: reply}); empty when the broker is down."""
+    try:
+        return _celery().control.inspect(timeout=timeout).ping() or {}
+    except Exception:  # noqa: BLE001 - a down broker is shown, not raised
+        return {}
+
+
 def wake_waiting_photos() -> int:
     """After a model is activated: photos that wait for a model are scored by a worker's sweep.
 

@@ -7,10 +7,8 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import select
 
-from shared import monitoring
+from shared import dispatch, monitoring, photos
 from shared.audit import audit
-from shared.modelops import registry
-from shared.modelops.retrain import latest_runs, rollback
 from shared.models import AuditLog, Image, ImageStatus, ModelVersion, Role, User
 from shared.users import UserError, create_user, disable_user, reset_password
 from web.auth import admin_required
@@ -36,13 +34,10 @@ def _done(message: str, endpoint: str, category: str = "info"):
 @bp.get("/")
 def queues():
     """Queue depths, the last hour's outcomes and latencies, workers, and failed photos."""
-    from worker.celery_app import app as celery
+    from shared.modelops import registry
 
     db = get_db()
-    try:
-        pings = celery.control.inspect(timeout=1.0).ping() or {}
-    except Exception:  # noqa: BLE001 - a down broker is shown, not raised
-        pings = {}
+    pings = dispatch.ping_workers(timeout=1.0)
     failed = db.scalars(select(Image).where(Image.status == ImageStatus.failed.value)
                         .order_by(Image.updated_at.desc()).limit(100)).all()
     active = registry.active_version(db)
@@ -72,17 +67,14 @@ def _charts(db, hours: float = 6) -> dict:
 
 @bp.post("/images/<int:image_id>/retry")
 def retry_image(image_id: int):
-    from worker.tasks.pipeline import enqueue_image
-
     db = get_db()
     image = db.get(Image, image_id)
     if image is None or image.status != ImageStatus.failed.value:
         return _done("Only failed photos can be retried.", "admin.queues", "error")
-    image.status = ImageStatus.queued.value
-    image.reason = None
+    photos.queue_again(image)
     audit(db, "admin_retry", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
-    enqueue_image(image.id)
+    dispatch.enqueue_photo(image.id)
     return _done(f"Photo {image_id} queued again.", "admin.queues")
 
 
@@ -154,6 +146,8 @@ def update_account(user_id: int):
 # ------------------------------------------------------------------ models
 @bp.get("/models")
 def models():
+    from shared.modelops.retrain import latest_runs
+
     db = get_db()
     versions = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
     return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30))
@@ -161,8 +155,7 @@ def models():
 
 @bp.post("/models/<int:version_id>/activate")
 def activate_model(version_id: int):
-    from worker import pipeline
-    from worker.tasks.pipeline import enqueue_image, enqueue_infer
+    from shared.modelops import registry
 
     db = get_db()
     version = db.get(ModelVersion, version_id)
@@ -172,28 +165,30 @@ def activate_model(version_id: int):
     registry.activate(db, version)
     audit(db, "model_activate", current_user.id, "model_version", version.id, ip=request.remote_addr)
     db.commit()
-    pipeline.sweep(enqueue_image, enqueue_infer)  # photos waiting for a model
+    dispatch.wake_waiting_photos()
     return _done(f"{version.name} is now the active model.", "admin.models")
 
 
 @bp.post("/models/rollback")
 def rollback_model():
+    from shared.modelops.retrain import rollback
+
     db = get_db()
     try:
         version = rollback(db)
     except LookupError as exc:
         return _done(str(exc), "admin.models", "error")
     audit(db, "model_rollback", current_user.id, "model_version", version.id, ip=request.remote_addr)
+    db.commit()
+    dispatch.wake_waiting_photos()
     return _done(f"Rolled back to {version.name}.", "admin.models")
 
 
 @bp.post("/retrain")
 def start_retrain():
-    from worker.tasks.retrain import nightly
-
     kind = "full" if request.form.get("kind") == "full" else "heads"
     dry_run = request.form.get("dry_run") == "yes"
-    nightly.apply_async(kwargs={"trigger": "admin", "dry_run": dry_run, "kind": kind})
+    dispatch.queue_retrain("admin", dry_run=dry_run, kind=kind)
     audit(get_db(), "retrain_start", current_user.id, ip=request.remote_addr, kind=kind, dry_run=dry_run)
     return _done(f"Retraining ({kind}{', dry run' if dry_run else ''}) queued on the train queue.", "admin.models")
 

@@ -177,9 +177,8 @@ def put_diagnosis(case_id: int):
 @bp.post("/images/<int:image_id>/rescore")
 def rescore(image_id: int):
     """Score this photo again with the active model (its old result is kept)."""
+    from shared import dispatch, photos
     from shared.models import ImageStatus
-    from worker.pipeline import queue_for_scoring
-    from worker.tasks.pipeline import enqueue_image, enqueue_infer
 
     db = get_db()
     image = image_or_404(image_id)
@@ -189,10 +188,10 @@ def rescore(image_id: int):
         return jsonify(error=f"this photo was rejected: {image.reason}"), 409
     has_crops = image.face is not None and bool(image.face.crops)
     if has_crops:
-        queue_for_scoring(image)
+        photos.queue_for_scoring(image)
     else:
         image.status = ImageStatus.queued.value
     audit(db, "rescore", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
-    (enqueue_infer if has_crops else enqueue_image)(image.id)
+    (dispatch.enqueue_scoring if has_crops else dispatch.enqueue_photo)(image.id)
     return jsonify(id=image.id, status=image.status), 202

@@ -6,10 +6,6 @@ from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.ml.alignment import CANVAS
-from shared.ml.gestalt import rank
-from shared.ml.regions import DEFAULT_REGIONS, REGIONS
-from shared.modelops.registry import active_version
 from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
 from web.diagnoses import diagnosis_payload
 from web.phenotype import phenotype_payload
@@ -26,6 +22,9 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
     }
     face = image.face
     if face is not None and face.aligned_key and face.landmarks and face.transform:
+        from shared.ml.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
+        from shared.ml.regions import DEFAULT_REGIONS, REGIONS
+
         m = np.asarray(face.transform)
         canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
         out["face"] = {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": CANVAS,
@@ -65,6 +64,8 @@ def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
     if not eligible:
         return None
     version_id = active_id if active_id in eligible else max(eligible, key=lambda v: len(eligible[v]))
+    from shared.ml.gestalt import rank  # torch: loaded by the first page that shows a ranking
+
     version = db.get(ModelVersion, version_id)
     mean = np.mean(np.asarray(eligible[version_id], dtype=np.float64), axis=0)
     return {"model_version": {"id": version.id, "name": version.name}, "photos": len(eligible[version_id]),
@@ -128,6 +129,7 @@ def display_fields(db: Session, result: dict | None, active: ModelVersion | None
 
 def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_is_admin: bool = False) -> dict:
     from shared.catalog import hpo_labels
+    from shared.modelops.registry import active_version
 
     active = active_version(db)
     active_id = active.id if active else None

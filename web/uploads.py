@@ -65,11 +65,11 @@ def store_images(db: Session, case: Case, decoded: list[DecodedImage], user_id: 
             if not db.scalar(select(func.count()).select_from(Image).where(Image.object_key == key)):
                 storage.delete(key)
         raise
-    from worker.tasks.pipeline import enqueue_image
+    from shared.dispatch import enqueue_photo
 
     for image in images:
         try:
-            enqueue_image(image.id)
+            enqueue_photo(image.id)
         except Exception:  # noqa: BLE001 - the row is safe; the sweeper enqueues it later
             logger.exception("image=%s state=enqueue_failed", image.id)
     return images
