@@ -13,6 +13,7 @@ from skimage import data
 from sqlalchemy import func, select, update
 
 from shared.db import session_scope
+from shared.ml.regions import ALL_REGIONS
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
 from shared.storage import get_storage
 from tests.conftest import Portal, new_user, run_cli
@@ -76,7 +77,9 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
     assert [r["name"] for r in result["ranking"]] in (["variant_a", "variant_b"], ["variant_b", "variant_a"])
     assert sum(r["score"] for r in result["ranking"]) == pytest.approx(1.0, abs=1e-4)
     assert result["ranking"][0]["score"] >= result["ranking"][1]["score"]
-    assert set(result["regions"]) == {"full_face", "upper_half", "middle_face", "lower_half"}
+    # The regional networks and the identity member (a head on the face encoder's descriptor, on by default).
+    assert set(result["regions"]) == {"full_face", "upper_half", "middle_face", "lower_half", "identity"}
+    assert set(result["ood"]) == {"distance", "percentile", "unusual"}
 
     with session_scope() as s:
         face = s.scalars(select(Face).where(Face.image_id == image_id)).one()
@@ -86,9 +89,10 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
         assert face.detector == "mediapipe-blazeface-full" and len(face.weights["landmarker"]) == 64
         assert 28 < face.measurements["canthal_index"] < 45 and face.quality["interocular_px"] > 30
         crops = s.scalars(select(Crop).where(Crop.face_id == face.id)).all()
-        # Every region is cut, whatever the active model uses; the model scores its own four.
-        assert len(crops) == 7
-        assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 4
+        # Every region is cut, whatever the active model uses, and the identity encoder's face chip; the
+        # model scores its own four regions and the identity member.
+        assert sorted(c.region for c in crops) == sorted([*ALL_REGIONS, "face_chip"])
+        assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 5
         assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1
         from shared.models import Image as ImageRow
 

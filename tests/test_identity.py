@@ -30,7 +30,8 @@ def test_head_choice_follows_the_folds():
     lin = rng.normal(size=(120, 8)).astype(np.float32)
     ly = (lin[:, 0] > 0).astype(int)
     lin[:, 0] += np.where(ly == 1, 3.0, -3.0)
-    assert idm.fit_identity_head(lin, ly, 2, np.arange(120)).selection["candidates"]["linear (C 1)"]["macro_top1"] == 1.0
+    chosen = idm.fit_identity_head(lin, ly, 2, np.arange(120)).selection
+    assert chosen["candidates"]["linear (C 1)"]["macro_top1"] == 1.0
 
 
 def test_identity_weight_leans_on_the_encoder_within_one_standard_error():
@@ -76,3 +77,19 @@ def test_member_survives_the_checkpoint_and_changes_the_aggregate():
     names, stacked, weights = idm.member_scores(loaded.regions, pred.region_probs, pred.identity_probs, 1.0)
     assert names == ["full_face", "eyes", "identity"] and stacked.shape == (40, 3, 2)
     assert weights == pytest.approx([0.0, 0.0, 1.0])
+
+
+def test_members_benchmark_reports_each_member_and_the_aggregate():
+    from shared.ml.heads import HeadConfig, benchmark_members
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    subjects = np.arange(120) // 2
+    identity = rng.normal(size=(120, 16)).astype(np.float32)
+    identity[:, :3] += 2.5 * np.eye(3)[y]  # informative descriptors
+    regions = rng.normal(size=(120, 2, 8)).astype(np.float32)  # uninformative region features
+    out = benchmark_members(regions, identity, y, subjects, 3, ["full_face", "eyes"], folds=4,
+                            cfg=HeadConfig(epochs=5, min_steps=50))
+    assert set(out["members"]) == {"full_face", "eyes", "regions (mean)", "identity"}
+    assert out["members"]["identity"]["top1"] > 0.8 > out["members"]["regions (mean)"]["top1"] + 0.2
+    assert out["weight"] >= 0.5 and out["aggregate"]["top1"] >= out["members"]["identity"]["top1"] - 0.05

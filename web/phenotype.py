@@ -104,11 +104,10 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
     syndrome in the gallery, from the case's photos under the backbone of model ``version_id`` (as the
     similar-patients list computes it; the case itself left out). Empty without that model, features or
     gallery."""
-    from shared.modelops.gallery import case_features, load_gallery
+    from shared.modelops.gallery import case_features, gallery_space, load_gallery
 
     version = db.get(ModelVersion, version_id) if version_id is not None else None
-    config = (version.config or {}) if version is not None else {}
-    backbone, regions = config.get("backbone_sha"), tuple(config.get("regions") or ())
+    backbone, regions = gallery_space(version.config if version is not None else None)
     if not backbone or not regions:
         return {}
     query = case_features(db, case.id, backbone, regions)

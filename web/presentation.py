@@ -6,7 +6,8 @@ from __future__ import annotations
 from shared.models import ModelVersion
 
 REGION_LABELS = {"full_face": "Whole face", "upper_half": "Upper face", "middle_face": "Mid face (ear to ear)",
-                 "lower_half": "Lower face", "eyes": "Eyes", "nose": "Nose", "mouth": "Mouth and philtrum"}
+                 "lower_half": "Lower face", "eyes": "Eyes", "nose": "Nose", "mouth": "Mouth and philtrum",
+                 "identity": "Whole face (identity encoder)"}
 STATUS_LABELS = {"queued": "Queued", "detecting": "Finding the face", "aligning": "Aligning the face",
                  "scoring": "Scoring", "done": "Scored", "rejected": "Not usable",
                  "awaiting_model": "Waiting for a model", "failed": "Failed"}

@@ -48,6 +48,8 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
             # Per region, the score of each syndrome in the top list.
             "regions": {r.region: {str(t["syndrome_id"]): r.scores[index[t["syndrome_id"]]]
                                    for t in top} for r in regions},
+            # How unlike the model's training photos this photo is (identity member; None without it).
+            "ood": result.ood,
         }
     return out
 
@@ -91,12 +93,12 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     Other clinicians' patients appear as a diagnosis and a similarity only: no photo, no patient
     ID, no case ID. The viewer's own cases carry a link (every case, for an admin).
     """
-    from shared.modelops.gallery import case_features, load_gallery
+    from shared.modelops.gallery import case_features, gallery_space, load_gallery
 
-    if active is None or not active.config.get("backbone_sha"):
+    if active is None:
         return None
-    backbone, regions = active.config["backbone_sha"], tuple(active.config.get("regions") or ())
-    if not regions:
+    backbone, regions = gallery_space(active.config)
+    if not backbone or not regions:
         return None
     query = case_features(db, case.id, backbone, regions)
     if len(query) == 0:

@@ -20,7 +20,8 @@ from sqlalchemy.dialects.postgresql import insert
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.ml.gestalt import predict, rank
-from shared.ml.imaging import ImageRejected, decode_png_gray, decode_stored, encode_png
+from shared.ml.identity import CHIP_REGION, MEMBER
+from shared.ml.imaging import ImageRejected, decode_png_gray, decode_png_rgb, decode_stored, encode_png
 from shared.ml.preprocess import Preprocessor
 from shared.ml.regions import ALL_REGIONS
 from shared.modelops.features import store_features
@@ -36,6 +37,7 @@ FINAL_STATES = (ImageStatus.done.value, ImageStatus.rejected.value)
 
 _preprocessor: Preprocessor | None = None
 _models: ModelCache | None = None
+_encoder = None
 
 
 def preprocessor() -> Preprocessor:
@@ -53,6 +55,18 @@ def model_cache() -> ModelCache:
         s = get_settings()
         _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device, compile=s.infer_compile)
     return _models
+
+
+def encoder():
+    """The face-identity encoder of this process (for models with an identity member), loaded on first use."""
+    global _encoder
+    if _encoder is None:
+        from shared.ml.encoder import load_encoder
+        from shared.ml.gestalt import resolve_device
+
+        s = get_settings()
+        _encoder = load_encoder(resolve_device(s.device), verify=s.weights_verify)
+    return _encoder
 
 
 def _node() -> str | None:
@@ -173,6 +187,8 @@ def align(image_id: int | None) -> int | None:
     crop_keys = {}
     for region, crop in aligned.crops.items():
         crop_keys[region] = storage.put(crop_key(image.sha256, region), encode_png(crop), "image/png")
+    if aligned.chip is not None:  # the identity member's input
+        crop_keys[CHIP_REGION] = storage.put(crop_key(image.sha256, CHIP_REGION), encode_png(aligned.chip), "image/png")
     face_key = storage.put(aligned_key(image.sha256), encode_png(aligned.aligned_rgb), "image/png")
     with session_scope() as session:
         face = session.scalars(select(Face).where(Face.image_id == image_id).with_for_update()).one()
@@ -250,14 +266,26 @@ def infer(image_id: int | None) -> int | None:
                 select(Face.image_id, Crop.region, Crop.object_key).join(Crop, Crop.face_id == Face.id)
                 .where(Face.image_id.in_(batch))):
             crops.setdefault(face_image_id, {})[region] = key
-    ready = [i for i in batch if all(r in crops.get(i, {}) for r in loaded.regions)]
+    member = loaded.model.identity
+    needed = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
+    ready = [i for i in batch if all(r in crops.get(i, {}) for r in needed)]
     if ready:
         stack = np.stack([np.stack([decode_png_gray(storage.get(crops[i][r])) for r in loaded.regions])
                           for i in ready])
-        pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision)
+        descriptors = None
+        if member is not None:
+            from shared.ml.encoder import encode
+
+            descriptors = encode(encoder(), np.stack([decode_png_rgb(storage.get(crops[i][CHIP_REGION]))
+                                                      for i in ready]), precision=settings.infer_precision)
+        pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
+                       descriptors=descriptors)
         for k, i in enumerate(ready):
+            identity = None if descriptors is None else {
+                "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
+                "ood": pred.ood[k] if pred.ood else None}
             write_scores(i, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[k],
-                         pred.aggregate[k], loaded.backbone_sha, pred.features[k])
+                         pred.aggregate[k], loaded.backbone_sha, pred.features[k], identity)
         if len(ready) > 1:
             logger.info("image=%s state=batch scored=%d", image_id, len(ready))
     # A claimed photo without its crops is left to its own message, which realigns it.
@@ -268,8 +296,14 @@ def infer(image_id: int | None) -> int | None:
 
 
 def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
-                 region_probs: np.ndarray, aggregate: np.ndarray, backbone: str, features: np.ndarray) -> None:
-    """Region scores, the ranking and (for retraining) the backbone features, in one transaction."""
+                 region_probs: np.ndarray, aggregate: np.ndarray, backbone: str, features: np.ndarray,
+                 identity: dict | None = None) -> None:
+    """Member scores, the ranking and (for retraining and the gallery) the features, in one transaction.
+
+    Args:
+        identity: the identity member's ``probs``, the face's ``descriptor`` (stored as a feature of
+            the encoder, ``encoder_sha``) and its ``ood`` score; None for a model without that member.
+    """
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
         if image is None:
@@ -277,14 +311,18 @@ def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], class
         store_features(session, image_id, regions, backbone, features)
         rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
                  "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
+        if identity is not None:
+            store_features(session, image_id, (MEMBER,), identity["encoder_sha"], identity["descriptor"][None])
+            rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
+                         "scores": [round(float(p), 6) for p in identity["probs"]]})
         stmt = insert(RegionScore).values(rows)
         session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
                                                    set_={"scores": stmt.excluded.scores}))
         stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
                                      scores=[round(float(p), 6) for p in aggregate],
-                                     ranking=rank(aggregate, classes))
+                                     ranking=rank(aggregate, classes), ood=identity and identity["ood"])
         session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
-            "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking}))
+            "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
         image.status = ImageStatus.done.value
         image.reason = None
         _stamp(image, done=time.time())

@@ -165,10 +165,9 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     import numpy as np
 
     from shared.ml.evaluation import apply_temperature
-    from shared.ml.gestalt import predict
     from shared.ml.report import EvalInput, write_report
     from shared.ml.splits import LeakageError, check_leakage
-    from shared.ml.training import apply_label_map, data_hash, prepare
+    from shared.ml.training import apply_label_map, data_hash, describe_faces, member_probs, prepare
 
     class_names = state["class_names"]
     extra = state.get("extra") or {}
@@ -198,12 +197,15 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])
         raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
                                    f"({len(data.rejected)} rejected: {reasons})")
-    region_probs = predict(model, data.crops).region_probs
+    # Every member's scores (the regions, and the identity member on the encoder's descriptors) and their weights.
+    descriptors = describe_faces(data, str(next(model.parameters()).device)) if model.identity is not None else None
+    members, region_probs, weights = member_probs(model, data.crops, descriptors)
     temperature = extra.get("temperature") if opts["use_temperature"] else None
     if temperature:
         region_probs = apply_temperature(region_probs, float(temperature))
     metrics = write_report(EvalInput(
-        model_name=name, class_names=class_names, regions=list(model.regions), region_probs=np.asarray(region_probs),
+        model_name=name, class_names=class_names, regions=members, region_probs=np.asarray(region_probs),
+        member_weights=weights,
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
         aligned=data.aligned, baseline_accuracy=opts["baseline_accuracy"], baseline_n=opts["baseline_n"],
@@ -218,19 +220,28 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
 
 
 @click.command("heads-benchmark")
-@click.option("--embeddings", "path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--embeddings", "path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Pickle {disorder: {subject: {image: vector}}} (e.g. mini_gm_public_v0.1.p).")
+@click.option("--model", "model_ref", default=None,
+              help="Instead: a registered model version (name or id); its training set's features and identity "
+                   "descriptors, with every member of the ensemble and the aggregate reported separately.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Subject-disjoint folds.")
-def heads_benchmark(path: Path, folds: int) -> None:
+def heads_benchmark(path: Path | None, model_ref: str | None, folds: int) -> None:
     """Our heads, gallery matching and scikit-learn baselines on feature vectors (per-image, out of fold).
 
-    The last line is `top1=<per-image top-1 of our heads>`.
+    The last line is `top1=<per-image top-1 of our heads>` (with --model: of the aggregate).
     """
     import pickle
 
     import numpy as np
 
     from shared.ml.heads import benchmark_heads
+
+    if (path is None) == (model_ref is None):
+        raise click.ClickException("give exactly one of --embeddings and --model")
+    if model_ref is not None:
+        _members_benchmark(model_ref, folds)
+        return
 
     with path.open("rb") as fh:
         raw = pickle.load(fh)  # noqa: S301  # nosec B301 - a features file the user names on the command line
@@ -260,3 +271,43 @@ def heads_benchmark(path: Path, folds: int) -> None:
     best = max(results["logistic_regression"]["top1"], results["nearest_centroid"]["top1"])
     out.print(f"heads vs best baseline: {results['heads']['top1'] - best:+.3f}")
     click.echo(f"top1={results['heads']['top1']:.4f}")
+
+
+def _members_benchmark(model_ref: str, folds: int) -> None:
+    """Every member of a registered model's ensemble, out of fold on its stored training set."""
+    import numpy as np
+
+    from shared.db import session_scope
+    from shared.ml.heads import benchmark_members, load_feature_set
+    from shared.modelops.registry import ModelNotFound, find_version
+    from shared.storage import get_storage
+
+    try:
+        with session_scope() as session:
+            version = find_version(session, model_ref)
+            name, config = version.name, dict(version.config or {})
+    except ModelNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not config.get("base_features_key"):
+        raise click.ClickException(f"model {name} has no stored training set; it was registered without one")
+    base = load_feature_set(get_storage().get(config["base_features_key"]))
+    if "identity" not in base:
+        raise click.ClickException(f"model {name} has no identity member (trained with --no-identity or before "
+                                   "the member existed); use --embeddings for its regional features")
+    classes = sorted(set(base["labels"].tolist()))
+    labels = np.array([classes.index(lab) for lab in base["labels"].tolist()])
+    subjects = base["subjects"]
+    if len(set(subjects.tolist())) < folds:
+        raise click.ClickException(f"{len(set(subjects.tolist()))} subjects cannot make {folds} folds")
+    result = benchmark_members(base["features"], base["identity"], labels, subjects, len(classes),
+                               list(config.get("regions") or []), folds)
+    table = Table(title=f"model {name}: {len(labels)} images, {len(set(subjects.tolist()))} subjects, "
+                        f"{len(classes)} classes; {folds}-fold by subject, per image")
+    for col in ("member", "top-1", "top-5", "macro top-1"):
+        table.add_column(col, justify="left" if col == "member" else "right")
+    rows = {**result["members"], f"aggregate (identity weight {result['weight']:.1f})": result["aggregate"]}
+    for key, r in rows.items():
+        table.add_row("identity encoder" if key == "identity" else key, f"{r['top1']:.3f}", f"{r['top5']:.3f}",
+                      f"{r['macro_top1']:.3f}")
+    Console().print(table)
+    click.echo(f"top1={result['aggregate']['top1']:.4f}")

@@ -64,6 +64,9 @@ from shared.cli.common import (
 @click.option("--skipped", "skipped_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to list the photos preprocessing skipped, with reasons [default: <output>-skipped.csv "
                    "beside --output, else $GESTALT_DATA_DIR/reports/train-<time>-skipped.csv].")
+@click.option("--identity/--no-identity", default=True, show_default=True,
+              help="Add the identity member: a head on the face-identity encoder's descriptors (dlib's ResNet, "
+                   "learned on millions of faces), weighted against the regional networks on the validation split.")
 @cache_options
 @torch_options
 def train(data_dir: Path, preset: str | None, width: float | None, epochs: int | None, batch_size: int | None,
@@ -71,8 +74,8 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
           transfer_pairs: int | None, optimizer: str | None, mode: str, positive: str | None, classes: str | None,
           select_topk: int, val_fraction: float, seed: int, exclude: tuple[str, ...], name: str | None, activate: bool,
           register: bool, output: Path | None, patience: int, state_path: Path | None, skipped_path: Path | None,
-          threads: int | None, device: str | None, cache_dir: Path | None, no_cache: bool) -> None:
-    """Train the regional CNNs from a labelled photo folder and register a model version.
+          identity: bool, threads: int | None, device: str | None, cache_dir: Path | None, no_cache: bool) -> None:
+    """Train the regional CNNs (and the identity member) from a labelled photo folder and register a model version.
 
     A binary model stores the label mapping it trained with (every label but --positive becomes
     `others`) and an operating threshold chosen on the validation split (Youden's J), which
@@ -172,6 +175,8 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
     if metrics["stopped_early"]:
         console.print(f"stopped early after epoch {metrics['history'][-1]['epoch']} (patience {patience}); "
                       f"kept epoch {metrics['best_epoch']}")
+    if identity:
+        _add_identity_member(model, data, train_idx, val_idx, metrics, str(torch_device), seed)
     metrics["subjects_known"] = known
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
@@ -208,29 +213,51 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
         state_path.unlink()
 
 
+def _add_identity_member(model, data, train_idx: list[int], val_idx: list[int], metrics: dict, device: str,
+                         seed: int) -> None:
+    from shared.ml.training import add_identity_member
+    from shared.ml.weights import WeightsMissing
+
+    try:
+        member = add_identity_member(model, data, train_idx, val_idx, device, seed)
+    except WeightsMissing as exc:
+        raise click.ClickException(f"{exc}; or train without the identity member (--no-identity)") from exc
+    metrics["members"] = {"identity": {"head": member.head.selection, **member.validation}}
+    v = member.validation
+    line = f"identity member: {member.head.selection['chosen']} head, weight {member.weight:.2f} in the aggregate"
+    if "identity_top1" in v:
+        line += (f" (validation top-1: identity {v['identity_top1']:.3f}, regions {v['regions_top1']:.3f}, "
+                 f"combined {v['grid'][member.weight]:.3f})")
+    console.print(line)
+
+
 def _validation_extra(model, data, val_idx: list[int], class_names: list[str], mode: str,
                       label_map: dict[str, str] | None) -> dict:
     """What evaluation applies, fitted on the validation split: a temperature for calibrated scores and, for a
     binary model, its label mapping and the operating threshold (Youden's J on the calibrated scores)."""
+    import numpy as np
+
     from shared.ml.evaluation import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
-    from shared.ml.gestalt import predict
+    from shared.ml.training import member_probs
 
     extra: dict = {}
-    probs = labels = None
+    aggregate = labels = None
     if len(val_idx) >= 2:
-        probs, labels = predict(model, data.crops[val_idx]).region_probs, data.labels[val_idx]
-        extra["temperature"] = fit_temperature(probs, labels)
+        descriptors = data.descriptors[val_idx] if data.descriptors is not None else None
+        _, probs, weights = member_probs(model, data.crops[val_idx], descriptors)
+        labels = data.labels[val_idx]
+        extra["temperature"] = fit_temperature(probs, labels, weights)
         extra["temperature_source"] = f"validation split, {len(val_idx)} images"
-        probs = apply_temperature(probs, extra["temperature"])
+        aggregate = np.einsum("nrc,r->nc", apply_temperature(probs, extra["temperature"]), np.asarray(weights))
     if mode != "binary":
         return extra
     threshold, source = None, "the default 0.5: no validation split"
-    if probs is not None:
-        threshold = choose_threshold(probs.mean(axis=1)[:, 0], labels == 0)
+    if aggregate is not None:
+        threshold = choose_threshold(aggregate[:, 0], labels == 0)
         source = (f"Youden's J on {len(val_idx)} validation images" if threshold is not None
                   else "the default 0.5: the validation split lacks a class")
         if threshold is not None:
-            called, truth = probs.mean(axis=1)[:, 0] >= threshold, labels == 0
+            called, truth = aggregate[:, 0] >= threshold, labels == 0
             extra["val_sensitivity"] = float(called[truth].mean())
             extra["val_specificity"] = float((~called[~truth]).mean())
     return {**extra, "label_map": label_map or {}, "positive": class_names[0], "negative": class_names[1],

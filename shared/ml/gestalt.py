@@ -34,8 +34,9 @@ class RegionalEnsemble(nn.Module):
     def config(self) -> dict:
         config = {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
         if self.identity is not None:
-            config["members"] = {"identity": {"weight": self.identity.weight, "encoder_sha": self.identity.encoder_sha,
-                                              "head": self.identity.head.selection.get("chosen", self.identity.head.kind)},
+            member = self.identity
+            config["members"] = {"identity": {"weight": member.weight, "encoder_sha": member.encoder_sha,
+                                              "head": member.head.selection.get("chosen", member.head.kind)},
                                  "regions": {"weight": round(1.0 - self.identity.weight, 4)}}
         return config
 

@@ -285,3 +285,36 @@ def benchmark_heads(features: np.ndarray, labels: np.ndarray, subjects: np.ndarr
         centroids = normalize(np.stack([unit[train][y[train] == c].mean(0) for c in present]))
         scores["nearest_centroid"][np.ix_(test, present)] = unit[test] @ centroids.T
     return {m: _topk_metrics(s, y) for m, s in scores.items()}
+
+
+def benchmark_members(features: np.ndarray, identity: np.ndarray, labels: np.ndarray, subjects: np.ndarray,
+                      n_classes: int, regions: list[str], folds: int = 5, cfg: HeadConfig | None = None) -> dict:
+    """Out-of-fold per-image metrics of every member of the ensemble and of their aggregate.
+
+    On the same subject-disjoint folds: each region's head (:func:`train_heads`), the regions' mean,
+    the identity member's head (:func:`shared.ml.identity.fit_identity_head`, its kind chosen inside
+    each training fold) and the aggregate at the identity weight that
+    :func:`shared.ml.identity.choose_identity_weight` picks on the out-of-fold scores (so the
+    aggregate's row is slightly optimistic; the whole grid is returned).
+
+    Returns: ``{"members": {name: metrics}, "aggregate": metrics, "weight": w, "grid": {w: top1}}``.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from shared.ml.identity import MEMBER, choose_identity_weight, combine, fit_identity_head
+
+    x = np.asarray(features, np.float32)
+    d = np.asarray(identity, np.float32)
+    y = np.asarray(labels)
+    region_scores = np.zeros((len(y), x.shape[1], n_classes), np.float32)
+    identity_scores = np.zeros((len(y), n_classes), np.float32)
+    for train, test in GroupKFold(n_splits=folds).split(d, y, groups=subjects):
+        region_scores[test] = train_heads(x[train], y[train], n_classes, cfg).probs(x[test])
+        head = fit_identity_head(d[train], y[train], n_classes, np.asarray(subjects)[train])
+        identity_scores[test] = head.probs(d[test])
+    members = {r: _topk_metrics(region_scores[:, i], y) for i, r in enumerate(regions)}
+    members["regions (mean)"] = _topk_metrics(region_scores.mean(1), y)
+    members[MEMBER] = _topk_metrics(identity_scores, y)
+    chosen = choose_identity_weight(region_scores, identity_scores, y)
+    return {"members": members, "weight": chosen["weight"], "grid": chosen["grid"],
+            "aggregate": _topk_metrics(combine(region_scores, identity_scores, chosen["weight"]), y)}

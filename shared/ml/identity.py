@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 MEMBER = "identity"
+# The stored crop the member reads: dlib's 150 x 150 RGB face chip (shared.ml.facechip).
+CHIP_REGION = "face_chip"
 # Candidate heads tried on grouped folds: (kind, gamma x descriptor dimension, inverse regularisation C).
 CANDIDATES: tuple[tuple[str, float, float], ...] = (
     ("linear", 0.0, 0.1), ("linear", 0.0, 1.0), ("rbf", 0.5, 1.0), ("rbf", 0.5, 10.0), ("rbf", 1.0, 1.0),

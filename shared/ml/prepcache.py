@@ -3,8 +3,9 @@
 One file per photo and preprocessing setup: the key is the sha256 of the photo's bytes together with
 the detector and landmark backends (names and weights' sha256), the face-confidence threshold, the
 regions and :data:`FORMAT`. An entry holds the region crops (uint8), the aligned grayscale face,
-its landmarks on the aligned canvas and the identity encoder's face chip, or the reason the photo was rejected. The folder is created
-0700 and entries are written 0600 (they are face images), atomically, so parallel runs may share it.
+its landmarks on the aligned canvas and the identity encoder's face chip, or the reason the photo
+was rejected. The folder is created 0700 and entries are written 0600 (they are face images),
+atomically, so parallel runs may share it.
 A damaged entry is treated as a miss and rewritten.
 """
 from __future__ import annotations

@@ -105,6 +105,8 @@ def compute(inp: EvalInput) -> dict:
                                           "disorders": int(len(np.unique(labels))), "rejected": len(inp.rejected)},
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "preprocessing": inp.preprocessing,
         "label_map": inp.label_map, "temperature": inp.temperature,
+        "member_weights": dict(zip(inp.regions, map(float, inp.member_weights), strict=True))
+        if inp.member_weights is not None else None,
         "resamples": inp.resamples, "permutations": inp.permutations, "seed": inp.seed,
         "per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
         "macro": {k: v.as_dict() for k, v in table["macro"].items()},

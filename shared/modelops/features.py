@@ -46,3 +46,31 @@ def cached_features(session: Session, storage: Storage, model, backbone: str, im
             cached[image_id] = {r: feats[i, j] for j, r in enumerate(regions)}
     out = {i: np.stack([v[r] for r in regions]) for i, v in cached.items() if set(v) == set(regions)}
     return out, len(missing)
+
+
+def cached_descriptors(session: Session, storage: Storage, encoder_sha: str, image_ids: list[int],
+                       device: str = "cpu") -> tuple[dict[int, np.ndarray], int]:
+    """The identity encoder's descriptor per image id, computing (and caching) the missing ones from the
+    stored face chips; photos aligned before chips were kept have none (their alignment re-runs on a
+    re-score). Returns the descriptors and how many were computed."""
+    from shared.ml.identity import CHIP_REGION, MEMBER
+    from shared.ml.imaging import decode_png_rgb
+
+    out = {f.image_id: hd.unpack(f.vector) for f in session.scalars(
+        select(ImageFeature).where(ImageFeature.backbone_sha == encoder_sha, ImageFeature.region == MEMBER,
+                                   ImageFeature.image_id.in_(image_ids)))}
+    missing = [i for i in image_ids if i not in out]
+    chips = dict(session.execute(
+        select(Face.image_id, Crop.object_key).join(Crop, Crop.face_id == Face.id)
+        .where(Face.image_id.in_(missing), Crop.region == CHIP_REGION)).all()) if missing else {}
+    usable = [i for i in missing if i in chips]
+    if usable:
+        from shared.ml.encoder import CONVERTED_SHA256, encode, load_encoder
+
+        if encoder_sha != CONVERTED_SHA256:
+            raise ValueError(f"the model's identity encoder {encoder_sha[:12]}... is not the installed one")
+        desc = encode(load_encoder(device), np.stack([decode_png_rgb(storage.get(chips[i])) for i in usable]))
+        for image_id, d in zip(usable, desc, strict=True):
+            store_features(session, image_id, (MEMBER,), encoder_sha, d[None])
+            out[image_id] = d
+    return out, len(usable)

@@ -1,7 +1,8 @@
 """Loading the gallery of diagnosed, consented photos from the database (the maths is :mod:`shared.ml.gallery`).
 
-A photo's vectors come from its cached region features (``image_features``) under the active
-model's backbone; see :mod:`shared.ml.gallery` for how photos, patients and syndromes are ranked.
+A photo's vectors come from its cached features (``image_features``): the identity encoder's
+descriptor, or the regional features under the active model's backbone (:func:`gallery_space`);
+see :mod:`shared.ml.gallery` for how photos, patients and syndromes are ranked.
 """
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from shared.models import Case, Diagnosis, Image, ImageFeature, Syndrome
 # Unit vectors per (backbone, regions) and image id. Features of one backbone never change, so each
 # process reads a photo's features once; the rows of who is in the gallery are read every time.
 _VECTORS: dict[tuple[str, tuple[str, ...]], dict[int, np.ndarray]] = {}
+
+
+def gallery_space(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    """The features a model version's gallery matches on: ``(backbone sha, regions)``.
+
+    A model with an identity member matches on the identity encoder's descriptors (GestaltMatcher's
+    approach: a representation learned on millions of faces, the same for every model version, so
+    the gallery does not change when the regional networks are retrained); otherwise on the regional
+    networks' features under the model's backbone.
+    """
+    from shared.ml.identity import MEMBER
+
+    config = config or {}
+    identity = (config.get("members") or {}).get(MEMBER) or {}
+    if identity.get("encoder_sha"):
+        return identity["encoder_sha"], (MEMBER,)
+    return config.get("backbone_sha"), tuple(config.get("regions") or ())
 
 
 def load_gallery(session: Session, backbone_sha: str, regions: tuple[str, ...] | list[str]) -> Gallery:

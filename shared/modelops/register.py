@@ -32,7 +32,8 @@ def store_base_set(storage: Storage, model, class_names: list[str], data, val_id
                                                   strict=True)}
     meta = ([names.get(s.label, s.label) for s in data.samples], [s.subject for s in data.samples], holdout,
             [s.sha256 for s in data.samples])
-    blob = save_feature_set(extract_features(model, data.crops), *meta)
+    identity = data.descriptors if getattr(model, "identity", None) is not None else None
+    blob = save_feature_set(extract_features(model, data.crops), *meta, identity=identity)
     crops = save_feature_set(np.zeros((0,)), *meta, crops=data.crops)
     return {"base_features_key": storage.put(feature_set_key(backbone_sha(model), blob), blob),
             "base_crops_key": storage.put(train_data_key(crops), crops)}

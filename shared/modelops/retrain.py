@@ -25,10 +25,11 @@ from sqlalchemy.orm import Session
 from shared.config import Settings, get_settings
 from shared.db import get_engine, session_scope
 from shared.ml import heads as hd
-from shared.ml.gestalt import load_checkpoint
+from shared.ml.gestalt import load_checkpoint, resolve_device
+from shared.ml.identity import IdentityMember, build_ood_reference, combine, fit_identity_head
 from shared.ml.imaging import decode_png_gray
 from shared.ml.splits import in_holdout
-from shared.modelops.features import cached_features
+from shared.modelops.features import cached_descriptors, cached_features
 from shared.modelops.registry import activate, active_version, register_model
 from shared.models import (
     Case,
@@ -72,6 +73,7 @@ class Dataset:
     labels: list[str]
     subjects: list[str]
     holdout: np.ndarray  # N bool
+    identity: np.ndarray | None = None  # N x 128 identity descriptors (models with an identity member)
 
 
 def _finish(run_id: int, status: str, decision: str, **fields) -> None:
@@ -158,12 +160,23 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     model, _ = load_checkpoint(storage.get(checkpoint_key))
     backbone = hd.backbone_sha(model)
     base = hd.load_feature_set(storage.get(base_key))
+    member = model.identity
+    if member is not None and "identity" not in base:
+        _finish(run_id, "skipped", f"the base feature set of model {active_name} lacks the identity member's "
+                                   "descriptors; retrain it with `gestalt train`")
+        return run_id
     durations["load"] = time.monotonic() - t0
 
     t = time.monotonic()
     with session_scope() as s:
         diagnosed = diagnosed_images(s)
         feats, computed = cached_features(s, storage, model, backbone, [d[0] for d in diagnosed])
+        descriptors = None
+        if member is not None:  # a photo joins only with its identity descriptor too
+            descriptors, computed_id = cached_descriptors(s, storage, member.encoder_sha, [d[0] for d in diagnosed],
+                                                          str(resolve_device(settings.device)))
+            feats = {i: f for i, f in feats.items() if i in descriptors}
+            computed += computed_id
     durations["features"] = time.monotonic() - t
     base_hashes = set(base["sha256"].tolist())
     seen: set[str] = set()
@@ -184,7 +197,7 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     classes = active_classes + new_classes
     index = {n: i for i, n in enumerate(classes)}
     in_model = [c for c in cases if c[1] in index]
-    data = build_dataset(base, in_model, feats, settings.retrain_holdout_fraction)
+    data = build_dataset(base, in_model, feats, settings.retrain_holdout_fraction, descriptors)
     labels = np.array([index[n] for n in data.labels])
     counts = {
         "base_images": int(len(base["labels"])), "diagnosed_images": len(diagnosed), "case_images": len(in_model),
@@ -200,6 +213,7 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
         train_labels = np.random.default_rng(0).permutation(train_labels)
     new_heads = hd.train_heads(data.features[train], train_labels, len(classes),
                                hd.HeadConfig(epochs=settings.retrain_epochs))
+    new_member = _retrain_member(member, data, train_labels, len(classes)) if member is not None else None
     durations["train"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -208,12 +222,14 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     if kind == "full":
         candidate, cand_probs, act_probs, config["base_features_key"] = _fine_tune(
             model, hd.with_heads(model, new_heads), classes, labels, train_labels, data, in_model, crops_key,
-            storage, settings)
+            storage, settings, new_member)
         durations["train"] += time.monotonic() - t
     else:
         candidate = hd.with_heads(model, new_heads)
-        cand_probs = new_heads.probs(data.features[hold]).mean(axis=1)
-        act_probs = hd.heads_of(model).probs(data.features[hold]).mean(axis=1)
+        candidate.identity = new_member
+        identity_hold = data.identity[hold] if data.identity is not None else None
+        cand_probs = _aggregate(new_heads.probs(data.features[hold]), new_member, identity_hold)
+        act_probs = _aggregate(hd.heads_of(model).probs(data.features[hold]), member, identity_hold)
     act_labels = np.where(labels[hold] < len(active_classes), labels[hold], -1)
     guard = hd.promotion_guard(cand_probs, act_probs, labels[hold], act_labels, classes, settings.retrain_tolerance)
     durations["evaluate"] = time.monotonic() - t
@@ -247,8 +263,25 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     return run_id
 
 
+def _aggregate(region_probs: np.ndarray, member: IdentityMember | None, descriptors: np.ndarray | None) -> np.ndarray:
+    """A model's holdout scores: the regions' mean, combined with its identity member's scores."""
+    if member is None:
+        return combine(region_probs, None, 0.0)
+    return combine(region_probs, member.head.probs(descriptors), member.weight)
+
+
+def _retrain_member(member: IdentityMember, data: Dataset, train_labels: np.ndarray, n_classes: int) -> IdentityMember:
+    """The identity member refitted on the night's training photos: its head (kind chosen again on grouped
+    folds) and OOD reference are new, its weight in the aggregate is the one chosen at training time."""
+    train, hold = ~data.holdout, data.holdout
+    head = fit_identity_head(data.identity[train], train_labels, n_classes, np.asarray(data.subjects)[train])
+    ood = build_ood_reference(data.identity[train], data.identity[hold] if hold.any() else None)
+    return IdentityMember(head, member.weight, ood, member.encoder_sha, member.validation)
+
+
 def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels: np.ndarray, data: Dataset,
-               cases: list[tuple[int, str, str]], crops_key: str, storage: Storage, settings: Settings):
+               cases: list[tuple[int, str, str]], crops_key: str, storage: Storage, settings: Settings,
+               member: IdentityMember | None = None):
     """Fine-tune every layer (the paper's recipe: SGD 5e-3, momentum 0.9, augmentation) from the crops.
 
     Returns the candidate, both models' holdout probabilities, and the key of the base
@@ -273,26 +306,34 @@ def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels
     cfg = TrainConfig(width=model.width, epochs=settings.retrain_full_epochs, lr=5e-3, optimizer="sgd",
                       device=str(resolve_device(settings.device)), progress=False)
     candidate, _ = train_ensemble(prepared, classes, model.regions, train_idx, [], cfg, init=init)
+    candidate.identity = member
     hold = data.holdout
-    cand_probs = predict(candidate, crops[hold]).aggregate
-    act_probs = predict(model, crops[hold]).aggregate
+    identity_hold = data.identity[hold] if data.identity is not None else None
+    cand_probs = predict(candidate, crops[hold], descriptors=identity_hold).aggregate
+    act_probs = predict(model, crops[hold], descriptors=identity_hold).aggregate
     n_base = len(base["labels"])
     blob = hd.save_feature_set(hd.extract_features(candidate, crops[:n_base]), base["labels"].tolist(),
-                               base["subjects"].tolist(), base["holdout"], base["sha256"].tolist())
+                               base["subjects"].tolist(), base["holdout"], base["sha256"].tolist(),
+                               identity=data.identity[:n_base] if data.identity is not None else None)
     key = storage.put(feature_set_key(hd.backbone_sha(candidate), blob), blob)
     return candidate, cand_probs, act_probs, key
 
 
 def build_dataset(base: dict, cases: list[tuple[int, str, str]], feats: dict[int, np.ndarray],
-               holdout_fraction: float) -> Dataset:
-    """Base features plus case features; case subjects are held out by a stable hash."""
+                  holdout_fraction: float, descriptors: dict[int, np.ndarray] | None = None) -> Dataset:
+    """Base features plus case features; case subjects are held out by a stable hash. With ``descriptors``
+    (per case image), the base set's identity descriptors and the cases' are kept too."""
     features = [base["features"]] + ([np.stack([feats[i] for i, _, _ in cases])] if cases else [])
+    identity = None
+    if descriptors is not None:
+        identity = np.concatenate([base["identity"]] + ([np.stack([descriptors[i] for i, _, _ in cases])]
+                                                        if cases else [])).astype(np.float32)
     return Dataset(
         features=np.concatenate(features).astype(np.float32),
         labels=base["labels"].tolist() + [n for _, n, _ in cases],
         subjects=base["subjects"].tolist() + [s for _, _, s in cases],
         holdout=np.concatenate([base["holdout"], np.array([in_holdout(s, holdout_fraction) for _, _, s in cases],
-                                                          bool)]))
+                                                          bool)]), identity=identity)
 
 
 def latest_runs(session: Session, limit: int = 20) -> list[TrainingRun]:

@@ -138,7 +138,7 @@ class RegionScore(Base):
 
 
 class Result(Base):
-    """The aggregate (mean of region softmaxes) and its ranking, stamped with the model version."""
+    """The aggregate (the members' softmaxes combined) and its ranking, stamped with the model version."""
 
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
@@ -149,6 +149,9 @@ class Result(Base):
     scores: Mapped[list] = mapped_column(JSONB)
     # [{"syndrome_id", "name", "score", "rank"}, ...] best first, all classes
     ranking: Mapped[list] = mapped_column(JSONB)
+    # The identity member's out-of-distribution score: {"distance", "percentile", "unusual"}
+    # (shared.ml.identity.OODReference); None for a model without that member.
+    ood: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
     created_at: Mapped[datetime] = created_at_column()
 
 

@@ -105,6 +105,13 @@
   }
 
   function renderResult(card, result) {
+    if (result.ood && result.ood.unusual) {
+      // The identity encoder places this photo far from every photo the model learned from.
+      card.append(el("p", { class: "warn ood", role: "note" },
+        "This photo is unlike the photos the model learned from: it lies further from them than " +
+        result.ood.percentile.toFixed(0) + "% of the held-out photos of the training collection. " +
+        "Treat its scores with extra caution."));
+    }
     // One photo's full ranking and its regions: folded away, one click from the case ranking.
     const box = el("details", { class: "result" });
     const top = result.ranking[0];
