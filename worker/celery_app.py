@@ -5,7 +5,7 @@ import logging
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init
 
 from shared.config import get_settings
 from shared.db import dispose_engine
@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_QUEUES = ("detect", "align", "infer")
 ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
+# The queues this worker consumes (set at start-up, inherited by its processes); None outside a worker.
+CONSUMED_QUEUES: frozenset[str] | None = None
 
 
 class CeleryConfig:
@@ -70,6 +72,22 @@ def create_celery() -> Celery:
 
 
 app = create_celery()
+
+
+@celeryd_after_setup.connect
+def _record_queues(sender, instance, **_kwargs) -> None:
+    # A worker that consumes detect, align and infer may run the three stages of a batch in one go.
+    global CONSUMED_QUEUES
+    CONSUMED_QUEUES = frozenset(instance.app.amqp.queues.consume_from or ())
+    logger.info("queues=%s", ",".join(sorted(CONSUMED_QUEUES)))
+
+
+def fuses_stages() -> bool:
+    """Whether this process runs detect, align and infer of a claimed batch in one go (GESTALT_FUSE_STAGES)."""
+    mode = get_settings().fuse_stages
+    if mode in ("on", "off"):
+        return mode == "on"
+    return CONSUMED_QUEUES is not None and set(PIPELINE_QUEUES) <= CONSUMED_QUEUES
 
 
 @worker_process_init.connect

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -136,33 +138,321 @@ def _load_rgb(image: Image) -> np.ndarray:
     return decode_stored(data)
 
 
-def detect(image_id: int | None) -> int | None:
-    """Find the main face; reject the image when there is none."""
-    if image_id is None:
-        return None
-    image = _begin(image_id, ImageStatus.detecting, "detect_start")
-    if image is None:
-        return None
-    try:
-        rgb = _load_rgb(image)
-        found = preprocessor().detect(rgb)
-    except ImageRejected as exc:
-        reject(image_id, exc.reason)
-        return None
-    provenance = preprocessor().provenance
-    values = {"image_id": image_id, "box": [float(c) for c in found.face.box], "confidence": found.face.score,
-              "faces_found": int(found.faces_found), "rotation": found.rotation, "detector": provenance["detector"],
-              "weights": {"detector": provenance["detector_sha256"]}}
+# ----- batched detection, and detect + align + infer of a claimed batch in one go ----------
+#
+# A detect task claims the photos waiting for detection behind it (SKIP LOCKED), up to
+# ``GESTALT_DETECT_BATCH`` in all, and runs the detector on them in one batch. A worker that
+# consumes detect, align and infer (``worker.celery_app.fuses_stages``) carries the batch on
+# through landmarks, alignment and scoring in one go, handing the decoded photo and the crops
+# from stage to stage in memory. Each step commits its results for the whole batch in one
+# transaction, so a crash between steps leaves every photo in a state its own message resumes.
+#
+# A claimed photo keeps its own queued message. While a batch holds the photo (``claimed_at``
+# younger than ``GESTALT_CLAIM_LEASE_SECONDS``), that message raises :class:`Claimed` and the
+# task tries again shortly; once the batch has moved the photo on, the message continues from
+# wherever the photo is (or stops when it is done). If the batch's worker died, the lease runs
+# out and the message redoes the stage: a crash costs time, never a photo.
+
+CLAIM_AT, CLAIM_BY = "claimed_at", "claimed_by"
+PAST_DETECTION = (ImageStatus.aligning.value, ImageStatus.scoring.value)
+_PAST = "past"
+
+_originals: OrderedDict[str, np.ndarray] = OrderedDict()
+_pool: ThreadPoolExecutor | None = None
+
+
+class Claimed(Exception):  # noqa: N818 - a state, not an error
+    """The photo is held by another worker's batch: its own message tries again after ``wait`` seconds."""
+
+    def __init__(self, image_id: int, wait: float):
+        super().__init__(f"image {image_id} is in another worker's batch")
+        self.image_id = image_id
+        self.wait = wait
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """Threads for object-store round trips and image codecs (both release the GIL); made after fork."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pipeline-io")
+    return _pool
+
+
+def original_rgb(image: Image) -> np.ndarray:
+    """The decoded original, from this process's small cache (by sha256) when a stage before decoded it."""
+    cached = _originals.get(image.sha256)
+    if cached is not None:
+        _originals.move_to_end(image.sha256)
+        return cached
+    rgb = _load_rgb(image)
+    keep = get_settings().decode_cache
+    if keep > 0:
+        _originals[image.sha256] = rgb
+        while len(_originals) > keep:
+            _originals.popitem(last=False)
+    return rgb
+
+
+def _claimer() -> str:
+    import os
+
+    return f"{_node()}:{os.getpid()}"
+
+
+def _claim_live(image: Image, now: float) -> bool:
+    """Whether another process's batch holds the photo (this process runs one task at a time)."""
+    times = image.stage_times or {}
+    at = times.get(CLAIM_AT)
+    return at is not None and now - float(at) < get_settings().claim_lease_seconds and \
+        times.get(CLAIM_BY) != _claimer()
+
+
+def _enter_detect(image_id: int) -> Image | str | None:
+    """Lock the photo and move it into detection, under this task's claim.
+
+    Returns the photo (detached), ``_PAST`` when it is already past detection (its chain goes on),
+    or None when it is gone or final. Raises :class:`Claimed` while another batch holds it.
+    """
+    now = time.time()
     with session_scope() as session:
-        stmt = insert(Face).values(**values)
-        session.execute(stmt.on_conflict_do_update(index_elements=[Face.image_id], set_={
-            k: stmt.excluded[k] for k in ("box", "confidence", "faces_found", "rotation", "detector", "weights")}))
         image = session.get(Image, image_id, with_for_update=True)
         if image is None:
+            logger.info("image=%s state=skipped reason=deleted", image_id)
             return None
-        image.status = ImageStatus.aligning.value
-        _stamp(image, detect_end=time.time())
-    return image_id
+        if image.status in FINAL_STATES:
+            logger.info("image=%s state=skipped reason=%s", image_id, image.status)
+            return None
+        if _claim_live(image, now):
+            raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
+        if image.status in PAST_DETECTION:
+            return _PAST
+        image.status = ImageStatus.detecting.value
+        _stamp(image, detect_start=now, detect_by=_node(), **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+        session.flush()
+        session.expunge(image)
+        return image
+
+
+def claim_for_detection(image_id: int, limit: int) -> list[Image]:
+    """Other photos waiting for detection that no live batch holds, locked, claimed and stamped for this one."""
+    if limit <= 0:
+        return []
+    now = time.time()
+    with session_scope() as session:
+        rows = session.scalars(
+            select(Image).where(Image.status == ImageStatus.queued.value, Image.id != image_id)
+            .order_by(Image.id).limit(limit).with_for_update(skip_locked=True)).all()
+        out = []
+        for image in rows:
+            if _claim_live(image, now):
+                continue
+            image.status = ImageStatus.detecting.value
+            _stamp(image, detect_start=now, detect_by=_node(), batched_with=image_id,
+                   **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+            out.append(image)
+        session.flush()
+        for image in out:
+            session.expunge(image)
+        return out
+
+
+def _locked(session, ids: list[int]) -> dict[int, Image]:
+    """The batch's photos that still exist and are not final, locked, by id."""
+    rows = session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id).with_for_update()).all()
+    return {i.id: i for i in rows if i.status not in FINAL_STATES}
+
+
+def _reject_in(image: Image, reason: str, now: float) -> None:
+    image.status = ImageStatus.rejected.value
+    image.reason = reason[:500]
+    _stamp(image, rejected=now, **{CLAIM_AT: None})
+    logger.info("image=%s state=rejected reason=%r", image.id, reason)
+
+
+def _detect_batch(batch: list[Image], fused: bool) -> list[tuple[Image, np.ndarray, Any]]:
+    """Decode, detect in one batch, and record faces and rejections in one transaction.
+
+    Returns (photo, decoded original, detection) of the photos that go on to alignment.
+    """
+    def load(image: Image) -> np.ndarray | ImageRejected:
+        try:
+            return original_rgb(image)
+        except ImageRejected as exc:
+            return exc
+
+    loaded = list(io_pool().map(load, batch))
+    usable = [k for k, rgb in enumerate(loaded) if not isinstance(rgb, ImageRejected)]
+    found: list = list(loaded)
+    for k, result in zip(usable, preprocessor().detect_batch([loaded[k] for k in usable]), strict=True):
+        found[k] = result
+    provenance = preprocessor().provenance
+    now = time.time()
+    out = []
+    with session_scope() as session:
+        rows = _locked(session, [i.id for i in batch])
+        faces = []
+        for image, rgb, result in zip(batch, loaded, found, strict=True):
+            row = rows.get(image.id)
+            if row is None:
+                continue
+            if isinstance(result, ImageRejected):
+                _reject_in(row, result.reason, now)
+                continue
+            faces.append({"image_id": image.id, "box": [float(c) for c in result.face.box],
+                          "confidence": result.face.score, "faces_found": int(result.faces_found),
+                          "rotation": result.rotation, "detector": provenance["detector"],
+                          "weights": {"detector": provenance["detector_sha256"]}})
+            row.status = ImageStatus.aligning.value
+            if fused:  # this worker aligns it next, under the same claim
+                _stamp(row, detect_end=now, align_start=now, align_by=_node(), **{CLAIM_AT: now})
+            else:
+                _stamp(row, detect_end=now, **{CLAIM_AT: None})
+            out.append((image, rgb, result))
+        if faces:
+            stmt = insert(Face).values(faces)
+            session.execute(stmt.on_conflict_do_update(index_elements=[Face.image_id], set_={
+                k: stmt.excluded[k] for k in ("box", "confidence", "faces_found", "rotation", "detector", "weights")}))
+    return out
+
+
+def _put_png(key: str, array: np.ndarray) -> str:
+    return get_storage().put(key, encode_png(array), "image/png")
+
+
+def _align_batch(items: list[tuple[Image, np.ndarray, Any]]) -> list[tuple[Image, Any]]:
+    """Landmarks for the whole batch in one pass, the quality gate, crops; stored in one transaction.
+
+    Returns (photo, aligned face) of the photos that go on to scoring, their crops in memory.
+    """
+    if not items:
+        return []
+    results = preprocessor().align_batch([rgb for _, rgb, _ in items], [d.face.box for _, _, d in items],
+                                         [d.rotation for _, _, d in items])
+    puts = {}
+    for (image, _, _), aligned in zip(items, results, strict=True):
+        if isinstance(aligned, ImageRejected):
+            continue
+        objects = {region: (crop_key(image.sha256, region), crop) for region, crop in aligned.crops.items()}
+        if getattr(aligned, "chip", None) is not None:  # the identity member's input
+            objects[CHIP_REGION] = (crop_key(image.sha256, CHIP_REGION), aligned.chip)
+        objects[None] = (aligned_key(image.sha256), aligned.aligned_rgb)
+        puts[image.id] = {name: io_pool().submit(_put_png, key, array) for name, (key, array) in objects.items()}
+    keys = {i: {name: f.result() for name, f in futures.items()} for i, futures in puts.items()}
+    pre = preprocessor()
+    now = time.time()
+    out = []
+    with session_scope() as session:
+        rows = _locked(session, [image.id for image, _, _ in items])
+        faces = {f.image_id: f for f in session.scalars(
+            select(Face).where(Face.image_id.in_(list(keys))).with_for_update())}
+        crop_rows = []
+        for (image, _, _), aligned in zip(items, results, strict=True):
+            row = rows.get(image.id)
+            if row is None:
+                continue
+            if isinstance(aligned, ImageRejected):
+                _reject_in(row, aligned.reason, now)
+                continue
+            face = faces.get(image.id)
+            if face is None:  # detection's output vanished meanwhile: the photo's own message starts over
+                _stamp(row, **{CLAIM_AT: None})
+                continue
+            face.landmarks = np.round(aligned.landmarks, 2).tolist()
+            face.transform = aligned.alignment.matrix.tolist()
+            face.aligned_key = keys[image.id][None]
+            face.landmarker = pre.landmarker_name
+            face.weights = {**(face.weights or {}), "landmarker": pre.provenance["landmarker_sha256"]}
+            face.quality = aligned.quality
+            face.measurements = aligned.measurements
+            crop_rows += [{"face_id": face.id, "region": r, "object_key": k}
+                          for r, k in keys[image.id].items() if r is not None]
+            row.status = ImageStatus.scoring.value
+            # Stamped as started: no infer batch of another worker claims it meanwhile.
+            _stamp(row, align_end=now, infer_start=now, infer_by=_node(), **{CLAIM_AT: now})
+            out.append((image, aligned))
+        if crop_rows:
+            stmt = insert(Crop).values(crop_rows)
+            session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
+                                                       set_={"object_key": stmt.excluded.object_key}))
+    return out
+
+
+def _score_batch(items: list[tuple[Image, Any]]) -> None:
+    """Score aligned faces whose crops are in memory: one forward pass, then each photo's scores."""
+    if not items:
+        return
+    settings = get_settings()
+    storage = get_storage()
+    ids = [image.id for image, _ in items]
+    with session_scope() as session:
+        loaded = model_cache().active(session, storage)
+        if loaded is None:
+            now = time.time()
+            for row in _locked(session, ids).values():
+                row.status = ImageStatus.awaiting_model.value
+                _stamp(row, awaiting_model=now, **{CLAIM_AT: None})
+            logger.info("images=%s state=awaiting_model", ids)
+            return
+    member = getattr(loaded.model, "identity", None)
+    stack = np.stack([np.stack([aligned.crops[r] for r in loaded.regions]) for _, aligned in items])
+    descriptors = None
+    if member is not None:
+        from shared.ml.encoder import encode
+
+        descriptors = encode(encoder(), np.stack([aligned.chip for _, aligned in items]),
+                             precision=settings.infer_precision)
+    pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
+                   descriptors=descriptors)
+    for k, image_id in enumerate(ids):
+        identity = None if descriptors is None else {
+            "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
+            "ood": pred.ood[k] if pred.ood else None}
+        write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[k],
+                     pred.aggregate[k], loaded.backbone_sha, pred.features[k], identity)
+    if len(ids) > 1:
+        logger.info("image=%s state=batch scored=%d", ids[0], len(ids))
+
+
+def detect(image_id: int | None) -> int | None:
+    """Find the main face of this photo and of the photos waiting behind it; reject those without one.
+
+    Returns the id for the next stage, or None when the chain has nothing left to do (the photo is
+    gone, rejected, or this worker ran all three stages for the batch).
+    """
+    if image_id is None:
+        return None
+    heartbeat(_node(), model_cache().loaded_name)
+    image = _enter_detect(image_id)
+    if image is None:
+        return None
+    if image == _PAST:
+        return image_id
+    from worker.celery_app import fuses_stages
+
+    fused = fuses_stages()
+    batch = [image, *claim_for_detection(image_id, get_settings().detect_batch - 1)]
+    try:
+        detected = _detect_batch(batch, fused)
+        if len(batch) > 1:
+            logger.info("image=%s state=batch detected=%d of %d", image_id, len(detected), len(batch))
+        if not fused:
+            return image_id if any(i.id == image_id for i, _, _ in detected) else None
+        _score_batch(_align_batch(detected))
+    except BaseException:
+        release_claims([i.id for i in batch])
+        raise
+    return None
+
+
+def release_claims(ids: list[int]) -> None:
+    """After a failed batch: its photos' own messages may go on at once instead of after the lease."""
+    try:
+        with session_scope() as session:
+            for row in _locked(session, ids).values():
+                if (row.stage_times or {}).get(CLAIM_BY) == _claimer():
+                    _stamp(row, **{CLAIM_AT: None})
+    except Exception:  # noqa: BLE001 - the database may be what failed; the lease then runs out
+        logger.warning("images=%s state=claims_kept", ids)
 
 
 def align(image_id: int | None) -> int | None:

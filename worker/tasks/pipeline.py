@@ -49,14 +49,27 @@ class PipelineTask(Task):
             logger.exception("image=%s state=unrecorded_failure", image_id)
 
 
-@app.task(name="pipeline.detect", base=PipelineTask)
-def detect(image_id: int | None) -> int | None:
-    return pipeline.detect(image_id)
+def _last_if_none(task: Task, image_id: int | None) -> int | None:
+    """None means the photo needs nothing more (gone, final, or the batch ran every stage): the rest of the
+    chain is not sent, which saves a message and a task per stage."""
+    if image_id is None:
+        task.request.chain = None
+    return image_id
 
 
-@app.task(name="pipeline.align", base=PipelineTask)
-def align(image_id: int | None) -> int | None:
-    return pipeline.align(image_id)
+@app.task(name="pipeline.detect", base=PipelineTask, bind=True)
+def detect(self, image_id: int | None) -> int | None:
+    try:
+        return _last_if_none(self, pipeline.detect(image_id))
+    except pipeline.Claimed as exc:
+        # Another worker's batch holds the photo: look again shortly, with the rest of the chain. A new
+        # message, not a retry: the wait must not use up the retries that engine outages need.
+        return self.replace(detect.si(image_id).set(countdown=exc.wait))
+
+
+@app.task(name="pipeline.align", base=PipelineTask, bind=True)
+def align(self, image_id: int | None) -> int | None:
+    return _last_if_none(self, pipeline.align(image_id))
 
 
 @app.task(name="pipeline.infer", base=PipelineTask)

@@ -1,0 +1,122 @@
+"""Detection runs on the photos waiting behind a task in one batch; a worker on all three queues carries the
+batch through alignment and scoring in one go; a claimed photo's own message waits, then goes on."""
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from sqlalchemy import func, select, update
+
+from shared.config import reload_settings
+from shared.db import session_scope
+from shared.ml.gestalt import RegionalEnsemble
+from shared.modelops import registry
+from shared.models import Crop, Face, ModelVersion, Result
+from shared.models import Image as ImageRow
+from shared.storage import get_storage
+from tests.conftest import Portal, new_user
+from worker import pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _photo(seed: int) -> bytes:
+    rgb = data.astronaut().copy()
+    rgb[0, :3] = seed  # distinct photos
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(ids: list[int]) -> dict[int, ImageRow]:
+    with session_scope() as s:
+        rows = {i.id: i for i in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids)))}
+        for r in rows.values():
+            s.expunge(r)
+    return rows
+
+
+def _requeue(ids: list[int]) -> None:
+    """Back to waiting for detection, as the sweep leaves photos (no messages are sent here)."""
+    with session_scope() as s:
+        for image in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))):
+            image.status = "queued"
+            image.stage_times = {"uploaded": image.stage_times["uploaded"]}
+
+
+@pytest.fixture
+def fuse(monkeypatch):
+    def set_mode(mode: str) -> None:
+        monkeypatch.setenv("GESTALT_FUSE_STAGES", mode)
+        reload_settings()
+
+    yield set_mode
+    monkeypatch.delenv("GESTALT_FUSE_STAGES", raising=False)
+    reload_settings()
+
+
+def test_batched_detection_claims_and_the_fused_path(engines, workers, web_server, fuse):
+    with session_scope() as s:  # no active model: the workers stop the photos at awaiting_model
+        s.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+    portal = Portal(web_server, new_user())
+    case_id = portal.create_case("PT-DETECT-BATCH")
+    portal.upload(case_id, [(f"{i}.png", _photo(60 + i)) for i in range(5)])
+    payload = portal.wait(case_id, timeout=180, settled=("awaiting_model", "rejected", "failed", "done"))
+    ids = sorted(i["id"] for i in payload["images"])
+    assert [i["status"] for i in payload["images"]] == ["awaiting_model"] * 5
+
+    # Split queues: one detect call detects the four photos waiting behind it, and they go on to alignment.
+    fuse("off")
+    _requeue(ids)
+    assert pipeline.detect(ids[0]) == ids[0]
+    rows = _rows(ids)
+    assert {r.status for r in rows.values()} == {"aligning"}
+    assert [rows[i].stage_times.get("batched_with") for i in ids] == [None, *[ids[0]] * 4]
+    assert not any(r.stage_times.get(pipeline.CLAIM_AT) for r in rows.values())
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Face).where(Face.image_id.in_(ids))) == 5
+    # A claimed photo's own message, after the batch: its chain goes on to alignment.
+    assert pipeline.detect(ids[1]) == ids[1]
+
+    # While another worker's batch holds a photo, its own message waits; after the lease it redoes the stage.
+    with session_scope() as s:
+        image = s.get(ImageRow, ids[2])
+        image.status = "detecting"
+        image.stage_times = {**image.stage_times, pipeline.CLAIM_AT: time.time(), pipeline.CLAIM_BY: "gone@x:1"}
+    with pytest.raises(pipeline.Claimed):
+        pipeline.detect(ids[2])
+    with session_scope() as s:
+        image = s.get(ImageRow, ids[2])
+        image.stage_times = {**image.stage_times, pipeline.CLAIM_AT: time.time() - 3600}
+    assert pipeline.detect(ids[2]) == ids[2]
+
+    # A worker on all three queues: one call detects, aligns and scores the whole batch, crops in memory.
+    torch.manual_seed(0)
+    model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 3, width=0.125).eval()
+    with session_scope() as s:
+        version = registry.register_model(s, get_storage(), model, ["d-one", "d-two", "d-three"], {},
+                                          name="detect-batch-model")
+        registry.activate(s, version)
+        version_id = version.id
+    fuse("on")
+    _requeue(ids)
+    assert pipeline.detect(ids[0]) is None  # nothing left for the chain
+    rows = _rows(ids)
+    assert {r.status for r in rows.values()} == {"done"}
+    for r in rows.values():
+        assert {"detect_start", "detect_end", "align_start", "align_end", "infer_start", "done"} <= set(r.stage_times)
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Result).where(
+            Result.image_id.in_(ids), Result.model_version_id == version_id)) == 5
+        regions = s.execute(select(Face.image_id, func.count(Crop.id)).join(Crop, Crop.face_id == Face.id)
+                            .where(Face.image_id.in_(ids)).group_by(Face.image_id)).all()
+        assert len(regions) == 5 and min(n for _, n in regions) >= 7
+        assert all(s.scalars(select(Face.aligned_key).where(Face.image_id.in_(ids))))
+    # The photos' own messages now find them done.
+    assert all(pipeline.detect(i) is None for i in ids)
+    assert os.environ["GESTALT_FUSE_STAGES"] == "on"
