@@ -206,6 +206,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     metrics = write_report(EvalInput(
         model_name=name, class_names=class_names, regions=members, region_probs=np.asarray(region_probs),
         member_weights=weights,
+        ood=model.identity.ood.score(descriptors) if descriptors is not None and model.identity.ood else None,
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
         aligned=data.aligned, baseline_accuracy=opts["baseline_accuracy"], baseline_n=opts["baseline_n"],

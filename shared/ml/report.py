@@ -53,6 +53,8 @@ class EvalInput:
     heatmap: Callable[[int, int], np.ndarray] | None = None
     # Each member's weight in the aggregate (sums to 1); None: the members' plain mean.
     member_weights: list[float] | None = None
+    # Per image, how unlike the model's training photos (shared.ml.identity.OODReference.score), if known.
+    ood: list[dict] | None = None
 
     def aggregate(self) -> np.ndarray:
         """``N x C``: the members combined as the model combines them."""
@@ -107,6 +109,7 @@ def compute(inp: EvalInput) -> dict:
         "label_map": inp.label_map, "temperature": inp.temperature,
         "member_weights": dict(zip(inp.regions, map(float, inp.member_weights), strict=True))
         if inp.member_weights is not None else None,
+        "ood": _ood_summary(inp.ood),
         "resamples": inp.resamples, "permutations": inp.permutations, "seed": inp.seed,
         "per_image": {k: v.as_dict() for k, v in table["per_image"].items()},
         "macro": {k: v.as_dict() for k, v in table["macro"].items()},
@@ -274,12 +277,24 @@ def write_predictions(inp: EvalInput, path: Path) -> None:
     with Path(path).open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "subject", "original_label", "label", "predicted", "correct", "ranking",
-                    *(f"score:{c}" for c in names), *(f"{r}:{c}" for r in inp.regions for c in names)])
+                    *(f"score:{c}" for c in names), *(f"{r}:{c}" for r in inp.regions for c in names),
+                    *(["ood_percentile"] if inp.ood else [])])
         for i in range(n):
             order = np.argsort(-agg[i], kind="stable")
             w.writerow([images[i], inp.subjects[i], originals[i], names[inp.labels[i]], names[called[i]],
                         int(called[i] == inp.labels[i]), ";".join(f"{names[j]}:{agg[i, j]:.6f}" for j in order),
-                        *(f"{v:.6f}" for v in agg[i]), *(f"{v:.6f}" for v in inp.region_probs[i].ravel())])
+                        *(f"{v:.6f}" for v in agg[i]), *(f"{v:.6f}" for v in inp.region_probs[i].ravel()),
+                        *([f"{inp.ood[i]['percentile']:.1f}"] if inp.ood else [])])
+
+
+def _ood_summary(ood: list[dict] | None) -> dict | None:
+    """How far the test photos lie from the model's training photos, against held-out training photos."""
+    if not ood:
+        return None
+    pct = np.array([o["percentile"] for o in ood], float)
+    unusual = int(sum(o["unusual"] for o in ood))
+    return {"images": len(ood), "unusual": unusual, "unusual_share": unusual / len(ood),
+            "median_percentile": float(np.median(pct)), "expected_median": 50.0}
 
 
 def _pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str:
