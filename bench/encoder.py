@@ -1,0 +1,99 @@
+"""The identity member's cost per face: cutting the face chip, the encoder forward pass, and the head.
+
+Rows: the chip cut (``shared.ml.facechip.face_chip`` on a real photo's landmarks, CPU), and the
+encoder (``shared.ml.encoder.encode``, the call the worker makes) at batches of 1, 8, 32 and 128
+chips (up to 1024 on CUDA) in fp32 and, on CUDA, bf16 autocast; then the identity head (an RBF-kernel
+head of 1,024 components on 50 classes). Each cell is the median of calls timed for at least
+``--min-time`` seconds, in ms per face.
+
+Usage: python bench/encoder.py [--devices cpu,cuda] [--threads N] [--min-time 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.ml.encoder import CHIP_SIZE, encode, load_encoder  # noqa: E402
+from shared.ml.facechip import face_chip  # noqa: E402
+from shared.ml.identity import _fit as fit_candidate  # noqa: E402
+
+
+def ms_per_call(fn, min_time: float) -> float:
+    fn()
+    fn()  # warm up: the first calls of a shape pick kernels
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        if times[-1] > min_time:
+            break
+    return 1000 * statistics.median(times)
+
+
+def chip_row(min_time: float) -> tuple[str, float]:
+    from skimage import data
+
+    photo = data.astronaut()  # 512 x 512 RGB
+    from shared.ml.preprocess import Preprocessor
+
+    pre = Preprocessor()
+    landmarks = pre.run(photo).aligned.landmarks
+    pre.close()
+    return "face chip (CPU, 512 px photo)", ms_per_call(lambda: face_chip(photo, landmarks), min_time)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--min-time", type=float, default=2.0)
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 8 only, 0.5 s per cell")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    min_time = 0.5 if args.quick else args.min_time
+    rng = np.random.default_rng(0)
+    table = Table(title=f"identity member, ms per face (torch threads {torch.get_num_threads()})")
+    for col in ("step", "device", "precision", "batch", "ms/face", "faces/s"):
+        table.add_column(col, justify="left" if col in ("step", "device", "precision") else "right")
+    name, ms = chip_row(min_time)
+    table.add_row(name, "cpu", "-", "1", f"{ms:.3g}", f"{1000 / ms:.0f}")
+    for device in [d for d in args.devices.split(",") if d]:
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        model = load_encoder(device)
+        batches = (1, 8) if args.quick else ((1, 8, 32, 128, 1024) if device == "cuda" else (1, 8, 32, 128))
+        for precision in ("fp32", "bf16") if device == "cuda" else ("fp32",):
+            for batch in batches:
+                chips = rng.integers(0, 256, (batch, CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8)
+                ms = ms_per_call(lambda c=chips, p=precision: encode(model, c, batch_size=len(c), precision=p),
+                                 min_time) / batch
+                table.add_row("encoder (dlib ResNet, 150 px chip)", device, precision, str(batch), f"{ms:.2f}",
+                              f"{1000 / ms:.0f}")
+    descriptors = rng.normal(size=(2000, 128)).astype(np.float32)
+    labels = rng.integers(0, 50, 1500)
+    head = fit_candidate(descriptors[:1500], labels, 50, "linear", 0.0, 1.0, 0)
+    rbf = fit_candidate(descriptors[:1500], labels, 50, "rbf", 1.0, 1.0, 0)
+    for label, h in (("head, linear", head), ("head, RBF (1,024 components)", rbf)):
+        ms = ms_per_call(lambda h=h: h.probs(descriptors[:500]), min_time) / 500
+        table.add_row(label, "cpu", "fp32", "500", f"{ms:.3g}", f"{1000 / ms:.0f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
