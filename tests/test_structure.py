@@ -45,7 +45,6 @@ FUNCTIONS_OVER = {
     "shared/ml/report.py::_plots": 99,
     "shared/ml/training.py::train_ensemble": 120,
     "shared/modelops/retrain.py::_run": 126,
-    "web/__init__.py::create_app": 103,
 }
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify, render_template, request
-from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask import Flask, g, jsonify
+from flask_wtf.csrf import CSRFProtect
 from werkzeug.routing import IntegerConverter
 
 from shared.config import ConfigError, get_settings
@@ -48,7 +48,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from web.charts import duration
 
     app.jinja_env.filters["duration"] = duration
-    from web import admin, api, auth, cases, db, heatmaps, inputs
+    from web import admin, api, auth, cases, db, errors, heatmaps, inputs
 
     db.init_app(app)
     auth.init_app(app)
@@ -58,51 +58,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(heatmaps.bp)
-
-    @app.errorhandler(413)
-    def too_large(_exc):
-        limit = settings.max_upload_mb
-        message = f"the upload is larger than the {limit} MB limit"
-        if _wants_json():
-            return jsonify(error=message), 413
-        return message, 413
-
-    @app.errorhandler(400)
-    def bad_request(exc):
-        message = exc.description or "the request could not be understood"
-        if _wants_json():
-            return jsonify(error=message), 400
-        return render_template("error.html", message=message), 400
-
-    @app.errorhandler(404)
-    @app.errorhandler(403)
-    @app.errorhandler(405)
-    def http_error(exc):
-        messages = {403: "this needs an administrator", 404: "not found, or not yours",
-                    405: "this address does not accept that method"}
-        if _wants_json():
-            return jsonify(error=messages[exc.code]), exc.code
-        return render_template("error.html", message=messages[exc.code]), exc.code
-
-    @app.errorhandler(500)
-    def server_error(exc):
-        logger.error("unhandled error on %s: %s", request.path, getattr(exc, "original_exception", exc))
-        if _wants_json():
-            return jsonify(error="the server failed; the error was logged, please try again"), 500
-        return render_template("error.html", message="The server failed; the error was logged."), 500
-
-    @app.errorhandler(429)
-    def too_many(exc):
-        message = getattr(exc, "description", None) or "too many requests"
-        if _wants_json():
-            return jsonify(error=message), 429
-        return render_template("error.html", message=message), 429
-
-    @app.errorhandler(CSRFError)
-    def csrf_error(exc):
-        if _wants_json():
-            return jsonify(error=f"CSRF check failed: {exc.description}"), 400
-        return f"CSRF check failed: {exc.description}", 400
+    errors.init_app(app, settings.max_upload_mb)
 
     @app.after_request
     def security_headers(response):
@@ -123,7 +79,3 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     return app
 
-
-def _wants_json() -> bool:
-    return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json" \
-        or request.headers.get("X-Requested-With") == "fetch"

@@ -100,9 +100,13 @@ def _limit() -> int:
 
 @bp.post("/cases/<int:case_id>/images")
 def add_images(case_id: int):
-    from web.cases import upload
+    """Photos (multipart field ``photo``, repeatable): all stored and queued, or none."""
+    from web.uploads import receive_photos
 
-    return upload(case_id, always_json=True)
+    db = get_db()
+    case = case_or_404(case_id)
+    images = receive_photos(db, case, request.files.getlist("photo"), current_user.id, request.remote_addr)
+    return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
 
 
 @bp.get("/cases/<int:case_id>")
@@ -162,15 +166,12 @@ def put_diagnosis(case_id: int):
 
     A field left out keeps its stored value (the first diagnosis of a case needs ``syndrome``);
     ``"consent": false`` withdraws consent, which is audited and ends the photos' use in training."""
-    from web.diagnoses import DiagnosisError, diagnosis_payload, set_diagnosis
+    from web.diagnoses import diagnosis_payload, set_diagnosis
 
     db = get_db()
     case = case_or_404(case_id)
     update = parse(DiagnosisUpdate, request.get_json(silent=True))
-    try:
-        set_diagnosis(db, case, update.model_dump(exclude_unset=True), current_user.id, request.remote_addr)
-    except DiagnosisError as exc:
-        return jsonify(error=exc.message), 400
+    set_diagnosis(db, case, update.model_dump(exclude_unset=True), current_user.id, request.remote_addr)
     return jsonify(diagnosis_payload(db, case))
 
 

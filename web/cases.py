@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -18,8 +18,9 @@ from shared.storage import get_storage
 from web.access import case_or_404, visible_cases
 from web.db import get_db
 from web.diagnoses import DiagnosisError, set_diagnosis
+from web.errors import Refusal, refuse, wants_json
 from web.results import case_payload
-from web.uploads import UploadError, store_images, validate_files
+from web.uploads import receive_photos
 
 bp = Blueprint("cases", __name__)
 
@@ -183,23 +184,15 @@ def show(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/images")
-def upload(case_id: int, always_json: bool = False):
+def upload(case_id: int):
     """Accept one or more photos (field ``photo``); all are stored or none."""
-    if always_json:
-        g.wants_json = True
     db = get_db()
     case = case_or_404(case_id)
-    files = request.files.getlist("photo")
-    if not files or all(not f.filename for f in files):
-        return _upload_error("no photo was attached", 400)
     try:
-        decoded = validate_files([(f.filename or "photo", f.read()) for f in files])
-    except UploadError as exc:
-        audit(db, "upload_refused", current_user.id, "case", case.id, ip=request.remote_addr, reason=exc.reason)
-        db.commit()
-        return _upload_error(f"{exc.filename}: {exc.reason}", exc.http_status)
-    images = store_images(db, case, decoded, current_user.id, request.remote_addr)
-    if _json_reply():
+        images = receive_photos(db, case, request.files.getlist("photo"), current_user.id, request.remote_addr)
+    except Refusal as exc:
+        return refuse(exc.message, exc.status, flash_it=True)
+    if wants_json():
         return jsonify(images=[{"id": i.id, "status": i.status} for i in images]), 201
     flash(f"{len(images)} photo(s) uploaded.", "info")
     return redirect(url_for("cases.show", case_id=case.id), 303)
@@ -248,14 +241,3 @@ def delete(case_id: int):
     flash(f"Case {case.patient_ref} and its photos were deleted.", "info")
     return redirect(url_for("cases.index"), 303)
 
-
-def _json_reply() -> bool:
-    return g.get("wants_json") or request.accept_mimetypes.best == "application/json" \
-        or request.headers.get("X-Requested-With") == "fetch"
-
-
-def _upload_error(message: str, status: int):
-    if _json_reply():
-        return jsonify(error=message), status
-    flash(message, "error")
-    return render_template("error.html", message=message), status

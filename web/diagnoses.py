@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from shared.audit import audit
 from shared.models import Case, Diagnosis, Syndrome
+from web.errors import Refusal
 
 KINDS = ("clinical", "molecular")
 LABEL_CODE = re.compile(r"\(((?:OMIM|ORPHA):\d{1,7})\)\s*$", re.IGNORECASE)
 
 
-@dataclass
-class DiagnosisError(ValueError):
-    message: str
+class DiagnosisError(Refusal):
+    """A diagnosis the form or the API cannot record (400)."""
 
 
 def find_syndrome(db: Session, ref: str | int | None) -> Syndrome:

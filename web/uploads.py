@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -12,15 +11,32 @@ from shared.config import get_settings
 from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
 from shared.models import Case, Image, ImageStatus
 from shared.storage import get_storage, original_key
+from web.errors import Refusal
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class UploadError(Exception):
-    filename: str
-    reason: str
-    http_status: int
+class UploadError(Refusal):
+    """A photo refused (unreadable, too large, too small...): the whole upload is refused."""
+
+    def __init__(self, filename: str, reason: str, status: int):
+        super().__init__(f"{filename}: {reason}", status)
+        self.filename = filename
+        self.reason = reason
+
+
+def receive_photos(db: Session, case: Case, files: list, user_id: int, ip: str | None) -> list[Image]:
+    """The photos of one upload request (werkzeug ``FileStorage`` objects): all stored and queued, or a :class:`Refusal`
+    (audited when a photo is refused)."""
+    if not files or all(not f.filename for f in files):
+        raise Refusal("no photo was attached", 400)
+    try:
+        decoded = validate_files([(f.filename or "photo", f.read()) for f in files])
+    except UploadError as exc:
+        audit(db, "upload_refused", user_id, "case", case.id, ip=ip, reason=exc.reason)
+        db.commit()
+        raise
+    return store_images(db, case, decoded, user_id, ip)
 
 
 def validate_files(files: list[tuple[str, bytes]]) -> list[DecodedImage]:
