@@ -81,9 +81,9 @@ def main() -> None:
         for precision in ("fp32", "bf16") if device == "cuda" else ("fp32",):
             for batch in batches:
                 chips = rng.integers(0, 256, (batch, CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8)
-                ms = ms_per_call(lambda c=chips, p=precision: encode(model, c, batch_size=len(c), precision=p),
+                ms = ms_per_call(lambda c=chips, p=precision, m=model: encode(m, c, batch_size=len(c), precision=p),
                                  min_time) / batch
-                table.add_row("encoder (dlib ResNet, 150 px chip)", device, precision, str(batch), f"{ms:.2f}",
+                table.add_row("encoder (dlib ResNet, 150 px chip)", device, precision, str(batch), f"{ms:.3g}",
                               f"{1000 / ms:.0f}")
     descriptors = rng.normal(size=(2000, 128)).astype(np.float32)
     labels = rng.integers(0, 50, 1500)
