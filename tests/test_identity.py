@@ -93,3 +93,13 @@ def test_members_benchmark_reports_each_member_and_the_aggregate():
     assert set(out["members"]) == {"full_face", "eyes", "regions (mean)", "identity"}
     assert out["members"]["identity"]["top1"] > 0.8 > out["members"]["regions (mean)"]["top1"] + 0.2
     assert out["weight"] >= 0.5 and out["aggregate"]["top1"] >= out["members"]["identity"]["top1"] - 0.05
+
+
+def test_gallery_matches_on_the_encoder_when_the_model_has_the_member():
+    from shared.modelops.gallery import gallery_space
+
+    regional = {"backbone_sha": "b" * 64, "regions": ["full_face", "eyes"]}
+    assert gallery_space(regional) == ("b" * 64, ("full_face", "eyes"))
+    with_member = {**regional, "members": {"identity": {"weight": 0.7, "encoder_sha": "e" * 64}}}
+    assert gallery_space(with_member) == ("e" * 64, ("identity",))
+    assert gallery_space(None) == (None, ())
