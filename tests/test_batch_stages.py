@@ -3,7 +3,6 @@ batch through alignment and scoring in one go; a claimed photo's own message wai
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import pytest
@@ -119,4 +118,30 @@ def test_batched_detection_claims_and_the_fused_path(engines, workers, web_serve
         assert all(s.scalars(select(Face.aligned_key).where(Face.image_id.in_(ids))))
     # The photos' own messages now find them done.
     assert all(pipeline.detect(i) is None for i in ids)
-    assert os.environ["GESTALT_FUSE_STAGES"] == "on"
+
+
+def test_batched_alignment_on_split_queues(engines, workers, web_server, fuse):
+    with session_scope() as s:
+        s.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+    portal = Portal(web_server, new_user())
+    case_id = portal.create_case("PT-ALIGN-BATCH")
+    portal.upload(case_id, [(f"{i}.png", _photo(80 + i)) for i in range(4)])
+    payload = portal.wait(case_id, timeout=180, settled=("awaiting_model", "rejected", "failed", "done"))
+    ids = sorted(i["id"] for i in payload["images"])
+    fuse("off")
+    _requeue(ids)
+    assert pipeline.detect(ids[0]) == ids[0]  # all four detected, waiting for alignment
+    with session_scope() as s:  # one photo lost its face: its alignment sends it back to detection
+        s.execute(Face.__table__.delete().where(Face.image_id == ids[3]))
+    assert pipeline.align(ids[0]) == ids[0]
+    rows = _rows(ids)
+    assert [rows[i].status for i in ids] == ["scoring", "scoring", "scoring", "aligning"]
+    assert all("align_end" in rows[i].stage_times for i in ids[:3])
+    assert rows[ids[1]].stage_times["align_start"] == rows[ids[2]].stage_times["align_start"]  # one claim
+    assert not any(rows[i].stage_times.get("infer_start") for i in ids[:3])  # claimable by an infer batch
+    assert pipeline.align(ids[1]) == ids[1]  # its own message: already aligned, on to scoring
+    assert pipeline.align(ids[3]) == ids[3]  # detected again, then aligned
+    with session_scope() as s:
+        n = s.scalar(select(func.count(Crop.id)).join(Face, Crop.face_id == Face.id).where(Face.image_id == ids[3]))
+    assert n >= 7
+    assert _rows([ids[3]])[ids[3]].status == "scoring"

@@ -21,10 +21,11 @@ from sqlalchemy.dialects.postgresql import insert
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.ml.detection import DetectedFace
 from shared.ml.gestalt import predict, rank
 from shared.ml.identity import CHIP_REGION, MEMBER
 from shared.ml.imaging import ImageRejected, decode_png_gray, decode_png_rgb, decode_stored, encode_png
-from shared.ml.preprocess import Preprocessor
+from shared.ml.preprocess import Detection, Preprocessor
 from shared.ml.regions import ALL_REGIONS
 from shared.modelops.features import store_features
 from shared.modelops.registry import ModelCache, active_version
@@ -319,7 +320,7 @@ def _put_png(key: str, array: np.ndarray) -> str:
     return get_storage().put(key, encode_png(array), "image/png")
 
 
-def _align_batch(items: list[tuple[Image, np.ndarray, Any]]) -> list[tuple[Image, Any]]:
+def _align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) -> list[tuple[Image, Any]]:
     """Landmarks for the whole batch in one pass, the quality gate, crops; stored in one transaction.
 
     Returns (photo, aligned face) of the photos that go on to scoring, their crops in memory.
@@ -366,9 +367,12 @@ def _align_batch(items: list[tuple[Image, np.ndarray, Any]]) -> list[tuple[Image
             face.measurements = aligned.measurements
             crop_rows += [{"face_id": face.id, "region": r, "object_key": k}
                           for r, k in keys[image.id].items() if r is not None]
-            row.status = ImageStatus.scoring.value
-            # Stamped as started: no infer batch of another worker claims it meanwhile.
-            _stamp(row, align_end=now, infer_start=now, infer_by=_node(), **{CLAIM_AT: now})
+            if fused:  # stamped as started: no infer batch of another worker claims it meanwhile
+                row.status = ImageStatus.scoring.value
+                _stamp(row, align_end=now, infer_start=now, infer_by=_node(), **{CLAIM_AT: now})
+            else:  # waiting for scoring, claimable by any infer batch
+                queue_for_scoring(row)
+                _stamp(row, align_end=now, **{CLAIM_AT: None})
             out.append((image, aligned))
         if crop_rows:
             stmt = insert(Crop).values(crop_rows)
@@ -403,12 +407,10 @@ def _score_batch(items: list[tuple[Image, Any]]) -> None:
                              precision=settings.infer_precision)
     pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
                    descriptors=descriptors)
-    for k, image_id in enumerate(ids):
-        identity = None if descriptors is None else {
+    write_scores_many(loaded.version_id, loaded.regions, loaded.classes, loaded.backbone_sha, [
+        (image_id, pred.region_probs[k], pred.aggregate[k], pred.features[k], None if descriptors is None else {
             "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
-            "ood": pred.ood[k] if pred.ood else None}
-        write_scores(image_id, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[k],
-                     pred.aggregate[k], loaded.backbone_sha, pred.features[k], identity)
+            "ood": pred.ood[k] if pred.ood else None}) for k, image_id in enumerate(ids)])
     if len(ids) > 1:
         logger.info("image=%s state=batch scored=%d", ids[0], len(ids))
 
@@ -437,7 +439,7 @@ def detect(image_id: int | None) -> int | None:
             logger.info("image=%s state=batch detected=%d of %d", image_id, len(detected), len(batch))
         if not fused:
             return image_id if any(i.id == image_id for i, _, _ in detected) else None
-        _score_batch(_align_batch(detected))
+        _score_batch(_align_batch(detected, fused=True))
     except BaseException:
         release_claims([i.id for i in batch])
         raise
@@ -455,47 +457,99 @@ def release_claims(ids: list[int]) -> None:
         logger.warning("images=%s state=claims_kept", ids)
 
 
+def _enter_align(image_id: int) -> Image | str | None:
+    """Lock the photo and move it into alignment under this task's claim (see :func:`_enter_detect`).
+
+    A photo without a face (detection's output vanished, or detection never ran) goes back to
+    detection: returns ``"detect"``.
+    """
+    now = time.time()
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is None or image.status in FINAL_STATES:
+            logger.info("image=%s state=skipped reason=%s", image_id, image.status if image else "deleted")
+            return None
+        if _claim_live(image, now):
+            raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
+        if image.status == ImageStatus.scoring.value:
+            return _PAST
+        if session.scalar(select(Face.id).where(Face.image_id == image_id)) is None:
+            image.status = ImageStatus.queued.value
+            return "detect"
+        image.status = ImageStatus.aligning.value
+        _stamp(image, align_start=now, align_by=_node(), **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+        session.flush()
+        session.expunge(image)
+        return image
+
+
+def claim_for_alignment(image_id: int, limit: int) -> list[Image]:
+    """Other detected photos waiting for alignment that no live batch holds, claimed for this one."""
+    if limit <= 0:
+        return []
+    now = time.time()
+    with session_scope() as session:
+        rows = session.scalars(
+            select(Image).where(Image.status == ImageStatus.aligning.value, Image.id != image_id,
+                                Image.stage_times.has_key("detect_end"))
+            .order_by(Image.id).limit(limit).with_for_update(skip_locked=True)).all()
+        out = []
+        for image in rows:
+            if _claim_live(image, now):
+                continue
+            _stamp(image, align_start=now, align_by=_node(), batched_with=image_id,
+                   **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+            out.append(image)
+        session.flush()
+        for image in out:
+            session.expunge(image)
+        return out
+
+
 def align(image_id: int | None) -> int | None:
-    """Landmarks, alignment and region crops of the detected face."""
+    """Landmarks, alignment and region crops of the detected face, and of the photos waiting behind it.
+
+    Photos waiting for alignment are claimed (up to ``GESTALT_ALIGN_BATCH`` in all) and their
+    landmarks found in one batch; the originals come from this process's decode cache when its
+    detect stage decoded them. Returns the id for scoring, or None.
+    """
     if image_id is None:
         return None
-    image = _begin(image_id, ImageStatus.aligning, "align_start")
+    heartbeat(_node(), model_cache().loaded_name)
+    image = _enter_align(image_id)
     if image is None:
         return None
-    with session_scope() as session:
-        face = session.scalars(select(Face).where(Face.image_id == image_id)).first()
-        box, rotation = (tuple(face.box), face.rotation or 0.0) if face else (None, 0.0)
-    if box is None:  # detect's output vanished (a re-run after a cleanup): start over
-        return detect(image_id)
-    storage = get_storage()
+    if image == _PAST:
+        return image_id
+    if image == "detect":  # start over; a worker on every queue finishes the photo there
+        logger.info("image=%s state=redetect", image_id)
+        return align(detect(image_id))
+    batch = [image, *claim_for_alignment(image_id, get_settings().align_batch - 1)]
     try:
-        rgb = _load_rgb(image)
-        aligned = preprocessor().align(rgb, box, rotation)
-    except ImageRejected as exc:
-        reject(image_id, exc.reason)
-        return None
-    crop_keys = {}
-    for region, crop in aligned.crops.items():
-        crop_keys[region] = storage.put(crop_key(image.sha256, region), encode_png(crop), "image/png")
-    if aligned.chip is not None:  # the identity member's input
-        crop_keys[CHIP_REGION] = storage.put(crop_key(image.sha256, CHIP_REGION), encode_png(aligned.chip), "image/png")
-    face_key = storage.put(aligned_key(image.sha256), encode_png(aligned.aligned_rgb), "image/png")
-    with session_scope() as session:
-        face = session.scalars(select(Face).where(Face.image_id == image_id).with_for_update()).one()
-        face.landmarks = np.round(aligned.landmarks, 2).tolist()
-        face.transform = aligned.alignment.matrix.tolist()
-        face.aligned_key = face_key
-        face.landmarker = preprocessor().landmarker_name
-        face.weights = {**(face.weights or {}), "landmarker": preprocessor().provenance["landmarker_sha256"]}
-        face.quality = aligned.quality
-        face.measurements = aligned.measurements
-        stmt = insert(Crop).values([{"face_id": face.id, "region": r, "object_key": k} for r, k in crop_keys.items()])
-        session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
-                                                   set_={"object_key": stmt.excluded.object_key}))
-        image = session.get(Image, image_id, with_for_update=True)
-        image.status = ImageStatus.scoring.value
-        _stamp(image, align_end=time.time())
-    return image_id
+        with session_scope() as session:
+            boxes = {f.image_id: (tuple(f.box), f.rotation or 0.0) for f in session.scalars(
+                select(Face).where(Face.image_id.in_([i.id for i in batch])))}
+        items, gone = [], []
+        for image in batch:
+            if image.id not in boxes:
+                gone.append(image.id)
+                continue
+            try:
+                rgb = original_rgb(image)
+            except ImageRejected as exc:
+                reject(image.id, exc.reason)
+                continue
+            box, rotation = boxes[image.id]
+            items.append((image, rgb, Detection(DetectedFace(box, 1.0), 1, rotation)))
+        if gone:  # their own messages send them back to detection
+            release_claims(gone)
+        aligned = _align_batch(items, fused=False)
+    except BaseException:
+        release_claims([i.id for i in batch])
+        raise
+    if len(batch) > 1:
+        logger.info("image=%s state=batch aligned=%d of %d", image_id, len(aligned), len(batch))
+    return image_id if any(i.id == image_id for i, _ in aligned) else None
 
 
 def queue_for_scoring(image: Image) -> None:
@@ -560,27 +614,34 @@ def infer(image_id: int | None) -> int | None:
     needed = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
     ready = [i for i in batch if all(r in crops.get(i, {}) for r in needed)]
     if ready:
-        stack = np.stack([np.stack([decode_png_gray(storage.get(crops[i][r])) for r in loaded.regions])
-                          for i in ready])
+        pool = io_pool()  # the crops' round trips overlap
+        grays = {(i, r): pool.submit(lambda k: decode_png_gray(storage.get(k)), crops[i][r])
+                 for i in ready for r in loaded.regions}
+        chips = {i: pool.submit(lambda k: decode_png_rgb(storage.get(k)), crops[i][CHIP_REGION])
+                 for i in ready} if member is not None else {}
+        stack = np.stack([np.stack([grays[i, r].result() for r in loaded.regions]) for i in ready])
         descriptors = None
         if member is not None:
             from shared.ml.encoder import encode
 
-            descriptors = encode(encoder(), np.stack([decode_png_rgb(storage.get(crops[i][CHIP_REGION]))
-                                                      for i in ready]), precision=settings.infer_precision)
+            descriptors = encode(encoder(), np.stack([chips[i].result() for i in ready]),
+                                 precision=settings.infer_precision)
         pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
                        descriptors=descriptors)
-        for k, i in enumerate(ready):
-            identity = None if descriptors is None else {
+        write_scores_many(loaded.version_id, loaded.regions, loaded.classes, loaded.backbone_sha, [
+            (i, pred.region_probs[k], pred.aggregate[k], pred.features[k], None if descriptors is None else {
                 "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
-                "ood": pred.ood[k] if pred.ood else None}
-            write_scores(i, loaded.version_id, loaded.regions, loaded.classes, pred.region_probs[k],
-                         pred.aggregate[k], loaded.backbone_sha, pred.features[k], identity)
+                "ood": pred.ood[k] if pred.ood else None}) for k, i in enumerate(ready)])
         if len(ready) > 1:
             logger.info("image=%s state=batch scored=%d", image_id, len(ready))
     # A claimed photo without its crops is left to its own message, which realigns it.
     if image_id not in ready:  # crops lost or never made: redo alignment, which continues here
         logger.info("image=%s state=realign", image_id)
+        with session_scope() as session:
+            image = session.get(Image, image_id, with_for_update=True)
+            if image is None or image.status in FINAL_STATES:
+                return None
+            image.status = ImageStatus.aligning.value
         return infer(align(image_id))
     return image_id
 
@@ -594,29 +655,42 @@ def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], class
         identity: the identity member's ``probs``, the face's ``descriptor`` (stored as a feature of
             the encoder, ``encoder_sha``) and its ``ood`` score; None for a model without that member.
     """
+    write_scores_many(version_id, regions, classes, backbone,
+                      [(image_id, region_probs, aggregate, features, identity)])
+
+
+def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[dict], backbone: str,
+                      faces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict | None]]) -> None:
+    """:func:`write_scores` for a scored batch, ``(image_id, region_probs, aggregate, features, identity)``
+    each, in one transaction (the photos locked in id order)."""
     with session_scope() as session:
-        image = session.get(Image, image_id, with_for_update=True)
-        if image is None:
-            return
-        store_features(session, image_id, regions, backbone, features)
-        rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
-                 "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
-        if identity is not None:
-            store_features(session, image_id, (MEMBER,), identity["encoder_sha"], identity["descriptor"][None])
-            rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
-                         "scores": [round(float(p), 6) for p in identity["probs"]]})
-        stmt = insert(RegionScore).values(rows)
-        session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
-                                                   set_={"scores": stmt.excluded.scores}))
-        stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
-                                     scores=[round(float(p), 6) for p in aggregate],
-                                     ranking=rank(aggregate, classes), ood=identity and identity["ood"])
-        session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
-            "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
-        image.status = ImageStatus.done.value
-        image.reason = None
-        _stamp(image, done=time.time())
-    logger.info("image=%s state=done model=%s", image_id, version_id)
+        images = {i.id: i for i in session.scalars(
+            select(Image).where(Image.id.in_([f[0] for f in faces])).order_by(Image.id).with_for_update())}
+        now = time.time()
+        for image_id, region_probs, aggregate, features, identity in faces:
+            image = images.get(image_id)
+            if image is None:
+                continue
+            store_features(session, image_id, regions, backbone, features)
+            rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
+                     "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
+            if identity is not None:
+                store_features(session, image_id, (MEMBER,), identity["encoder_sha"], identity["descriptor"][None])
+                rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
+                             "scores": [round(float(p), 6) for p in identity["probs"]]})
+            stmt = insert(RegionScore).values(rows)
+            session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
+                                                       set_={"scores": stmt.excluded.scores}))
+            stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
+                                         scores=[round(float(p), 6) for p in aggregate],
+                                         ranking=rank(aggregate, classes), ood=identity and identity["ood"])
+            session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
+                "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
+            image.status = ImageStatus.done.value
+            image.reason = None
+            _stamp(image, done=now, **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
+    for image_id, *_ in faces:
+        logger.info("image=%s state=done model=%s", image_id, version_id)
 
 
 def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:

@@ -69,7 +69,10 @@ def detect(self, image_id: int | None) -> int | None:
 
 @app.task(name="pipeline.align", base=PipelineTask, bind=True)
 def align(self, image_id: int | None) -> int | None:
-    return _last_if_none(self, pipeline.align(image_id))
+    try:
+        return _last_if_none(self, pipeline.align(image_id))
+    except pipeline.Claimed as exc:
+        return self.replace(align.si(image_id).set(countdown=exc.wait))
 
 
 @app.task(name="pipeline.infer", base=PipelineTask)
