@@ -6,15 +6,16 @@ from pathlib import Path
 import click
 
 from shared.config import get_settings
+from shared.ml.backends import DETECTORS, LANDMARKERS
 
 
 @click.command("preprocess")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="One folder per photo is written here.")
-@click.option("--detector", type=click.Choice(["auto", "retinaface", "mediapipe"]), default=None,
+@click.option("--detector", type=click.Choice(["auto", *DETECTORS]), default=None,
               help="Default: GESTALT_DETECTOR.")
-@click.option("--landmarker", type=click.Choice(["auto", "fan", "mediapipe"]), default=None,
+@click.option("--landmarker", type=click.Choice(["auto", *LANDMARKERS]), default=None,
               help="Default: GESTALT_LANDMARKER.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 def preprocess_cmd(images: tuple[Path, ...], out_dir: Path, detector: str | None, landmarker: str | None,

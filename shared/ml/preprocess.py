@@ -19,22 +19,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from shared.ml import backends
 from shared.ml.alignment import CANVAS, Alignment, estimate_alignment, warp
-from shared.ml.detection import (
-    RETINAFACE_WEIGHTS,
-    DetectedFace,
-    MediaPipeDetector,
-    RetinaFaceDetector,
-    choose_main_face,
-    retinaface_variant,
-)
+from shared.ml.detection import DetectedFace, choose_main_face
 from shared.ml.facechip import face_chip
 from shared.ml.imaging import ImageRejected
-from shared.ml.landmarks import FANLandmarks, MediaPipeMesh, five_points
+from shared.ml.landmarks import five_points
 from shared.ml.measurements import measure
 from shared.ml.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
 from shared.ml.regions import DEFAULT_REGIONS, crop_regions
-from shared.ml.weights import WEIGHTS_BY_KEY, locate, require
 
 logger = logging.getLogger(__name__)
 
@@ -113,16 +106,9 @@ class Preprocessed:
 
 
 def resolve_backends(detector: str = "auto", landmarker: str = "auto") -> tuple[str, str]:
-    """``auto`` becomes the production backend when its weights are present, else the offline one."""
-    if detector == "auto":
-        detector = "retinaface" if locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) else "mediapipe"
-    if landmarker == "auto":
-        landmarker = "fan" if locate(WEIGHTS_BY_KEY["fan"]) else "mediapipe"
-    if detector not in ("retinaface", "mediapipe"):
-        raise ValueError(f"unknown detector backend {detector!r}; use auto, retinaface or mediapipe")
-    if landmarker not in ("fan", "mediapipe"):
-        raise ValueError(f"unknown landmark backend {landmarker!r}; use auto, fan or mediapipe")
-    return detector, landmarker
+    """``auto`` becomes the production backend when its weights are present, else the offline one
+    (see :mod:`shared.ml.backends`)."""
+    return backends.resolve(detector, landmarker)
 
 
 def check_backends(settings) -> str:
@@ -133,12 +119,8 @@ def check_backends(settings) -> str:
         ValueError: for an unknown backend name.
     """
     detector, landmarker = resolve_backends(settings.detector_backend, settings.landmark_backend)
-    if detector == "retinaface":
-        variant = retinaface_variant()
-        require(WEIGHTS_BY_KEY[RETINAFACE_WEIGHTS[variant]], settings.weights_verify)
-        detector = f"retinaface ({variant})"
-    if landmarker == "fan":
-        require(WEIGHTS_BY_KEY["fan"], settings.weights_verify)
+    detector = backends.DETECTORS[detector].check(detector, settings.weights_verify)
+    landmarker = backends.LANDMARKERS[landmarker].check(landmarker, settings.weights_verify)
     return f"detector={detector} landmarks={landmarker}"
 
 
@@ -151,11 +133,9 @@ class Preprocessor:
         detector, landmarker = resolve_backends(detector, landmarker)
         self.min_confidence = min_confidence
         self.regions = tuple(regions)
-        if detector == "retinaface":
-            self.detector = RetinaFaceDetector(retinaface_variant(), min_confidence, device, verify=verify_weights)
-        else:
-            self.detector = MediaPipeDetector(min_confidence)
-        self.mesh = FANLandmarks(device, verify=verify_weights) if landmarker == "fan" else MediaPipeMesh()
+        self.detector: backends.Detector = backends.DETECTORS[detector].create(min_confidence, device, verify_weights)
+        self.mesh: backends.Landmarker = backends.LANDMARKERS[landmarker].create(min_confidence, device,
+                                                                                 verify_weights)
 
     @classmethod
     def from_settings(cls, settings, regions: tuple[str, ...] = DEFAULT_REGIONS) -> Preprocessor:
