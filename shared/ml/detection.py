@@ -186,17 +186,26 @@ class RetinaFaceDetector:
             self.net = self.net.half()
 
     def _tensor(self, resized: list[np.ndarray], height: int, width: int):
+        """The letterboxed batch, normalised on the device: only uint8 pixels cross to a GPU (a quarter
+        of float32's bytes), and the host does no per-pixel arithmetic. Padding stays 0 after
+        normalisation, as the networks were run before."""
         import torch
 
-        batch = np.zeros((len(resized), height, width, 3), np.float32)
+        batch = np.zeros((len(resized), height, width, 3), np.uint8)
         for i, img in enumerate(resized):
-            h, w = img.shape[:2]
-            if self.variant == "resnet50":
-                batch[i, :h, :w] = (img / 255.0 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
-            else:
-                batch[i, :h, :w] = img[..., ::-1] - (104.0, 117.0, 123.0)
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
-        return tensor.half() if self.half else tensor
+            batch[i, :img.shape[0], :img.shape[1]] = img
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = x.to(torch.float16 if self.half else torch.float32)
+        if self.variant == "resnet50":
+            mean = torch.tensor((0.485, 0.456, 0.406), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor((0.229, 0.224, 0.225), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            x = (x / 255.0 - mean) / std
+        else:  # BGR minus the channel means
+            x = x.flip(1) - torch.tensor((104.0, 117.0, 123.0), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        for i, img in enumerate(resized):
+            x[i, :, img.shape[0]:, :] = 0
+            x[i, :, :, img.shape[1]:] = 0
+        return x.contiguous()
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
         """All confident faces of each photo, in that photo's pixels."""

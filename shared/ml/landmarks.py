@@ -148,8 +148,10 @@ class FANLandmarks:
             scale = ((x1 - x0) + (y1 - y0)) / self.REFERENCE_SCALE
             centers.append(center)
             scales.append(scale)
-            crops.append(crop(rgb, center, scale).transpose(2, 0, 1).astype(np.float32) / 255.0)
-        batch = torch.from_numpy(np.stack(crops)).to(self.device, dtype=self.dtype)
+            crops.append(crop(rgb, center, scale))  # 256 x 256 x 3 uint8
+        # uint8 crosses to the device (a quarter of float32's bytes) and is scaled there.
+        batch = torch.from_numpy(np.stack(crops)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        batch = batch.to(self.dtype) / 255.0
         with torch.inference_mode():
             heat = self.net(batch)
             if isinstance(heat, list):
