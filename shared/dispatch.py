@@ -13,6 +13,7 @@ from celery import Celery, chain
 from celery.result import AsyncResult
 from sqlalchemy import func, select
 
+from shared import queues
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import Image, ImageStatus
@@ -48,14 +49,14 @@ def send(task: tuple[str, str], *args: Any, **kwargs: Any) -> AsyncResult:
 def enqueue_photo(image_id: int) -> None:
     """Start a stored photo's whole chain, detect -> align -> infer (after its row is committed)."""
     app = _celery()
-    chain(app.signature("pipeline.detect", args=(image_id,), immutable=True, queue="detect"),
-          app.signature("pipeline.align", queue="align"),
-          app.signature("pipeline.infer", queue="infer")).apply_async()
+    chain(app.signature("pipeline.detect", args=(image_id,), immutable=True, queue=queues.DETECT),
+          app.signature("pipeline.align", queue=queues.ALIGN),
+          app.signature("pipeline.infer", queue=queues.INFER)).apply_async()
 
 
 def enqueue_scoring(image_id: int) -> None:
     """Score a photo whose crops are stored (its status already says it waits for scoring)."""
-    _celery().send_task("pipeline.infer", args=(image_id,), queue="infer")
+    _celery().send_task("pipeline.infer", args=(image_id,), queue=queues.INFER)
 
 
 def ping_workers(timeout: float = 1.0) -> dict:

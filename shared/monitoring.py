@@ -11,10 +11,11 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import queues
 from shared.config import get_settings
 from shared.models import Image
 
-QUEUES = ("detect", "align", "infer", "default", "train")
+QUEUES = queues.ALL
 HEARTBEAT_PREFIX = "gestalt:heartbeat:"
 HEARTBEAT_TTL = 300
 STAGES = (("queue", "uploaded", "detect_start"), ("detect", "detect_start", "detect_end"),

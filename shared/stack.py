@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import queues
 from shared.config import STACK_FILE
 
 logger = logging.getLogger(__name__)
@@ -553,10 +554,11 @@ def app_processes(engines: EmbeddedEngines, settings) -> list[Process]:
     gestalt = [sys.executable, "-m", "shared.cli"]
     logs = engines.logs
     return [
-        Process("worker-pipeline", [*gestalt, "worker", "-Q", "detect,align,infer", "-c",
+        Process("worker-pipeline", [*gestalt, "worker", "-Q", queues.joined(queues.PIPELINE), "-c",
                                     str(settings.worker_concurrency), "-n", "pipeline@%h"],
                 env, logs / "worker-pipeline.log"),
-        Process("worker-default", [*gestalt, "worker", "-Q", "default,train", "-c", "1", "-n", "default@%h"],
+        Process("worker-default", [*gestalt, "worker", "-Q", queues.joined((queues.DEFAULT, queues.TRAIN)), "-c", "1",
+                                   "-n", "default@%h"],
                 env, logs / "worker-default.log"),
         Process("beat", [*gestalt, "beat"], env, logs / "beat.log"),
         Process("web", [*gestalt, "web"], env, logs / "web.log"),

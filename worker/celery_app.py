@@ -7,6 +7,7 @@ from celery import Celery
 from celery.schedules import crontab
 from celery.signals import celeryd_after_setup, worker_process_init
 
+from shared import queues
 from shared.config import get_settings
 from shared.db import dispose_engine
 from shared.modelops.registry import set_torch_threads
@@ -14,8 +15,8 @@ from shared.storage import reset_storage
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_QUEUES = ("detect", "align", "infer")
-ALL_QUEUES = (*PIPELINE_QUEUES, "default", "train")
+PIPELINE_QUEUES = queues.PIPELINE
+ALL_QUEUES = queues.ALL
 # The queues this worker consumes (set at start-up, inherited by its processes); None outside a worker.
 CONSUMED_QUEUES: frozenset[str] | None = None
 
@@ -37,13 +38,13 @@ class CeleryConfig:
         self.broker_transport_options = {"visibility_timeout": visibility_timeout}
         self.result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
         self.broker_connection_retry_on_startup = True
-        self.task_default_queue = "default"
+        self.task_default_queue = queues.DEFAULT
         self.task_routes = {
-            "pipeline.detect": {"queue": "detect"},
-            "pipeline.align": {"queue": "align"},
-            "pipeline.infer": {"queue": "infer"},
-            "maintenance.*": {"queue": "default"},
-            "retrain.*": {"queue": "train"},
+            "pipeline.detect": {"queue": queues.DETECT},
+            "pipeline.align": {"queue": queues.ALIGN},
+            "pipeline.infer": {"queue": queues.INFER},
+            "maintenance.*": {"queue": queues.DEFAULT},
+            "retrain.*": {"queue": queues.TRAIN},
         }
         self.task_track_started = True
         self.worker_send_task_events = True

@@ -10,6 +10,7 @@ import click
 from shared.cli.catalog import ensure_catalog
 from shared.cli.common import console
 from shared.config import get_settings, reload_settings
+from shared.queues import ALIGN, ALL, DETECT, joined
 
 
 @click.command()
@@ -76,14 +77,14 @@ def migrate_cmd() -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("-Q", "--queues", default="detect,align,infer,default,train", show_default=True)
+@click.option("-Q", "--queues", default=joined(ALL), show_default=True)
 @click.option("-c", "--concurrency", type=int, default=None)
 @click.option("-n", "--hostname", default=None)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(queues: str, concurrency: int | None, hostname: str | None, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker on the given queues."""
     get_settings().require_secrets()
-    if {"detect", "align"} & set(queues.split(",")):
+    if {DETECT, ALIGN} & set(queues.split(",")):
         from shared.ml.preprocess import check_backends
         from shared.ml.weights import WeightsMissing
 
