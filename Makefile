@@ -1,11 +1,18 @@
 # Two commands do the whole set-up on a fresh machine:
 #   make up    install everything into .venv and run the whole stack (gestalt up)
 #   make test  install everything into .venv and run the test suite
+#   make test-fast  the unit and app-level tests only (no worker processes, no gunicorn): ~3 min on 2 cores
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test bench clean
+.PHONY: install up test test-fast bench clean
+
+# The inner loop: unit tests and app-level tests (Flask test_client, one embedded database), no Celery
+# worker processes, no gunicorn, no model trained in a subprocess. Each file here runs in under a minute.
+FAST_TESTS := tests/test_structure.py tests/test_static.py tests/test_admin_console.py tests/test_evaluation.py \
+	tests/test_identity.py tests/test_imaging.py tests/test_nets.py tests/test_phenotype.py tests/test_prepcache.py \
+	tests/test_trust.py tests/test_training.py tests/test_encoder.py tests/test_hardening.py
 
 install: $(VENV)/.installed
 
@@ -23,6 +30,9 @@ up: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
 bench: install
 	$(BIN)/python bench/pipeline.py
