@@ -180,12 +180,13 @@ def rescore(image_id: int):
     """Score this photo again with the active model (its old result is kept)."""
     from shared import dispatch, photos
     from shared.models import ImageStatus
+    from shared.models.cases import ACTIVE_STATES
 
     db = get_db()
     image = image_or_404(image_id)
-    if image.status in ("queued", "detecting", "aligning", "scoring"):
+    if image.status in ACTIVE_STATES:
         return jsonify(error="this photo is still being processed"), 409
-    if image.status == "rejected":
+    if image.status == ImageStatus.rejected.value:
         return jsonify(error=f"this photo was rejected: {image.reason}"), 409
     has_crops = image.face is not None and bool(image.face.crops)
     if has_crops:

@@ -14,24 +14,26 @@ from shared.audit import audit
 from shared.catalog import syndrome_summary
 from shared.lifecycle import delete_case
 from shared.models import Case, Syndrome
+from shared.models.cases import ACTIVE_STATES
 from shared.storage import get_storage
 from web.access import case_or_404, visible_cases
 from web.db import get_db
 from web.diagnoses import DiagnosisError, set_diagnosis
 from web.errors import Refusal, refuse, wants_json
 from web.results import case_payload
+from web.schemas import SEXES
 from web.uploads import receive_photos
 
 bp = Blueprint("cases", __name__)
 
-SEXES = [("unknown", "Unknown"), ("female", "Female"), ("male", "Male"), ("other", "Other")]
+SEX_CHOICES = [(s, s.capitalize()) for s in sorted(SEXES, key=lambda s: s != "unknown")]  # "Unknown" first
 
 
 class CaseForm(FlaskForm):
     patient_ref = StringField("Pseudonymous patient ID", validators=[
         DataRequired(), Length(max=64),
         Regexp(r"^[A-Za-z0-9._-]+$", message="letters, digits, '.', '_' and '-' only: no names")])
-    sex = SelectField("Sex", choices=SEXES, default="unknown")
+    sex = SelectField("Sex", choices=SEX_CHOICES, default="unknown")
     age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, 120)])
     ancestry = StringField("Ancestry (optional)", validators=[Optional(), Length(max=64)])
     hpo_terms = TextAreaField("HPO terms (optional)", validators=[Optional(), Length(max=20000)],
@@ -67,7 +69,7 @@ def index():
         stmt = stmt.where(Case.id.not_in(select(Diagnosis.case_id)))
     elif status == "processing":
         stmt = stmt.where(Case.id.in_(select(Image.case_id).where(
-            Image.status.in_(("queued", "detecting", "aligning", "scoring")))))
+            Image.status.in_(ACTIVE_STATES))))
     elif status in STATUS_FILTERS:
         stmt = stmt.where(Case.id.in_(select(Image.case_id).where(Image.status == status)))
     sort = request.args.get("sort", "created")

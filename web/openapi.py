@@ -1,6 +1,8 @@
 """The OpenAPI 3 document of /api/v1 (served at /api/v1/openapi.json)."""
 from __future__ import annotations
 
+from web.schemas import SEXES
+
 ERROR = {"description": "A message a person can act on",
          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 ID = {"name": "{}", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
@@ -89,7 +91,7 @@ SPEC = {
             "NewCase": {"type": "object", "required": ["patient_ref"], "additionalProperties": False, "properties": {
                 "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
                                 "description": "Pseudonymous ID; never a name"},
-                "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                "sex": {"type": "string", "enum": list(SEXES)},
                 "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
                 "ancestry": {"type": "string", "maxLength": 64, "nullable": True,
                              "description": "Self-reported ancestry (optional)"},
@@ -97,7 +99,7 @@ SPEC = {
                               "description": "HPO term IDs; unknown IDs are refused (400)"}}},
             "CaseUpdate": {"type": "object", "additionalProperties": False, "properties": {
                 "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-                "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                "sex": {"type": "string", "enum": list(SEXES)},
                 "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
                 "ancestry": {"type": "string", "maxLength": 64, "nullable": True},
                 "hpo_terms": {"type": "array", "maxItems": 200,
