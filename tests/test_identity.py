@@ -103,3 +103,18 @@ def test_gallery_matches_on_the_encoder_when_the_model_has_the_member():
     with_member = {**regional, "members": {"identity": {"weight": 0.7, "encoder_sha": "e" * 64}}}
     assert gallery_space(with_member) == ("e" * 64, ("identity",))
     assert gallery_space(None) == (None, ())
+
+
+def test_flip_average_descriptors_and_their_own_feature_key():
+    from shared.ml.encoder import encode, load_encoder
+
+    model = load_encoder()
+    chips = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
+    both = encode(model, chips, flip=True)
+    expected = (encode(model, chips) + encode(model, chips[:, :, ::-1].copy())) / 2
+    np.testing.assert_allclose(both, expected, atol=1e-4)
+    x, y = _rings(60)
+    plain = idm.build_member(x, y, 2, np.arange(40), np.arange(40, 60), encoder_sha="e" * 64)
+    flipped = idm.IdentityMember.from_state({**plain.state(), "flip": True})
+    assert plain.feature_key == "e" * 64 and flipped.flip and len(flipped.feature_key) == 64
+    assert flipped.feature_key != plain.feature_key

@@ -404,12 +404,12 @@ def _score_batch(items: list[tuple[Image, Any]]) -> None:
         from shared.ml.encoder import encode
 
         descriptors = encode(encoder(), np.stack([aligned.chip for _, aligned in items]),
-                             precision=settings.infer_precision)
+                             precision=settings.infer_precision, flip=member.flip)
     pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
                    descriptors=descriptors)
     write_scores_many(loaded.version_id, loaded.regions, loaded.classes, loaded.backbone_sha, [
         (image_id, pred.region_probs[k], pred.aggregate[k], pred.features[k], None if descriptors is None else {
-            "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
+            "probs": pred.identity_probs[k], "descriptor": descriptors[k], "feature_key": member.feature_key,
             "ood": pred.ood[k] if pred.ood else None}) for k, image_id in enumerate(ids)])
     if len(ids) > 1:
         logger.info("image=%s state=batch scored=%d", ids[0], len(ids))
@@ -625,12 +625,12 @@ def infer(image_id: int | None) -> int | None:
             from shared.ml.encoder import encode
 
             descriptors = encode(encoder(), np.stack([chips[i].result() for i in ready]),
-                                 precision=settings.infer_precision)
+                                 precision=settings.infer_precision, flip=member.flip)
         pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
                        descriptors=descriptors)
         write_scores_many(loaded.version_id, loaded.regions, loaded.classes, loaded.backbone_sha, [
             (i, pred.region_probs[k], pred.aggregate[k], pred.features[k], None if descriptors is None else {
-                "probs": pred.identity_probs[k], "descriptor": descriptors[k], "encoder_sha": member.encoder_sha,
+                "probs": pred.identity_probs[k], "descriptor": descriptors[k], "feature_key": member.feature_key,
                 "ood": pred.ood[k] if pred.ood else None}) for k, i in enumerate(ready)])
         if len(ready) > 1:
             logger.info("image=%s state=batch scored=%d", image_id, len(ready))
@@ -653,7 +653,7 @@ def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], class
 
     Args:
         identity: the identity member's ``probs``, the face's ``descriptor`` (stored as a feature of
-            the encoder, ``encoder_sha``) and its ``ood`` score; None for a model without that member.
+            the encoder under the member's ``feature_key``) and its ``ood`` score; None for a model without that member.
     """
     write_scores_many(version_id, regions, classes, backbone,
                       [(image_id, region_probs, aggregate, features, identity)])
@@ -675,7 +675,7 @@ def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[d
             rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
                      "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
             if identity is not None:
-                store_features(session, image_id, (MEMBER,), identity["encoder_sha"], identity["descriptor"][None])
+                store_features(session, image_id, (MEMBER,), identity["feature_key"], identity["descriptor"][None])
                 rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
                              "scores": [round(float(p), 6) for p in identity["probs"]]})
             stmt = insert(RegionScore).values(rows)

@@ -198,7 +198,8 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
                                    f"({len(data.rejected)} rejected: {reasons})")
     # Every member's scores (the regions, and the identity member on the encoder's descriptors) and their weights.
-    descriptors = describe_faces(data, str(next(model.parameters()).device)) if model.identity is not None else None
+    descriptors = (describe_faces(data, str(next(model.parameters()).device), model.identity.flip)
+                   if model.identity is not None else None)
     members, region_probs, weights = member_probs(model, data.crops, descriptors)
     temperature = extra.get("temperature") if opts["use_temperature"] else None
     if temperature:

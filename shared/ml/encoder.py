@@ -488,13 +488,16 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 @torch.inference_mode()
 def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batch_size: int = 64,
-           precision: str = "auto", normalize: bool = False) -> np.ndarray:
+           precision: str = "auto", normalize: bool = False, flip: bool = False) -> np.ndarray:
     """128-d descriptors (``N x 128`` float32) of 150x150 uint8 RGB chips (``N x 150 x 150 x 3``).
 
     Args:
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
         normalize: scale each descriptor to unit length (dlib's are not; their distances are
             what :data:`SAME_PERSON_DISTANCE` is about).
+        flip: the mean of the chip's descriptor and its mirror image's (one pass over both), a
+            descriptor less sensitive to a face's left-right asymmetry in one photo; the identity
+            member uses it.
     """
     x_all = _as_uint8_nhwc(chips)
     if tuple(x_all.shape[1:3]) != (CHIP_SIZE, CHIP_SIZE):
@@ -504,8 +507,12 @@ def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batc
     for part in _batches(len(x_all), batch_size):
         # uint8 crosses to the device (a quarter of the bytes); the NHWC -> NCHW permute is a channels-last view.
         x = x_all[part].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
         with autocast_context(device, precision):
             d = model(x)
+        if flip:
+            d = (d[: len(d) // 2] + d[len(d) // 2:]) / 2
         out.append(d.float().cpu())
     if not out:
         return np.zeros((0, DESCRIPTOR_DIM), np.float32)

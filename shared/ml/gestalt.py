@@ -36,6 +36,7 @@ class RegionalEnsemble(nn.Module):
         if self.identity is not None:
             member = self.identity
             config["members"] = {"identity": {"weight": member.weight, "encoder_sha": member.encoder_sha,
+                                              "feature_key": member.feature_key, "flip": member.flip,
                                               "head": member.head.selection.get("chosen", member.head.kind)},
                                  "regions": {"weight": round(1.0 - self.identity.weight, 4)}}
         return config

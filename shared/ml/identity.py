@@ -273,28 +273,41 @@ class IdentityMember:
     ood: OODReference | None = None
     encoder_sha: str = ""
     validation: dict = field(default_factory=dict)
+    # Descriptors are the mean of the chip's and its mirror image's (shared.ml.encoder.encode's flip).
+    flip: bool = False
+
+    @property
+    def feature_key(self) -> str:
+        """Where a photo's descriptor is cached (``image_features.backbone_sha``): one key per encoder and flip."""
+        if not self.flip:
+            return self.encoder_sha
+        import hashlib
+
+        return hashlib.sha256(f"{self.encoder_sha}:flip-average".encode()).hexdigest()
 
     def state(self) -> dict:
         return {"head": self.head.state(), "weight": float(self.weight), "encoder_sha": self.encoder_sha,
-                "ood": self.ood.state() if self.ood is not None else None, "validation": self.validation}
+                "ood": self.ood.state() if self.ood is not None else None, "validation": self.validation,
+                "flip": bool(self.flip)}
 
     @classmethod
     def from_state(cls, state: dict) -> IdentityMember:
         ood = state.get("ood")
         return cls(IdentityHead.from_state(state["head"]), float(state["weight"]),
                    OODReference.from_state(ood) if ood else None, state.get("encoder_sha", ""),
-                   dict(state.get("validation") or {}))
+                   dict(state.get("validation") or {}), bool(state.get("flip", False)))
 
 
 def build_member(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, train_idx, val_idx,
                  subjects: np.ndarray | list | None = None, region_val_probs: np.ndarray | None = None,
-                 encoder_sha: str = "", seed: int = 0) -> IdentityMember:
+                 encoder_sha: str = "", seed: int = 0, flip: bool = False) -> IdentityMember:
     """The identity member of a model trained on ``train_idx``.
 
     The head is fitted on the training photos (its kind chosen on their grouped folds); its weight
     in the aggregate is chosen on the validation photos (:func:`choose_identity_weight`, given the
     regional networks' ``region_val_probs`` ``V x R x C`` on them), and those photos also give the
-    out-of-distribution reference. Without validation photos the weight is 0.5.
+    out-of-distribution reference. Without validation photos the weight is 0.5. ``flip`` records how
+    the descriptors were computed (:func:`shared.ml.encoder.encode`), for scoring the same way.
     """
     x = np.asarray(descriptors, np.float32)
     y = np.asarray(labels, np.int64)
@@ -310,7 +323,7 @@ def build_member(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, tr
         validation.update(chosen, identity_top1=float((member_probs.argmax(1) == y[val_idx]).mean()),
                           regions_top1=float((region_val_probs.mean(1).argmax(1) == y[val_idx]).mean()))
     ood = build_ood_reference(x[train_idx], x[val_idx] if len(val_idx) else None, seed)
-    return IdentityMember(head, weight, ood, encoder_sha, validation)
+    return IdentityMember(head, weight, ood, encoder_sha, validation, flip)
 
 
 def member_scores(regions: list[str] | tuple[str, ...], region_probs: np.ndarray, identity_probs: np.ndarray | None,

@@ -48,16 +48,17 @@ def cached_features(session: Session, storage: Storage, model, backbone: str, im
     return out, len(missing)
 
 
-def cached_descriptors(session: Session, storage: Storage, encoder_sha: str, image_ids: list[int],
+def cached_descriptors(session: Session, storage: Storage, member, image_ids: list[int],
                        device: str = "cpu") -> tuple[dict[int, np.ndarray], int]:
-    """The identity encoder's descriptor per image id, computing (and caching) the missing ones from the
-    stored face chips; photos aligned before chips were kept have none (their alignment re-runs on a
-    re-score). Returns the descriptors and how many were computed."""
+    """The identity encoder's descriptor per image id, as ``member`` (an IdentityMember) computes it,
+    computing (and caching) the missing ones from the stored face chips; photos aligned before chips
+    were kept have none (their alignment re-runs on a re-score). Returns the descriptors and how many
+    were computed."""
     from shared.ml.identity import CHIP_REGION, MEMBER
     from shared.ml.imaging import decode_png_rgb
 
     out = {f.image_id: hd.unpack(f.vector) for f in session.scalars(
-        select(ImageFeature).where(ImageFeature.backbone_sha == encoder_sha, ImageFeature.region == MEMBER,
+        select(ImageFeature).where(ImageFeature.backbone_sha == member.feature_key, ImageFeature.region == MEMBER,
                                    ImageFeature.image_id.in_(image_ids)))}
     missing = [i for i in image_ids if i not in out]
     chips = dict(session.execute(
@@ -67,10 +68,11 @@ def cached_descriptors(session: Session, storage: Storage, encoder_sha: str, ima
     if usable:
         from shared.ml.encoder import CONVERTED_SHA256, encode, load_encoder
 
-        if encoder_sha != CONVERTED_SHA256:
-            raise ValueError(f"the model's identity encoder {encoder_sha[:12]}... is not the installed one")
-        desc = encode(load_encoder(device), np.stack([decode_png_rgb(storage.get(chips[i])) for i in usable]))
+        if member.encoder_sha != CONVERTED_SHA256:
+            raise ValueError(f"the model's identity encoder {member.encoder_sha[:12]}... is not the installed one")
+        desc = encode(load_encoder(device), np.stack([decode_png_rgb(storage.get(chips[i])) for i in usable]),
+                      flip=member.flip)
         for image_id, d in zip(usable, desc, strict=True):
-            store_features(session, image_id, (MEMBER,), encoder_sha, d[None])
+            store_features(session, image_id, (MEMBER,), member.feature_key, d[None])
             out[image_id] = d
     return out, len(usable)

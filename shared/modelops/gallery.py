@@ -32,7 +32,7 @@ def gallery_space(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
     config = config or {}
     identity = (config.get("members") or {}).get(MEMBER) or {}
     if identity.get("encoder_sha"):
-        return identity["encoder_sha"], (MEMBER,)
+        return identity.get("feature_key") or identity["encoder_sha"], (MEMBER,)
     return config.get("backbone_sha"), tuple(config.get("regions") or ())
 
 

@@ -173,7 +173,7 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
         feats, computed = cached_features(s, storage, model, backbone, [d[0] for d in diagnosed])
         descriptors = None
         if member is not None:  # a photo joins only with its identity descriptor too
-            descriptors, computed_id = cached_descriptors(s, storage, member.encoder_sha, [d[0] for d in diagnosed],
+            descriptors, computed_id = cached_descriptors(s, storage, member, [d[0] for d in diagnosed],
                                                           str(resolve_device(settings.device)))
             feats = {i: f for i, f in feats.items() if i in descriptors}
             computed += computed_id
@@ -276,7 +276,7 @@ def _retrain_member(member: IdentityMember, data: Dataset, train_labels: np.ndar
     train, hold = ~data.holdout, data.holdout
     head = fit_identity_head(data.identity[train], train_labels, n_classes, np.asarray(data.subjects)[train])
     ood = build_ood_reference(data.identity[train], data.identity[hold] if hold.any() else None)
-    return IdentityMember(head, member.weight, ood, member.encoder_sha, member.validation)
+    return IdentityMember(head, member.weight, ood, member.encoder_sha, member.validation, member.flip)
 
 
 def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels: np.ndarray, data: Dataset,
