@@ -11,7 +11,9 @@ DETECT, ALIGN, INFER = "detect", "align", "infer"
 DEFAULT, TRAIN = "default", "train"
 # The per-photo stages, in order: GPU workers consume all three.
 PIPELINE = (DETECT, ALIGN, INFER)
-ALL = (*PIPELINE, DEFAULT, TRAIN)
+# Maintenance (the sweep) and retraining: CPU workers.
+SERVICE = (DEFAULT, TRAIN)
+ALL = (*PIPELINE, *SERVICE)
 
 
 def joined(queues: tuple[str, ...]) -> str:

@@ -169,11 +169,9 @@ def seaweed_security_toml(secrets_: dict[str, str], tls_dir: Path, pairs: dict[s
         "jwt.filer_signing.read": {"key": secrets_["seaweed_filer_jwt_read"], "expires_after_seconds": 10},
         "access": {"ui": False},  # no volume server UI
         "filer.expose_directory_metadata": {"enabled": False},  # no filer UI, no directory listings
-        "admin": {"user": "admin", "password": secrets_["seaweed_admin_password"]},
-        "grpc": {"ca": ca},
+        "admin": {"user": "admin", "password": secrets_["seaweed_admin_password"]}, "grpc": {"ca": ca},
         # The S3 gateway reaches volume servers (and anything else over HTTP) with the client certificate.
-        "https.client": {"enabled": True, "cert": str(pairs["client"][0]), "key": str(pairs["client"][1]),
-                         "ca": ca},
+        "https.client": {"enabled": True, "cert": str(pairs["client"][0]), "key": str(pairs["client"][1]), "ca": ca},
     }
     for component in ("master", "volume", "filer", "s3", "admin", "worker"):
         cert, key = pairs[component]
@@ -557,8 +555,8 @@ def app_processes(engines: EmbeddedEngines, settings) -> list[Process]:
         Process("worker-pipeline", [*gestalt, "worker", "-Q", queues.joined(queues.PIPELINE), "-c",
                                     str(settings.worker_concurrency), "-n", "pipeline@%h"],
                 env, logs / "worker-pipeline.log"),
-        Process("worker-default", [*gestalt, "worker", "-Q", queues.joined((queues.DEFAULT, queues.TRAIN)), "-c", "1",
-                                   "-n", "default@%h"],
+        Process("worker-default", [*gestalt, "worker", "-Q", queues.joined(queues.SERVICE), "-c", "1", "-n",
+                                   "default@%h"],
                 env, logs / "worker-default.log"),
         Process("beat", [*gestalt, "beat"], env, logs / "beat.log"),
         Process("web", [*gestalt, "web"], env, logs / "web.log"),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.ml import encoder, facechip
+from shared.ml import dlib_format, encoder, facechip
 from shared.ml.imaging import ImageRejected, decode_upload
 from shared.ml.preprocess import Preprocessor
 from shared.ml.weights import WeightsMissing
@@ -185,7 +185,8 @@ def test_network_shapes_batching_and_layout():
 
 def test_reader_reads_dlibs_primitives():
     # 300 = 0x012c in two bytes; -5 has the sign bit; 0.04 = 10737418 * 2^-28 as dlib writes it.
-    r = encoder._Reader(bytes([0x02, 0x2C, 0x01, 0x81, 0x05, 0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C, 0x01, 0x02]) + b"hi1")
+    raw = bytes([0x02, 0x2C, 0x01, 0x81, 0x05, 0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C, 0x01, 0x02]) + b"hi1"
+    r = dlib_format._Reader(raw)
     assert r.int() == 300 and r.int() == -5
     assert r.float() == pytest.approx(0.04, rel=1e-7)
     assert r.str() == "hi" and r.bool() is True

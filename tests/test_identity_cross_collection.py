@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 
 from shared.ml.data import load_samples
+from shared.ml.members import add_identity_member, member_probs
 from shared.ml.preprocess import Preprocessor
 from shared.ml.splits import subject_split
-from shared.ml.training import (
-    TrainConfig,
-    add_identity_member,
-    apply_label_map,
-    binary_label_map,
-    member_probs,
-    prepare,
-    train_ensemble,
-)
+from shared.ml.training import TrainConfig, apply_label_map, binary_label_map, prepare, train_ensemble
 from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +56,7 @@ def test_identity_member_carries_over_to_another_collection(collections):
 
     people = collections["people"]
     assert len(people.samples) >= 50 and set(people.labels.tolist()) == {0, 1}
-    from shared.ml.training import describe_faces
+    from shared.ml.members import describe_faces
 
     names, probs, weights = member_probs(model, people.crops, describe_faces(people))
     accuracy = {n: float((probs[:, i].argmax(1) == people.labels).mean()) for i, n in enumerate(names)}

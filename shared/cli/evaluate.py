@@ -139,7 +139,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
-        from shared.ml.report import write_comparison
+        from shared.ml.report_summary import write_comparison
 
         write_comparison(name, {n: (p, results[n]) for n, p in sets}, out)
         console.print(f"comparison written to {out}/report.html; each set's report in its subfolder")
@@ -165,9 +165,10 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     import numpy as np
 
     from shared.ml.evaluation import apply_temperature
+    from shared.ml.members import describe_faces, member_probs
     from shared.ml.report import EvalInput, write_report
     from shared.ml.splits import LeakageError, check_leakage
-    from shared.ml.training import apply_label_map, data_hash, describe_faces, member_probs, prepare
+    from shared.ml.training import apply_label_map, data_hash, prepare
 
     class_names = state["class_names"]
     extra = state.get("extra") or {}

@@ -215,7 +215,7 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
 
 def _add_identity_member(model, data, train_idx: list[int], val_idx: list[int], metrics: dict, device: str,
                          seed: int) -> None:
-    from shared.ml.training import add_identity_member
+    from shared.ml.members import add_identity_member
     from shared.ml.weights import WeightsMissing
 
     try:
@@ -238,7 +238,7 @@ def _validation_extra(model, data, val_idx: list[int], class_names: list[str], m
     import numpy as np
 
     from shared.ml.evaluation import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
-    from shared.ml.training import member_probs
+    from shared.ml.members import member_probs
 
     extra: dict = {}
     aggregate = labels = None

@@ -204,7 +204,7 @@ def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
         fpr, tpr, _ = roc_curve(inp.labels == pos, agg[:, pos])
         b = metrics["binary"]
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.plot(fpr, tpr, label=f"AUC {_pct(b['auc'], 'n/a', 3)}")
+        ax.plot(fpr, tpr, label=f"AUC {pct(b['auc'], 'n/a', 3)}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         if b["sensitivity"]["n"] and b["specificity"]["n"]:
             ax.plot(1 - b["specificity"]["value"], b["sensitivity"]["value"], "o", color="C3",
@@ -297,7 +297,7 @@ def _ood_summary(ood: list[dict] | None) -> dict | None:
             "median_percentile": float(np.median(pct)), "expected_median": 50.0}
 
 
-def _pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str:
+def pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str:
     """``61.3% (57.2–65.5)``; a fraction-scale figure (AUC) with ``digits``; ``missing`` when undefined."""
     if not v or not v.get("n") or v.get("value") is None:
         return missing
@@ -375,7 +375,7 @@ def write_report(inp: EvalInput, out: Path) -> dict:
     env = Environment(loader=PackageLoader("shared.ml", "templates"),
                       autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False))
     for name in ("report.md", "report.html"):
-        (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=_pct,
+        (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=pct,
                                                                      headline=headline(metrics)))
     return metrics
 
@@ -388,66 +388,16 @@ def headline(metrics: dict) -> list[str]:
     if b:
         lines.append(f"screening {b['positive']} against {b['negative']} at threshold {b['threshold']:.3f} "
                      f"[{b['threshold_source']}]; {b['n_positive']} positive, {b['n_negative']} negative images")
-        lines.append(f"correct calls {_pct(b['accuracy'])}; AUC {_pct(b['auc'], 'n/a (one class only)', 3)}")
-        lines.append(f"sensitivity {_pct(b['sensitivity'], 'n/a (no positive images)')}; "
-                     f"specificity {_pct(b['specificity'], 'n/a (no negative images)')}")
-        lines.append(f"PPV {_pct(b['ppv'])}, NPV {_pct(b['npv'])} at the test prevalence "
+        lines.append(f"correct calls {pct(b['accuracy'])}; AUC {pct(b['auc'], 'n/a (one class only)', 3)}")
+        lines.append(f"sensitivity {pct(b['sensitivity'], 'n/a (no positive images)')}; "
+                     f"specificity {pct(b['specificity'], 'n/a (no negative images)')}")
+        lines.append(f"PPV {pct(b['ppv'])}, NPV {pct(b['npv'])} at the test prevalence "
                      f"{100 * b['test_prevalence']:.1f}%")
         if b.get("at_prevalence"):
             a = b["at_prevalence"]
-            lines.append(f"PPV {_pct(a['ppv'])}, NPV {_pct(a['npv'])} at a prevalence of {100 * a['prevalence']:.3g}%")
+            lines.append(f"PPV {pct(a['ppv'])}, NPV {pct(a['npv'])} at a prevalence of {100 * a['prevalence']:.3g}%")
     else:
-        lines += [f"{k}: {_pct(v)} per image, {_pct(metrics['macro'][k])} per disorder"
+        lines += [f"{k}: {pct(v)} per image, {pct(metrics['macro'][k])} per disorder"
                   for k, v in metrics["per_image"].items()]
     lines.append(f"expected calibration error ({metrics['calibration']['of']}): {metrics['calibration']['ece']:.3f}")
     return lines
-
-
-def write_comparison(model_name: str, sets: dict[str, tuple[Path, dict]], out: Path) -> dict:
-    """One model on several test sets side by side: report.md, report.html and metrics.json in ``out``
-    (each set's full report is in ``out/<set>/``)."""
-    out = Path(out)
-    rows = []
-    for name, (path, m) in sets.items():
-        row = {"set": name, "source": str(path), "images": m["data"]["images"], "subjects": m["data"]["subjects"],
-               "skipped": m["data"]["rejected"], "top1": m["per_image"]["top1"], "ece": m["calibration"]["ece"]}
-        if m.get("binary"):
-            b = m["binary"]
-            row.update(accuracy=b["accuracy"], sensitivity=b["sensitivity"], specificity=b["specificity"],
-                       auc=b["auc"], threshold=b["threshold"])
-        else:
-            row.update(top5=m["per_image"].get("top5"), macro_top1=m["macro"]["top1"])
-        rows.append(row)
-    binary = any("auc" in r for r in rows)
-    cols = (["correct calls", "sensitivity", "specificity", "AUC"] if binary
-            else ["top-1 per image", "top-5 per image", "top-1 per disorder"])
-
-    def cells(r: dict) -> list[str]:
-        if binary:
-            return [_pct(r["accuracy"]), _pct(r["sensitivity"]), _pct(r["specificity"]), _pct(r["auc"], "n/a", 3)]
-        return [_pct(r["top1"]), _pct(r.get("top5")), _pct(r["macro_top1"])]
-
-    header = ["test set", "images", "skipped", *cols, "ECE"]
-    body = [[f"[{r['set']}]({r['set']}/report.md)", str(r["images"]), str(r["skipped"]), *cells(r),
-             f"{r['ece']:.3f}"] for r in rows]
-    md = [f"# Model {model_name} on {len(rows)} test sets", "",
-          "Each set's full report is in its own folder; intervals are 95% (exact Clopper-Pearson for proportions, "
-          "percentile bootstrap for the AUC).", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-          *("| " + " | ".join(b) + " |" for b in body), ""]
-    md += [f"- {r['set']}: `{r['source']}`" for r in rows]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    from html import escape
-
-    html_rows = "".join(
-        "<tr>" + f"<td><a href=\"{escape(r['set'])}/report.html\">{escape(r['set'])}</a></td>"
-        + "".join(f"<td>{escape(c)}</td>" for c in b[1:]) + "</tr>" for r, b in zip(rows, body, strict=True))
-    (out / "report.html").write_text(
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(model_name)}: test sets</title>"
-        "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2rem auto}table{border-collapse:"
-        "collapse}td,th{border:1px solid #dfe3ea;padding:.3rem .6rem;text-align:left}</style></head><body>"
-        f"<h1>Model {escape(model_name)} on {len(rows)} test sets</h1><table><tr>"
-        + "".join(f"<th>{escape(h)}</th>" for h in header) + f"</tr>{html_rows}</table></body></html>\n")
-    summary = {"model": model_name, "sets": rows}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    return summary
