@@ -21,7 +21,7 @@ from web.db import get_db
 from web.diagnoses import DiagnosisError, set_diagnosis
 from web.errors import Refusal, refuse, wants_json
 from web.results import case_payload
-from web.schemas import SEXES
+from web.schemas import AGE_MAX, ANCESTRY_MAX, PATIENT_REF_PATTERN, PATIENT_REF_RULE, SEXES
 from web.uploads import receive_photos
 
 bp = Blueprint("cases", __name__)
@@ -30,12 +30,13 @@ SEX_CHOICES = [(s, s.capitalize()) for s in sorted(SEXES, key=lambda s: s != "un
 
 
 class CaseForm(FlaskForm):
+    """The case form; its rules are the API's (web.schemas), so a case is valid the same way by either door."""
+
     patient_ref = StringField("Pseudonymous patient ID", validators=[
-        DataRequired(), Length(max=64),
-        Regexp(r"^[A-Za-z0-9._-]+$", message="letters, digits, '.', '_' and '-' only: no names")])
+        DataRequired(), Regexp(PATIENT_REF_PATTERN, message=f"must be {PATIENT_REF_RULE}")])
     sex = SelectField("Sex", choices=SEX_CHOICES, default="unknown")
-    age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, 120)])
-    ancestry = StringField("Ancestry (optional)", validators=[Optional(), Length(max=64)])
+    age_years = DecimalField("Age at photo (years)", places=1, validators=[Optional(), NumberRange(0, AGE_MAX)])
+    ancestry = StringField("Ancestry (optional)", validators=[Optional(), Length(max=ANCESTRY_MAX)])
     hpo_terms = TextAreaField("HPO terms (optional)", validators=[Optional(), Length(max=20000)],
                               description="Type a feature or an ID (HP:0000316) and pick it from the list")
 

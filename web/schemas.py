@@ -17,6 +17,7 @@ DIAGNOSIS_KINDS = ("clinical", "molecular")
 PATIENT_REF_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 PATIENT_REF_RULE = "1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"
 GENE_MAX, VARIANT_MAX, ANCESTRY_MAX = 32, 255, 64
+AGE_MAX = 120
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -28,7 +29,7 @@ class _Strict(BaseModel):
 class NewCase(_Strict):
     patient_ref: Annotated[str, StringConstraints(pattern=PATIENT_REF_PATTERN)]
     sex: Literal[SEXES] = "unknown"  # type: ignore[valid-type]
-    age_years: Annotated[float, Field(ge=0, le=120)] | None = None
+    age_years: Annotated[float, Field(ge=0, le=AGE_MAX)] | None = None
     ancestry: Annotated[str, StringConstraints(max_length=ANCESTRY_MAX)] | None = None
     hpo_terms: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=200)] = []
 
@@ -38,7 +39,7 @@ class CaseUpdate(_Strict):
 
     patient_ref: Annotated[str, StringConstraints(pattern=PATIENT_REF_PATTERN)] | None = None
     sex: Literal[SEXES] | None = None  # type: ignore[valid-type]
-    age_years: Annotated[float, Field(ge=0, le=120)] | None = None
+    age_years: Annotated[float, Field(ge=0, le=AGE_MAX)] | None = None
     ancestry: Annotated[str, StringConstraints(max_length=ANCESTRY_MAX)] | None = None
     hpo_terms: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=200)] | None = None
 
