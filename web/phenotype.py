@@ -99,12 +99,27 @@ def _facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dic
     return {codes[i]: float(p) for i, p in zip(ids, mean, strict=True) if codes.get(i)}, version.name, version_id
 
 
+def request_gallery(db: Session, backbone: str, regions: tuple[str, ...]):
+    """The gallery, loaded once per request: the similar-patients list and the phenotype ranking's
+    gallery feature of one page (or poll) share it."""
+    from flask import g, has_app_context
+
+    from shared.modelops.gallery import load_gallery
+
+    if not has_app_context():
+        return load_gallery(db, backbone, regions)
+    cache = g.setdefault("galleries", {})
+    if (backbone, regions) not in cache:
+        cache[backbone, regions] = load_gallery(db, backbone, regions)
+    return cache[backbone, regions]
+
+
 def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dict[str, float]:
     """``{catalogue code: cosine similarity of the nearest diagnosed, consented gallery patient}`` for every
     syndrome in the gallery, from the case's photos under the backbone of model ``version_id`` (as the
     similar-patients list computes it; the case itself left out). Empty without that model, features or
     gallery."""
-    from shared.modelops.gallery import case_features, gallery_space, load_gallery
+    from shared.modelops.gallery import case_features, gallery_space
 
     version = db.get(ModelVersion, version_id) if version_id is not None else None
     backbone, regions = gallery_space(version.config if version is not None else None)
@@ -113,7 +128,7 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
     query = case_features(db, case.id, backbone, regions)
     if len(query) == 0:
         return {}
-    gallery = load_gallery(db, backbone, regions)
+    gallery = request_gallery(db, backbone, regions)
     match = gallery.match(query, exclude_case=case.id, patients=0, syndromes=len(gallery) or 1)
     out: dict[str, float] = {}
     for row in match["syndromes"]:

@@ -7,8 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
-from web.diagnoses import diagnosis_payload
-from web.phenotype import phenotype_payload
+from shared.services.diagnoses import diagnosis_payload
+from web.phenotype import phenotype_payload, request_gallery
 
 TOP_N = 30
 
@@ -93,7 +93,7 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     Other clinicians' patients appear as a diagnosis and a similarity only: no photo, no patient
     ID, no case ID. The viewer's own cases carry a link (every case, for an admin).
     """
-    from shared.modelops.gallery import case_features, gallery_space, load_gallery
+    from shared.modelops.gallery import case_features, gallery_space
 
     if active is None:
         return None
@@ -103,7 +103,7 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     query = case_features(db, case.id, backbone, regions)
     if len(query) == 0:
         return None
-    gallery = load_gallery(db, backbone, regions)
+    gallery = request_gallery(db, backbone, regions)
     match = gallery.match(query, exclude_case=case.id)
 
     patients = []
