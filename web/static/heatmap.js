@@ -34,7 +34,9 @@
     if (!cell) return;
     const card = cell.closest("article.image");
     const regions = Array.from(cell.closest("table").querySelectorAll("tr:first-child th"))
-      .slice(FIRST_REGION_COLUMN).map((th) => [th.dataset.region || th.textContent, th.textContent]);
+      .slice(FIRST_REGION_COLUMN).map((th) => [th.dataset.region || th.textContent, th.textContent])
+      // The identity member reads the whole face chip through the encoder: its scores have no regional heatmap.
+      .filter(([name]) => name !== "identity");
     select.replaceChildren(new Option("all regions combined", "all"),
       ...regions.map(([name, label]) => new Option(label, name)));
     current = { imageId: card.id.replace("image-", ""), syndrome: cell.textContent };
