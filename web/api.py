@@ -34,7 +34,7 @@ def list_cases():
 def create_case():
     """JSON ``{"patient_ref", "sex", "age_years", "ancestry", "hpo_terms"}``; the ID must be pseudonymous."""
     from shared.catalog import CatalogError, validate_hpo_terms
-    from shared.models import Case
+    from shared.services import cases
 
     body = parse(NewCase, request.get_json(silent=True))
     db = get_db()
@@ -42,12 +42,9 @@ def create_case():
         terms = validate_hpo_terms(db, body.hpo_terms)
     except CatalogError as exc:
         return jsonify(error=str(exc)), 400
-    case = Case(owner_id=current_user.id, patient_ref=body.patient_ref, sex=body.sex, age_years=body.age_years,
-                ancestry=body.ancestry or None, hpo_terms=terms)
-    db.add(case)
-    db.flush()
-    audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
-    db.commit()
+    case = cases.create_case(db, current_user.id, {"patient_ref": body.patient_ref, "sex": body.sex,
+                                                   "age_years": body.age_years, "ancestry": body.ancestry or None,
+                                                   "hpo_terms": terms}, request.remote_addr, via="api")
     return jsonify(_payload(db, case)), 201
 
 
@@ -55,7 +52,7 @@ def create_case():
 def patch_case(case_id: int):
     """Correct a case: JSON with any of patient_ref, sex, age_years, ancestry, hpo_terms (audited)."""
     from shared.catalog import CatalogError, validate_hpo_terms
-    from web.cases import update_case
+    from shared.services.cases import update_case
 
     db = get_db()
     case = case_or_404(case_id)
@@ -166,7 +163,7 @@ def put_diagnosis(case_id: int):
 
     A field left out keeps its stored value (the first diagnosis of a case needs ``syndrome``);
     ``"consent": false`` withdraws consent, which is audited and ends the photos' use in training."""
-    from web.diagnoses import diagnosis_payload, set_diagnosis
+    from shared.services.diagnoses import diagnosis_payload, set_diagnosis
 
     db = get_db()
     case = case_or_404(case_id)

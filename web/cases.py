@@ -15,11 +15,13 @@ from shared.catalog import syndrome_summary
 from shared.lifecycle import delete_case
 from shared.models import Case, Syndrome
 from shared.models.cases import ACTIVE_STATES
+from shared.services import Refusal
+from shared.services.cases import create_case, update_case
+from shared.services.diagnoses import DiagnosisError, set_diagnosis
 from shared.storage import get_storage
 from web.access import case_or_404, visible_cases
 from web.db import get_db
-from web.diagnoses import DiagnosisError, set_diagnosis
-from web.errors import Refusal, refuse, wants_json
+from web.errors import refuse, wants_json
 from web.results import case_payload
 from web.schemas import AGE_MAX, ANCESTRY_MAX, PATIENT_REF_PATTERN, PATIENT_REF_RULE, SEXES
 from web.uploads import receive_photos
@@ -39,6 +41,13 @@ class CaseForm(FlaskForm):
     ancestry = StringField("Ancestry (optional)", validators=[Optional(), Length(max=ANCESTRY_MAX)])
     hpo_terms = TextAreaField("HPO terms (optional)", validators=[Optional(), Length(max=20000)],
                               description="Type a feature or an ID (HP:0000316) and pick it from the list")
+
+    def fields(self) -> dict:
+        """The validated values, as the case services take them."""
+        return {"patient_ref": self.patient_ref.data.strip(), "sex": self.sex.data,
+                "age_years": float(self.age_years.data) if self.age_years.data is not None else None,
+                "ancestry": (self.ancestry.data or "").strip() or None,
+                "hpo_terms": getattr(self.hpo_terms, "ids", [])}
 
     def validate_hpo_terms(self, field) -> None:
         from shared.catalog import CatalogError, validate_hpo_terms
@@ -126,31 +135,9 @@ def phenopacket(case_id: int):
 def new_case():
     form = CaseForm()
     if form.validate_on_submit():
-        db = get_db()
-        case = Case(owner_id=current_user.id, patient_ref=form.patient_ref.data.strip(), sex=form.sex.data,
-                    age_years=float(form.age_years.data) if form.age_years.data is not None else None,
-                    ancestry=(form.ancestry.data or "").strip() or None,
-                    hpo_terms=getattr(form.hpo_terms, "ids", []))
-        db.add(case)
-        db.flush()
-        audit(db, "case_create", current_user.id, "case", case.id, ip=request.remote_addr)
-        db.commit()
+        case = create_case(get_db(), current_user.id, form.fields(), request.remote_addr)
         return redirect(url_for("cases.show", case_id=case.id))
     return render_template("case_new.html", form=form), 200 if request.method == "GET" else 400
-
-
-CASE_FIELDS = ("patient_ref", "sex", "age_years", "ancestry", "hpo_terms")
-
-
-def update_case(db, case: Case, fields: dict, user_id: int, ip: str | None, via: str = "portal") -> list[str]:
-    """Apply validated ``fields`` (any of :data:`CASE_FIELDS`) to ``case``; audit which changed (names only)."""
-    changed = [name for name in CASE_FIELDS if name in fields and fields[name] != getattr(case, name)]
-    for name in changed:
-        setattr(case, name, fields[name])
-    if changed:
-        audit(db, "case_edit", user_id, "case", case.id, ip=ip, via=via, changed=changed)
-    db.commit()
-    return changed
 
 
 @bp.route("/cases/<int:case_id>/edit", methods=["GET", "POST"])
@@ -164,11 +151,7 @@ def edit_case(case_id: int):
     form = CaseForm(data={"patient_ref": case.patient_ref, "sex": case.sex, "age_years": case.age_years,
                           "ancestry": case.ancestry or "", "hpo_terms": terms})
     if form.validate_on_submit():
-        changed = update_case(db, case, {
-            "patient_ref": form.patient_ref.data.strip(), "sex": form.sex.data,
-            "age_years": float(form.age_years.data) if form.age_years.data is not None else None,
-            "ancestry": (form.ancestry.data or "").strip() or None,
-            "hpo_terms": getattr(form.hpo_terms, "ids", [])}, current_user.id, request.remote_addr)
+        changed = update_case(db, case, form.fields(), current_user.id, request.remote_addr)
         flash(f"Saved: {', '.join(c.replace('_', ' ') for c in changed)}." if changed else "Nothing changed.", "info")
         return redirect(url_for("cases.show", case_id=case.id), 303)
     return render_template("case_new.html", form=form, case=case), 200 if request.method == "GET" else 400

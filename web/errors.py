@@ -1,4 +1,6 @@
-"""Refusing a request: one error type, one answer in JSON or HTML as the client wants, the app's error handlers."""
+"""Refusing a request: one answer in JSON or HTML as the client wants, and the app's error handlers.
+
+The one error type for refusals is :class:`shared.services.Refusal` (the services raise it too)."""
 from __future__ import annotations
 
 import logging
@@ -6,16 +8,9 @@ import logging
 from flask import Flask, flash, g, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError
 
+from shared.services import Refusal
+
 logger = logging.getLogger(__name__)
-
-
-class Refusal(Exception):
-    """A request refused for a reason the person can act on: ``message`` for them, ``status`` for HTTP."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def wants_json() -> bool:

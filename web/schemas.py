@@ -10,13 +10,13 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from shared.services.diagnoses import DIAGNOSIS_KINDS, GENE_MAX, VARIANT_MAX
 from web.inputs import InputRejected
 
 SEXES = ("female", "male", "other", "unknown")
-DIAGNOSIS_KINDS = ("clinical", "molecular")
 PATIENT_REF_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 PATIENT_REF_RULE = "1-64 letters, digits, '.', '_' or '-' (a pseudonymous ID, no names)"
-GENE_MAX, VARIANT_MAX, ANCESTRY_MAX = 32, 255, 64
+ANCESTRY_MAX = 64
 AGE_MAX = 120
 
 Model = TypeVar("Model", bound=BaseModel)

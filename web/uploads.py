@@ -10,8 +10,8 @@ from shared.audit import audit
 from shared.config import get_settings
 from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
 from shared.models import Case, Image, ImageStatus
+from shared.services import Refusal
 from shared.storage import get_storage, original_key
-from web.errors import Refusal
 
 logger = logging.getLogger(__name__)
 

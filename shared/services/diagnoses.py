@@ -7,9 +7,10 @@ from sqlalchemy.orm import Session
 
 from shared.audit import audit
 from shared.models import Case, Diagnosis, Syndrome
-from web.errors import Refusal
+from shared.services import Refusal
 
-KINDS = ("clinical", "molecular")
+DIAGNOSIS_KINDS = ("clinical", "molecular")
+GENE_MAX, VARIANT_MAX = 32, 255  # the columns' lengths
 LABEL_CODE = re.compile(r"\(((?:OMIM|ORPHA):\d{1,7})\)\s*$", re.IGNORECASE)
 
 
@@ -40,10 +41,8 @@ def find_syndrome(db: Session, ref: str | int | None) -> Syndrome:
 
 def set_diagnosis(db: Session, case: Case, fields: dict, user_id: int, ip: str | None) -> Diagnosis:
     """Record or update the case's confirmed diagnosis from ``fields`` (syndrome, kind, gene, variant,
-    consent; validated by :class:`web.schemas.DiagnosisUpdate`). A field not given keeps its stored value;
-    with consent the photos join the next retraining, and withdrawing consent takes them out of it."""
-    from web.schemas import DIAGNOSIS_KINDS, GENE_MAX, VARIANT_MAX
-
+    consent; the API's :class:`web.schemas.DiagnosisUpdate` checks their types). A field not given keeps its
+    stored value; with consent the photos join the next retraining, and withdrawing consent takes them out of it."""
     diagnosis = case.diagnosis
     if diagnosis is None and fields.get("syndrome") is None:
         raise DiagnosisError("choose the confirmed syndrome")
