@@ -6,11 +6,13 @@ chips (up to 1024 on CUDA) in fp32 and, on CUDA, bf16 autocast; then the identit
 head of 1,024 components on 50 classes). Each cell is the median of calls timed for at least
 ``--min-time`` seconds, in ms per face.
 
-Usage: python bench/encoder.py [--devices cpu,cuda] [--threads N] [--min-time 2] [--quick]
+Usage: python bench/encoder.py [--devices cpu,cuda] [--threads N] [--min-time 2] [--quick] [--batches 1,8]
+       [--rows FILE]  (also append each cell as a JSON line, the format bench/gpu.sh collects)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -63,7 +65,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--quick", action="store_true", help="batches 1 and 8 only, 0.5 s per cell")
+    ap.add_argument("--batches", default=None, help="comma-separated encoder batches (default: by device)")
+    ap.add_argument("--rows", default=None, help="append each cell to this file as a JSON line")
     args = ap.parse_args()
+    rows = []
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = 0.5 if args.quick else args.min_time
@@ -73,11 +78,14 @@ def main() -> None:
         table.add_column(col, justify="left" if col in ("step", "device", "precision") else "right")
     name, ms = chip_row(min_time)
     table.add_row(name, "cpu", "-", "1", f"{ms:.3g}", f"{1000 / ms:.0f}")
+    rows.append({"bench": "encoder", "what": name, "value": f"{ms:.3g}", "unit": "ms/face"})
     for device in [d for d in args.devices.split(",") if d]:
         if device == "cuda" and not torch.cuda.is_available():
             continue
         model = load_encoder(device)
         batches = (1, 8) if args.quick else ((1, 8, 32, 128, 1024) if device == "cuda" else (1, 8, 32, 128))
+        if args.batches:
+            batches = tuple(int(b) for b in args.batches.split(","))
         for precision in ("fp32", "bf16") if device == "cuda" else ("fp32",):
             for batch in batches:
                 chips = rng.integers(0, 256, (batch, CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8)
@@ -85,6 +93,8 @@ def main() -> None:
                                  min_time) / batch
                 table.add_row("encoder (dlib ResNet, 150 px chip)", device, precision, str(batch), f"{ms:.3g}",
                               f"{1000 / ms:.0f}")
+                rows.append({"bench": "encoder", "what": f"identity encoder, {device} {precision}, batch {batch}",
+                             "value": f"{ms:.3g}", "unit": "ms/face", "note": f"{1000 / ms:.0f} faces/s"})
     descriptors = rng.normal(size=(2000, 128)).astype(np.float32)
     labels = rng.integers(0, 50, 1500)
     head = fit_candidate(descriptors[:1500], labels, 50, "linear", 0.0, 1.0, 0)
@@ -93,6 +103,9 @@ def main() -> None:
         ms = ms_per_call(lambda h=h: h.probs(descriptors[:500]), min_time) / 500
         table.add_row(label, "cpu", "fp32", "500", f"{ms:.3g}", f"{1000 / ms:.0f}")
     Console().print(table)
+    if args.rows:
+        with open(args.rows, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

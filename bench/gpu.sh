@@ -41,6 +41,7 @@ if [ $SMOKE = 1 ]; then
         --repeat 1 --megapixels 0.05 --rows "$ROWS"
     step inference 40 "$PY" bench/inference.py --devices cpu --batches 1,8 --min-time 0.02 --width 0.125 \
         --classes 8 --compile no --rows "$ROWS"
+    step encoder 30 "$PY" bench/encoder.py --devices cpu --batches 1,4 --min-time 0.05 --rows "$ROWS"
     step pipeline 90 "$PY" bench/pipeline.py --models random-production --device cpu --concurrency 1 --uploads 2 \
         --single 0 --classes 8 --width 0.125 --megapixels 0.15 --preload --no-bound --rows "$ROWS"
 else
@@ -54,6 +55,7 @@ else
         --photos 64 --repeat 3 --rows "$ROWS"
     step inference 110 "$PY" bench/inference.py --devices cuda --batches 64,1024,4096 --min-time 0.5 --compile no \
         --rows "$ROWS"
+    step encoder 40 "$PY" bench/encoder.py --devices cuda --batches 1,64,1024 --min-time 0.3 --rows "$ROWS"
     step pipeline 150 "$PY" bench/pipeline.py --models random-production --device cuda --gpu-procs 2 \
         --uploads 2000 --single 5 --classes 216 --preload --web-workers 8 --upload-threads 16 --rows "$ROWS"
     step pipeline-null 60 "$PY" bench/pipeline.py --models null --device cuda --gpu-procs 2 \
