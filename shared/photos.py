@@ -15,6 +15,16 @@ def queue_for_scoring(image: Image) -> None:
                          if k not in ("infer_start", "infer_by", "batched_with")}
 
 
+# A photo in one of these is finished: nothing will process it again unless it is rescored.
+FINISHED = (ImageStatus.done.value, ImageStatus.rejected.value)
+
+
+def cancel(image: Image, reason: str = "processing was cancelled by an administrator") -> None:
+    """Stop a photo's processing for good: it ends as ``rejected`` with ``reason`` (its messages then skip it)."""
+    image.status = ImageStatus.rejected.value
+    image.reason = reason
+
+
 def queue_again(image: Image) -> None:
     """Send a photo through its whole chain again (a retry after a failure, or a rescore without crops)."""
     image.status = ImageStatus.queued.value

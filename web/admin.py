@@ -82,10 +82,9 @@ def retry_image(image_id: int):
 def cancel_image(image_id: int):
     db = get_db()
     image = db.get(Image, image_id)
-    if image is None or image.status in (ImageStatus.done.value, ImageStatus.rejected.value):
+    if image is None or image.status in photos.FINISHED:
         return _done("That photo is already finished.", "admin.queues", "error")
-    image.status = ImageStatus.rejected.value
-    image.reason = "processing was cancelled by an administrator"
+    photos.cancel(image)
     audit(db, "admin_cancel", current_user.id, "image", image.id, ip=request.remote_addr)
     return _done(f"Photo {image_id} cancelled.", "admin.queues")
 

@@ -189,7 +189,7 @@ def rescore(image_id: int):
     if has_crops:
         photos.queue_for_scoring(image)
     else:
-        image.status = ImageStatus.queued.value
+        photos.queue_again(image)
     audit(db, "rescore", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
     (dispatch.enqueue_scoring if has_crops else dispatch.enqueue_photo)(image.id)
