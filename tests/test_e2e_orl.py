@@ -48,5 +48,6 @@ def test_orl_held_out_top5(engines, workers, web_server, tmp_path):
     pipeline.infer(image_id)
     with session_scope() as s:
         assert s.get(Image, image_id).status == "done"
-        assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 4
+        # Four regions and the identity member.
+        assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 5
         assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1

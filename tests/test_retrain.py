@@ -120,6 +120,12 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         assert active.id == run.candidate_version_id and len(active.classes) == 13
         assert s.get(ModelVersion, base_id).status == "retired"
         new_name = active.name
+        # The identity member came along: its head refitted on the night's photos, its weight kept.
+        member, base_member = (v.config["members"]["identity"] for v in (active, s.get(ModelVersion, base_id)))
+        assert member["flip"] and member["weight"] == base_member["weight"]
+    bench = run_cli(engines, "heads-benchmark", "--model", "retrain-base", "--folds", "3")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "identity encoder" in bench.stdout and "aggregate (identity weight" in bench.stdout
 
     # A new upload is scored by the new model (workers notice it without a restart).
     case_id = portal.create_case("PT-NEW")

@@ -105,13 +105,6 @@
   }
 
   function renderResult(card, result) {
-    if (result.ood && result.ood.unusual) {
-      // The identity encoder places this photo far from every photo the model learned from.
-      card.append(el("p", { class: "warn ood", role: "note" },
-        "This photo is unlike the photos the model learned from: it lies further from them than " +
-        result.ood.percentile.toFixed(0) + "% of the held-out photos of the training collection. " +
-        "Treat its scores with extra caution."));
-    }
     // One photo's full ranking and its regions: folded away, one click from the case ranking.
     const box = el("details", { class: "result" });
     const top = result.ranking[0];
@@ -278,6 +271,15 @@
       card.replaceChildren();
       const h = el("h2", {}, "Photo " + (i + 1));
       h.append(el("span", { class: "status status-" + image.status }, statusLabel(image.status)));
+      const ood = image.result && image.result.ood;
+      if (ood && ood.unusual) {
+        // The identity encoder places this photo far from every photo the model learned from.
+        const why = "This photo is unlike the photos the model learned from: it lies further from them than " +
+          ood.percentile.toFixed(0) + "% of the held-out photos of the training collection. " +
+          "Treat its scores with extra caution.";
+        h.append(el("span", { class: "status status-unusual ood", title: why, role: "note", "aria-label": why },
+          "Unlike the training photos"));
+      }
       card.append(h);
       if (image.reason) card.append(el("p", { class: "reason" }, image.reason));
       const hint = DISPLAY.status_hints[image.status];
