@@ -28,7 +28,7 @@ def test_gpu_check_cpu_smoke_writes_one_table(tmp_path):
     assert all(line.startswith("| ") and line.count(" | ") == 4 for line in body), table
     assert not [line for line in body if "step failed" in line], proc.stderr[-3000:]
     benches = {line.split(" | ")[0].strip("| ") for line in body}
-    assert benches == {"preprocess", "inference", "pipeline"}
+    assert {"preprocess", "inference", "pipeline"} <= benches
     assert any("retinaface-r50+fan" in line and "detect" in line for line in body)
     assert any("worker path" in line for line in body)
     photos_per_s = [line for line in body if "sustained photos/s" in line]
