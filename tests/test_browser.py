@@ -195,13 +195,13 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
     import torch
     from sqlalchemy import update
 
+    from shared import photos
     from shared.db import session_scope
     from shared.ml.gestalt import RegionalEnsemble
     from shared.modelops import registry
     from shared.models import Image as ImageRow
     from shared.storage import get_storage
     from tests.conftest import Portal
-    from worker import pipeline
 
     clinician = Portal(web_server, new_user())
     case_id = clinician.create_case("PT-RETRY")
@@ -212,7 +212,7 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
     # What a worker leaves when the infer stage ran out of retries.
     with session_scope() as s:
         s.execute(update(ImageRow).where(ImageRow.id == image_id).values(status="scoring"))
-    pipeline.mark_failed(image_id, "infer: gave up after 5 retries (ConnectionError)")
+    photos.mark_failed(image_id, "infer: gave up after 5 retries (ConnectionError)")
 
     admin = browser.new_page(viewport={"width": 1024, "height": 800})
     _login(admin, web_server, new_user("admin"))

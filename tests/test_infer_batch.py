@@ -9,6 +9,7 @@ from PIL import Image
 from skimage import data
 from sqlalchemy import select, update
 
+from shared import photos
 from shared.db import session_scope
 from shared.ml.gestalt import RegionalEnsemble, predict
 from shared.ml.imaging import decode_png_gray
@@ -43,7 +44,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     with session_scope() as s:
         # Waiting for scoring, as the sweep leaves them when a model appears (no messages are sent here).
         for image in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))):
-            pipeline.queue_for_scoring(image)
+            photos.queue_for_scoring(image)
         version = registry.register_model(s, get_storage(), model, ["b-one", "b-two", "b-three"], {},
                                           name="batch-model")
         registry.activate(s, version)

@@ -19,6 +19,7 @@ from minio.error import S3Error
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
+from shared import photos
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.ml.detection import DetectedFace
@@ -30,13 +31,11 @@ from shared.ml.regions import ALL_REGIONS
 from shared.modelops.features import store_features
 from shared.modelops.registry import ModelCache, active_version
 from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
-from shared.models.cases import ACTIVE_STATES
 from shared.monitoring import heartbeat
 from shared.storage import aligned_key, crop_key, get_storage
 
 logger = logging.getLogger(__name__)
 
-FINAL_STATES = (ImageStatus.done.value, ImageStatus.rejected.value)
 
 _preprocessor: Preprocessor | None = None
 _models: ModelCache | None = None
@@ -79,54 +78,10 @@ def _node() -> str | None:
     return current_task.request.hostname if current_task and current_task.request else None
 
 
-def _stamp(image: Image, **times: float | str | None) -> None:
-    image.stage_times = {**(image.stage_times or {}), **times}
-
-
-def _begin(image_id: int, status: ImageStatus, stamp: str) -> Image | None:
+def _begin(image_id: int, status: ImageStatus, key: str) -> Image | None:
     """Move the image into a stage; None when it no longer exists or is already final."""
     heartbeat(_node(), model_cache().loaded_name)
-    with session_scope() as session:
-        image = session.get(Image, image_id, with_for_update=True)
-        if image is None:
-            logger.info("image=%s state=skipped reason=deleted", image_id)
-            return None
-        if image.status in FINAL_STATES:
-            logger.info("image=%s state=skipped reason=%s", image_id, image.status)
-            return None
-        image.status = status.value
-        _stamp(image, **{stamp: time.time(), stamp.replace("_start", "_by"): _node()})
-        session.flush()
-        session.expunge(image)
-        return image
-
-
-def reject(image_id: int, reason: str) -> None:
-    with session_scope() as session:
-        image = session.get(Image, image_id, with_for_update=True)
-        if image is not None:
-            image.status = ImageStatus.rejected.value
-            image.reason = reason[:500]
-            _stamp(image, rejected=time.time())
-    logger.info("image=%s state=rejected reason=%r", image_id, reason)
-
-
-def note_retry(image_id: int, error: str) -> None:
-    with session_scope() as session:
-        image = session.get(Image, image_id)
-        if image is not None:
-            times = image.stage_times or {}
-            _stamp(image, retries=int(times.get("retries", 0)) + 1, last_error=error)
-
-
-def mark_failed(image_id: int, reason: str) -> None:
-    with session_scope() as session:
-        image = session.get(Image, image_id, with_for_update=True)
-        if image is not None and image.status not in FINAL_STATES:
-            image.status = ImageStatus.failed.value
-            image.reason = reason[:500]
-            _stamp(image, failed=time.time())
-    logger.warning("image=%s state=failed reason=%r", image_id, reason)
+    return photos.enter_stage(image_id, status, key, _node())
 
 
 def _load_rgb(image: Image) -> np.ndarray:
@@ -220,15 +175,15 @@ def _enter_detect(image_id: int) -> Image | str | None:
         if image is None:
             logger.info("image=%s state=skipped reason=deleted", image_id)
             return None
-        if image.status in FINAL_STATES:
+        if image.status in photos.FINISHED:
             logger.info("image=%s state=skipped reason=%s", image_id, image.status)
             return None
         if _claim_live(image, now):
             raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
         if image.status in PAST_DETECTION:
             return _PAST
-        image.status = ImageStatus.detecting.value
-        _stamp(image, detect_start=now, detect_by=_node(), **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+        photos.move(image, ImageStatus.detecting, detect_start=now, detect_by=_node(),
+                    **{CLAIM_AT: now, CLAIM_BY: _claimer()})
         session.flush()
         session.expunge(image)
         return image
@@ -247,9 +202,8 @@ def claim_for_detection(image_id: int, limit: int) -> list[Image]:
         for image in rows:
             if _claim_live(image, now):
                 continue
-            image.status = ImageStatus.detecting.value
-            _stamp(image, detect_start=now, detect_by=_node(), batched_with=image_id,
-                   **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+            photos.move(image, ImageStatus.detecting, detect_start=now, detect_by=_node(), batched_with=image_id,
+                        **{CLAIM_AT: now, CLAIM_BY: _claimer()})
             out.append(image)
         session.flush()
         for image in out:
@@ -260,13 +214,11 @@ def claim_for_detection(image_id: int, limit: int) -> list[Image]:
 def _locked(session, ids: list[int]) -> dict[int, Image]:
     """The batch's photos that still exist and are not final, locked, by id."""
     rows = session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id).with_for_update()).all()
-    return {i.id: i for i in rows if i.status not in FINAL_STATES}
+    return {i.id: i for i in rows if i.status not in photos.FINISHED}
 
 
 def _reject_in(image: Image, reason: str, now: float) -> None:
-    image.status = ImageStatus.rejected.value
-    image.reason = reason[:500]
-    _stamp(image, rejected=now, **{CLAIM_AT: None})
+    photos.move(image, ImageStatus.rejected, reason, rejected=now, **{CLAIM_AT: None})
     logger.info("image=%s state=rejected reason=%r", image.id, reason)
 
 
@@ -303,11 +255,11 @@ def _detect_batch(batch: list[Image], fused: bool) -> list[tuple[Image, np.ndarr
                           "confidence": result.face.score, "faces_found": int(result.faces_found),
                           "rotation": result.rotation, "detector": provenance["detector"],
                           "weights": {"detector": provenance["detector_sha256"]}})
-            row.status = ImageStatus.aligning.value
             if fused:  # this worker aligns it next, under the same claim
-                _stamp(row, detect_end=now, align_start=now, align_by=_node(), **{CLAIM_AT: now})
+                photos.move(row, ImageStatus.aligning, detect_end=now, align_start=now, align_by=_node(),
+                            **{CLAIM_AT: now})
             else:
-                _stamp(row, detect_end=now, **{CLAIM_AT: None})
+                photos.move(row, ImageStatus.aligning, detect_end=now, **{CLAIM_AT: None})
             out.append((image, rgb, result))
         if faces:
             stmt = insert(Face).values(faces)
@@ -356,7 +308,7 @@ def _align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True)
                 continue
             face = faces.get(image.id)
             if face is None:  # detection's output vanished meanwhile: the photo's own message starts over
-                _stamp(row, **{CLAIM_AT: None})
+                photos.stamp(row, **{CLAIM_AT: None})
                 continue
             face.landmarks = np.round(aligned.landmarks, 2).tolist()
             face.transform = aligned.alignment.matrix.tolist()
@@ -368,11 +320,11 @@ def _align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True)
             crop_rows += [{"face_id": face.id, "region": r, "object_key": k}
                           for r, k in keys[image.id].items() if r is not None]
             if fused:  # stamped as started: no infer batch of another worker claims it meanwhile
-                row.status = ImageStatus.scoring.value
-                _stamp(row, align_end=now, infer_start=now, infer_by=_node(), **{CLAIM_AT: now})
+                photos.move(row, ImageStatus.scoring, align_end=now, infer_start=now, infer_by=_node(),
+                            **{CLAIM_AT: now})
             else:  # waiting for scoring, claimable by any infer batch
-                queue_for_scoring(row)
-                _stamp(row, align_end=now, **{CLAIM_AT: None})
+                photos.queue_for_scoring(row)
+                photos.stamp(row, align_end=now, **{CLAIM_AT: None})
             out.append((image, aligned))
         if crop_rows:
             stmt = insert(Crop).values(crop_rows)
@@ -393,8 +345,7 @@ def _score_batch(items: list[tuple[Image, Any]]) -> None:
         if loaded is None:
             now = time.time()
             for row in _locked(session, ids).values():
-                row.status = ImageStatus.awaiting_model.value
-                _stamp(row, awaiting_model=now, **{CLAIM_AT: None})
+                photos.move(row, ImageStatus.awaiting_model, awaiting_model=now, **{CLAIM_AT: None})
             logger.info("images=%s state=awaiting_model", ids)
             return
     member = getattr(loaded.model, "identity", None)
@@ -452,7 +403,7 @@ def release_claims(ids: list[int]) -> None:
         with session_scope() as session:
             for row in _locked(session, ids).values():
                 if (row.stage_times or {}).get(CLAIM_BY) == _claimer():
-                    _stamp(row, **{CLAIM_AT: None})
+                    photos.stamp(row, **{CLAIM_AT: None})
     except Exception:  # noqa: BLE001 - the database may be what failed; the lease then runs out
         logger.warning("images=%s state=claims_kept", ids)
 
@@ -466,7 +417,7 @@ def _enter_align(image_id: int) -> Image | str | None:
     now = time.time()
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
-        if image is None or image.status in FINAL_STATES:
+        if image is None or image.status in photos.FINISHED:
             logger.info("image=%s state=skipped reason=%s", image_id, image.status if image else "deleted")
             return None
         if _claim_live(image, now):
@@ -474,10 +425,10 @@ def _enter_align(image_id: int) -> Image | str | None:
         if image.status == ImageStatus.scoring.value:
             return _PAST
         if session.scalar(select(Face.id).where(Face.image_id == image_id)) is None:
-            image.status = ImageStatus.queued.value
+            photos.move(image, ImageStatus.queued)
             return "detect"
-        image.status = ImageStatus.aligning.value
-        _stamp(image, align_start=now, align_by=_node(), **{CLAIM_AT: now, CLAIM_BY: _claimer()})
+        photos.move(image, ImageStatus.aligning, align_start=now, align_by=_node(),
+                    **{CLAIM_AT: now, CLAIM_BY: _claimer()})
         session.flush()
         session.expunge(image)
         return image
@@ -497,7 +448,7 @@ def claim_for_alignment(image_id: int, limit: int) -> list[Image]:
         for image in rows:
             if _claim_live(image, now):
                 continue
-            _stamp(image, align_start=now, align_by=_node(), batched_with=image_id,
+            photos.stamp(image, align_start=now, align_by=_node(), batched_with=image_id,
                    **{CLAIM_AT: now, CLAIM_BY: _claimer()})
             out.append(image)
         session.flush()
@@ -537,7 +488,7 @@ def align(image_id: int | None) -> int | None:
             try:
                 rgb = original_rgb(image)
             except ImageRejected as exc:
-                reject(image.id, exc.reason)
+                photos.reject(image.id, exc.reason)
                 continue
             box, rotation = boxes[image.id]
             items.append((image, rgb, Detection(DetectedFace(box, 1.0), 1, rotation)))
@@ -550,13 +501,6 @@ def align(image_id: int | None) -> int | None:
     if len(batch) > 1:
         logger.info("image=%s state=batch aligned=%d of %d", image_id, len(aligned), len(batch))
     return image_id if any(i.id == image_id for i, _ in aligned) else None
-
-
-def queue_for_scoring(image: Image) -> None:
-    """Mark a photo (in an open transaction) as waiting for scoring, claimable by any infer batch."""
-    image.status = ImageStatus.scoring.value
-    image.stage_times = {k: v for k, v in (image.stage_times or {}).items()
-                         if k not in ("infer_start", "infer_by", "batched_with")}
 
 
 def claim_waiting(image_id: int, limit: int) -> list[int]:
@@ -577,7 +521,7 @@ def claim_waiting(image_id: int, limit: int) -> list[int]:
             .order_by(Image.id).limit(limit).with_for_update(skip_locked=True)).all()
         node = _node()
         for image in rows:
-            _stamp(image, infer_start=time.time(), infer_by=node, batched_with=image_id)
+            photos.stamp(image, infer_start=time.time(), infer_by=node, batched_with=image_id)
         return [image.id for image in rows]
 
 
@@ -599,8 +543,7 @@ def infer(image_id: int | None) -> int | None:
         heartbeat(_node(), loaded.name if loaded else None)
         if loaded is None:
             image = session.get(Image, image_id, with_for_update=True)
-            image.status = ImageStatus.awaiting_model.value
-            _stamp(image, awaiting_model=time.time())
+            photos.move(image, ImageStatus.awaiting_model, awaiting_model=time.time())
             logger.info("image=%s state=awaiting_model", image_id)
             return None
     batch = [image_id, *claim_waiting(image_id, settings.infer_batch - 1)]
@@ -639,9 +582,9 @@ def infer(image_id: int | None) -> int | None:
         logger.info("image=%s state=realign", image_id)
         with session_scope() as session:
             image = session.get(Image, image_id, with_for_update=True)
-            if image is None or image.status in FINAL_STATES:
+            if image is None or image.status in photos.FINISHED:
                 return None
-            image.status = ImageStatus.aligning.value
+            photos.move(image, ImageStatus.aligning)
         return infer(align(image_id))
     return image_id
 
@@ -686,47 +629,25 @@ def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[d
                                          ranking=rank(aggregate, classes), ood=identity and identity["ood"])
             session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
                 "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
-            image.status = ImageStatus.done.value
-            image.reason = None
-            _stamp(image, done=now, **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
+            photos.move(image, ImageStatus.done, done=now,
+                        **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
     for image_id, *_ in faces:
         logger.info("image=%s state=done model=%s", image_id, version_id)
 
 
 def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:
-    """Re-queue images whose message was lost, and score images waiting for a model.
+    """Re-queue images whose message was lost, and score images waiting for a model
+    (the transitions are :func:`shared.photos.sweep`'s).
 
     Args:
         enqueue_pipeline: called with an image id to start its whole chain again.
         enqueue_infer: called with an image id to score it.
     """
     settings = get_settings()
-    cutoff = time.time() - settings.requeue_after_seconds
-    to_pipeline: list[int] = []
-    to_infer: list[int] = []
-    failed = 0
     with session_scope() as session:
-        stale = session.scalars(select(Image).where(Image.status.in_(ACTIVE_STATES), Image.updated_at.isnot(None))
-                                .with_for_update(skip_locked=True))
-        for image in stale:
-            if image.updated_at.timestamp() > cutoff:
-                continue
-            sweeps = int((image.stage_times or {}).get("sweeps", 0))
-            if image.created_at.timestamp() < time.time() - settings.give_up_seconds:
-                image.status = ImageStatus.failed.value
-                image.reason = f"processing did not finish within {settings.give_up_seconds // 3600} hours"
-                failed += 1
-                continue
-            image.status = ImageStatus.queued.value
-            _stamp(image, sweeps=sweeps + 1)
-            to_pipeline.append(image.id)
-        if active_version(session) is not None:
-            waiting = session.scalars(select(Image).where(Image.status == ImageStatus.awaiting_model.value)
-                                      .with_for_update(skip_locked=True))
-            for image in waiting:
-                # "scoring" is an active state: if this message is lost, the stale sweep re-runs it.
-                queue_for_scoring(image)
-                to_infer.append(image.id)
+        to_pipeline, to_infer, failed = photos.sweep(session, settings.requeue_after_seconds,
+                                                     settings.give_up_seconds,
+                                                     lambda s: active_version(s) is not None)
     # Commit first, then enqueue: a worker must see the rows we just wrote.
     for image_id in to_pipeline:
         enqueue_pipeline(image_id)

@@ -9,6 +9,7 @@ from minio.error import MinioException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared import photos
 from worker import pipeline
 from worker.celery_app import app
 
@@ -31,7 +32,7 @@ class PipelineTask(Task):
     def on_retry(self, exc, task_id, args, kwargs, einfo):
         if args and args[0] is not None:
             try:
-                pipeline.note_retry(args[0], f"{type(exc).__name__}: {exc}"[:200])
+                photos.note_retry(args[0], f"{type(exc).__name__}: {exc}"[:200])
             except Exception:  # noqa: BLE001 - the database may be the thing that is down
                 logger.warning("image=%s state=retry_unrecorded", args[0])
 
@@ -44,7 +45,7 @@ class PipelineTask(Task):
         else:
             reason = f"internal error during {self.name.split('.')[-1]} ({type(exc).__name__})"
         try:
-            pipeline.mark_failed(image_id, reason)
+            photos.mark_failed(image_id, reason)
         except Exception:  # noqa: BLE001 - the database may be the thing that is down
             logger.exception("image=%s state=unrecorded_failure", image_id)
 
