@@ -104,10 +104,14 @@ def _fit(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, kind: str,
         components = mapper.components_.astype(np.float32)
         normalization = mapper.normalization_.astype(np.float32)
         xs = _kernel_map(xs, components, normalization, gamma)
-    fit = LogisticRegression(C=c, class_weight="balanced", max_iter=1000).fit(xs, labels)
     # Classes without a training photo get a bias that never ranks them above a trained one.
     weight = np.zeros((n_classes, xs.shape[1]), np.float32)
     bias = np.full(n_classes, -1e4, np.float32)
+    present = np.unique(labels).astype(int)
+    if len(present) == 1:  # one class only: it is always first
+        bias[present[0]] = 0.0
+        return IdentityHead(kind, mean, std, weight, bias, gamma, components, normalization, {"C": c})
+    fit = LogisticRegression(C=c, class_weight="balanced", max_iter=1000).fit(xs, labels)
     present = fit.classes_.astype(int)
     if len(present) == 2:  # scikit-learn keeps one row for two classes: logit(p1) = w.x + b
         weight[present[1]], bias[present[1]] = fit.coef_[0] / 2, fit.intercept_[0] / 2
@@ -246,20 +250,21 @@ class OODReference:
 
 
 def build_ood_reference(train_descriptors: np.ndarray, held_out_descriptors: np.ndarray | None = None,
-                        seed: int = 0) -> OODReference:
+                        seed: int = 0) -> OODReference | None:
     """The reference of a model trained on ``train_descriptors``.
 
     ``held_out_descriptors`` (validation photos) give the reference distances; without them each
-    training photo's distance to the others (itself left out) is used.
+    training photo's distance to the others (itself left out) is used. None when there are too few
+    photos for a reference (fewer than two, or no held-out photo and fewer than ``k + 1``).
     """
+    held = held_out_descriptors is not None and len(held_out_descriptors) > 0
+    if len(train_descriptors) < 2 or (not held and len(train_descriptors) <= OOD_NEIGHBOURS):
+        return None
     train = _unit(train_descriptors)
     if len(train) > OOD_MAX_REFERENCE:
         train = train[np.random.default_rng(seed).choice(len(train), OOD_MAX_REFERENCE, replace=False)]
     ref = OODReference(train, np.zeros(0, np.float32))
-    if held_out_descriptors is not None and len(held_out_descriptors):
-        reference = ref.distances(held_out_descriptors)
-    else:
-        reference = ref.distances(train, exclude_self=True)
+    reference = ref.distances(held_out_descriptors) if held else ref.distances(train, exclude_self=True)
     ref.reference = np.sort(reference).astype(np.float32)
     return ref
 
