@@ -1,6 +1,6 @@
 """Face detection. Detectors return boxes, scores and five key points; cropping lives elsewhere.
 
-Backends (see ``make_detector``):
+Backends (registered in :mod:`shared.ml.backends`):
 
 * ``retinaface``: RetinaFace. ResNet-50 (retinaface-pytorch's network and weights) when its
   weights are present, else MobileNet-0.25 (face-alignment's network and weights). Batched:
