@@ -26,7 +26,7 @@ from shared.ml.gestalt import predict
 from shared.ml.pretrain import PretrainConfig, pretrain
 from shared.ml.training import SCRATCH_LR, PreparedData, TrainConfig, load_pretrained, prepare, train_ensemble
 from shared.ml.warps import BLIND_REGION, CONTAINING_REGION, UNAFFECTED, synthetic_phenotypes
-from tests.conftest import TEST_SETTINGS, shared_data
+from tests.conftest import shared_data
 
 REGIONS = ("full_face", "upper_half", "lower_half")
 CLASSES = (UNAFFECTED, "hypertelorism", "long_philtrum")
@@ -38,10 +38,15 @@ PRETRAIN = PretrainConfig(width=WIDTH, epochs=25, sgd_epochs=5, lr=2e-3, sgd_lr=
 SMALL_FACES, SMALL_SETS, SMALL_EPOCHS, TRANSFER_PAIRS = 12, 3, 60, 3
 
 
+# Training here runs in the test process while the suite's workers sit idle, so it takes both cores: the module ran
+# in 364 s on the 2-core machine, where its fixtures had taken 859 s on one thread in the last full suite run.
+TRAIN_THREADS = 2
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def train_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(TEST_SETTINGS["GESTALT_TORCH_THREADS"]))
+    torch.set_num_threads(TRAIN_THREADS)
     yield
     torch.set_num_threads(threads)
 
