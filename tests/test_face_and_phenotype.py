@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from shared.db import session_scope
-from shared.ml.heads import pack
+from shared.ml.vectors import pack
 from shared.models import Case, Diagnosis, Image, ImageFeature, ModelVersion, Result, Syndrome
 from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
 from shared.users import find_user

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, predict, rank, save_checkpoint
+from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, predict, save_checkpoint
 from shared.ml.nets import CASIANet
+from shared.ml.ranking import rank
 
 
 def test_paper_architecture():

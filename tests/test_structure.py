@@ -118,6 +118,16 @@ def test_portal_starts_without_torch_or_opencv():
     assert r.stdout.split() == ["False", "False", "False"], r.stdout
 
 
+def test_case_pages_need_no_torch():
+    """What a case page and the case API read (rankings, the active version, the gallery, the phenotype
+    ranking) is numpy and SQL: torch loads only for a heatmap, a re-score or training."""
+    code = ("import sys, web.results, web.phenotype, web.api, shared.modelops.gallery, shared.modelops.versions, "
+            "shared.ml.ranking, shared.ml.phenotype; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["False"], r.stdout
+
+
 def test_cli_starts_without_torch():
     """`gestalt --help` (and `gestalt web`, `gestalt worker` before they exec) load no torch."""
     code = "import sys, shared.cli; print('torch' in sys.modules, 'worker' in sys.modules)"

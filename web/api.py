@@ -133,7 +133,7 @@ def get_phenopacket(case_id: int):
 def get_image(image_id: int):
     db = get_db()
     image = image_or_404(image_id)
-    from shared.modelops.registry import active_version
+    from shared.modelops.versions import active_version
 
     active = active_version(db)
     payload = image_payload(db, image, active.id if active else None)

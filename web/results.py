@@ -66,7 +66,7 @@ def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
     if not eligible:
         return None
     version_id = active_id if active_id in eligible else max(eligible, key=lambda v: len(eligible[v]))
-    from shared.ml.gestalt import rank  # torch: loaded by the first page that shows a ranking
+    from shared.ml.ranking import rank
 
     version = db.get(ModelVersion, version_id)
     mean = np.mean(np.asarray(eligible[version_id], dtype=np.float64), axis=0)
@@ -131,7 +131,7 @@ def display_fields(db: Session, result: dict | None, active: ModelVersion | None
 
 def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_is_admin: bool = False) -> dict:
     from shared.catalog import hpo_labels
-    from shared.modelops.registry import active_version
+    from shared.modelops.versions import active_version
 
     active = active_version(db)
     active_id = active.id if active else None

@@ -23,10 +23,11 @@ from shared import photos
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.ml.detection import DetectedFace
-from shared.ml.gestalt import predict, rank
+from shared.ml.gestalt import predict
 from shared.ml.identity import CHIP_REGION, MEMBER
 from shared.ml.imaging import ImageRejected, decode_png_gray, decode_png_rgb, decode_stored, encode_png
 from shared.ml.preprocess import Detection, Preprocessor
+from shared.ml.ranking import rank
 from shared.ml.regions import ALL_REGIONS
 from shared.modelops.features import store_features
 from shared.modelops.registry import ModelCache, active_version

@@ -162,13 +162,6 @@ def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, f
     return pred
 
 
-def rank(aggregate: np.ndarray, classes: list[dict]) -> list[dict]:
-    """All classes, best first, as ``{"rank", "syndrome_id", "name", "score"}``."""
-    order = np.argsort(-aggregate, kind="stable")
-    return [{"rank": i + 1, "syndrome_id": classes[j]["syndrome_id"], "name": classes[j]["name"],
-             "score": float(aggregate[j])} for i, j in enumerate(order)]
-
-
 def save_checkpoint(model: RegionalEnsemble, class_names: list[str], metrics: dict, extra: dict | None = None) -> bytes:
     """A checkpoint dict (arch, config, class names, weights, metrics) as bytes."""
     state = {

@@ -48,14 +48,6 @@ def extract_features(model: RegionalEnsemble, crops: np.ndarray, batch_size: int
     return torch.cat(out).float().numpy() if out else np.zeros((0, len(model.regions), 0), np.float32)
 
 
-def pack(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype="<f4").tobytes()
-
-
-def unpack(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, dtype="<f4")
-
-
 @dataclass
 class HeadConfig:
     epochs: int = 30

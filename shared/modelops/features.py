@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared.ml import heads as hd
 from shared.ml.imaging import decode_png_gray
+from shared.ml.vectors import pack, unpack
 from shared.models import Crop, Face, ImageFeature
 from shared.storage import Storage
 
@@ -19,7 +20,7 @@ from shared.storage import Storage
 def store_features(session: Session, image_id: int, regions: tuple[str, ...], backbone: str,
                    features: np.ndarray) -> None:
     """Upsert one cached feature row per region for ``backbone``."""
-    rows = [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": hd.pack(features[i])}
+    rows = [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": pack(features[i])}
             for i, r in enumerate(regions)]
     stmt = insert(ImageFeature).values(rows)
     session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "region", "backbone_sha"],
@@ -32,7 +33,7 @@ def cached_features(session: Session, storage: Storage, model, backbone: str, im
     cached: dict[int, dict[str, np.ndarray]] = {}
     for f in session.scalars(select(ImageFeature).where(ImageFeature.backbone_sha == backbone,
                                                         ImageFeature.image_id.in_(image_ids))):
-        cached.setdefault(f.image_id, {})[f.region] = hd.unpack(f.vector)
+        cached.setdefault(f.image_id, {})[f.region] = unpack(f.vector)
     missing = [i for i in image_ids if set(cached.get(i, {})) != set(regions)]
     if missing:
         crops = {(fid, c.region): c.object_key for fid, c in session.execute(
@@ -57,7 +58,7 @@ def cached_descriptors(session: Session, storage: Storage, member, image_ids: li
     from shared.ml.identity import CHIP_REGION, MEMBER
     from shared.ml.imaging import decode_png_rgb
 
-    out = {f.image_id: hd.unpack(f.vector) for f in session.scalars(
+    out = {f.image_id: unpack(f.vector) for f in session.scalars(
         select(ImageFeature).where(ImageFeature.backbone_sha == member.feature_key, ImageFeature.region == MEMBER,
                                    ImageFeature.image_id.in_(image_ids)))}
     missing = [i for i in image_ids if i not in out]

@@ -10,8 +10,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.ml import heads as hd
 from shared.ml.gallery import Gallery, gallery_vectors
+from shared.ml.vectors import unpack
 from shared.models import Case, Diagnosis, Image, ImageFeature, Syndrome
 
 # Unit vectors per (backbone, regions) and image id. Features of one backbone never change, so each
@@ -55,7 +55,7 @@ def load_gallery(session: Session, backbone_sha: str, regions: tuple[str, ...] |
                 select(ImageFeature.image_id, ImageFeature.region, ImageFeature.vector)
                 .where(ImageFeature.backbone_sha == backbone_sha, ImageFeature.region.in_(regions),
                        ImageFeature.image_id.in_(missing[start:start + 5000]))):
-            per_image.setdefault(image_id, {})[region] = hd.unpack(blob)
+            per_image.setdefault(image_id, {})[region] = unpack(blob)
         full = [i for i, v in per_image.items() if set(v) == set(regions)]
         if full:
             vectors = gallery_vectors(np.stack([np.stack([per_image[i][r] for r in regions]) for i in full]))
@@ -80,6 +80,6 @@ def case_features(session: Session, case_id: int, backbone_sha: str, regions: tu
                ImageFeature.region.in_(regions)).order_by(ImageFeature.image_id)).all()
     per_image: dict[int, dict] = {}
     for image_id, region, blob in rows:
-        per_image.setdefault(image_id, {})[region] = hd.unpack(blob)
+        per_image.setdefault(image_id, {})[region] = unpack(blob)
     full = [np.stack([v[r] for r in regions]) for v in per_image.values() if set(v) == set(regions)]
     return np.stack(full) if full else np.zeros((0, len(regions), 0), np.float32)

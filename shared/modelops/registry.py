@@ -8,18 +8,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device, save_checkpoint
+from shared.modelops.versions import ModelNotFound, active_version, find_version  # noqa: F401 - the lifecycle's lookups
 from shared.models import ModelStatus, ModelVersion
 from shared.storage import Storage, checkpoint_key, sha256_hex
 
 logger = logging.getLogger(__name__)
-
-
-class ModelNotFound(LookupError):
-    pass
 
 
 def upsert_syndromes(session: Session, names: list[str]) -> list[dict]:
@@ -55,18 +52,6 @@ def register_model(session: Session, storage: Storage, model: RegionalEnsemble, 
     return version
 
 
-def find_version(session: Session, ref: str | int) -> ModelVersion:
-    """A version by name, or by numeric id."""
-    ref = str(ref)
-    condition = ModelVersion.name == ref
-    if ref.isascii() and ref.isdigit():  # str.isdigit also accepts "¹" and other non-ASCII digits
-        condition = condition | (ModelVersion.id == int(ref))
-    version = session.scalars(select(ModelVersion).where(condition)).first()
-    if version is None:
-        raise ModelNotFound(f"no model version {ref!r}")
-    return version
-
-
 def activate(session: Session, version: ModelVersion) -> None:
     """Make ``version`` the active model; the previous one is retired. Commit, then wake waiting images."""
     if version.status == ModelStatus.active.value:
@@ -78,10 +63,6 @@ def activate(session: Session, version: ModelVersion) -> None:
     version.activated_at = datetime.now(UTC)
     session.flush()
     logger.info("model=%s state=activated id=%d", version.name, version.id)
-
-
-def active_version(session: Session) -> ModelVersion | None:
-    return session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)).first()
 
 
 @dataclass
