@@ -88,6 +88,18 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
     Raises:
         ImageRejected: with a reason a clinician can read.
     """
+    _check_file(data, max_bytes)
+    rgb_im, fmt, clean = _decode_checked(data, max_pixels, keep_clean)
+    if min(rgb_im.size) < min_side:
+        raise ImageRejected(
+            f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
+    stored, content_type, ext = _stored_bytes(data, rgb_im, fmt, clean)
+    return DecodedImage(rgb=np.asarray(rgb_im), data=stored, content_type=content_type, ext=ext,
+                        sha256=hashlib.sha256(stored).hexdigest())
+
+
+def _check_file(data: bytes, max_bytes: int) -> None:
+    """The checks before any decoder sees the bytes: empty files, HEIC/AVIF, the file size."""
     if not data:
         raise ImageRejected("the file is empty")
     if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
@@ -96,26 +108,15 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
     if len(data) > max_bytes:
         raise ImageRejected(
             f"the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", http_status=413)
+
+
+def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, bool]:
+    """The upright RGB image, its format, and whether its bytes may be stored as they are; every
+    decoder failure (unreadable, bomb, damaged) becomes an :class:`ImageRejected`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            fmt = im.format
-            if fmt not in ALLOWED_FORMATS:
-                raise ImageRejected(f"{fmt or 'this'} files are not supported; upload a JPEG or PNG photo",
-                                    http_status=415)
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageRejected(
-                    f"the image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels",
-                    http_status=413)
-            if getattr(im, "n_frames", 1) > 1:
-                raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
-                                    http_status=415)
-            im.load()
-            clean = keep_clean and _metadata_free(im)
-            im = ImageOps.exif_transpose(im)
-            rgb_im = _to_rgb(im)
+            return _decode(data, max_pixels, keep_clean)
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:
@@ -128,10 +129,32 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
             ZeroDivisionError, MemoryError) as exc:
         raise ImageRejected("the image file is damaged or truncated") from exc
 
-    if min(rgb_im.size) < min_side:
-        raise ImageRejected(
-            f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
 
+def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, bool]:
+    """Open the image, refuse a format, size or frame count we do not take before decoding the pixels,
+    then decode, note whether it is metadata-free, and turn it upright and RGB."""
+    im = Image.open(io.BytesIO(data))
+    fmt = im.format
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageRejected(f"{fmt or 'this'} files are not supported; upload a JPEG or PNG photo",
+                            http_status=415)
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            f"the image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels",
+            http_status=413)
+    if getattr(im, "n_frames", 1) > 1:
+        raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
+                            http_status=415)
+    im.load()
+    clean = keep_clean and _metadata_free(im)
+    im = ImageOps.exif_transpose(im)
+    return _to_rgb(im), fmt, clean
+
+
+def _stored_bytes(data: bytes, rgb_im: Image.Image, fmt: str, clean: bool) -> tuple[bytes, str, str]:
+    """The bytes to store, their content type and extension: the upload itself when ``clean``, else a fresh
+    encode (JPEG stays JPEG, everything else becomes PNG)."""
     out = io.BytesIO()
     if clean:
         out.write(data)
@@ -143,9 +166,7 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
     else:
         rgb_im.save(out, format="PNG", compress_level=1)
         content_type, ext = "image/png", "png"
-    stored = out.getvalue()
-    return DecodedImage(rgb=np.asarray(rgb_im), data=stored, content_type=content_type, ext=ext,
-                        sha256=hashlib.sha256(stored).hexdigest())
+    return out.getvalue(), content_type, ext
 
 
 def decode_stored(data: bytes) -> np.ndarray:
