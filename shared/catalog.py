@@ -116,9 +116,31 @@ def load_catalog(session: Session, diseases: list[Disease] | None = None, terms:
     if diseases is None or terms is None:
         diseases, terms = read_catalogue()
     t_read = time.monotonic() - t0
-    names = display_names(diseases)
     rows = session.execute(select(Syndrome.id, Syndrome.name, Syndrome.omim, Syndrome.orpha, Syndrome.source,
                                   Syndrome.genes)).all()
+    inserts, updates = _plan_syndromes(diseases, rows)
+    for start in range(0, len(inserts), BATCH):
+        session.execute(insert(Syndrome), inserts[start:start + BATCH])
+    if updates:
+        session.execute(update(Syndrome), updates)
+    _upsert_hpo_terms(session, terms)
+    session.flush()
+    # The phenotype ranker's arrays and calibration come from the same bundled data: build their cache
+    # now, so that no portal request has to (shared.ml.phenotype).
+    from shared.ml.phenotype import shared_ranker
+
+    shared_ranker()
+    counts = {"diseases": len(diseases), "inserted": len(inserts), "updated": len(updates), "hpo_terms": len(terms),
+              "read_s": round(t_read, 2), "total_s": round(time.monotonic() - t0, 2)}
+    logger.info("catalog load %s", counts)
+    return counts
+
+
+def _plan_syndromes(diseases: list[Disease], rows) -> tuple[list[dict], list[dict]]:
+    """The ``syndromes`` rows to insert and the updates to make so that the table holds ``diseases``.
+
+    ``rows`` are the syndromes stored now (id, name, omim, orpha, source, genes). Names stay unique."""
+    names = display_names(diseases)
     by_code = {}
     by_name = {r.name.casefold(): r for r in rows}
     for r in rows:
@@ -131,45 +153,44 @@ def load_catalog(session: Session, diseases: list[Disease] | None = None, terms:
         name = names[d.code]
         column = d.source  # "omim" | "orpha" are also the column names
         row = by_code.get(d.code)
-        if row is None:
-            local = by_name.get(name.casefold())
-            if local is not None and local.source == "local" and not local.omim and not local.orpha:
-                updates.append({"id": local.id, column: d.code, "source": d.source, "genes": list(d.genes)})
-                by_code[d.code] = local
-                continue
-            if name.casefold() in taken:  # a different syndrome holds the name: keep both, tell them apart
-                name = f"{d.name} ({d.code})"
-            inserts.append({"name": name, column: d.code, "source": d.source, "genes": list(d.genes)})
-            taken.add(name.casefold())
+        if row is not None:
+            change = _catalogued_change(row, d, name, taken)
+            if change:
+                updates.append({"id": row.id, **change})
             continue
-        change = {}
-        if list(row.genes or []) != list(d.genes):
-            change["genes"] = list(d.genes)
-        if row.source == "local":
-            change["source"] = d.source
-        if row.name != name and name.casefold() not in taken:
-            change["name"] = name
-            taken.add(name.casefold())
-        if change:
-            updates.append({"id": row.id, **change})
-    for start in range(0, len(inserts), BATCH):
-        session.execute(insert(Syndrome), inserts[start:start + BATCH])
-    if updates:
-        session.execute(update(Syndrome), updates)
+        local = by_name.get(name.casefold())
+        if local is not None and local.source == "local" and not local.omim and not local.orpha:
+            updates.append({"id": local.id, column: d.code, "source": d.source, "genes": list(d.genes)})
+            by_code[d.code] = local
+            continue
+        if name.casefold() in taken:  # a different syndrome holds the name: keep both, tell them apart
+            name = f"{d.name} ({d.code})"
+        inserts.append({"name": name, column: d.code, "source": d.source, "genes": list(d.genes)})
+        taken.add(name.casefold())
+    return inserts, updates
+
+
+def _catalogued_change(row, d: Disease, name: str, taken: set[str]) -> dict:
+    """What to update in the stored syndrome ``row`` of disease ``d`` (display name ``name``); {} for nothing.
+
+    A new name is taken only when no other syndrome holds it (``taken``, the casefolded names, grows)."""
+    change = {}
+    if list(row.genes or []) != list(d.genes):
+        change["genes"] = list(d.genes)
+    if row.source == "local":
+        change["source"] = d.source
+    if row.name != name and name.casefold() not in taken:
+        change["name"] = name
+        taken.add(name.casefold())
+    return change
+
+
+def _upsert_hpo_terms(session: Session, terms: list) -> None:
+    """Insert or update the HPO terms ``(id, name, synonyms)``, in batches."""
     for start in range(0, len(terms), BATCH):
         stmt = insert(HpoTerm).values([{"id": i, "name": n, "synonyms": s} for i, n, s in terms[start:start + BATCH]])
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={
             "name": stmt.excluded.name, "synonyms": stmt.excluded.synonyms}))
-    session.flush()
-    # The phenotype ranker's arrays and calibration come from the same bundled data: build their cache
-    # now, so that no portal request has to (shared.ml.phenotype).
-    from shared.ml.phenotype import shared_ranker
-
-    shared_ranker()
-    counts = {"diseases": len(diseases), "inserted": len(inserts), "updated": len(updates), "hpo_terms": len(terms),
-              "read_s": round(t_read, 2), "total_s": round(time.monotonic() - t0, 2)}
-    logger.info("catalog load %s", counts)
-    return counts
 
 
 def catalog_loaded(session: Session) -> bool:
