@@ -1,66 +1,28 @@
-"""The evaluation report: metrics.json, report.md, report.html and PNG plots in one folder."""
+"""The evaluation report: metrics.json, report.md, report.html and PNG plots in one folder.
+
+This module computes the figures and writes the folder. The input (:class:`EvalInput`) lives in
+:mod:`shared.ml.report_input`, the plots in :mod:`shared.ml.report_plots`, the summary lines in
+:mod:`shared.ml.report_text`; every name is also importable from here.
+"""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from shared.ml import evaluation as ev
+from shared.ml.report_input import EvalInput, calls, positive_index
+from shared.ml.report_plots import write_plots
+from shared.ml.report_text import headline, pct
 
-from shared.ml import evaluation as ev  # noqa: E402
+__all__ = ["CURVE_MAX_K", "ERROR_GALLERY", "KS", "EvalInput", "calls", "compute", "error_cases", "headline",
+           "pct", "positive_index", "write_predictions", "write_report"]
 
 KS = (1, 5, 10)
 CURVE_MAX_K = 30
-
-
-@dataclass
-class EvalInput:
-    """Everything the report is computed from."""
-
-    model_name: str
-    class_names: list[str]
-    regions: list[str]
-    region_probs: np.ndarray  # N x R x C: the ensemble's members (regions, then the identity member if any)
-    labels: np.ndarray  # N
-    subjects: list[str]
-    data_source: str
-    data_hash: str
-    split: str
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    aligned: np.ndarray | None = None  # N x H x W uint8 aligned faces, for composites
-    baseline_accuracy: float | None = None
-    baseline_n: int | None = None
-    positive: str | None = None  # binary models: the positive class
-    resamples: int = ev.DEFAULT_RESAMPLES
-    permutations: int = 100_000
-    seed: int = 0
-    images: list[str] | None = None  # per image: its file, for predictions.csv
-    original_labels: list[str] | None = None  # per image: the test set's own label (before the model's mapping)
-    label_map: dict[str, str] = field(default_factory=dict)  # original label -> class, as applied
-    threshold: float | None = None  # binary: operating threshold on the positive probability
-    threshold_source: str = ""
-    prevalence: float | None = None  # binary: PPV/NPV also at this prevalence
-    preprocessing: dict = field(default_factory=dict)  # detector/landmarker names and weight hashes
-    temperature: float | None = None  # the calibration temperature applied to the scores, if any
-    # (image index, class index) -> RGB overlay of the aligned face with that class's heatmap, for the error gallery
-    heatmap: Callable[[int, int], np.ndarray] | None = None
-    # Each member's weight in the aggregate (sums to 1); None: the members' plain mean.
-    member_weights: list[float] | None = None
-    # Per image, how unlike the model's training photos (shared.ml.identity.OODReference.score), if known.
-    ood: list[dict] | None = None
-
-    def aggregate(self) -> np.ndarray:
-        """``N x C``: the members combined as the model combines them."""
-        if self.member_weights is None:
-            return self.region_probs.mean(axis=1)
-        return np.einsum("nrc,r->nc", self.region_probs, np.asarray(self.member_weights, np.float64))
 
 
 def _estimates(d: dict) -> dict:
@@ -75,20 +37,6 @@ def _estimates(d: dict) -> dict:
             v = None
         out[k] = v
     return out
-
-
-def positive_index(inp: EvalInput) -> int:
-    return inp.class_names.index(inp.positive) if inp.positive in inp.class_names else 0
-
-
-def calls(inp: EvalInput) -> np.ndarray:
-    """The class each image is called: argmax, or for two classes the positive class at the threshold."""
-    agg = inp.aggregate()
-    if len(inp.class_names) != 2:
-        return agg.argmax(axis=1)
-    pos = positive_index(inp)
-    thr = ev.DEFAULT_THRESHOLD if inp.threshold is None else inp.threshold
-    return np.where(agg[:, pos] >= thr, pos, 1 - pos)
 
 
 def compute(inp: EvalInput) -> dict:
@@ -158,107 +106,6 @@ def _skipped_counts(rejected: list[tuple[str, str]]) -> list[dict]:
     return [{"reason": k, "n": n} for k, n in Counter(reason_kind(r) for _, r in rejected).most_common()]
 
 
-def _plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:
-    files = {}
-    agg = inp.aggregate()
-    n_classes = len(inp.class_names)
-    binary = n_classes == 2
-
-    cm = np.zeros((n_classes, n_classes), int)
-    np.add.at(cm, (inp.labels, calls(inp)), 1)
-    size = min(14, 3 + 0.25 * n_classes)
-    fig, ax = plt.subplots(figsize=(max(size, 4), max(size, 4)))
-    ax.imshow(cm, cmap="Blues")
-    if n_classes <= 40:
-        ax.set_xticks(range(n_classes), inp.class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n_classes), inp.class_names, fontsize=7)
-        if n_classes <= 12:
-            for (i, j), v in np.ndenumerate(cm):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("called (at the threshold)" if binary else "predicted (top-1)")
-    ax.set_ylabel("diagnosed")
-    ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=110)
-    plt.close(fig)
-    files["confusion"] = "confusion_matrix.png"
-
-    curve = metrics["topk_curve"]
-    if curve:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", ms=3)
-        ax.set_xlabel("k")
-        ax.set_ylabel("top-k accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.set_title("Top-k accuracy")
-        fig.tight_layout()
-        fig.savefig(out / "topk_curve.png", dpi=110)
-        plt.close(fig)
-        files["topk"] = "topk_curve.png"
-
-    if binary and metrics["binary"]["auc"]["n"]:
-        from sklearn.metrics import roc_curve
-
-        pos = positive_index(inp)
-        fpr, tpr, _ = roc_curve(inp.labels == pos, agg[:, pos])
-        b = metrics["binary"]
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.plot(fpr, tpr, label=f"AUC {pct(b['auc'], 'n/a', 3)}")
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        if b["sensitivity"]["n"] and b["specificity"]["n"]:
-            ax.plot(1 - b["specificity"]["value"], b["sensitivity"]["value"], "o", color="C3",
-                    label=f"threshold {b['threshold']:.3f}")
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
-        ax.set_title(f"ROC: {b['positive']} against {b['negative']}")
-        ax.legend(loc="lower right")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "roc_curve.png", dpi=110)
-        plt.close(fig)
-        files["roc"] = "roc_curve.png"
-
-    cal = metrics["calibration"]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="perfect calibration")
-    if cal["bins"]:
-        conf = [r["confidence"] for r in cal["bins"]]
-        obs = [r["observed"] for r in cal["bins"]]
-        ax.plot(conf, obs, marker="o", label=f"model (ECE {cal['ece']:.3f})")
-        for c, o, r in zip(conf, obs, cal["bins"], strict=True):
-            ax.annotate(str(r["n"]), (c, o), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(f"predicted {cal['of']}")
-    ax.set_ylabel("observed rate")
-    ax.set_title("Reliability diagram (images per bin)")
-    ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    files["reliability"] = "reliability.png"
-
-    if inp.aligned is not None and len(inp.aligned):
-        present = sorted(np.unique(inp.labels))
-        cols = min(6, len(present))
-        rows = int(np.ceil(len(present) / cols))
-        # At least 6 inches wide, so the title fits on one line; constrained layout keeps it inside the figure.
-        fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 2.2 * cols), 2.5 * rows + 0.6), squeeze=False,
-                                 layout="constrained")
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, c in zip(axes.ravel(), present, strict=False):
-            ax.imshow(inp.aligned[inp.labels == c].astype(np.float64).mean(axis=0), cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{inp.class_names[c]} (n={int((inp.labels == c).sum())})", fontsize=9)
-        fig.suptitle("Composite faces (mean of aligned faces)", fontsize=12)
-        fig.savefig(out / "composite_faces.png", dpi=100)
-        plt.close(fig)
-        files["composites"] = "composite_faces.png"
-    return files
-
-
 def write_predictions(inp: EvalInput, path: Path) -> None:
     """One row per image: file, subject, labels, the call, the ranking and every score (aggregate and region).
 
@@ -295,15 +142,6 @@ def _ood_summary(ood: list[dict] | None) -> dict | None:
     unusual = int(sum(o["unusual"] for o in ood))
     return {"images": len(ood), "unusual": unusual, "unusual_share": unusual / len(ood),
             "median_percentile": float(np.median(pct)), "expected_median": 50.0}
-
-
-def pct(v: dict | None, missing: str = "n/a", digits: int | None = None) -> str:
-    """``61.3% (57.2–65.5)``; a fraction-scale figure (AUC) with ``digits``; ``missing`` when undefined."""
-    if not v or not v.get("n") or v.get("value") is None:
-        return missing
-    if digits is not None:
-        return f"{v['value']:.{digits}f} ({v['low']:.{digits}f}–{v['high']:.{digits}f})"
-    return f"{100 * v['value']:.1f}% ({100 * v['low']:.1f}–{100 * v['high']:.1f})"
 
 
 ERROR_GALLERY = 6  # thumbnails at most
@@ -358,7 +196,7 @@ def write_report(inp: EvalInput, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = _estimates(compute(inp))
-    files = _plots(inp, metrics, out)
+    files = write_plots(inp, metrics, out)
     metrics["error_gallery"] = _error_gallery(inp, out)
     write_predictions(inp, out / "predictions.csv")
     files["predictions"] = "predictions.csv"
@@ -378,26 +216,3 @@ def write_report(inp: EvalInput, out: Path) -> dict:
         (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=pct,
                                                                      headline=headline(metrics)))
     return metrics
-
-
-def headline(metrics: dict) -> list[str]:
-    """The report's summary in a few lines (also printed by ``gestalt evaluate``)."""
-    d = metrics["data"]
-    lines = [f"{metrics['model']}: {d['images']} images of {d['subjects']} subjects ({d['rejected']} skipped)"]
-    b = metrics.get("binary")
-    if b:
-        lines.append(f"screening {b['positive']} against {b['negative']} at threshold {b['threshold']:.3f} "
-                     f"[{b['threshold_source']}]; {b['n_positive']} positive, {b['n_negative']} negative images")
-        lines.append(f"correct calls {pct(b['accuracy'])}; AUC {pct(b['auc'], 'n/a (one class only)', 3)}")
-        lines.append(f"sensitivity {pct(b['sensitivity'], 'n/a (no positive images)')}; "
-                     f"specificity {pct(b['specificity'], 'n/a (no negative images)')}")
-        lines.append(f"PPV {pct(b['ppv'])}, NPV {pct(b['npv'])} at the test prevalence "
-                     f"{100 * b['test_prevalence']:.1f}%")
-        if b.get("at_prevalence"):
-            a = b["at_prevalence"]
-            lines.append(f"PPV {pct(a['ppv'])}, NPV {pct(a['npv'])} at a prevalence of {100 * a['prevalence']:.3g}%")
-    else:
-        lines += [f"{k}: {pct(v)} per image, {pct(metrics['macro'][k])} per disorder"
-                  for k, v in metrics["per_image"].items()]
-    lines.append(f"expected calibration error ({metrics['calibration']['of']}): {metrics['calibration']['ece']:.3f}")
-    return lines
