@@ -1,166 +1,63 @@
-"""Training data, subject-disjoint splits and the training loop of the regional ensemble."""
+"""The training loop of the regional ensemble: one epoch, validation, fine-tuning from a pretrained
+checkpoint, and resumable training that keeps the best epoch and may stop early.
+
+The recipe (:class:`TrainConfig`, presets, optimizers, augmentation) lives in :mod:`shared.ml.recipe`, the
+training data (:func:`prepare`, :class:`PreparedData`) in :mod:`shared.ml.training_data`, the training
+modes and label maps in :mod:`shared.ml.training_modes`; their names are importable from here too.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from shared.ml.data import Sample
 from shared.ml.evaluation import topk_hits
 from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint, predict
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.prepcache import CachedFace, CachedRejection, PrepCache
-from shared.ml.preprocess import Preprocessor
+from shared.ml.recipe import (
+    FINETUNE_HEAD_GAIN,
+    FINETUNE_LR,
+    MOMENTUM,
+    PRESETS,
+    SCRATCH_LR,
+    TrainConfig,
+    augmentation,
+    class_weights,
+    make_optimizer,
+    seed_everything,
+)
+from shared.ml.training_data import (
+    PreparedData,
+    data_hash,
+    prepare,
+    reason_kind,
+    skipped_summary,
+    write_skipped,
+)
+from shared.ml.training_modes import (
+    BINARY_NEGATIVE,
+    MODES,
+    apply_label_map,
+    binary_label_map,
+    select_task,
+)
+
+__all__ = [
+    "BINARY_NEGATIVE", "ESTIMATE_AFTER", "FINETUNE_HEAD_GAIN", "FINETUNE_LR", "MODES", "MOMENTUM", "PRESETS",
+    "SCRATCH_LR", "PreparedData", "TrainConfig", "apply_label_map", "augmentation", "binary_label_map",
+    "binary_summary", "class_weights", "data_hash", "evaluate", "load_pretrained", "make_optimizer", "prepare",
+    "reason_kind", "run_time_estimate", "seed_everything", "select_task", "skipped_summary", "train_ensemble",
+    "train_epoch", "write_skipped",
+]
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class PreparedData:
-    crops: np.ndarray  # N x R x 100 x 100 uint8
-    labels: np.ndarray  # N int64
-    samples: list[Sample]
-    rejected: list[tuple[Sample, str]] = field(default_factory=list)
-    aligned: np.ndarray | None = None  # N x 200 x 200 uint8 aligned grayscale faces (keep_aligned=True)
-    landmarks: np.ndarray | None = None  # N x L x 2 landmarks on the aligned canvas (keep_aligned=True)
-    chips: np.ndarray | None = None  # N x 150 x 150 x 3 uint8 face chips, the identity encoder's input
-    descriptors: np.ndarray | None = None  # N x 128 identity descriptors of the chips (describe_faces)
-
-
-def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
-            max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True,
-            keep_aligned: bool = False, cache: PrepCache | None = None) -> PreparedData:
-    """Decode, detect, align and crop every sample, as the worker does for an upload.
-
-    With ``cache``, a photo preprocessed before with the same setup (backends, regions, threshold) is
-    read from it instead: neither decoding nor the detector runs. Faces found and photos rejected by
-    the preprocessor are both cached; photos the decoder refuses are not (cheap, and limit-dependent).
-
-    Raises:
-        ValueError: when a sample's label is not in ``class_names`` (all unknown labels are listed).
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted({s.label for s in samples} - set(index))
-    if unknown:
-        raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
-    crops, labels, kept, rejected, aligned, landmarks, chips = [], [], [], [], [], [], []
-    for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
-        raw = s.path.read_bytes()
-        entry = None
-        if cache is not None:
-            digest = hashlib.sha256(raw).hexdigest()
-            entry = cache.get(digest)
-        if entry is None:
-            try:
-                decoded = decode_upload(raw, max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
-            except ImageRejected as exc:
-                rejected.append((s, exc.reason))
-                continue
-            try:
-                result = preprocessor.run(decoded.rgb)
-            except ImageRejected as exc:
-                entry = CachedRejection(exc.reason)
-            else:
-                entry = CachedFace(np.stack([result.aligned.crops[r] for r in preprocessor.regions]),
-                                   cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY),
-                                   result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32),
-                                   result.aligned.chip)
-            if cache is not None:
-                cache.put(digest, entry)
-        if isinstance(entry, CachedRejection):
-            rejected.append((s, entry.reason))
-            continue
-        crops.append(entry.crops)
-        chips.append(entry.chip)
-        labels.append(index[s.label])
-        kept.append(s)
-        if keep_aligned:
-            aligned.append(entry.aligned)
-            landmarks.append(entry.landmarks)
-    if cache is not None:
-        logger.info("preprocessing cache %s: %d read, %d computed", cache.root, cache.hits, cache.misses)
-    if not crops:
-        raise ValueError("no usable face in the data")
-    return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
-                        np.stack(aligned) if keep_aligned else None, np.stack(landmarks) if keep_aligned else None,
-                        np.stack(chips))
-
-
-# The paper's fine-tuning recipe: a new final layer, Xavier-normal at this gain, trained with SGD.
-FINETUNE_HEAD_GAIN = 0.3
-FINETUNE_LR = 5e-3
-SCRATCH_LR = 1e-3
-MOMENTUM = 0.9
-# Binary mode: every label but the positive one becomes this class.
-BINARY_NEGATIVE = "others"
-MODES = ("multiclass", "binary", "specialised")
-
-
-# `gestalt train --preset NAME`: defaults for width, epochs and batch size (options given explicitly win).
-PRESETS = {
-    "cpu-small": {"width": 0.25, "epochs": 8, "batch_size": 16},
-    "paper": {"width": 1.0, "epochs": 40, "batch_size": 32},
-}
-
-
-@dataclass
-class TrainConfig:
-    width: float = 1.0
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = SCRATCH_LR
-    weight_decay: float = 5e-4
-    # "adam" trains from scratch; "sgd" (momentum 0.9, no weight decay) is the paper's fine-tuning recipe.
-    optimizer: str = "adam"
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    # The best epoch is the one with the highest validation top-k at this k (ties: lower k, then loss).
-    select_topk: int = 1
-    augment: bool = True
-    # Early stopping: stop after this many epochs without a better validation score (0: run every epoch).
-    patience: int = 0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def augmentation() -> v2.Transform:
-    """The paper's augmentation: rotation 5 deg, shifts 0.05, shear 5 deg, zoom 0.05, horizontal flip."""
-    return v2.Compose([
-        v2.RandomAffine(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05), shear=5),
-        v2.RandomHorizontalFlip(),
-    ])
-
-
-def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam, or SGD with momentum 0.9 and no weight decay (the paper's fine-tuning and second pretraining phase)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=0.0)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r} (adam or sgd)")
-
-
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights with mean 1 over the present classes, against class imbalance."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
-    return torch.as_tensor(weights, dtype=torch.float32)
-
 
 ESTIMATE_AFTER = 5  # batches timed for the run-time estimate
 
@@ -315,103 +212,170 @@ def train_ensemble(data: PreparedData, class_names: list[str], regions: tuple[st
         The trained ensemble (CPU, eval mode) and its metrics.
     """
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    model = (copy.deepcopy(init) if init is not None
-             else RegionalEnsemble(regions, len(class_names), width=cfg.width)).to(device)
-    if init is not None and init.num_classes != len(class_names):
-        raise ValueError(f"the initial model has {init.num_classes} outputs, the data {len(class_names)} classes")
-    x_train = torch.as_tensor(data.crops[train_idx])
-    y_train = torch.as_tensor(data.labels[train_idx])
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(data.labels[train_idx], len(class_names)).to(device))
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-    aug = augmentation() if cfg.augment else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    select_topk = cfg.select_topk if cfg.select_topk < len(class_names) else 1
-    ks = tuple(k for k in sorted({1, 5, select_topk}) if k == 1 or k < len(class_names))
-    history, best, best_state, start, since_best, stopped_early = [], None, None, 0, 0, False
-    timing: dict = {}
+    run = _TrainingRun(data, class_names, regions, train_idx, val_idx, cfg, init)
     started = time.perf_counter()
-    fingerprint = _resume_fingerprint(class_names, regions, train_idx, val_idx, cfg, init)
     if state_path is not None:
-        state = _load_train_state(state_path)
-        if state is not None:
-            if state["fingerprint"] != fingerprint:
-                raise ValueError(f"{state_path} was written by a run with other data, split or settings; "
-                                 "remove it or choose another file")
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["rng"])
-            start, history, since_best = int(state["epoch"]), list(state["history"]), int(state["since_best"])
-            best = tuple(state["best"]) if state["best"] is not None else None
-            best_state, stopped_early = state["best_state"], bool(state["stopped_early"])
-            logger.info("train resume epoch=%d path=%s", start, state_path)
-    for epoch in tqdm(range(start, cfg.epochs), desc="train", unit="epoch", initial=start, total=cfg.epochs,
-                      disable=not cfg.progress or stopped_early):
-        if stopped_early:
+        run.resume(state_path)
+    progress = run.progress
+    for epoch in tqdm(range(progress.start, cfg.epochs), desc="train", unit="epoch", initial=progress.start,
+                      total=cfg.epochs, disable=not cfg.progress or progress.stopped_early):
+        if progress.stopped_early:
             break
-        def estimate(seconds: float, done: int, total: int, left: int = cfg.epochs - epoch) -> None:
-            eta = run_time_estimate(seconds, done, total, left, len(val_idx) / max(len(train_idx), 1))
-            timing["estimated_seconds"] = round(eta, 1)
-            if cfg.progress:
+        run.run_epoch(epoch)
+        if state_path is not None:
+            run.save(state_path, epoch + 1)
+        if progress.stopped_early:
+            logger.info("train early stop epoch=%d patience=%d", epoch + 1, cfg.patience)
+            break
+    model = run.best_model()
+    return model, run.metrics(model, started, positive)
+
+
+@dataclass
+class _Progress:
+    """How far a run has come: what the epoch state file keeps besides the weights and the random state."""
+
+    start: int = 0  # the epoch this call started at (after resuming, the state file's)
+    history: list[dict] = field(default_factory=list)
+    best: tuple | None = None  # the best validation score so far (see _TrainingRun.validate)
+    best_state: dict | None = None  # the weights of the best epoch
+    since_best: int = 0
+    stopped_early: bool = False
+
+    def record(self, entry: dict, score: tuple, model: RegionalEnsemble, patience: int) -> None:
+        """Keep the weights when ``score`` is the best so far; count epochs without a better one."""
+        # Patience counts epochs since validation top-k last rose (the training loss breaks ties only).
+        improved = self.best is None or score[:-1] > tuple(self.best[:-1])
+        if self.best is None or score >= self.best:
+            self.best = score
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            entry["best"] = True
+        self.since_best = 0 if improved else self.since_best + 1
+        if patience and self.since_best >= patience:
+            self.stopped_early = True
+            entry["stopped_early"] = True
+
+
+class _TrainingRun:
+    """One call of :func:`train_ensemble`: the model and what trains it (data, loss, optimizer, schedule,
+    augmentation, random generator), the validation setup and the :class:`_Progress` so far."""
+
+    def __init__(self, data: PreparedData, class_names: list[str], regions: tuple[str, ...], train_idx: list[int],
+                 val_idx: list[int], cfg: TrainConfig, init: RegionalEnsemble | None):
+        self.device = device = torch.device(cfg.device)
+        self.model = (copy.deepcopy(init) if init is not None
+                      else RegionalEnsemble(regions, len(class_names), width=cfg.width)).to(device)
+        if init is not None and init.num_classes != len(class_names):
+            raise ValueError(f"the initial model has {init.num_classes} outputs, the data {len(class_names)} classes")
+        self.data, self.train_idx, self.val_idx, self.cfg = data, train_idx, val_idx, cfg
+        self.fine_tuned = init is not None
+        self.x_train = torch.as_tensor(data.crops[train_idx])
+        self.y_train = torch.as_tensor(data.labels[train_idx])
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights(data.labels[train_idx], len(class_names)).to(device))
+        self.optimizer = make_optimizer(self.model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, cfg.epochs))
+        self.aug = augmentation() if cfg.augment else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.select_topk = cfg.select_topk if cfg.select_topk < len(class_names) else 1
+        self.ks = tuple(k for k in sorted({1, 5, self.select_topk}) if k == 1 or k < len(class_names))
+        self.fingerprint = _resume_fingerprint(class_names, regions, train_idx, val_idx, cfg, init)
+        self.progress = _Progress()
+        self.timing: dict = {}
+
+    def resume(self, state_path) -> None:
+        """Continue from the epoch state at ``state_path``, if there is one."""
+        state = _load_train_state(state_path)
+        if state is None:
+            return
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{state_path} was written by a run with other data, split or settings; "
+                             "remove it or choose another file")
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        self.progress = _Progress(
+            start=int(state["epoch"]), history=list(state["history"]),
+            best=tuple(state["best"]) if state["best"] is not None else None, best_state=state["best_state"],
+            since_best=int(state["since_best"]), stopped_early=bool(state["stopped_early"]))
+        logger.info("train resume epoch=%d path=%s", self.progress.start, state_path)
+
+    def run_epoch(self, epoch: int) -> None:
+        """Train 0-based ``epoch``, then validate it; its entry joins the history."""
+        cfg = self.cfg
+        loss = train_epoch(self.model, self.x_train, self.y_train, self.loss_fn, self.optimizer, cfg.batch_size,
+                           self.generator, self.aug, self.device, progress=cfg.progress,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           on_first_batches=self._estimator(cfg.epochs - epoch) if epoch == self.progress.start
+                           else None)
+        self.scheduler.step()
+        entry = {"epoch": epoch + 1, "loss": loss}
+        if self.val_idx:
+            self.progress.record(entry, self.validate(entry), self.model, cfg.patience)
+        self.progress.history.append(entry)
+        logger.info("train epoch=%d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in entry.items()
+                                                             if isinstance(v, float)))
+
+    def _estimator(self, left: int):
+        """The first epoch's ``on_first_batches``: estimates the run time of the ``left`` epochs, says it
+        (with progress on) and logs it."""
+        val_share = len(self.val_idx) / max(len(self.train_idx), 1)
+
+        def estimate(seconds: float, done: int, total: int) -> None:
+            eta = run_time_estimate(seconds, done, total, left, val_share)
+            self.timing["estimated_seconds"] = round(eta, 1)
+            if self.cfg.progress:
                 tqdm.write(_say_estimate(eta, left))
             logger.info("train estimate seconds=%.0f epochs=%d", eta, left)
 
-        loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, device,
-                           progress=cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           on_first_batches=estimate if epoch == start else None)
-        scheduler.step()
-        entry = {"epoch": epoch + 1, "loss": loss}
-        if val_idx:
-            metrics = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=ks)
-            entry.update({f"val_top{k}": metrics["aggregate"][f"top{k}"] for k in ks})
-            score = (entry[f"val_top{select_topk}"], *(entry[f"val_top{k}"] for k in ks), -entry["loss"])
-            # Patience counts epochs since validation top-k last rose (the training loss breaks ties only).
-            improved = best is None or score[:-1] > tuple(best[:-1])
-            if best is None or score >= best:
-                best = score
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                entry["best"] = True
-            since_best = 0 if improved else since_best + 1
-            if cfg.patience and since_best >= cfg.patience:
-                stopped_early = True
-                entry["stopped_early"] = True
-        history.append(entry)
-        logger.info("train epoch=%d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in entry.items()
-                                                             if isinstance(v, float)))
-        if state_path is not None:
-            from shared.ml.pretrain import save_state
+        return estimate
 
-            save_state(state_path, {
-                "kind": "gestalt-train-state", "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
-                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "rng": torch.get_rng_state(),
-                "best": list(best) if best is not None else None, "best_state": best_state,
-                "since_best": since_best, "stopped_early": stopped_early})
-        if stopped_early:
-            logger.info("train early stop epoch=%d patience=%d", epoch + 1, cfg.patience)
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model = model.cpu().eval()
-    metrics = {
-        "train": {"n": len(train_idx), "subjects": len({data.samples[i].subject for i in train_idx})},
-        "history": history,
-        "best_epoch": next((e["epoch"] for e in reversed(history) if e.get("best")), None),
-        "stopped_early": stopped_early, "resumed_from": start,
-        "timing": {**timing, "train_seconds": round(time.perf_counter() - started, 1)},
-        "config": {"width": model.width, "epochs": cfg.epochs, "patience": cfg.patience, "batch_size": cfg.batch_size,
-                   "lr": cfg.lr,
-                   "weight_decay": cfg.weight_decay if cfg.optimizer == "adam" else 0.0, "seed": cfg.seed,
-                   "optimizer": cfg.optimizer, "select_topk": cfg.select_topk, "fine_tuned": init is not None},
-    }
-    if val_idx:
-        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx], positive=positive)
-        metrics["validation"]["subjects"] = len({data.samples[i].subject for i in val_idx})
-    return model, metrics
+    def validate(self, entry: dict) -> tuple:
+        """Validation top-k into ``entry``; returns the epoch's score: top-k at ``select_topk``, then every
+        top-k from the lowest k, then the negative training loss (higher is better throughout)."""
+        metrics = evaluate(self.model, self.data.crops[self.val_idx], self.data.labels[self.val_idx], ks=self.ks)
+        entry.update({f"val_top{k}": metrics["aggregate"][f"top{k}"] for k in self.ks})
+        return (entry[f"val_top{self.select_topk}"], *(entry[f"val_top{k}"] for k in self.ks), -entry["loss"])
+
+    def save(self, state_path, epoch: int) -> None:
+        """Rewrite the epoch state file after ``epoch`` epochs (what :meth:`resume` reads)."""
+        from shared.ml.pretrain import save_state
+
+        p = self.progress
+        save_state(state_path, {
+            "kind": "gestalt-train-state", "fingerprint": self.fingerprint, "epoch": epoch, "history": p.history,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(), "rng": torch.get_rng_state(),
+            "best": list(p.best) if p.best is not None else None, "best_state": p.best_state,
+            "since_best": p.since_best, "stopped_early": p.stopped_early})
+
+    def best_model(self) -> RegionalEnsemble:
+        """The model with the best epoch's weights (the last epoch's without validation), on CPU, in eval mode."""
+        if self.progress.best_state is not None:
+            self.model.load_state_dict(self.progress.best_state)
+        return self.model.cpu().eval()
+
+    def metrics(self, model: RegionalEnsemble, started: float, positive: int | None) -> dict:
+        """The run's metrics: training set, history, best epoch, timing, recipe, and the final validation."""
+        cfg, p, data = self.cfg, self.progress, self.data
+        metrics = {
+            "train": {"n": len(self.train_idx), "subjects": len({data.samples[i].subject for i in self.train_idx})},
+            "history": p.history,
+            "best_epoch": next((e["epoch"] for e in reversed(p.history) if e.get("best")), None),
+            "stopped_early": p.stopped_early, "resumed_from": p.start,
+            "timing": {**self.timing, "train_seconds": round(time.perf_counter() - started, 1)},
+            "config": {"width": model.width, "epochs": cfg.epochs, "patience": cfg.patience,
+                       "batch_size": cfg.batch_size, "lr": cfg.lr,
+                       "weight_decay": cfg.weight_decay if cfg.optimizer == "adam" else 0.0, "seed": cfg.seed,
+                       "optimizer": cfg.optimizer, "select_topk": cfg.select_topk, "fine_tuned": self.fine_tuned},
+        }
+        if self.val_idx:
+            metrics["validation"] = evaluate(model, data.crops[self.val_idx], data.labels[self.val_idx],
+                                             positive=positive)
+            metrics["validation"]["subjects"] = len({data.samples[i].subject for i in self.val_idx})
+        return metrics
 
 
 def _load_train_state(path) -> dict | None:
@@ -425,107 +389,3 @@ def _load_train_state(path) -> dict | None:
     if state.get("kind") != "gestalt-train-state":
         raise ValueError(f"{path} is not a training state file of `gestalt train`; choose another file")
     return state
-
-
-def select_task(samples: list[Sample], mode: str, positive: str | None = None,
-                classes: list[str] | None = None) -> tuple[list[Sample], list[str]]:
-    """Samples and class names of a training mode.
-
-    * ``multiclass``: every label is a class.
-    * ``binary``: ``positive`` against all other labels (merged into ``others``).
-    * ``specialised``: only the samples of ``classes`` (e.g. the genotypes of one syndrome).
-
-    Raises:
-        ValueError: for a missing or unknown positive label or class (all unknown ones are listed).
-    """
-    labels = sorted({s.label for s in samples})
-    if mode == "multiclass":
-        return samples, labels
-    if mode == "binary":
-        if not positive:
-            raise ValueError("binary mode needs a positive label")
-        if positive not in labels:
-            raise ValueError(f"unknown positive label {positive!r}; the data has: {', '.join(labels[:20])}")
-        if positive == BINARY_NEGATIVE:
-            raise ValueError(f"the positive label cannot be {BINARY_NEGATIVE!r}")
-        if len(labels) < 2:
-            raise ValueError("binary mode needs at least one other label")
-        return ([dataclasses.replace(s, label=s.label if s.label == positive else BINARY_NEGATIVE) for s in samples],
-                [positive, BINARY_NEGATIVE])
-    if mode == "specialised":
-        wanted = sorted(set(classes or []))
-        if len(wanted) < 2:
-            raise ValueError("specialised mode needs at least two classes")
-        unknown = [c for c in wanted if c not in labels]
-        if unknown:
-            raise ValueError(f"{len(unknown)} unknown class(es): {', '.join(unknown[:20])}")
-        return [s for s in samples if s.label in wanted], wanted
-    raise ValueError(f"unknown mode {mode!r} ({', '.join(MODES)})")
-
-
-def data_hash(samples: list[Sample]) -> str:
-    """A short fingerprint of the training set (paths, labels, subjects)."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(f"{s.label}\0{s.subject}\0{s.path.name}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def binary_label_map(labels: list[str] | set[str], positive: str) -> dict[str, str]:
-    """Binary mode's mapping of every original label onto ``positive`` or ``others``, stored with the model."""
-    return {label: positive if label == positive else BINARY_NEGATIVE for label in sorted(labels)}
-
-
-def apply_label_map(samples: list[Sample], class_names: list[str], extra: dict) -> tuple[list[Sample], dict[str, str]]:
-    """Test samples with the labels the model was trained on: the mapping ``gestalt train`` applied.
-
-    A binary model's checkpoint stores its ``label_map`` (e.g. ``healthy -> others``); a label it has
-    not seen (or an older checkpoint without a map) goes to the negative class. Other models use their
-    class names as they are (an unknown label is then an error in :func:`prepare`).
-
-    Returns:
-        The samples and the mapping applied (original label -> class name; only labels that changed).
-    """
-    mapping = dict(extra.get("label_map") or {})
-    binary = extra.get("mode") == "binary" or (len(class_names) == 2 and class_names[1] == BINARY_NEGATIVE)
-    negative = extra.get("negative") or (class_names[1] if binary else None)
-    applied: dict[str, str] = {}
-    out = []
-    for s in samples:
-        target = s.label
-        if s.label not in class_names:
-            if s.label in mapping:
-                target = mapping[s.label]
-            elif binary:
-                target = negative
-        if target != s.label:
-            applied[s.label] = target
-            s = dataclasses.replace(s, label=target)
-        out.append(s)
-    return out, applied
-
-
-def reason_kind(reason: str) -> str:
-    """A rejection reason without its figures and advice, for counting (``the face is too small in the photo``)."""
-    return reason.split(" (", 1)[0].split(";", 1)[0].strip()
-
-
-def skipped_summary(rejected: list[tuple[Sample, str]]) -> list[tuple[str, int]]:
-    """(reason, count) of skipped photos, the most frequent first."""
-    from collections import Counter
-
-    return Counter(reason_kind(r) for _, r in rejected).most_common()
-
-
-def write_skipped(rejected: list[tuple[Sample, str]], path) -> None:
-    """Every skipped photo with its reason: a CSV of image, subject, label, reason."""
-    import csv
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "subject", "label", "reason"])
-        for sample, reason in rejected:
-            w.writerow([str(sample.path), sample.subject, sample.label, reason])
