@@ -7,15 +7,24 @@ import click
 from rich.table import Table
 
 from shared.cli.common import (
-    cache_note,
     cache_options,
     console,
     load_samples_or_fail,
-    prep_cache,
     report_skipped,
-    report_woken,
     torch_options,
     torch_runtime,
+)
+from shared.cli.train_steps import (
+    add_identity_member,
+    apply_preset,
+    check_catalogue_labels,
+    default_skipped_path,
+    load_init,
+    load_task,
+    model_extra,
+    prepare_or_fail,
+    register_model,
+    train_or_fail,
 )
 
 
@@ -81,83 +90,26 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
     `others`) and an operating threshold chosen on the validation split (Youden's J), which
     `gestalt evaluate` applies.
     """
-    from datetime import datetime
-
-    from shared.ml.data import subjects_known
     from shared.ml.preprocess import Preprocessor
     from shared.ml.splits import subject_split
-    from shared.ml.training import (
-        FINETUNE_LR,
-        PRESETS,
-        SCRATCH_LR,
-        TrainConfig,
-        binary_label_map,
-        data_hash,
-        load_pretrained,
-        prepare,
-        seed_everything,
-        select_task,
-        train_ensemble,
-    )
+    from shared.ml.training import FINETUNE_LR, SCRATCH_LR, TrainConfig, data_hash
 
     if transfer_pairs is not None and init_path is None:
         raise click.ClickException("--transfer-pairs needs --init")
-    recipe = PRESETS[preset or "paper"]
-    width = recipe["width"] if width is None else width
-    epochs = recipe["epochs"] if epochs is None else epochs
-    batch_size = recipe["batch_size"] if batch_size is None else batch_size
-    if preset:
-        console.print(f"preset {preset}: width {width}, {epochs} epochs, batch size {batch_size}")
+    width, epochs, batch_size = apply_preset(preset, width, epochs, batch_size)
     settings, torch_device = torch_runtime(threads, device)
-    samples = [s for s in load_samples_or_fail(data_dir) if s.path.name not in set(exclude)]
-    known = subjects_known(samples)
-    if not known:
-        console.print(
-            "[bold yellow]WARNING: subjects are unknown.[/]\n"
-            f"  {data_dir} uses the flat layout DIR/<label>/<image>, so every photo counts as its own subject.\n"
-            "  Photos of one person can land on both sides of the validation split: validation figures will be\n"
-            "  optimistic and the model's metrics record subjects_known=false. To split by person, use\n"
-            "  DIR/<label>/<subject>/<image> or a manifest CSV (image,subject,label).", soft_wrap=True)
-    original_labels = {s.label for s in samples}
-    try:
-        samples, class_names = select_task(samples, mode, positive,
-                                           [c.strip() for c in classes.split(",")] if classes else None)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    console.print(f"{len(samples)} images, {len(class_names)} labels, "
-                  f"{len({s.subject for s in samples})} subjects ({mode})")
+    task = load_task(data_dir, exclude, mode, positive, classes)
+    class_names = task.class_names
     if register:  # unknown catalogue IDs stop the run now, not after training
-        from shared.catalog import CatalogError, syndromes_for_labels
-        from shared.db import get_sessionmaker
-
-        session = get_sessionmaker()()
-        try:
-            syndromes_for_labels(session, class_names)
-        except CatalogError as exc:
-            raise click.ClickException(str(exc)) from exc
-        finally:
-            session.rollback()
-            session.close()
+        check_catalogue_labels(class_names)
     init = None
     if init_path is not None:
-        seed_everything(seed)  # the new final layers' initial weights
-        try:
-            init = load_pretrained(init_path.read_bytes(), len(class_names), transfer_pairs=transfer_pairs)
-        except ValueError as exc:
-            raise click.ClickException(f"{init_path}: {exc}") from exc
+        init = load_init(init_path, len(class_names), transfer_pairs, seed)
         width = init.width
     # A fine-tuned model keeps the regions of its pretrained nets.
     preprocessor = Preprocessor.from_settings(settings, init.regions) if init else Preprocessor.from_settings(settings)
-    cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
-    try:
-        data = prepare(samples, class_names, preprocessor, cache=cache)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    cache_note(cache)
-    if skipped_path is None:
-        skipped_path = (output.parent / f"{output.stem}-skipped.csv" if output else settings.data_dir / "reports"
-                        / f"train-{datetime.now().strftime('%Y%m%d-%H%M%S')}-skipped.csv")
-    report_skipped(data.rejected, skipped_path)
+    data = prepare_or_fail(settings, preprocessor, task.samples, class_names, cache_dir, no_cache)
+    report_skipped(data.rejected, skipped_path if skipped_path is not None else default_skipped_path(output, settings))
     train_idx, val_idx = subject_split(data.samples, val_fraction, seed)
     cfg = TrainConfig(width=width, epochs=epochs, batch_size=batch_size,
                       lr=lr if lr is not None else (FINETUNE_LR if init else SCRATCH_LR),
@@ -165,103 +117,27 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
                       device=str(torch_device), patience=patience)
     if state_path is None and output is not None:
         state_path = output.with_name(output.name + ".state")
-    try:
-        model, metrics = train_ensemble(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init=init,
-                                        positive=0 if mode == "binary" else None, state_path=state_path)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if metrics["resumed_from"]:
-        console.print(f"resumed after epoch {metrics['resumed_from']} from {state_path}")
-    if metrics["stopped_early"]:
-        console.print(f"stopped early after epoch {metrics['history'][-1]['epoch']} (patience {patience}); "
-                      f"kept epoch {metrics['best_epoch']}")
+    model, metrics = train_or_fail(data, class_names, preprocessor.regions, train_idx, val_idx, cfg, init, mode,
+                                   state_path)
     if identity:
-        _add_identity_member(model, data, train_idx, val_idx, metrics, str(torch_device), seed)
-    metrics["subjects_known"] = known
+        add_identity_member(model, data, train_idx, val_idx, metrics, str(torch_device), seed)
+    metrics["subjects_known"] = task.subjects_known
     metrics["data"] = {"path": str(data_dir), "hash": data_hash(data.samples), "images": len(data.samples),
                        "rejected": len(data.rejected), "validation_images": len(val_idx)}
     metrics["task"] = {"mode": mode, "init": str(init_path) if init_path else None,
                        **({"transfer_pairs": transfer_pairs} if init_path and transfer_pairs is not None else {}),
                        **({"positive": class_names[0]} if mode == "binary" else {})}
     _print_metrics(metrics, len(class_names))
-    # What the model saw, so that evaluation can refuse leaked subjects and images.
-    seen = [data.samples[i] for i in train_idx]
-    extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
-             "holdout_subjects": sorted({data.samples[i].subject for i in val_idx}), "mode": mode}
-    extra.update(_validation_extra(model, data, val_idx, class_names, mode,
-                                   binary_label_map(original_labels, positive) if mode == "binary" else None))
-    if "temperature" in extra:
-        console.print(f"calibration temperature {extra['temperature']:.3f} (fitted on the validation split)")
-    if mode == "binary":
-        console.print(f"operating threshold {extra['threshold']:.3f} on P({positive}) ({extra['threshold_source']})"
-                      + (f"; on validation there: sensitivity {extra['val_sensitivity']:.3f}, specificity "
-                         f"{extra['val_specificity']:.3f}" if "val_sensitivity" in extra else ""))
+    extra = model_extra(model, data, train_idx, val_idx, task, mode, positive)
     if output:
         from shared.ml.gestalt import save_checkpoint
 
         output.write_bytes(save_checkpoint(model, class_names, metrics, extra))
         console.print(f"checkpoint written to {output}")
     if register:
-        from shared.dispatch import wake_waiting_photos
-        from shared.modelops.register import register_trained
-
-        version = register_trained(model, class_names, metrics, name, activate, extra, base_set=(data, val_idx))
-        console.print(f"registered model version {version.name} (id {version.id}, {version.status})")
-        if activate:
-            report_woken(wake_waiting_photos())
+        register_model(model, class_names, metrics, name, activate, extra, data, val_idx)
     if state_path is not None and state_path.exists():  # a finished run needs no resuming
         state_path.unlink()
-
-
-def _add_identity_member(model, data, train_idx: list[int], val_idx: list[int], metrics: dict, device: str,
-                         seed: int) -> None:
-    from shared.ml.members import add_identity_member
-    from shared.ml.weights import WeightsMissing
-
-    try:
-        member = add_identity_member(model, data, train_idx, val_idx, device, seed)
-    except WeightsMissing as exc:
-        raise click.ClickException(f"{exc}; or train without the identity member (--no-identity)") from exc
-    metrics["members"] = {"identity": {"head": member.head.selection, **member.validation}}
-    v = member.validation
-    line = f"identity member: {member.head.selection['chosen']} head, weight {member.weight:.2f} in the aggregate"
-    if "identity_top1" in v:
-        line += (f" (validation top-1: identity {v['identity_top1']:.3f}, regions {v['regions_top1']:.3f}, "
-                 f"combined {v['grid'][member.weight]:.3f})")
-    console.print(line)
-
-
-def _validation_extra(model, data, val_idx: list[int], class_names: list[str], mode: str,
-                      label_map: dict[str, str] | None) -> dict:
-    """What evaluation applies, fitted on the validation split: a temperature for calibrated scores and, for a
-    binary model, its label mapping and the operating threshold (Youden's J on the calibrated scores)."""
-    import numpy as np
-
-    from shared.ml.evaluation import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
-    from shared.ml.members import member_probs
-
-    extra: dict = {}
-    aggregate = labels = None
-    if len(val_idx) >= 2:
-        descriptors = data.descriptors[val_idx] if data.descriptors is not None else None
-        _, probs, weights = member_probs(model, data.crops[val_idx], descriptors)
-        labels = data.labels[val_idx]
-        extra["temperature"] = fit_temperature(probs, labels, weights)
-        extra["temperature_source"] = f"validation split, {len(val_idx)} images"
-        aggregate = np.einsum("nrc,r->nc", apply_temperature(probs, extra["temperature"]), np.asarray(weights))
-    if mode != "binary":
-        return extra
-    threshold, source = None, "the default 0.5: no validation split"
-    if aggregate is not None:
-        threshold = choose_threshold(aggregate[:, 0], labels == 0)
-        source = (f"Youden's J on {len(val_idx)} validation images" if threshold is not None
-                  else "the default 0.5: the validation split lacks a class")
-        if threshold is not None:
-            called, truth = aggregate[:, 0] >= threshold, labels == 0
-            extra["val_sensitivity"] = float(called[truth].mean())
-            extra["val_specificity"] = float((~called[~truth]).mean())
-    return {**extra, "label_map": label_map or {}, "positive": class_names[0], "negative": class_names[1],
-            "threshold": DEFAULT_THRESHOLD if threshold is None else threshold, "threshold_source": source}
 
 
 @click.command()
@@ -297,7 +173,7 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
     from shared.ml.pretrain import PretrainConfig, summary_rows
     from shared.ml.pretrain import pretrain as run_pretrain
     from shared.ml.regions import DEFAULT_REGIONS, REGIONS
-    from shared.ml.training import PreparedData, prepare
+    from shared.ml.training import PreparedData
 
     settings, torch_device = torch_runtime(threads, device)
     samples = load_samples_or_fail(data_dir)
@@ -308,12 +184,7 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
     if unknown:
         raise click.ClickException(f"unknown region(s) {', '.join(unknown)}; known: {', '.join(REGIONS)}")
     preprocessor = Preprocessor.from_settings(settings, wanted)
-    cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
-    try:
-        data = prepare(samples, identities, preprocessor, cache=cache)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    cache_note(cache)
+    data = prepare_or_fail(settings, preprocessor, samples, identities, cache_dir, no_cache)
     report_skipped(data.rejected, output.parent / f"{output.stem}-skipped.csv")
     counts = Counter(s.label for s in data.samples)
     kept = sorted(label for label, n in counts.items() if n >= min_images)
