@@ -1,0 +1,122 @@
+"""Alignment of a batch: landmarks in one pass, the quality gate, crops stored, faces updated in one transaction."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from shared import photos
+from shared.db import session_scope
+from shared.ml.detection import DetectedFace
+from shared.ml.identity import CHIP_REGION
+from shared.ml.imaging import ImageRejected, encode_png
+from shared.ml.preprocess import Detection
+from shared.models import Crop, Face, Image, ImageStatus
+from shared.storage import aligned_key, crop_key, get_storage
+from worker.stages import resources
+from worker.stages.claims import CLAIM_AT, locked, reject_in
+
+
+def _put_png(key: str, array: np.ndarray) -> str:
+    return get_storage().put(key, encode_png(array), "image/png")
+
+
+def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, dict[str | None, str]]:
+    """Each aligned photo's crops (by region), identity chip and aligned face (under None), stored in parallel."""
+    puts = {}
+    for (image, _, _), aligned in zip(items, results, strict=True):
+        if isinstance(aligned, ImageRejected):
+            continue
+        objects = {region: (crop_key(image.sha256, region), crop) for region, crop in aligned.crops.items()}
+        if getattr(aligned, "chip", None) is not None:  # the identity member's input
+            objects[CHIP_REGION] = (crop_key(image.sha256, CHIP_REGION), aligned.chip)
+        objects[None] = (aligned_key(image.sha256), aligned.aligned_rgb)
+        puts[image.id] = {name: resources.io_pool().submit(_put_png, key, array)
+                          for name, (key, array) in objects.items()}
+    return {i: {name: f.result() for name, f in futures.items()} for i, futures in puts.items()}
+
+
+def _record_alignment(face: Face, aligned: Any, aligned_object: str, pre: Any) -> None:
+    face.landmarks = np.round(aligned.landmarks, 2).tolist()
+    face.transform = aligned.alignment.matrix.tolist()
+    face.aligned_key = aligned_object
+    face.landmarker = pre.landmarker_name
+    face.weights = {**(face.weights or {}), "landmarker": pre.provenance["landmarker_sha256"]}
+    face.quality = aligned.quality
+    face.measurements = aligned.measurements
+
+
+def _on_to_scoring(row: Image, fused: bool, now: float) -> None:
+    if fused:  # stamped as started: no infer batch of another worker claims it meanwhile
+        photos.move(row, ImageStatus.scoring, align_end=now, infer_start=now, infer_by=resources.node(),
+                    **{CLAIM_AT: now})
+    else:  # waiting for scoring, claimable by any infer batch
+        photos.queue_for_scoring(row)
+        photos.stamp(row, align_end=now, **{CLAIM_AT: None})
+
+
+def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) -> list[tuple[Image, Any]]:
+    """Landmarks for the whole batch in one pass, the quality gate, crops; stored in one transaction.
+
+    Returns (photo, aligned face) of the photos that go on to scoring, their crops in memory.
+    """
+    if not items:
+        return []
+    results = resources.preprocessor().align_batch(
+        [rgb for _, rgb, _ in items], [d.face.box for _, _, d in items], [d.rotation for _, _, d in items])
+    keys = _store_images(items, results)
+    pre = resources.preprocessor()
+    now = time.time()
+    out = []
+    with session_scope() as session:
+        rows = locked(session, [image.id for image, _, _ in items])
+        faces = {f.image_id: f for f in session.scalars(
+            select(Face).where(Face.image_id.in_(list(keys))).with_for_update())}
+        crop_rows = []
+        for (image, _, _), aligned in zip(items, results, strict=True):
+            row = rows.get(image.id)
+            if row is None:
+                continue
+            if isinstance(aligned, ImageRejected):
+                reject_in(row, aligned.reason, now)
+                continue
+            face = faces.get(image.id)
+            if face is None:  # detection's output vanished meanwhile: the photo's own message starts over
+                photos.stamp(row, **{CLAIM_AT: None})
+                continue
+            _record_alignment(face, aligned, keys[image.id][None], pre)
+            crop_rows += [{"face_id": face.id, "region": r, "object_key": k}
+                          for r, k in keys[image.id].items() if r is not None]
+            _on_to_scoring(row, fused, now)
+            out.append((image, aligned))
+        if crop_rows:
+            stmt = insert(Crop).values(crop_rows)
+            session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
+                                                       set_={"object_key": stmt.excluded.object_key}))
+    return out
+
+
+def stored_detections(batch: list[Image]) -> tuple[list[tuple[Image, np.ndarray, Any]], list[int]]:
+    """(photo, decoded original, stored detection) of the claimed photos, and the ids of those without a face.
+
+    A photo whose original no longer decodes is rejected here.
+    """
+    with session_scope() as session:
+        boxes = {f.image_id: (tuple(f.box), f.rotation or 0.0) for f in session.scalars(
+            select(Face).where(Face.image_id.in_([i.id for i in batch])))}
+    items, gone = [], []
+    for image in batch:
+        if image.id not in boxes:
+            gone.append(image.id)
+            continue
+        try:
+            rgb = resources.original_rgb(image)
+        except ImageRejected as exc:
+            photos.reject(image.id, exc.reason)
+            continue
+        box, rotation = boxes[image.id]
+        items.append((image, rgb, Detection(DetectedFace(box, 1.0), 1, rotation)))
+    return items, gone

@@ -1,0 +1,176 @@
+"""Scoring a batch: the crops (in memory, or from the object store), one forward pass, each photo's scores written."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from shared import photos
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.ml.gestalt import predict
+from shared.ml.identity import CHIP_REGION, MEMBER
+from shared.ml.imaging import decode_png_gray, decode_png_rgb
+from shared.ml.ranking import rank
+from shared.modelops.features import store_features
+from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
+from shared.monitoring import heartbeat
+from shared.storage import get_storage
+from worker.stages import resources
+from worker.stages.claims import CLAIM_AT, locked
+
+logger = logging.getLogger("worker.pipeline")  # the pipeline's log lines keep one name, whichever step writes them
+
+
+def active_model_or_wait(image_id: int) -> Any | None:
+    """The active model, loaded; without one the photo waits for a model (awaiting_model) and this is None."""
+    with session_scope() as session:
+        loaded = resources.model_cache().active(session, get_storage())
+        heartbeat(resources.node(), loaded.name if loaded else None)
+        if loaded is None:
+            image = session.get(Image, image_id, with_for_update=True)
+            photos.move(image, ImageStatus.awaiting_model, awaiting_model=time.time())
+            logger.info("image=%s state=awaiting_model", image_id)
+        return loaded
+
+
+def _stored_crop_keys(ids: list[int]) -> dict[int, dict[str, str]]:
+    """The object keys of the photos' crops, by photo and region."""
+    crops: dict[int, dict[str, str]] = {}
+    with session_scope() as session:
+        for face_image_id, region, key in session.execute(
+                select(Face.image_id, Crop.region, Crop.object_key).join(Crop, Crop.face_id == Face.id)
+                .where(Face.image_id.in_(ids))):
+            crops.setdefault(face_image_id, {})[region] = key
+    return crops
+
+
+def _fetch_crops(loaded: Any, member: Any, ready: list[int],
+                 crops: dict[int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The region crops (N x R x H x W) and, for a model with an identity member, the face chips."""
+    storage = get_storage()
+    pool = resources.io_pool()  # the crops' round trips overlap
+    grays = {(i, r): pool.submit(lambda k: decode_png_gray(storage.get(k)), crops[i][r])
+             for i in ready for r in loaded.regions}
+    chips = {i: pool.submit(lambda k: decode_png_rgb(storage.get(k)), crops[i][CHIP_REGION])
+             for i in ready} if member is not None else {}
+    stack = np.stack([np.stack([grays[i, r].result() for r in loaded.regions]) for i in ready])
+    return stack, (np.stack([chips[i].result() for i in ready]) if member is not None else None)
+
+
+def score_stored(loaded: Any, batch: list[int]) -> list[int]:
+    """Score the photos of the batch whose crops are stored, in one forward pass; returns their ids."""
+    crops = _stored_crop_keys(batch)
+    member = loaded.model.identity
+    needed = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
+    ready = [i for i in batch if all(r in crops.get(i, {}) for r in needed)]
+    if ready:
+        stack, chips = _fetch_crops(loaded, member, ready, crops)
+        predict_and_write(loaded, member, ready, stack, chips)
+    return ready
+
+
+def return_to_alignment(image_id: int) -> bool:
+    """Send a photo whose crops are lost (or were never made) back to alignment; False when it is gone or final."""
+    with session_scope() as session:
+        image = session.get(Image, image_id, with_for_update=True)
+        if image is None or image.status in photos.FINISHED:
+            return False
+        photos.move(image, ImageStatus.aligning)
+    return True
+
+
+def score_batch(items: list[tuple[Image, Any]]) -> None:
+    """Score aligned faces whose crops are in memory: one forward pass, then each photo's scores."""
+    if not items:
+        return
+    ids = [image.id for image, _ in items]
+    with session_scope() as session:
+        loaded = resources.model_cache().active(session, get_storage())
+        if loaded is None:
+            now = time.time()
+            for row in locked(session, ids).values():
+                photos.move(row, ImageStatus.awaiting_model, awaiting_model=now, **{CLAIM_AT: None})
+            logger.info("images=%s state=awaiting_model", ids)
+            return
+    member = getattr(loaded.model, "identity", None)
+    stack = np.stack([np.stack([aligned.crops[r] for r in loaded.regions]) for _, aligned in items])
+    chips = np.stack([aligned.chip for _, aligned in items]) if member is not None else None
+    predict_and_write(loaded, member, ids, stack, chips)
+    if len(ids) > 1:
+        logger.info("image=%s state=batch scored=%d", ids[0], len(ids))
+
+
+def predict_and_write(loaded: Any, member: Any, ids: list[int], stack: np.ndarray, chips: np.ndarray | None) -> None:
+    """One forward pass over the batch (the identity member's descriptors from the face chips when the
+    model has that member), then each photo's scores, ranking and features."""
+    settings = get_settings()
+    descriptors = None
+    if member is not None:
+        from shared.ml.encoder import encode
+
+        descriptors = encode(resources.encoder(), chips, precision=settings.infer_precision, flip=member.flip)
+    pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,
+                   descriptors=descriptors)
+    write_scores_many(loaded.version_id, loaded.regions, loaded.classes, loaded.backbone_sha, [
+        (image_id, pred.region_probs[k], pred.aggregate[k], pred.features[k], None if descriptors is None else {
+            "probs": pred.identity_probs[k], "descriptor": descriptors[k], "feature_key": member.feature_key,
+            "ood": pred.ood[k] if pred.ood else None}) for k, image_id in enumerate(ids)])
+
+
+def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
+                 region_probs: np.ndarray, aggregate: np.ndarray, backbone: str, features: np.ndarray,
+                 identity: dict | None = None) -> None:
+    """Member scores, the ranking and (for retraining and the gallery) the features, in one transaction.
+
+    Args:
+        identity: the identity member's ``probs``, the face's ``descriptor`` (stored as a feature of
+            the encoder under the member's ``feature_key``) and its ``ood`` score; None for a model without that member.
+    """
+    write_scores_many(version_id, regions, classes, backbone,
+                      [(image_id, region_probs, aggregate, features, identity)])
+
+
+def _upsert_scores(session, image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
+                   region_probs: np.ndarray, aggregate: np.ndarray, identity: dict | None) -> None:
+    """The photo's member scores (one row per region, and the identity member's) and its result."""
+    rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
+             "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
+    if identity is not None:
+        rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
+                     "scores": [round(float(p), 6) for p in identity["probs"]]})
+    stmt = insert(RegionScore).values(rows)
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
+                                               set_={"scores": stmt.excluded.scores}))
+    stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
+                                 scores=[round(float(p), 6) for p in aggregate],
+                                 ranking=rank(aggregate, classes), ood=identity and identity["ood"])
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
+        "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
+
+
+def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[dict], backbone: str,
+                      faces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict | None]]) -> None:
+    """:func:`write_scores` for a scored batch, ``(image_id, region_probs, aggregate, features, identity)``
+    each, in one transaction (the photos locked in id order)."""
+    with session_scope() as session:
+        images = {i.id: i for i in session.scalars(
+            select(Image).where(Image.id.in_([f[0] for f in faces])).order_by(Image.id).with_for_update())}
+        now = time.time()
+        for image_id, region_probs, aggregate, features, identity in faces:
+            image = images.get(image_id)
+            if image is None:
+                continue
+            store_features(session, image_id, regions, backbone, features)
+            if identity is not None:
+                store_features(session, image_id, (MEMBER,), identity["feature_key"], identity["descriptor"][None])
+            _upsert_scores(session, image_id, version_id, regions, classes, region_probs, aggregate, identity)
+            photos.move(image, ImageStatus.done, done=now,
+                        **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
+    for image_id, *_ in faces:
+        logger.info("image=%s state=done model=%s", image_id, version_id)
+
