@@ -125,18 +125,7 @@ def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...
     dev = torch.device(device)
     model = RegionalEnsemble(regions, len(class_names), width=cfg.width).to(dev)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start, history, opt_state, opt_phase = 0, [], None, None
-    state = load_state(output)
-    if state is not None:
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{output} was written for other data, regions, width, seed or split; "
-                             "remove it or choose another output file")
-        model.load_state_dict(state["state_dict"])
-        start, history = int(state["epoch"]), list(state["metrics"]["history"])
-        opt_state, opt_phase = state["optimizer"], state["phase"]
-        torch.set_rng_state(state["rng"])
-        generator.set_state(state["generator"])
-        logger.info("pretrain resume epoch=%d path=%s", start, output)
+    start, history, opt_state, opt_phase = _resume(output, fingerprint, model, generator)
     x_train = torch.as_tensor(data.crops[train_idx])
     y_train = torch.as_tensor(data.labels[train_idx])
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(data.labels[train_idx], len(class_names)).to(dev))
@@ -146,18 +135,12 @@ def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...
                       total=cfg.total_epochs, disable=not progress):
         if cfg.phase(epoch) != phase:
             phase = cfg.phase(epoch)
-            optimizer = make_optimizer(model.parameters(), phase, cfg.lr_of(phase), cfg.weight_decay)
-            if opt_state is not None and opt_phase == phase:
-                optimizer.load_state_dict(opt_state)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr_of(phase)
+            optimizer = _phase_optimizer(model, cfg, phase, opt_state if opt_phase == phase else None)
         loss = train_epoch(model, x_train, y_train, loss_fn, optimizer, cfg.batch_size, generator, aug, dev,
                            progress=progress)
         entry = {"epoch": epoch + 1, "phase": phase, "loss": loss}
         if val_idx:
-            val = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=(1,))
-            entry["val_top1"] = val["aggregate"]["top1"]
-            entry.update({f"val_top1_{r}": v["top1"] for r, v in val["regions"].items()})
+            entry.update(_validation_top1(model, data, val_idx))
         history.append(entry)
         logger.info("pretrain epoch=%d phase=%s loss=%.4f val_top1=%.4f", epoch + 1, phase, loss,
                     entry.get("val_top1", float("nan")))
@@ -165,14 +148,60 @@ def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...
                       {"history": history}, holdout=[str(data.samples[i].path) for i in val_idx])
         save_state(output, last)
     model = model.cpu().eval()
-    metrics = {"history": history, "resumed_from": start,
-               "train": {"n": len(train_idx), "identities": len(class_names)}}
-    if val_idx:
-        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx])
+    metrics = _final_metrics(model, data, train_idx, val_idx, len(class_names), history, start)
     if last is not None:  # the final checkpoint also records the held-out accuracy
         last["metrics"] = metrics
         save_state(output, last)
     return model, metrics
+
+
+def _resume(output: Path, fingerprint: dict, model: RegionalEnsemble,
+            generator: torch.Generator) -> tuple[int, list[dict], dict | None, str | None]:
+    """Continue from the checkpoint at ``output``, if there is one: loads the weights and the random state
+    into ``model`` and ``generator``.
+
+    Returns:
+        The epoch to start at, the history so far, and the optimizer's state with its phase (None, None
+        for a fresh run).
+    """
+    state = load_state(output)
+    if state is None:
+        return 0, [], None, None
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{output} was written for other data, regions, width, seed or split; "
+                         "remove it or choose another output file")
+    model.load_state_dict(state["state_dict"])
+    torch.set_rng_state(state["rng"])
+    generator.set_state(state["generator"])
+    logger.info("pretrain resume epoch=%d path=%s", int(state["epoch"]), output)
+    return int(state["epoch"]), list(state["metrics"]["history"]), state["optimizer"], state["phase"]
+
+
+def _phase_optimizer(model: RegionalEnsemble, cfg: PretrainConfig, phase: str,
+                     saved: dict | None) -> torch.optim.Optimizer:
+    """The optimizer of ``phase`` (Adam, then SGD); with ``saved``, the state a resumed run left in this
+    phase, it continues from there at the phase's learning rate."""
+    optimizer = make_optimizer(model.parameters(), phase, cfg.lr_of(phase), cfg.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_of(phase)
+    return optimizer
+
+
+def _validation_top1(model: RegionalEnsemble, data: PreparedData, val_idx: list[int]) -> dict:
+    """An epoch's held-out identity top-1: the aggregate's (``val_top1``) and each region's (``val_top1_<region>``)."""
+    val = evaluate(model, data.crops[val_idx], data.labels[val_idx], ks=(1,))
+    return {"val_top1": val["aggregate"]["top1"], **{f"val_top1_{r}": v["top1"] for r, v in val["regions"].items()}}
+
+
+def _final_metrics(model: RegionalEnsemble, data: PreparedData, train_idx: list[int], val_idx: list[int],
+                   identities: int, history: list[dict], start: int) -> dict:
+    """The run's metrics: the history, where it resumed, the training set, and the held-out top-k."""
+    metrics = {"history": history, "resumed_from": start, "train": {"n": len(train_idx), "identities": identities}}
+    if val_idx:
+        metrics["validation"] = evaluate(model, data.crops[val_idx], data.labels[val_idx])
+    return metrics
 
 
 def _state(model: RegionalEnsemble, class_names: list[str], cfg: PretrainConfig, fingerprint: dict, epoch: int,
