@@ -127,7 +127,7 @@ def bench_backend(label: str, pre: Preprocessor, offline: Preprocessor, blobs: l
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--photos", type=int, default=32)
@@ -137,7 +137,62 @@ def main() -> None:
     parser.add_argument("--backends", choices=("all", "production"), default="all",
                         help="production: only the RetinaFace-R50 + FAN rows (bench/gpu.sh)")
     parser.add_argument("--rows", type=Path, default=None, help="append the rows as JSON lines (bench/gpu.sh)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def mobilenet_rows(offline: Preprocessor, blobs: list[bytes], batches: list[int], repeat: int,
+                   devices: list[str]) -> list[tuple]:
+    """RetinaFace MobileNet-0.25 with its real weights and FaceMesh landmarks, on each device."""
+    rows = []
+    for device in devices:
+        pre = Preprocessor(regions=ALL_REGIONS, detector="retinaface", landmarker="mediapipe", device=device)
+        rows += bench_backend("retinaface-mobilenet+facemesh", pre, offline, blobs, batches, repeat, False, device)
+        pre.close()
+    return rows
+
+
+def production_rows(offline: Preprocessor, blobs: list[bytes], batches: list[int], repeat: int,
+                    devices: list[str], production_present: Path | None) -> list[tuple]:
+    """RetinaFace-R50 and FAN on each device; on randomly initialised weights when their files are absent."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not production_present:
+            saved = os.environ.pop("GESTALT_WEIGHTS_DIR", None)
+            os.environ["TORCH_HOME"] = tmp
+            random_production_weights(Path(tmp) / "hub" / "checkpoints")
+        for device in devices:
+            pre = Preprocessor(regions=ALL_REGIONS, detector="retinaface", landmarker="fan", device=device,
+                               verify_weights=bool(production_present))
+            rows += bench_backend("retinaface-r50+fan", pre, offline, blobs, batches, repeat,
+                                  not production_present, device)
+            pre.close()
+        if not production_present and saved:
+            os.environ["GESTALT_WEIGHTS_DIR"] = saved
+    return rows
+
+
+def print_rows(rows: list[tuple]) -> None:
+    table = Table(title=f"preprocessing, ~1 MP photos, torch threads {torch.get_num_threads()}")
+    for col in ("backend", "device", "stage", "batch", "ms/image", "images/s", "speed-up vs batch 1"):
+        table.add_column(col, justify="right" if col not in ("backend", "device", "stage") else "left")
+    for backend, device, stage, batch, ms, ips, speedup in rows:
+        table.add_row(backend, device, stage, str(batch), f"{ms:.1f}", f"{ips:.1f}", f"{speedup:.2f}x")
+    console.print(table)
+
+
+def append_rows(path: Path, rows: list[tuple], batches: list[int]) -> None:
+    """The rows as JSON lines (bench/gpu.sh reads them)."""
+    import json
+
+    with path.open("a") as fh:
+        for backend, device, stage, batch, ms, ips, speedup in rows:
+            fh.write(json.dumps({"bench": "preprocess", "what": f"{backend}, {device}, {stage}, batch {batch}",
+                                 "value": round(ips, 1), "unit": "images/s",
+                                 "note": f"{ms:.2f} ms/image, {speedup:.2f}x vs batch {batches[0]}"}) + "\n")
+
+
+def main() -> None:
+    args = parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     blobs = photos(max(args.photos, max(batches)), args.megapixels)
@@ -150,39 +205,12 @@ def main() -> None:
     production_present = locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) and locate(WEIGHTS_BY_KEY["fan"])
     if args.backends == "all" and locate(WEIGHTS_BY_KEY["retinaface_mobilenet"]) and \
             not locate(WEIGHTS_BY_KEY["retinaface_resnet50"]):
-        for device in devices:
-            pre = Preprocessor(regions=ALL_REGIONS, detector="retinaface", landmarker="mediapipe", device=device)
-            rows += bench_backend("retinaface-mobilenet+facemesh", pre, offline, blobs, batches, args.repeat,
-                                  False, device)
-            pre.close()
-    with tempfile.TemporaryDirectory() as tmp:
-        if not production_present:
-            saved = os.environ.pop("GESTALT_WEIGHTS_DIR", None)
-            os.environ["TORCH_HOME"] = tmp
-            random_production_weights(Path(tmp) / "hub" / "checkpoints")
-        for device in devices:
-            pre = Preprocessor(regions=ALL_REGIONS, detector="retinaface", landmarker="fan", device=device,
-                               verify_weights=bool(production_present))
-            rows += bench_backend("retinaface-r50+fan", pre, offline, blobs, batches, args.repeat,
-                                  not production_present, device)
-            pre.close()
-        if not production_present and saved:
-            os.environ["GESTALT_WEIGHTS_DIR"] = saved
+        rows += mobilenet_rows(offline, blobs, batches, args.repeat, devices)
+    rows += production_rows(offline, blobs, batches, args.repeat, devices, production_present)
 
-    table = Table(title=f"preprocessing, ~1 MP photos, torch threads {torch.get_num_threads()}")
-    for col in ("backend", "device", "stage", "batch", "ms/image", "images/s", "speed-up vs batch 1"):
-        table.add_column(col, justify="right" if col not in ("backend", "device", "stage") else "left")
-    for backend, device, stage, batch, ms, ips, speedup in rows:
-        table.add_row(backend, device, stage, str(batch), f"{ms:.1f}", f"{ips:.1f}", f"{speedup:.2f}x")
-    console.print(table)
+    print_rows(rows)
     if args.rows:
-        import json
-
-        with args.rows.open("a") as fh:
-            for backend, device, stage, batch, ms, ips, speedup in rows:
-                fh.write(json.dumps({"bench": "preprocess", "what": f"{backend}, {device}, {stage}, batch {batch}",
-                                     "value": round(ips, 1), "unit": "images/s",
-                                     "note": f"{ms:.2f} ms/image, {speedup:.2f}x vs batch {batches[0]}"}) + "\n")
+        append_rows(args.rows, rows, batches)
     whole = [r for r in rows if r[0] == "blazeface+facemesh" and r[2] in ("decode", "detect", "landmarks",
                                                                             "align+crops") and r[3] == batches[0]]
     if whole:
