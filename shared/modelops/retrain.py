@@ -16,7 +16,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, text, update
@@ -25,24 +24,27 @@ from sqlalchemy.orm import Session
 from shared.config import Settings, get_settings
 from shared.db import get_engine, session_scope
 from shared.ml import heads as hd
-from shared.ml.gestalt import load_checkpoint, resolve_device
-from shared.ml.identity import IdentityMember, build_ood_reference, combine, fit_identity_head
-from shared.ml.imaging import decode_png_gray
-from shared.ml.splits import in_holdout
+from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device
+from shared.ml.identity import IdentityMember
 from shared.modelops.features import cached_descriptors, cached_features
 from shared.modelops.registry import activate, active_version, register_model
+from shared.modelops.retrain_candidate import (
+    Dataset,
+    aggregate_scores,
+    build_dataset,
+    fine_tune,
+    retrain_member,
+)
 from shared.models import (
     Case,
-    Crop,
     Diagnosis,
-    Face,
     Image,
     ModelStatus,
     ModelVersion,
     Syndrome,
     TrainingRun,
 )
-from shared.storage import Storage, feature_set_key, get_storage
+from shared.storage import Storage, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +67,6 @@ def retrain_lock():
                 conn.commit()
     finally:
         conn.close()
-
-
-@dataclass
-class Dataset:
-    features: np.ndarray  # N x R x F
-    labels: list[str]
-    subjects: list[str]
-    holdout: np.ndarray  # N bool
-    identity: np.ndarray | None = None  # N x 128 identity descriptors (models with an identity member)
 
 
 def _finish(run_id: int, status: str, decision: str, **fields) -> None:
@@ -135,15 +128,89 @@ def run_retrain(trigger: str, dry_run: bool = False, shuffle_labels: bool = Fals
             raise
 
 
+@dataclass
+class _Base:
+    """What a run starts from: the active version, its checkpoint and its base feature set."""
+
+    version_id: int
+    name: str
+    classes: list[str]
+    config: dict  # the active version's
+    features_key: str
+    crops_key: str | None  # full fine-tunes only
+    model: RegionalEnsemble
+    member: IdentityMember | None  # the model's identity member, if any
+    backbone: str
+    features: dict[str, np.ndarray]  # the base feature set
+
+
+@dataclass
+class _TrainingSet:
+    """The night's training set: the classes (the active model's, then new syndromes) and the photos."""
+
+    classes: list[str]
+    new_classes: list[str]
+    cases: list[tuple[int, str, str]]  # (image id, syndrome, subject) of the new case photos
+    in_model: list[tuple[int, str, str]]  # those of a class of the model
+    data: Dataset
+    labels: np.ndarray  # per photo of ``data``: its class index
+
+
 def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, kind: str) -> int:
     t0 = time.monotonic()
     durations: dict[str, float] = {}
     storage = get_storage()
+    base = _load_base(run_id, kind, storage)
+    if base is None:
+        return run_id
+    durations["load"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    diagnosed, feats, computed, descriptors = _case_features(storage, base, settings)
+    durations["features"] = time.monotonic() - t
+    ts = _training_set(base, diagnosed, feats, descriptors, settings)
+    counts = _counts(base, diagnosed, computed, ts)
+
+    t = time.monotonic()
+    train_labels = ts.labels[~ts.data.holdout]
+    if shuffle_labels:
+        train_labels = np.random.default_rng(0).permutation(train_labels)
+    new_heads = hd.train_heads(ts.data.features[~ts.data.holdout], train_labels, len(ts.classes),
+                               hd.HeadConfig(epochs=settings.retrain_epochs))
+    new_member = (retrain_member(base.member, ts.data, train_labels, len(ts.classes))
+                  if base.member is not None else None)
+    durations["train"] = time.monotonic() - t
+
+    t = time.monotonic()
+    candidate, cand_probs, act_probs, config = _candidate(kind, base, ts, train_labels, new_heads, new_member,
+                                                          storage, settings)
+    if kind == "full":
+        durations["train"] += time.monotonic() - t
+    hold = ts.data.holdout
+    act_labels = np.where(ts.labels[hold] < len(base.classes), ts.labels[hold], -1)
+    guard = hd.promotion_guard(cand_probs, act_probs, ts.labels[hold], act_labels, ts.classes,
+                               settings.retrain_tolerance)
+    durations["evaluate"] = time.monotonic() - t
+    durations["total"] = time.monotonic() - t0
+    metrics = {"candidate": guard.candidate, "active": guard.active}
+    if dry_run:
+        verdict = "would promote" if guard.promote else "would reject"
+        _finish(run_id, "dry_run", f"{verdict}: {guard.reason}", counts=counts, durations=durations, metrics=metrics)
+        return run_id
+    _register(run_id, storage, base, candidate, ts.classes, guard, config,
+              {"counts": counts, "durations": durations, "metrics": metrics})
+    return run_id
+
+
+def _load_base(run_id: int, kind: str, storage: Storage) -> _Base | None:
+    """The active model and its base feature set; None (the run finished as skipped) when there is no
+    active model, it has no base feature set (or crops, for a full fine-tune), or the set lacks the
+    identity member's descriptors."""
     with session_scope() as s:
         active = active_version(s)
         if active is None:
             _finish(run_id, "skipped", "no active model to start from")
-            return run_id
+            return None
         s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(base_version_id=active.id))
         active_id, active_name = active.id, active.name
         active_classes = [c["name"] for c in active.classes]
@@ -152,106 +219,110 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
         active_config = dict(active.config)
     if not base_key:
         _finish(run_id, "skipped", f"model {active_name} has no base feature set; retrain it with `gestalt train`")
-        return run_id
+        return None
     crops_key = active_config.get("base_crops_key") if kind == "full" else None
     if kind == "full" and not crops_key:
         _finish(run_id, "skipped", f"model {active_name} has no stored base crops for a full fine-tune")
-        return run_id
+        return None
     model, _ = load_checkpoint(storage.get(checkpoint_key))
     backbone = hd.backbone_sha(model)
-    base = hd.load_feature_set(storage.get(base_key))
-    member = model.identity
-    if member is not None and "identity" not in base:
+    features = hd.load_feature_set(storage.get(base_key))
+    if model.identity is not None and "identity" not in features:
         _finish(run_id, "skipped", f"the base feature set of model {active_name} lacks the identity member's "
                                    "descriptors; retrain it with `gestalt train`")
-        return run_id
-    durations["load"] = time.monotonic() - t0
+        return None
+    return _Base(active_id, active_name, active_classes, active_config, base_key, crops_key, model, model.identity,
+                 backbone, features)
 
-    t = time.monotonic()
+
+def _case_features(storage: Storage, base: _Base, settings: Settings):
+    """The diagnosed images, the backbone features of those that have them (computed where missing), how many
+    were computed, and with an identity member the images' descriptors (a photo joins only with one)."""
     with session_scope() as s:
         diagnosed = diagnosed_images(s)
-        feats, computed = cached_features(s, storage, model, backbone, [d[0] for d in diagnosed])
+        feats, computed = cached_features(s, storage, base.model, base.backbone, [d[0] for d in diagnosed])
         descriptors = None
-        if member is not None:  # a photo joins only with its identity descriptor too
-            descriptors, computed_id = cached_descriptors(s, storage, member, [d[0] for d in diagnosed],
+        if base.member is not None:  # a photo joins only with its identity descriptor too
+            descriptors, computed_id = cached_descriptors(s, storage, base.member, [d[0] for d in diagnosed],
                                                           str(resolve_device(settings.device)))
             feats = {i: f for i, f in feats.items() if i in descriptors}
             computed += computed_id
-    durations["features"] = time.monotonic() - t
-    base_hashes = set(base["sha256"].tolist())
+    return diagnosed, feats, computed, descriptors
+
+
+def _training_set(base: _Base, diagnosed: list[tuple[int, str, str, str]], feats: dict[int, np.ndarray],
+                  descriptors: dict[int, np.ndarray] | None, settings: Settings) -> _TrainingSet:
+    """The new case photos (one copy of each, none already in the base set), the classes, and the dataset."""
+    base_hashes = set(base.features["sha256"].tolist())
     seen: set[str] = set()
     cases = []
     for image_id, name, subject, sha in diagnosed:
         if image_id in feats and sha not in base_hashes and sha not in seen:  # one copy of each photo
             seen.add(sha)
             cases.append((image_id, name, subject))
+    new_classes = _new_classes(base, cases, settings.retrain_min_subjects)
+    classes = base.classes + new_classes
+    index = {n: i for i, n in enumerate(classes)}
+    in_model = [c for c in cases if c[1] in index]
+    data = build_dataset(base.features, in_model, feats, settings.retrain_holdout_fraction, descriptors)
+    return _TrainingSet(classes, new_classes, cases, in_model, data, np.array([index[n] for n in data.labels]))
 
-    # Classes: the active model's, then new syndromes with enough subjects.
+
+def _new_classes(base: _Base, cases: list[tuple[int, str, str]], min_subjects: int) -> list[str]:
+    """Syndromes the active model lacks that now have enough subjects (base set and cases together)."""
     subjects_per: dict[str, set[str]] = {}
-    for label, subject in zip(base["labels"].tolist(), base["subjects"].tolist(), strict=True):
+    for label, subject in zip(base.features["labels"].tolist(), base.features["subjects"].tolist(), strict=True):
         subjects_per.setdefault(label, set()).add(subject)
     for _, name, subject in cases:
         subjects_per.setdefault(name, set()).add(subject)
-    new_classes = sorted(n for n, subs in subjects_per.items()
-                         if n not in active_classes and len(subs) >= settings.retrain_min_subjects)
-    classes = active_classes + new_classes
-    index = {n: i for i, n in enumerate(classes)}
-    in_model = [c for c in cases if c[1] in index]
-    data = build_dataset(base, in_model, feats, settings.retrain_holdout_fraction, descriptors)
-    labels = np.array([index[n] for n in data.labels])
-    counts = {
-        "base_images": int(len(base["labels"])), "diagnosed_images": len(diagnosed), "case_images": len(in_model),
-        "gallery_only_images": len(cases) - len(in_model), "features_computed": computed,
-        "classes": len(classes), "new_classes": new_classes,
-        "train_images": int((~data.holdout).sum()), "holdout_images": int(data.holdout.sum()),
+    return sorted(n for n, subs in subjects_per.items() if n not in base.classes and len(subs) >= min_subjects)
+
+
+def _counts(base: _Base, diagnosed: list, computed: int, ts: _TrainingSet) -> dict:
+    """The run's image and class counts, as its TrainingRun row records them."""
+    return {
+        "base_images": int(len(base.features["labels"])), "diagnosed_images": len(diagnosed),
+        "case_images": len(ts.in_model), "gallery_only_images": len(ts.cases) - len(ts.in_model),
+        "features_computed": computed, "classes": len(ts.classes), "new_classes": ts.new_classes,
+        "train_images": int((~ts.data.holdout).sum()), "holdout_images": int(ts.data.holdout.sum()),
     }
 
-    t = time.monotonic()
-    train = ~data.holdout
-    train_labels = labels[train]
-    if shuffle_labels:
-        train_labels = np.random.default_rng(0).permutation(train_labels)
-    new_heads = hd.train_heads(data.features[train], train_labels, len(classes),
-                               hd.HeadConfig(epochs=settings.retrain_epochs))
-    new_member = _retrain_member(member, data, train_labels, len(classes)) if member is not None else None
-    durations["train"] = time.monotonic() - t
 
-    t = time.monotonic()
-    hold = data.holdout
-    config = {"base_features_key": base_key, "base_crops_key": active_config.get("base_crops_key")}
+def _candidate(kind: str, base: _Base, ts: _TrainingSet, train_labels: np.ndarray, new_heads: hd.Heads,
+               new_member: IdentityMember | None, storage: Storage, settings: Settings):
+    """The candidate (new heads, or with ``kind`` "full" every layer fine-tuned), its and the active model's
+    holdout scores, and the feature-set keys the candidate version records."""
+    hold = ts.data.holdout
+    config = {"base_features_key": base.features_key, "base_crops_key": base.config.get("base_crops_key")}
     if kind == "full":
-        candidate, cand_probs, act_probs, config["base_features_key"] = _fine_tune(
-            model, hd.with_heads(model, new_heads), classes, labels, train_labels, data, in_model, crops_key,
-            storage, settings, new_member)
-        durations["train"] += time.monotonic() - t
-    else:
-        candidate = hd.with_heads(model, new_heads)
-        candidate.identity = new_member
-        identity_hold = data.identity[hold] if data.identity is not None else None
-        cand_probs = _aggregate(new_heads.probs(data.features[hold]), new_member, identity_hold)
-        act_probs = _aggregate(hd.heads_of(model).probs(data.features[hold]), member, identity_hold)
-    act_labels = np.where(labels[hold] < len(active_classes), labels[hold], -1)
-    guard = hd.promotion_guard(cand_probs, act_probs, labels[hold], act_labels, classes, settings.retrain_tolerance)
-    durations["evaluate"] = time.monotonic() - t
-    durations["total"] = time.monotonic() - t0
-    metrics = {"candidate": guard.candidate, "active": guard.active}
-    if dry_run:
-        verdict = "would promote" if guard.promote else "would reject"
-        _finish(run_id, "dry_run", f"{verdict}: {guard.reason}", counts=counts, durations=durations, metrics=metrics)
-        return run_id
+        candidate, cand_probs, act_probs, config["base_features_key"] = fine_tune(
+            base.model, hd.with_heads(base.model, new_heads), ts.classes, ts.labels, train_labels, ts.data,
+            ts.in_model, base.crops_key, storage, settings, new_member)
+        return candidate, cand_probs, act_probs, config
+    candidate = hd.with_heads(base.model, new_heads)
+    candidate.identity = new_member
+    identity_hold = ts.data.identity[hold] if ts.data.identity is not None else None
+    cand_probs = aggregate_scores(new_heads.probs(ts.data.features[hold]), new_member, identity_hold)
+    act_probs = aggregate_scores(hd.heads_of(base.model).probs(ts.data.features[hold]), base.member, identity_hold)
+    return candidate, cand_probs, act_probs, config
 
+
+def _register(run_id: int, storage: Storage, base: _Base, candidate: RegionalEnsemble, classes: list[str],
+              guard: hd.GuardResult, config: dict, record: dict) -> None:
+    """Register the candidate version and promote it when the guard agrees and the active model is still the
+    one the run started from; otherwise it is rejected. ``record``: the run's counts, durations and metrics."""
     with session_scope() as s:
         version = register_model(
             s, storage, candidate, classes, {"holdout": guard.candidate, "guard": guard.reason, "training_run": run_id},
-            name=f"{active_name.split('+')[0]}+r{run_id}",
-            config={**config, "parent_version_id": active_id, "training_run_id": run_id})
+            name=f"{base.name.split('+')[0]}+r{run_id}",
+            config={**config, "parent_version_id": base.version_id, "training_run_id": run_id})
         run = s.get(TrainingRun, run_id)
         run.candidate_version_id = version.id
-        run.counts, run.durations, run.metrics = counts, durations, metrics
+        run.counts, run.durations, run.metrics = record["counts"], record["durations"], record["metrics"]
         run.finished_at = datetime.now(UTC)
         run.decision = guard.reason[:1000]
         current = active_version(s)
-        if guard.promote and current is not None and current.id == active_id:
+        if guard.promote and current is not None and current.id == base.version_id:
             activate(s, version)
             run.status = "promoted"
         else:
@@ -260,80 +331,6 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
             if guard.promote:  # someone activated another model meanwhile
                 run.decision = f"the active model changed during the run; {guard.reason}"[:1000]
     logger.info("retrain run=%d status=%s %s", run_id, "promoted" if guard.promote else "rejected", guard.reason)
-    return run_id
-
-
-def _aggregate(region_probs: np.ndarray, member: IdentityMember | None, descriptors: np.ndarray | None) -> np.ndarray:
-    """A model's holdout scores: the regions' mean, combined with its identity member's scores."""
-    if member is None:
-        return combine(region_probs, None, 0.0)
-    return combine(region_probs, member.head.probs(descriptors), member.weight)
-
-
-def _retrain_member(member: IdentityMember, data: Dataset, train_labels: np.ndarray, n_classes: int) -> IdentityMember:
-    """The identity member refitted on the night's training photos: its head (kind chosen again on grouped
-    folds) and OOD reference are new, its weight in the aggregate is the one chosen at training time."""
-    train, hold = ~data.holdout, data.holdout
-    head = fit_identity_head(data.identity[train], train_labels, n_classes, np.asarray(data.subjects)[train])
-    ood = build_ood_reference(data.identity[train], data.identity[hold] if hold.any() else None)
-    return IdentityMember(head, member.weight, ood, member.encoder_sha, member.validation, member.flip)
-
-
-def _fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels: np.ndarray, data: Dataset,
-               cases: list[tuple[int, str, str]], crops_key: str, storage: Storage, settings: Settings,
-               member: IdentityMember | None = None):
-    """Fine-tune every layer (the paper's recipe: SGD 5e-3, momentum 0.9, augmentation) from the crops.
-
-    Returns the candidate, both models' holdout probabilities, and the key of the base
-    feature set recomputed under the candidate's new backbone.
-    """
-    from shared.ml.data import Sample
-    from shared.ml.gestalt import predict, resolve_device
-    from shared.ml.training import PreparedData, TrainConfig, train_ensemble
-
-    base = hd.load_feature_set(storage.get(crops_key))
-    regions = list(model.regions)
-    with session_scope() as s:
-        keys = {(fid, c.region): c.object_key for fid, c in s.execute(
-            select(Face.image_id, Crop).join(Crop, Crop.face_id == Face.id)
-            .where(Face.image_id.in_([i for i, _, _ in cases])))}
-    case_crops = [np.stack([decode_png_gray(storage.get(keys[(i, r)])) for r in regions]) for i, _, _ in cases]
-    crops = np.concatenate([base["crops"], np.stack(case_crops)]) if case_crops else base["crops"]
-    prepared = PreparedData(crops=crops, labels=labels.copy(), samples=[
-        Sample(Path(""), lab, subj) for lab, subj in zip(data.labels, data.subjects, strict=True)])
-    train_idx = list(np.flatnonzero(~data.holdout))
-    prepared.labels[train_idx] = train_labels
-    cfg = TrainConfig(width=model.width, epochs=settings.retrain_full_epochs, lr=5e-3, optimizer="sgd",
-                      device=str(resolve_device(settings.device)), progress=False)
-    candidate, _ = train_ensemble(prepared, classes, model.regions, train_idx, [], cfg, init=init)
-    candidate.identity = member
-    hold = data.holdout
-    identity_hold = data.identity[hold] if data.identity is not None else None
-    cand_probs = predict(candidate, crops[hold], descriptors=identity_hold).aggregate
-    act_probs = predict(model, crops[hold], descriptors=identity_hold).aggregate
-    n_base = len(base["labels"])
-    blob = hd.save_feature_set(hd.extract_features(candidate, crops[:n_base]), base["labels"].tolist(),
-                               base["subjects"].tolist(), base["holdout"], base["sha256"].tolist(),
-                               identity=data.identity[:n_base] if data.identity is not None else None)
-    key = storage.put(feature_set_key(hd.backbone_sha(candidate), blob), blob)
-    return candidate, cand_probs, act_probs, key
-
-
-def build_dataset(base: dict, cases: list[tuple[int, str, str]], feats: dict[int, np.ndarray],
-                  holdout_fraction: float, descriptors: dict[int, np.ndarray] | None = None) -> Dataset:
-    """Base features plus case features; case subjects are held out by a stable hash. With ``descriptors``
-    (per case image), the base set's identity descriptors and the cases' are kept too."""
-    features = [base["features"]] + ([np.stack([feats[i] for i, _, _ in cases])] if cases else [])
-    identity = None
-    if descriptors is not None:
-        identity = np.concatenate([base["identity"]] + ([np.stack([descriptors[i] for i, _, _ in cases])]
-                                                        if cases else [])).astype(np.float32)
-    return Dataset(
-        features=np.concatenate(features).astype(np.float32),
-        labels=base["labels"].tolist() + [n for _, n, _ in cases],
-        subjects=base["subjects"].tolist() + [s for _, _, s in cases],
-        holdout=np.concatenate([base["holdout"], np.array([in_holdout(s, holdout_fraction) for _, _, s in cases],
-                                                          bool)]), identity=identity)
 
 
 def latest_runs(session: Session, limit: int = 20) -> list[TrainingRun]:
