@@ -133,6 +133,71 @@ def web_server(engines):
     proc.stop()
 
 
+def wait_idle(timeout: float = 90) -> None:
+    """Until no pipeline message is queued, reserved, scheduled (a retry after Claimed) or running.
+
+    A test that drives the stages in its own process after the workers parked its photos waits for
+    this first: a late message of the workers' (a claimed photo's own, retried) must not run beside it.
+    """
+    import redis
+
+    from shared.config import get_settings
+    from shared.queues import PIPELINE
+    from worker.celery_app import app
+
+    client = redis.Redis.from_url(get_settings().redis_url)
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        queued = sum(client.llen(key) for q in PIPELINE for key in client.scan_iter(match=f"{q}*")
+                     if client.type(key) == b"list")
+        inspect = app.control.inspect(timeout=1.0)
+        held = [t for reply in (inspect.active(), inspect.reserved(), inspect.scheduled()) for tasks in
+                (reply or {}).values() for t in tasks]
+        quiet = quiet + 1 if not queued and not held else 0
+        if quiet >= 2:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the workers did not go idle: {queued} queued, {len(held)} held")
+
+
+@pytest.fixture(scope="session")
+def small_model(engines, tmp_path_factory) -> str:
+    """One small model per test process, trained by `gestalt train` on two labels of astronaut variants
+    (catalogue names "Syndrome A" and "Syndrome B") with the identity member, registered, not activated.
+
+    For the tests that need a trained model but are not about training (the browser, the gallery); the
+    tests about training train their own. ``activate(name)`` makes it the active one.
+    """
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("small-model")
+    for label, flip in (("Syndrome A", False), ("Syndrome B", True)):
+        (folder / label).mkdir()
+        for i, gain in enumerate((0.8, 0.9, 1.0, 1.1)):
+            img = np.clip(data.astronaut().astype(np.float32) * gain, 0, 255).astype(np.uint8)
+            Image.fromarray(img[:, ::-1] if flip else img).save(folder / label / f"{i}.png")
+    name = f"small-model-{os.getpid()}"
+    trained = run_cli(engines, "train", "--data", str(folder), "--width", "0.125", "--epochs", "1",
+                      "--batch-size", "4", "--name", name)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return name
+
+
+def activate(name: str) -> None:
+    """Make the registered version ``name`` the active model (the workers load it within a second)."""
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.modelops import registry
+
+    with session_scope() as session:
+        registry.activate(session, session.scalars(select(registry.ModelVersion)
+                                                   .where(registry.ModelVersion.name == name)).one())
+
+
 def new_user(role: str = "clinician") -> str:
     """A fresh account; returns its e-mail."""
     from shared.db import session_scope

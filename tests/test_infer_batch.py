@@ -17,7 +17,7 @@ from shared.modelops import registry
 from shared.models import Image as ImageRow
 from shared.models import ModelVersion, Result
 from shared.storage import get_storage
-from tests.conftest import Portal, new_user
+from tests.conftest import Portal, new_user, wait_idle
 from worker import pipeline
 
 
@@ -38,6 +38,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     payload = portal.wait(case_id, timeout=180, settled=("awaiting_model", "rejected", "failed", "done"))
     ids = sorted(i["id"] for i in payload["images"])
     assert [i["status"] for i in payload["images"]] == ["awaiting_model"] * 4
+    wait_idle()
 
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 3, width=0.125).eval()

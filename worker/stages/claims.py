@@ -30,7 +30,10 @@ from worker.stages.resources import node
 logger = logging.getLogger("worker.pipeline")  # the pipeline's log lines keep one name, whichever step writes them
 
 CLAIM_AT, CLAIM_BY = "claimed_at", "claimed_by"
-PAST_DETECTION = (ImageStatus.aligning.value, ImageStatus.scoring.value)
+# A photo waiting for a model has its face and crops: a late detect or align message for it (a retry
+# after Claimed, a redelivery) goes on down the chain instead of detecting or aligning it again.
+PAST_ALIGNMENT = (ImageStatus.scoring.value, ImageStatus.awaiting_model.value)
+PAST_DETECTION = (ImageStatus.aligning.value, *PAST_ALIGNMENT)
 PAST = "past"
 
 
@@ -128,7 +131,7 @@ def enter_align(image_id: int) -> Image | str | None:
             return None
         if claim_live(image, now):
             raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
-        if image.status == ImageStatus.scoring.value:
+        if image.status in PAST_ALIGNMENT:
             return PAST
         if session.scalar(select(Face.id).where(Face.image_id == image_id)) is None:
             photos.move(image, ImageStatus.queued)
