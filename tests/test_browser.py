@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from tests.conftest import PASSWORD, new_user, run_cli
+from tests.conftest import PASSWORD, activate, new_user
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -71,16 +71,8 @@ def _login(page, base: str, email: str) -> None:
     page.wait_for_url(base + "/")
 
 
-def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browser, tmp_path):
-    folder = tmp_path / "train"
-    for label, flip in (("Syndrome A", False), ("Syndrome B", True)):
-        (folder / label).mkdir(parents=True)
-        for i, gain in enumerate((0.8, 0.9, 1.0, 1.1)):
-            img = np.clip(data.astronaut().astype(np.float32) * gain, 0, 255).astype(np.uint8)
-            Image.fromarray(img[:, ::-1] if flip else img).save(folder / label / f"{i}.png")
-    trained = run_cli(engines, "train", "--data", str(folder), "--width", "0.125", "--epochs", "1",
-                      "--batch-size", "4", "--name", "browser-model", "--activate")
-    assert trained.returncode == 0, trained.stderr[-2000:]
+def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browser, small_model, tmp_path):
+    activate(small_model)  # trained on "Syndrome A" and "Syndrome B" (catalogue names)
 
     page = browser.new_page(viewport={"width": 1024, "height": 800})
     page.goto(web_server + "/")
@@ -164,7 +156,7 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     assert "Facial analysis report" in report.content() and "NIPBL" in report.content()
     content = report.content()
     assert "not a probability of disease" in content and "Syndromes ranked by facial similarity" in content
-    assert "browser-model" in content and report.locator(".photos img").count() == 3
+    assert small_model in content and report.locator(".photos img").count() == 3
     assert report.evaluate("() => [...document.querySelectorAll('.photos img')].every(i => i.naturalWidth > 0)")
     report.emulate_media(media="print")
     report.pdf(path=str(SHOTS / "07-report.pdf"), format="A4")
@@ -179,7 +171,7 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     admin.screenshot(path=str(SHOTS / "08-admin-queues.png"), full_page=True)
     admin.click("header >> text=Models")
     admin.wait_for_selector("#versions")
-    assert admin.locator("#versions >> text=browser-model").count() == 1
+    assert admin.locator(f"#versions >> text={small_model}").count() == 1
     admin.screenshot(path=str(SHOTS / "09-admin-models.png"), full_page=True)
     admin.click("header >> text=Audit log")
     assert admin.locator("td >> text=report export").count() >= 1
