@@ -13,8 +13,9 @@ pytestmark = pytest.mark.e2e
 
 def test_orl_held_out_top5(engines, workers, web_server, tmp_path):
     orl = shared_data("faces", "orl")
+    # The workers wait while it trains, so training takes both cores.
     train = run_cli(engines, "train", "--data", str(orl), "--exclude", "10.pgm", "--width", "0.25",
-                    "--epochs", "12", "--lr", "0.002", "--name", "orl-test", "--activate")
+                    "--epochs", "12", "--lr", "0.002", "--name", "orl-test", "--activate", "--threads", "2")
     assert train.returncode == 0, train.stderr[-3000:]
 
     portal = Portal(web_server, new_user())
