@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.audit import audit
 from shared.models import Case, Crop, Face, Image
-from shared.storage import Storage, aligned_key, heatmap_prefix
+from shared.storage import Storage, aligned_key, crops_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ def delete_case(session: Session, storage: Storage, case: Case, actor_id: int | 
     session.delete(case)
     session.commit()
     still_used = set(session.scalars(select(Image.sha256).where(Image.sha256.in_(hashes))))
-    for sha in hashes - still_used:  # saliency overlays made on demand for these photos
+    for sha in hashes - still_used:  # crops no row points at any more, and the heatmaps made on demand
         try:
-            keys |= set(storage.list(heatmap_prefix(sha)))
+            keys |= set(storage.list(crops_prefix(sha)))
         except Exception:  # noqa: BLE001 - the orphan collector removes them later
             logger.warning("photo=%s state=heatmap_list_failed", sha)
     removed = 0

@@ -31,9 +31,15 @@ def original_key(sha256: str, ext: str) -> str:
     return f"originals/{sha256[:2]}/{sha256}.{ext}"
 
 
-def crop_key(sha256: str, region: str) -> str:
-    """Crops of a stored original, keyed by that original's hash and the region."""
-    return f"crops/{sha256[:2]}/{sha256}/{region}.png"
+def crops_prefix(sha256: str) -> str:
+    """The folder of everything derived from a stored original's face: its crops and heatmaps."""
+    return f"crops/{sha256[:2]}/{sha256}/"
+
+
+def crops_key(sha256: str) -> str:
+    """All crops of a stored original's face (every region and the identity chip), one object, keyed by
+    that original's hash. Faces aligned before crops were bundled have one PNG per crop in the same folder."""
+    return f"{crops_prefix(sha256)}crops.npz"
 
 
 def aligned_key(sha256: str) -> str:
@@ -46,7 +52,7 @@ HEATMAP_RENDER = "v1"
 
 def heatmap_prefix(sha256: str) -> str:
     """Where the saliency overlays of one stored original live (beside its crops)."""
-    return f"crops/{sha256[:2]}/{sha256}/heatmaps/"
+    return f"{crops_prefix(sha256)}heatmaps/"
 
 
 def heatmap_key(sha256: str, model_sha256: str, syndrome_id: int, region: str) -> str:

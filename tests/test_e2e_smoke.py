@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 
 from shared.db import session_scope
 from shared.ml.regions import ALL_REGIONS
+from shared.modelops.crops import load_crops
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
 from shared.storage import get_storage
 from tests.conftest import Portal, new_user, run_cli
@@ -102,5 +103,7 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
     stored = Image.open(io.BytesIO(storage.get(stored_key)))
     assert stored.size == (512, 512)
     assert not stored.getexif(), "EXIF (GPS, make) must be gone from the stored photo"
-    crop = Image.open(io.BytesIO(storage.get(crops[0].object_key)))
-    assert crop.size == (100, 100) and crop.mode == "L"
+    assert len({c.object_key for c in crops}) == 1  # one object holds all of the face's crops
+    stored_crops = load_crops(storage, {c.region: c.object_key for c in crops}, [c.region for c in crops])
+    assert all(stored_crops[r].shape == (100, 100) and stored_crops[r].dtype == np.uint8 for r in ALL_REGIONS)
+    assert stored_crops["face_chip"].shape == (150, 150, 3)

@@ -75,3 +75,24 @@ def test_bit_flipped_jpeg_is_refused_or_decoded_never_crashes():
             decode_upload(bytes(corrupt), **LIMITS)
         except ImageRejected as exc:
             assert exc.reason
+
+
+def test_a_faces_crops_round_trip_as_one_object_and_nothing_else_decodes():
+    from shared.ml.imaging import decode_crops, encode_crops
+
+    rng = np.random.default_rng(0)
+    crops = {"full_face": rng.integers(0, 256, (100, 100), np.uint8),
+             "upper_half": rng.integers(0, 256, (100, 100), np.uint8),
+             "face_chip": rng.integers(0, 256, (150, 150, 3), np.uint8)}
+    back = decode_crops(encode_crops(crops))
+    assert set(back) == set(crops)
+    for name, crop in crops.items():
+        np.testing.assert_array_equal(back[name], crop)
+    # Pickled objects are never loaded; other bytes and other arrays are refused.
+    pickled = io.BytesIO()
+    np.savez(pickled, full_face=np.array([{"x": 1}], dtype=object))
+    floats = io.BytesIO()
+    np.savez(floats, full_face=np.zeros((100, 100), np.float32))
+    for blob in (pickled.getvalue(), floats.getvalue(), b"PK\x03\x04 not a zip", b"\x89PNG\r\n", b""):
+        with pytest.raises(ValueError, match="crops could not be decoded"):
+            decode_crops(blob)

@@ -12,10 +12,11 @@ from sqlalchemy import select, update
 from shared import photos
 from shared.db import session_scope
 from shared.ml.gestalt import RegionalEnsemble, predict
-from shared.ml.imaging import decode_png_gray
+from shared.ml.imaging import encode_png
 from shared.modelops import registry
+from shared.modelops.crops import crop_keys, load_crops, region_stack
+from shared.models import Face, ModelVersion, Result
 from shared.models import Image as ImageRow
-from shared.models import ModelVersion, Result
 from shared.storage import get_storage
 from tests.conftest import Portal, new_user, wait_idle
 from worker import pipeline
@@ -61,19 +62,35 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
             select(Result).where(Result.image_id.in_(ids), Result.model_version_id == version_id))}
     assert set(results) == set(ids)
     # Scores in a batch equal the scores of the photo alone.
-    alone = predict(model, np.stack([decode_png_gray(get_storage().get(c.object_key))
-                                     for c in _crops(ids[2], model.regions)])[None])
+    with session_scope() as s:
+        keys = crop_keys(s, [ids[2]])[ids[2]]
+    assert len(set(keys.values())) == 1  # all of a face's crops are one object
+    alone = predict(model, region_stack(get_storage(), keys, model.regions)[None])
     np.testing.assert_allclose(results[ids[2]], alone.aggregate[0], atol=2e-4)
 
     # A photo's own message, arriving after the batch scored it, does nothing.
     assert pipeline.infer(ids[1]) is None
 
-
-def _crops(image_id: int, regions: tuple[str, ...]):
-    from shared.models import Crop, Face
-
+    # A face aligned before the crops were bundled (one PNG per crop) is scored the same.
+    _store_as_png_crops(ids[3])
     with session_scope() as s:
-        by_region = {c.region: c for c in s.scalars(select(Crop).join(Face).where(Face.image_id == image_id))}
-        for c in by_region.values():
-            s.expunge(c)
-    return [by_region[r] for r in regions]
+        photos.queue_for_scoring(s.get(ImageRow, ids[3]))
+    assert pipeline.infer(ids[3]) == ids[3]
+    with session_scope() as s:
+        assert len(set(crop_keys(s, [ids[3]])[ids[3]].values())) > 1
+        rescored = s.scalars(select(Result.scores).where(Result.image_id == ids[3],
+                                                         Result.model_version_id == version_id)).one()
+    np.testing.assert_allclose(rescored, results[ids[3]], atol=1e-6)
+
+
+def _store_as_png_crops(image_id: int) -> None:
+    """Store a photo's crops as faces aligned before the crops were bundled have them: one PNG per crop."""
+    storage = get_storage()
+    with session_scope() as s:
+        sha = s.get(ImageRow, image_id).sha256
+        face = s.scalars(select(Face).where(Face.image_id == image_id)).one()
+        crops = load_crops(storage, {c.region: c.object_key for c in face.crops}, [c.region for c in face.crops])
+        for c in face.crops:
+            c.object_key = storage.put(f"crops/{sha[:2]}/{sha}/{c.region}.png", encode_png(crops[c.region]),
+                                       "image/png")
+

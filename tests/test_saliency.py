@@ -196,12 +196,12 @@ def test_heatmap_route_access_cache_and_audit(engines, workers, web_server):
         assert [row.detail["cached"] for row in rows[:2]] == [False, True]
         assert {row.detail["via"] for row in rows} == {"portal", "api"}
 
-    # Deleting the case removes its overlays with the photo.
-    from shared.storage import heatmap_prefix
+    # Deleting the case removes its overlays and crops with the photo.
+    from shared.storage import crops_key, crops_prefix, heatmap_prefix
 
-    assert get_storage().list(heatmap_prefix(sha))
+    assert get_storage().list(heatmap_prefix(sha)) and crops_key(sha) in get_storage().list(crops_prefix(sha))
     token = owner.csrf(f"/cases/{case_id}")
     deleted = owner.http.post(f"{web_server}/cases/{case_id}/delete", data={"csrf_token": token},
                               allow_redirects=False)
     assert deleted.status_code == 303
-    assert get_storage().list(heatmap_prefix(sha)) == []
+    assert get_storage().list(crops_prefix(sha)) == []

@@ -14,7 +14,7 @@ from minio.error import S3Error
 from sqlalchemy import select
 
 from shared.audit import audit
-from shared.models import Crop, Face, ModelVersion, Result
+from shared.models import ModelVersion, Result
 from shared.storage import get_storage, heatmap_key
 from web.access import case_or_404
 from web.db import get_db
@@ -105,17 +105,16 @@ def _stored(storage, key: str) -> bytes | None:
 
 
 def _render(db, storage, version: ModelVersion, image, index: int, region: str) -> bytes | None:
-    import numpy as np
-
-    from shared.ml.imaging import decode_png_gray, decode_stored
+    from shared.ml.imaging import decode_stored
     from shared.ml.saliency import heatmap_png
+    from shared.modelops.crops import crop_keys, region_stack
 
     cache = _cache()
     model = cache.get(version.checkpoint_sha256, lambda: storage.get(version.checkpoint_key))
-    keys = {c.region: c.object_key for c in db.scalars(select(Crop).join(Face).where(Face.image_id == image.id))}
+    keys = crop_keys(db, [image.id]).get(image.id, {})
     if any(r not in keys for r in model.regions):
         return None
-    crops = np.stack([decode_png_gray(storage.get(keys[r])) for r in model.regions])
+    crops = region_stack(storage, keys, model.regions)
     aligned = decode_stored(storage.get(image.face.aligned_key))
     with cache.compute_lock:
         png = heatmap_png(model, crops, aligned, index, region)

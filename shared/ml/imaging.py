@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,3 +208,23 @@ def decode_png_rgb(data: bytes) -> np.ndarray:
     if arr is None:
         raise ValueError("crop could not be decoded")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def encode_crops(crops: dict[str, np.ndarray]) -> bytes:
+    """A face's crops (name -> uint8 array: the grayscale region crops and the RGB face chip) as one
+    uncompressed ``.npz``: one object per face, written and read without an image codec."""
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.ascontiguousarray(a, np.uint8) for name, a in crops.items()})
+    return buf.getvalue()
+
+
+def decode_crops(data: bytes) -> dict[str, np.ndarray]:
+    """The crops written by :func:`encode_crops`, by name. Arrays only: nothing is unpickled."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as bundle:
+            crops = {name: bundle[name] for name in bundle.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"crops could not be decoded: {exc}") from exc
+    if not crops or any(a.dtype != np.uint8 or a.ndim not in (2, 3) for a in crops.values()):
+        raise ValueError("crops could not be decoded: not a face's uint8 crops")
+    return crops

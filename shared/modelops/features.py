@@ -11,9 +11,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.ml import heads as hd
-from shared.ml.imaging import decode_png_gray
 from shared.ml.vectors import pack, unpack
-from shared.models import Crop, Face, ImageFeature
+from shared.modelops.crops import crop_keys, load_crops, region_stack
+from shared.models import ImageFeature
 from shared.storage import Storage
 
 
@@ -36,10 +36,9 @@ def cached_features(session: Session, storage: Storage, model, backbone: str, im
         cached.setdefault(f.image_id, {})[f.region] = unpack(f.vector)
     missing = [i for i in image_ids if set(cached.get(i, {})) != set(regions)]
     if missing:
-        crops = {(fid, c.region): c.object_key for fid, c in session.execute(
-            select(Face.image_id, Crop).join(Crop, Crop.face_id == Face.id).where(Face.image_id.in_(missing)))}
-        usable = [i for i in missing if all((i, r) in crops for r in regions)]
-        stack = np.stack([np.stack([decode_png_gray(storage.get(crops[(i, r)])) for r in regions])
+        crops = crop_keys(session, missing)
+        usable = [i for i in missing if all(r in crops.get(i, {}) for r in regions)]
+        stack = np.stack([region_stack(storage, crops[i], regions)
                           for i in usable]) if usable else np.zeros((0, len(regions), 100, 100), np.uint8)
         feats = hd.extract_features(model, stack)
         for i, image_id in enumerate(usable):
@@ -56,23 +55,20 @@ def cached_descriptors(session: Session, storage: Storage, member, image_ids: li
     were kept have none (their alignment re-runs on a re-score). Returns the descriptors and how many
     were computed."""
     from shared.ml.identity import CHIP_REGION, MEMBER
-    from shared.ml.imaging import decode_png_rgb
 
     out = {f.image_id: unpack(f.vector) for f in session.scalars(
         select(ImageFeature).where(ImageFeature.backbone_sha == member.feature_key, ImageFeature.region == MEMBER,
                                    ImageFeature.image_id.in_(image_ids)))}
     missing = [i for i in image_ids if i not in out]
-    chips = dict(session.execute(
-        select(Face.image_id, Crop.object_key).join(Crop, Crop.face_id == Face.id)
-        .where(Face.image_id.in_(missing), Crop.region == CHIP_REGION)).all()) if missing else {}
-    usable = [i for i in missing if i in chips]
+    chips = crop_keys(session, missing) if missing else {}
+    usable = [i for i in missing if CHIP_REGION in chips.get(i, {})]
     if usable:
         from shared.ml.encoder import CONVERTED_SHA256, encode, load_encoder
 
         if member.encoder_sha != CONVERTED_SHA256:
             raise ValueError(f"the model's identity encoder {member.encoder_sha[:12]}... is not the installed one")
-        desc = encode(load_encoder(device), np.stack([decode_png_rgb(storage.get(chips[i])) for i in usable]),
-                      flip=member.flip)
+        faces = np.stack([load_crops(storage, chips[i], [CHIP_REGION])[CHIP_REGION] for i in usable])
+        desc = encode(load_encoder(device), faces, flip=member.flip)
         for image_id, d in zip(usable, desc, strict=True):
             store_features(session, image_id, (MEMBER,), member.feature_key, d[None])
             out[image_id] = d

@@ -6,15 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 
 from shared.config import Settings
 from shared.db import session_scope
 from shared.ml import heads as hd
 from shared.ml.identity import IdentityMember, build_ood_reference, combine, fit_identity_head
-from shared.ml.imaging import decode_png_gray
 from shared.ml.splits import in_holdout
-from shared.models import Crop, Face
+from shared.modelops.crops import crop_keys, region_stack
 from shared.storage import Storage, feature_set_key
 
 
@@ -78,10 +76,8 @@ def fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels:
     base = hd.load_feature_set(storage.get(crops_key))
     regions = list(model.regions)
     with session_scope() as s:
-        keys = {(fid, c.region): c.object_key for fid, c in s.execute(
-            select(Face.image_id, Crop).join(Crop, Crop.face_id == Face.id)
-            .where(Face.image_id.in_([i for i, _, _ in cases])))}
-    case_crops = [np.stack([decode_png_gray(storage.get(keys[(i, r)])) for r in regions]) for i, _, _ in cases]
+        keys = crop_keys(s, [i for i, _, _ in cases])
+    case_crops = [region_stack(storage, keys[i], regions) for i, _, _ in cases]
     crops = np.concatenate([base["crops"], np.stack(case_crops)]) if case_crops else base["crops"]
     prepared = PreparedData(crops=crops, labels=labels.copy(), samples=[
         Sample(Path(""), lab, subj) for lab, subj in zip(data.labels, data.subjects, strict=True)])

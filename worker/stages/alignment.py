@@ -1,4 +1,5 @@
-"""Alignment of a batch: landmarks in one pass, the quality gate, crops stored, faces updated in one transaction."""
+"""Alignment of a batch: landmarks in one pass, the quality gate, each face's crops stored as one object,
+faces updated in one transaction."""
 from __future__ import annotations
 
 import time
@@ -14,8 +15,9 @@ from shared.ml.detection import DetectedFace
 from shared.ml.identity import CHIP_REGION
 from shared.ml.imaging import ImageRejected, encode_png
 from shared.ml.preprocess import Detection
+from shared.modelops.crops import store_crops
 from shared.models import Crop, Face, Image, ImageStatus
-from shared.storage import aligned_key, crop_key, get_storage
+from shared.storage import aligned_key, get_storage
 from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
@@ -24,19 +26,20 @@ def _put_png(key: str, array: np.ndarray) -> str:
     return get_storage().put(key, encode_png(array), "image/png")
 
 
-def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, dict[str | None, str]]:
-    """Each aligned photo's crops (by region), identity chip and aligned face (under None), stored in parallel."""
+def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, tuple[str, str]]:
+    """Each aligned photo's crops (every region and the identity chip, one object) and its aligned face (a PNG
+    for the portal), stored in parallel; by photo id, the two keys."""
     puts = {}
     for (image, _, _), aligned in zip(items, results, strict=True):
         if isinstance(aligned, ImageRejected):
             continue
-        objects = {region: (crop_key(image.sha256, region), crop) for region, crop in aligned.crops.items()}
+        crops = dict(aligned.crops)
         if getattr(aligned, "chip", None) is not None:  # the identity member's input
-            objects[CHIP_REGION] = (crop_key(image.sha256, CHIP_REGION), aligned.chip)
-        objects[None] = (aligned_key(image.sha256), aligned.aligned_rgb)
-        puts[image.id] = {name: resources.io_pool().submit(_put_png, key, array)
-                          for name, (key, array) in objects.items()}
-    return {i: {name: f.result() for name, f in futures.items()} for i, futures in puts.items()}
+            crops[CHIP_REGION] = aligned.chip
+        pool = resources.io_pool()
+        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, crops),
+                          pool.submit(_put_png, aligned_key(image.sha256), aligned.aligned_rgb))
+    return {i: (crops.result(), face.result()) for i, (crops, face) in puts.items()}
 
 
 def _record_alignment(face: Face, aligned: Any, aligned_object: str, pre: Any) -> None:
@@ -87,9 +90,10 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             if face is None:  # detection's output vanished meanwhile: the photo's own message starts over
                 photos.stamp(row, **{CLAIM_AT: None})
                 continue
-            _record_alignment(face, aligned, keys[image.id][None], pre)
-            crop_rows += [{"face_id": face.id, "region": r, "object_key": k}
-                          for r, k in keys[image.id].items() if r is not None]
+            crops_object, aligned_object = keys[image.id]
+            _record_alignment(face, aligned, aligned_object, pre)
+            names = [*aligned.crops, *([CHIP_REGION] if getattr(aligned, "chip", None) is not None else [])]
+            crop_rows += [{"face_id": face.id, "region": name, "object_key": crops_object} for name in names]
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:

@@ -14,10 +14,10 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.ml.gestalt import predict
 from shared.ml.identity import CHIP_REGION, MEMBER
-from shared.ml.imaging import decode_png_gray, decode_png_rgb
 from shared.ml.ranking import rank
+from shared.modelops.crops import crop_keys, load_crops
 from shared.modelops.features import store_features
-from shared.models import Crop, Face, Image, ImageStatus, RegionScore, Result
+from shared.models import Image, ImageStatus, RegionScore, Result
 from shared.monitoring import heartbeat
 from shared.storage import get_storage
 from worker.stages import resources
@@ -38,33 +38,22 @@ def active_model_or_wait(image_id: int) -> Any | None:
         return loaded
 
 
-def _stored_crop_keys(ids: list[int]) -> dict[int, dict[str, str]]:
-    """The object keys of the photos' crops, by photo and region."""
-    crops: dict[int, dict[str, str]] = {}
-    with session_scope() as session:
-        for face_image_id, region, key in session.execute(
-                select(Face.image_id, Crop.region, Crop.object_key).join(Crop, Crop.face_id == Face.id)
-                .where(Face.image_id.in_(ids))):
-            crops.setdefault(face_image_id, {})[region] = key
-    return crops
-
-
 def _fetch_crops(loaded: Any, member: Any, ready: list[int],
                  crops: dict[int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray | None]:
     """The region crops (N x R x H x W) and, for a model with an identity member, the face chips."""
     storage = get_storage()
-    pool = resources.io_pool()  # the crops' round trips overlap
-    grays = {(i, r): pool.submit(lambda k: decode_png_gray(storage.get(k)), crops[i][r])
-             for i in ready for r in loaded.regions}
-    chips = {i: pool.submit(lambda k: decode_png_rgb(storage.get(k)), crops[i][CHIP_REGION])
-             for i in ready} if member is not None else {}
-    stack = np.stack([np.stack([grays[i, r].result() for r in loaded.regions]) for i in ready])
-    return stack, (np.stack([chips[i].result() for i in ready]) if member is not None else None)
+    names = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
+    # one object per face; the faces' round trips overlap
+    faces = [resources.io_pool().submit(load_crops, storage, crops[i], names) for i in ready]
+    faces = [f.result() for f in faces]
+    stack = np.stack([np.stack([face[r] for r in loaded.regions]) for face in faces])
+    return stack, (np.stack([face[CHIP_REGION] for face in faces]) if member is not None else None)
 
 
 def score_stored(loaded: Any, batch: list[int]) -> list[int]:
     """Score the photos of the batch whose crops are stored, in one forward pass; returns their ids."""
-    crops = _stored_crop_keys(batch)
+    with session_scope() as session:
+        crops = crop_keys(session, batch)
     member = loaded.model.identity
     needed = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
     ready = [i for i in batch if all(r in crops.get(i, {}) for r in needed)]

@@ -1,0 +1,60 @@
+"""The crop store: a face's region crops and identity chip, one object per face, read back by name.
+
+Alignment stores them (:func:`store_crops`) and records one ``crops`` row per region that points at the
+face's object; scoring, heatmaps, the feature store and retraining read them back (:func:`crop_keys`,
+:func:`load_crops`). Faces aligned before the crops were bundled have one PNG object per crop, and their
+rows point at those: they load the same way.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.ml.identity import CHIP_REGION
+from shared.ml.imaging import decode_crops, decode_png_gray, decode_png_rgb, encode_crops
+from shared.models import Crop, Face
+from shared.storage import Storage, crops_key
+
+
+def store_crops(storage: Storage, sha256: str, crops: dict[str, np.ndarray]) -> str:
+    """Store the face's crops (name -> array) of the original ``sha256`` as one object; returns its key."""
+    return storage.put(crops_key(sha256), encode_crops(crops))
+
+
+def crop_keys(session: Session, image_ids: Iterable[int]) -> dict[int, dict[str, str]]:
+    """The object key of each stored crop, by photo and crop name (region, or the identity chip)."""
+    keys: dict[int, dict[str, str]] = {}
+    for image_id, name, key in session.execute(
+            select(Face.image_id, Crop.region, Crop.object_key).join(Crop, Crop.face_id == Face.id)
+            .where(Face.image_id.in_(list(image_ids)))):
+        keys.setdefault(image_id, {})[name] = key
+    return keys
+
+
+def load_crops(storage: Storage, keys: dict[str, str], names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named crops of one face (``keys``: one photo's entry of :func:`crop_keys`), each object read once:
+    the region crops grayscale (H x W), the identity chip RGB (H x W x 3)."""
+    bundles: dict[str, dict[str, np.ndarray]] = {}
+    out = {}
+    for name in names:
+        key = keys[name]
+        if key.endswith(".npz"):
+            if key not in bundles:
+                bundles[key] = decode_crops(storage.get(key))
+            if name not in bundles[key]:
+                raise ValueError(f"the stored crops {key} hold no {name}")
+            out[name] = bundles[key][name]
+        else:  # one PNG per crop, from before the crops were bundled
+            data = storage.get(key)
+            out[name] = decode_png_rgb(data) if name == CHIP_REGION else decode_png_gray(data)
+    return out
+
+
+def region_stack(storage: Storage, keys: dict[str, str], regions: Iterable[str]) -> np.ndarray:
+    """One face's region crops stacked in ``regions``' order (R x H x W), as the regional networks read them."""
+    regions = list(regions)
+    crops = load_crops(storage, keys, regions)
+    return np.stack([crops[r] for r in regions])
