@@ -51,3 +51,22 @@ def test_ensemble_averages_region_softmaxes_and_round_trips():
     ranking = rank(pred.aggregate[0], classes)
     assert [r["rank"] for r in ranking] == [1, 2, 3]
     assert ranking[0]["score"] == pytest.approx(pred.aggregate[0].max())
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_as_slow():
+    from pathlib import Path
+
+    from shared.ml.gestalt import slow_precision
+
+    cpu = torch.device("cpu")
+    assert slow_precision(cpu, "fp32") is None and slow_precision(cpu, "auto") is None
+    assert slow_precision(torch.device("cuda"), "bf16") is None
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read this CPU's flags from")
+    flags = set(cpuinfo.read_text().split())
+    native = bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+    warning = slow_precision(cpu, "bf16")
+    assert (warning is None) == native
+    if warning:
+        assert "GESTALT_INFER_PRECISION" in warning and "fp32" in warning

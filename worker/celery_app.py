@@ -81,6 +81,12 @@ def _record_queues(sender, instance, **_kwargs) -> None:
     global CONSUMED_QUEUES
     CONSUMED_QUEUES = frozenset(instance.app.amqp.queues.consume_from or ())
     logger.info("queues=%s", ",".join(sorted(CONSUMED_QUEUES)))
+    from shared.ml.gestalt import resolve_device, slow_precision
+
+    settings = get_settings()
+    warning = slow_precision(resolve_device(settings.device), settings.infer_precision)
+    if warning:
+        logger.warning(warning)
 
 
 def fuses_stages() -> bool:

@@ -104,6 +104,19 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
     return model
 
 
+def slow_precision(device: torch.device, precision: str) -> str | None:
+    """Why ``precision`` would be slow on ``device``, or None. bf16 autocast on a CPU without native bf16
+    (AVX512-BF16 or AMX) is emulated: about 10x slower than fp32 there ("auto" picks fp32 on the CPU)."""
+    if precision != "bf16" or device.type != "cpu":
+        return None
+    native = [getattr(torch.cpu, probe, lambda: True)() for probe in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported")]
+    if any(native):
+        return None
+    return ("GESTALT_INFER_PRECISION=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+            "about 10x slower than fp32; use auto or fp32")
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast for ``precision`` "bf16", or "auto" on CUDA; otherwise no autocast."""
     if precision not in PRECISIONS:
