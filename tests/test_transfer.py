@@ -35,14 +35,14 @@ CLASSES = (UNAFFECTED, "hypertelorism", "long_philtrum")
 WIDTH, EPOCHS, BATCH = 0.25, 15, 16
 TEST_FRACTION = 0.3
 SEED = 0
-# Identity pretraining (about two minutes on one core), then small labelled sets of this many faces.
+# Identity pretraining of the full-face network, then small labelled sets of this many faces.
 PRETRAIN = PretrainConfig(width=WIDTH, epochs=25, sgd_epochs=5, lr=2e-3, sgd_lr=1e-3, batch_size=16, seed=SEED)
 SMALL_FACES, SMALL_SETS, SMALL_EPOCHS, TRANSFER_PAIRS = 12, 3, 60, 3
 TRANSFER_REGIONS = REGIONS[:1]  # full_face
 
 
-# Training here runs in the test process while the suite's workers sit idle, so it takes both cores: the module ran
-# in 364 s on the 2-core machine, where its fixtures had taken 859 s on one thread in the last full suite run.
+# Training here runs in the test process while the suite's workers sit idle, so it takes both cores (on one thread
+# the module's fixtures took more than twice as long).
 TRAIN_THREADS = 2
 
 
