@@ -175,9 +175,9 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ti = np.where(inside, top, 0).astype(np.intp)
     fx = (x - left)[..., None]
     fy = (y - top)[..., None]
-    img = image.astype(np.float64)
-    tl, tr = img[ti, li], img[ti, li + 1]
-    bl, br = img[ti + 1, li], img[ti + 1, li + 1]
+    # the four neighbours are gathered first and only they are widened: the same arithmetic, on rows x cols pixels
+    tl, tr = image[ti, li].astype(np.float64), image[ti, li + 1].astype(np.float64)
+    bl, br = image[ti + 1, li].astype(np.float64), image[ti + 1, li + 1].astype(np.float64)
     value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
     # dlib assigns the double to the uint8 channel by truncation (values are within 0-255 here).
     out = np.clip(value, 0, 255).astype(np.uint8)

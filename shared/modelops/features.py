@@ -17,14 +17,27 @@ from shared.models import ImageFeature
 from shared.storage import Storage
 
 
+def feature_rows(image_id: int, regions: tuple[str, ...], backbone: str, features: np.ndarray) -> list[dict]:
+    """The feature store's rows of one photo: one per region, for ``backbone``."""
+    return [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": pack(features[i])}
+            for i, r in enumerate(regions)]
+
+
+_UPSERT = insert(ImageFeature)
+_UPSERT = _UPSERT.on_conflict_do_update(index_elements=["image_id", "region", "backbone_sha"],
+                                        set_={"vector": _UPSERT.excluded.vector})
+
+
+def store_feature_rows(session: Session, rows: list[dict]) -> None:
+    """Upsert rows of :func:`feature_rows` (any photos, any backbones) in one statement."""
+    if rows:
+        session.execute(_UPSERT, rows)
+
+
 def store_features(session: Session, image_id: int, regions: tuple[str, ...], backbone: str,
                    features: np.ndarray) -> None:
     """Upsert one cached feature row per region for ``backbone``."""
-    rows = [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": pack(features[i])}
-            for i, r in enumerate(regions)]
-    stmt = insert(ImageFeature).values(rows)
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "region", "backbone_sha"],
-                                               set_={"vector": stmt.excluded.vector}))
+    store_feature_rows(session, feature_rows(image_id, regions, backbone, features))
 
 
 def cached_features(session: Session, storage: Storage, model, backbone: str, image_ids: list[int]) -> tuple[dict, int]:

@@ -16,7 +16,7 @@ from shared.ml.gestalt import predict
 from shared.ml.identity import CHIP_REGION, MEMBER
 from shared.ml.ranking import rank
 from shared.modelops.crops import crop_keys, load_crops
-from shared.modelops.features import store_features
+from shared.modelops.features import feature_rows, store_feature_rows
 from shared.models import Image, ImageStatus, RegionScore, Result
 from shared.monitoring import heartbeat
 from shared.storage import get_storage
@@ -124,40 +124,53 @@ def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], class
                       [(image_id, region_probs, aggregate, features, identity)])
 
 
-def _upsert_scores(session, image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
-                   region_probs: np.ndarray, aggregate: np.ndarray, identity: dict | None) -> None:
-    """The photo's member scores (one row per region, and the identity member's) and its result."""
+def _score_rows(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
+                region_probs: np.ndarray, aggregate: np.ndarray, identity: dict | None) -> tuple[list[dict], dict]:
+    """The photo's member score rows (one per region, and the identity member's) and its result row."""
     rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
              "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
     if identity is not None:
         rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
                      "scores": [round(float(p), 6) for p in identity["probs"]]})
-    stmt = insert(RegionScore).values(rows)
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id", "region"],
-                                               set_={"scores": stmt.excluded.scores}))
-    stmt = insert(Result).values(image_id=image_id, model_version_id=version_id,
-                                 scores=[round(float(p), 6) for p in aggregate],
-                                 ranking=rank(aggregate, classes), ood=identity and identity["ood"])
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_={
-        "scores": stmt.excluded.scores, "ranking": stmt.excluded.ranking, "ood": stmt.excluded.ood}))
+    result = {"image_id": image_id, "model_version_id": version_id,
+              "scores": [round(float(p), 6) for p in aggregate], "ranking": rank(aggregate, classes),
+              "ood": identity["ood"] if identity is not None else None}
+    return rows, result
+
+
+def _upsert(table: Any, index: list[str], columns: list[str]) -> Any:
+    """An upsert statement for many rows at once (executed with a list of parameter dicts, compiled once)."""
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(index_elements=index, set_={c: stmt.excluded[c] for c in columns})
+
+
+_SCORES = _upsert(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
+_RESULTS = _upsert(Result, ["image_id", "model_version_id"], ["scores", "ranking", "ood"])
 
 
 def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[dict], backbone: str,
                       faces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, dict | None]]) -> None:
     """:func:`write_scores` for a scored batch, ``(image_id, region_probs, aggregate, features, identity)``
-    each, in one transaction (the photos locked in id order)."""
+    each, in one transaction (the photos locked in id order) and one statement per table."""
     with session_scope() as session:
         images = {i.id: i for i in session.scalars(
             select(Image).where(Image.id.in_([f[0] for f in faces])).order_by(Image.id).with_for_update())}
-        now = time.time()
-        for image_id, region_probs, aggregate, features, identity in faces:
-            image = images.get(image_id)
-            if image is None:
-                continue
-            store_features(session, image_id, regions, backbone, features)
+        kept = [f for f in faces if f[0] in images]
+        features, scores, results = [], [], []
+        for image_id, region_probs, aggregate, feats, identity in kept:
+            features += feature_rows(image_id, regions, backbone, feats)
             if identity is not None:
-                store_features(session, image_id, (MEMBER,), identity["feature_key"], identity["descriptor"][None])
-            _upsert_scores(session, image_id, version_id, regions, classes, region_probs, aggregate, identity)
+                features += feature_rows(image_id, (MEMBER,), identity["feature_key"], identity["descriptor"][None])
+            rows, result = _score_rows(image_id, version_id, regions, classes, region_probs, aggregate, identity)
+            scores += rows
+            results.append(result)
+        store_feature_rows(session, features)
+        if kept:
+            session.execute(_SCORES, scores)
+            session.execute(_RESULTS, results)
+        now = time.time()
+        for image_id, *_ in kept:
+            image = images[image_id]
             photos.move(image, ImageStatus.done, done=now,
                         **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
     for image_id, *_ in faces:
