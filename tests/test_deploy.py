@@ -133,6 +133,17 @@ def cluster(tmp_path):
 
 
 @pytest.mark.e2e
+def _wait_until_ready(logs: Path, machines: dict, timeout: float = 120.0) -> None:
+    """Both workers consume from the broker (each has logged that it is ready)."""
+    deadline = time.monotonic() + timeout
+    waiting = set(machines)
+    while waiting and time.monotonic() < deadline:
+        waiting = {name for name in waiting if f"worker@{name} ready." not in
+                   (logs / f"{name}.log").read_text(errors="replace")}
+        time.sleep(0.2)
+    assert not waiting, f"{sorted(waiting)} did not start"
+
+
 def test_two_machines_one_killed_mid_task(cluster):
     """Two workers named as two machines share the broker; SIGKILL one mid-task, the other finishes."""
     import io
@@ -146,13 +157,17 @@ def test_two_machines_one_killed_mid_task(cluster):
     made = subprocess.run([sys.executable, "-m", "shared.cli", "users", "create", "--email", email, "--password",
                            PASSWORD], env=env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
+    # One photo per task, so that both machines take photos: with batches, the first machine ready could
+    # claim all eight at once.
+    worker_env = {**env, "GESTALT_DETECT_BATCH": "1"}
     machines = {name: Process(name, [sys.executable, "-m", "shared.cli", "worker", "-Q", "detect,align,infer,default",
-                                     "-c", "1", "-n", f"worker@{name}"], env, engines.logs / f"{name}.log")
+                                     "-c", "1", "-n", f"worker@{name}"], worker_env, engines.logs / f"{name}.log")
                 for name in ("machine-a", "machine-b")}
     beat = Process("beat", [sys.executable, "-m", "shared.cli", "beat"], env, engines.logs / "beat.log")
     for p in (*machines.values(), beat):
         p.start()
     try:
+        _wait_until_ready(engines.logs, machines)
         portal = Portal(url, email)
         case_id = portal.create_case("PT-FAILOVER")
         for i in range(8):
