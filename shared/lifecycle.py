@@ -36,7 +36,7 @@ def delete_case(session: Session, storage: Storage, case: Case, actor_id: int | 
         try:
             keys |= set(storage.list(crops_prefix(sha)))
         except Exception:  # noqa: BLE001 - the orphan collector removes them later
-            logger.warning("photo=%s state=heatmap_list_failed", sha)
+            logger.warning("photo=%s state=crops_list_failed", sha)
     removed = 0
     for key in sorted(keys):
         if any(h in still_used for h in _hashes_in(key)):
