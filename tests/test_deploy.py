@@ -132,7 +132,6 @@ def cluster(tmp_path):
     engines.stop()
 
 
-@pytest.mark.e2e
 def _wait_until_ready(logs: Path, machines: dict, timeout: float = 120.0) -> None:
     """Both workers consume from the broker (each has logged that it is ready)."""
     deadline = time.monotonic() + timeout
@@ -144,6 +143,7 @@ def _wait_until_ready(logs: Path, machines: dict, timeout: float = 120.0) -> Non
     assert not waiting, f"{sorted(waiting)} did not start"
 
 
+@pytest.mark.e2e
 def test_two_machines_one_killed_mid_task(cluster):
     """Two workers named as two machines share the broker; SIGKILL one mid-task, the other finishes."""
     import io

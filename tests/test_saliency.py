@@ -200,8 +200,10 @@ def test_heatmap_route_access_cache_and_audit(engines, workers, web_server):
     from shared.storage import crops_key, crops_prefix, heatmap_prefix
 
     assert get_storage().list(heatmap_prefix(sha)) and crops_key(sha) in get_storage().list(crops_prefix(sha))
+    # A crop that no row points at any more (one PNG per crop, from before a re-alignment) goes with them.
+    stray = get_storage().put(f"{crops_prefix(sha)}full_face.png", b"\x89PNG stale crop", "image/png")
     token = owner.csrf(f"/cases/{case_id}")
     deleted = owner.http.post(f"{web_server}/cases/{case_id}/delete", data={"csrf_token": token},
                               allow_redirects=False)
     assert deleted.status_code == 303
-    assert get_storage().list(crops_prefix(sha)) == []
+    assert get_storage().list(crops_prefix(sha)) == [] and not get_storage().exists(stray)

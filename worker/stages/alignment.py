@@ -26,6 +26,14 @@ def _put_png(key: str, array: np.ndarray) -> str:
     return get_storage().put(key, encode_png(array), "image/png")
 
 
+def _crops_of(aligned: Any) -> dict[str, np.ndarray]:
+    """What alignment stores of a face: its region crops and (the identity member's input) its face chip."""
+    crops = dict(aligned.crops)
+    if getattr(aligned, "chip", None) is not None:
+        crops[CHIP_REGION] = aligned.chip
+    return crops
+
+
 def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, tuple[str, str]]:
     """Each aligned photo's crops (every region and the identity chip, one object) and its aligned face (a PNG
     for the portal), stored in parallel; by photo id, the two keys."""
@@ -33,11 +41,8 @@ def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> 
     for (image, _, _), aligned in zip(items, results, strict=True):
         if isinstance(aligned, ImageRejected):
             continue
-        crops = dict(aligned.crops)
-        if getattr(aligned, "chip", None) is not None:  # the identity member's input
-            crops[CHIP_REGION] = aligned.chip
         pool = resources.io_pool()
-        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, crops),
+        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, _crops_of(aligned)),
                           pool.submit(_put_png, aligned_key(image.sha256), aligned.aligned_rgb))
     return {i: (crops.result(), face.result()) for i, (crops, face) in puts.items()}
 
@@ -92,8 +97,8 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
                 continue
             crops_object, aligned_object = keys[image.id]
             _record_alignment(face, aligned, aligned_object, pre)
-            names = [*aligned.crops, *([CHIP_REGION] if getattr(aligned, "chip", None) is not None else [])]
-            crop_rows += [{"face_id": face.id, "region": name, "object_key": crops_object} for name in names]
+            crop_rows += [{"face_id": face.id, "region": name, "object_key": crops_object}
+                          for name in _crops_of(aligned)]
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:

@@ -38,11 +38,10 @@ def active_model_or_wait(image_id: int) -> Any | None:
         return loaded
 
 
-def _fetch_crops(loaded: Any, member: Any, ready: list[int],
-                 crops: dict[int, dict[str, str]]) -> tuple[np.ndarray, np.ndarray | None]:
+def _fetch_crops(loaded: Any, member: Any, ready: list[int], crops: dict[int, dict[str, str]],
+                 names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
     """The region crops (N x R x H x W) and, for a model with an identity member, the face chips."""
     storage = get_storage()
-    names = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
     # one object per face; the faces' round trips overlap
     faces = [resources.io_pool().submit(load_crops, storage, crops[i], names) for i in ready]
     faces = [f.result() for f in faces]
@@ -58,7 +57,7 @@ def score_stored(loaded: Any, batch: list[int]) -> list[int]:
     needed = (*loaded.regions, CHIP_REGION) if member is not None else loaded.regions
     ready = [i for i in batch if all(r in crops.get(i, {}) for r in needed)]
     if ready:
-        stack, chips = _fetch_crops(loaded, member, ready, crops)
+        stack, chips = _fetch_crops(loaded, member, ready, crops, needed)
         predict_and_write(loaded, member, ready, stack, chips)
     return ready
 
