@@ -102,6 +102,9 @@ class Settings:
     # Inference precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16" (also on CPUs with
     # AVX512-BF16/AMX, several times faster there; scores move in the third decimal).
     infer_precision: str = field(default_factory=lambda: _str("GESTALT_INFER_PRECISION", "auto"))
+    # Celery task events (sent, received, started, succeeded) for a monitor such as Flower. Off by default: nothing in
+    # Gestalt reads them, they cost four Redis publishes per task, and Flower switches them on while it runs.
+    task_events: bool = field(default_factory=lambda: _bool("GESTALT_TASK_EVENTS", False))
     # Celery worker processes per worker in the embedded stack.
     worker_concurrency: int = field(default_factory=lambda: _int("GESTALT_WORKER_CONCURRENCY", 2))
     # Seconds between two sweeps (re-queue lost images, score images waiting for a model).

@@ -18,11 +18,15 @@ from shared.models import Image
 QUEUES = queues.ALL
 HEARTBEAT_PREFIX = "gestalt:heartbeat:"
 HEARTBEAT_TTL = 300
+# A process writes its heartbeat at most this often, unless what it reports (node, model) changed.
+HEARTBEAT_EVERY = 5.0
 STAGES = (("queue", "uploaded", "detect_start"), ("detect", "detect_start", "detect_end"),
           ("align", "align_start", "align_end"), ("infer", "infer_start", "done"), ("end to end", "uploaded", "done"))
 
 
 _clients: dict[str, redis.Redis] = {}
+# What this process last wrote as its heartbeat, and when: (pid, node, model), monotonic seconds.
+_last_beat: tuple[tuple[int, str | None, str | None], float] | None = None
 
 
 def _redis() -> redis.Redis:
@@ -43,11 +47,20 @@ def queue_depths() -> dict[str, int | None]:
 
 
 def heartbeat(node: str | None, model: str | None) -> None:
-    """Called by worker processes: who is alive and which model version it has loaded."""
+    """Called by worker processes before each task: who is alive and which model version it has loaded.
+
+    Written at most every ``HEARTBEAT_EVERY`` seconds per process (a busy worker runs many tasks a
+    second), and at once when the node or the model changed.
+    """
+    global _last_beat
+    state, now = (os.getpid(), node, model), time.monotonic()
+    if _last_beat is not None and _last_beat[0] == state and now - _last_beat[1] < HEARTBEAT_EVERY:
+        return
     key = f"{HEARTBEAT_PREFIX}{node or 'unknown'}:{os.getpid()}"
     with contextlib.suppress(redis.RedisError):  # monitoring must never fail a task
         _redis().set(key, json.dumps({"node": node, "pid": os.getpid(), "model": model, "at": time.time()}),
                      ex=HEARTBEAT_TTL)
+        _last_beat = (state, now)
 
 
 def heartbeats() -> list[dict]:

@@ -25,7 +25,7 @@ class CeleryConfig:
     """Every Celery setting in one place."""
 
     def __init__(self, redis_url: str | None, visibility_timeout: int, sweep_seconds: float, retrain_cron: str,
-                 timezone: str, retrain_full_cron: str = ""):
+                 timezone: str, retrain_full_cron: str = "", task_events: bool = False):
         self.broker_url = redis_url
         self.result_backend = redis_url
         self.result_expires = 3600
@@ -47,8 +47,9 @@ class CeleryConfig:
             "retrain.*": {"queue": queues.TRAIN},
         }
         self.task_track_started = True
-        self.worker_send_task_events = True
-        self.task_send_sent_event = True
+        # Events only for a monitor (Flower enables them on running workers while it runs).
+        self.worker_send_task_events = task_events
+        self.task_send_sent_event = task_events
         self.task_serializer = "json"
         self.accept_content = ["json"]
         self.timezone = timezone
@@ -68,7 +69,8 @@ def create_celery() -> Celery:
     app = Celery("gestalt", include=["worker.tasks.pipeline", "worker.tasks.maintenance", "worker.tasks.retrain"])
     settings = get_settings()
     app.config_from_object(CeleryConfig(settings.redis_url, settings.visibility_timeout, settings.sweep_seconds,
-                                        settings.retrain_cron, settings.timezone, settings.retrain_full_cron))
+                                        settings.retrain_cron, settings.timezone, settings.retrain_full_cron,
+                                        settings.task_events))
     return app
 
 
