@@ -133,17 +133,18 @@ def start_session(session: Session, user: User, ip: str | None) -> str:
 
 def session_user(session: Session, user_id: int, secret: str, idle: timedelta, lifetime: timedelta) -> User | None:
     """The active user of a live login session; ends the session when it was idle or open too long."""
-    login = session.scalars(select(LoginSession).where(
+    # The login and its user in one round trip: this runs on every request.
+    row = session.execute(select(LoginSession, User).join(User, User.id == LoginSession.user_id).where(
         LoginSession.token_sha256 == _sha256(secret), LoginSession.user_id == user_id,
         LoginSession.ended_at.is_(None))).first()
-    if login is None:
+    if row is None:
         return None
+    login, user = row
     now = datetime.now(UTC)
     if now - login.last_seen_at > idle or now - login.created_at > lifetime:
         login.ended_at, login.end_reason = now, "expired"
         return None
-    user = session.get(User, user_id)
-    if user is None or not user.is_active:
+    if not user.is_active:
         return None
     if now - login.last_seen_at > timedelta(seconds=60):  # one write a minute, not one per request
         login.last_seen_at = now

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -61,18 +62,18 @@ def store_images(db: Session, case: Case, decoded: list[DecodedImage], user_id: 
     storage = get_storage()
     keys = []
     for d in decoded:
+        # Content-addressed: writing a photo that is already stored writes the same bytes again, which costs
+        # less than asking first for every photo (duplicates are rare).
         key = original_key(d.sha256, d.ext)
-        if not storage.exists(key):
-            storage.put(key, d.data, d.content_type)
-            keys.append(key)
+        storage.put(key, d.data, d.content_type)
+        keys.append(key)
     try:
         images = [Image(case_id=case.id, sha256=d.sha256, object_key=original_key(d.sha256, d.ext),
                         content_type=d.content_type, width=d.width, height=d.height,
-                        status=ImageStatus.queued.value, stage_times={}) for d in decoded]
+                        status=ImageStatus.queued.value, stage_times={"uploaded": time.time()}) for d in decoded]
         db.add_all(images)
         db.flush()
         for image in images:
-            image.stage_times = {"uploaded": image.created_at.timestamp()}
             audit(db, "upload", user_id, "image", image.id, ip=ip, case_id=case.id, sha256=image.sha256)
         db.commit()
     except Exception:

@@ -11,6 +11,7 @@ import io
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,19 +35,24 @@ class ImageRejected(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    rgb: np.ndarray  # H x W x 3, uint8, upright
+    image: Image.Image  # upright, RGB
     data: bytes  # re-encoded, metadata-free bytes to store
     content_type: str
     ext: str
     sha256: str
 
+    @cached_property
+    def rgb(self) -> np.ndarray:
+        """H x W x 3, uint8, upright (made on first use: the portal stores the bytes and never needs it)."""
+        return np.asarray(self.image)
+
     @property
     def width(self) -> int:
-        return int(self.rgb.shape[1])
+        return int(self.image.width)
 
     @property
     def height(self) -> int:
-        return int(self.rgb.shape[0])
+        return int(self.image.height)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -60,7 +66,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _metadata_free(im: Image.Image) -> bool:
@@ -95,7 +101,7 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         raise ImageRejected(
             f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
     stored, content_type, ext = _stored_bytes(data, rgb_im, fmt, clean)
-    return DecodedImage(rgb=np.asarray(rgb_im), data=stored, content_type=content_type, ext=ext,
+    return DecodedImage(image=rgb_im, data=stored, content_type=content_type, ext=ext,
                         sha256=hashlib.sha256(stored).hexdigest())
 
 
@@ -149,7 +155,7 @@ def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Ima
                             http_status=415)
     im.load()
     clean = keep_clean and _metadata_free(im)
-    im = ImageOps.exif_transpose(im)
+    ImageOps.exif_transpose(im, in_place=True)  # upright; no copy when it already is
     return _to_rgb(im), fmt, clean
 
 
