@@ -171,18 +171,19 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     left, top = np.floor(x), np.floor(y)
     inside = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    li = np.where(inside, left, 0).astype(np.intp)
-    ti = np.where(inside, top, 0).astype(np.intp)
-    fx = (x - left)[..., None]
-    fy = (y - top)[..., None]
-    # the four neighbours are gathered first and only they are widened: the same arithmetic, on rows x cols pixels
-    tl, tr = image[ti, li].astype(np.float64), image[ti, li + 1].astype(np.float64)
-    bl, br = image[ti + 1, li].astype(np.float64), image[ti + 1, li + 1].astype(np.float64)
+    # The four neighbours are gathered by flat index (one take each) and only they are widened: the same
+    # arithmetic as on the whole image, on rows x cols pixels.
+    pixels = np.ascontiguousarray(image).reshape(h * w, -1)
+    at = np.where(inside, top * w + left, 0).astype(np.intp).ravel()
+    fx = (x - left).reshape(-1, 1)
+    fy = (y - top).reshape(-1, 1)
+    tl, tr = pixels.take(at, 0), pixels.take(at + 1, 0)
+    bl, br = pixels.take(at + w, 0), pixels.take(at + w + 1, 0)
     value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
     # dlib assigns the double to the uint8 channel by truncation (values are within 0-255 here).
     out = np.clip(value, 0, 255).astype(np.uint8)
-    out[~inside] = 0
-    return out
+    out[~inside.ravel()] = 0
+    return out.reshape(*x.shape, -1)
 
 
 def extract_chip(image: np.ndarray, details: ChipDetails) -> np.ndarray:
