@@ -21,6 +21,11 @@ from shared.storage import aligned_key, get_storage
 from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
+# A batch's crop rows: one upsert executed with a list of rows (compiled once, not once per batch size).
+_CROPS = insert(Crop)
+_CROPS = _CROPS.on_conflict_do_update(index_elements=["face_id", "region"],
+                                      set_={"object_key": _CROPS.excluded.object_key})
+
 
 def _put_png(key: str, array: np.ndarray) -> str:
     return get_storage().put(key, encode_png(array), "image/png")
@@ -102,9 +107,7 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:
-            stmt = insert(Crop).values(crop_rows)
-            session.execute(stmt.on_conflict_do_update(index_elements=["face_id", "region"],
-                                                       set_={"object_key": stmt.excluded.object_key}))
+            session.execute(_CROPS, crop_rows)
     return out
 
 

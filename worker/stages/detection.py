@@ -15,6 +15,10 @@ from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
 FACE_COLUMNS = ("box", "confidence", "faces_found", "rotation", "detector", "weights")
+# A batch's faces: one upsert executed with a list of rows (compiled once, not once per batch size).
+_FACES = insert(Face)
+_FACES = _FACES.on_conflict_do_update(index_elements=[Face.image_id],
+                                      set_={k: _FACES.excluded[k] for k in FACE_COLUMNS})
 
 
 def _load(image: Image) -> np.ndarray | ImageRejected:
@@ -68,7 +72,5 @@ def detect_batch(batch: list[Image], fused: bool) -> list[tuple[Image, np.ndarra
                 photos.move(row, ImageStatus.aligning, detect_end=now, **{CLAIM_AT: None})
             out.append((image, rgb, result))
         if faces:
-            stmt = insert(Face).values(faces)
-            session.execute(stmt.on_conflict_do_update(index_elements=[Face.image_id], set_={
-                k: stmt.excluded[k] for k in FACE_COLUMNS}))
+            session.execute(_FACES, faces)
     return out

@@ -123,16 +123,21 @@ def write_scores(image_id: int, version_id: int, regions: tuple[str, ...], class
                       [(image_id, region_probs, aggregate, features, identity)])
 
 
+def _rounded(probs: np.ndarray) -> list[float]:
+    """Scores as stored: Python floats rounded to 6 decimals (converted in one call, not one by one)."""
+    return [round(p, 6) for p in np.asarray(probs, np.float64).tolist()]
+
+
 def _score_rows(image_id: int, version_id: int, regions: tuple[str, ...], classes: list[dict],
                 region_probs: np.ndarray, aggregate: np.ndarray, identity: dict | None) -> tuple[list[dict], dict]:
     """The photo's member score rows (one per region, and the identity member's) and its result row."""
     rows = [{"image_id": image_id, "model_version_id": version_id, "region": r,
-             "scores": [round(float(p), 6) for p in region_probs[i]]} for i, r in enumerate(regions)]
+             "scores": _rounded(region_probs[i])} for i, r in enumerate(regions)]
     if identity is not None:
         rows.append({"image_id": image_id, "model_version_id": version_id, "region": MEMBER,
-                     "scores": [round(float(p), 6) for p in identity["probs"]]})
+                     "scores": _rounded(identity["probs"])})
     result = {"image_id": image_id, "model_version_id": version_id,
-              "scores": [round(float(p), 6) for p in aggregate], "ranking": rank(aggregate, classes),
+              "scores": _rounded(aggregate), "ranking": rank(aggregate, classes),
               "ood": identity["ood"] if identity is not None else None}
     return rows, result
 
