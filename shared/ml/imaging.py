@@ -16,12 +16,18 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared.ml.jpeg import CLEAN_JFIF, strip_metadata
+
 # Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}
 # ISO-BMFF brands of HEIC/HEIF/AVIF, the default of many phones: refused with advice.
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 # Stored re-encodings: lossy sources stay JPEG, everything else becomes PNG.
 JPEG_QUALITY = 95
+# How an upload's bytes are stored: as uploaded (metadata-free, asked for), a JPEG with its metadata
+# segments dropped (same compressed data, same pixels), or a fresh encode of the decoded photo.
+AS_UPLOADED, STRIPPED, ENCODED = "as uploaded", "stripped", "encoded"
+ORIENTATION = 0x0112
 
 
 class ImageRejected(ValueError):
@@ -69,6 +75,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def _plain_jpeg(data: bytes, size: tuple[int, int]) -> bool:
+    """A check of :func:`strip_metadata`'s output by Pillow's own parser (headers only, no decode): a JPEG of
+    the photo's size whose only application segment is a bare JFIF header, with no metadata of any kind."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    info = set(im.info) - {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "progressive",
+                           "progression"}
+    return im.format == "JPEG" and im.size == size and not info and \
+        all(marker == "APP0" and body == CLEAN_JFIF[4:] for marker, body in getattr(im, "applist", []))
+
+
 def _metadata_free(im: Image.Image) -> bool:
     """True when ``im`` (as opened, before any transpose) carries nothing but pixels: a JPEG with no
     segment other than JFIF's and no comment, or an RGB PNG with no ancillary data."""
@@ -96,11 +115,11 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         ImageRejected: with a reason a clinician can read.
     """
     _check_file(data, max_bytes)
-    rgb_im, fmt, clean = _decode_checked(data, max_pixels, keep_clean)
+    rgb_im, fmt, store = _decode_checked(data, max_pixels, keep_clean)
     if min(rgb_im.size) < min_side:
         raise ImageRejected(
             f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
-    stored, content_type, ext = _stored_bytes(data, rgb_im, fmt, clean)
+    stored, content_type, ext = _stored_bytes(data, rgb_im, fmt, store)
     return DecodedImage(image=rgb_im, data=stored, content_type=content_type, ext=ext,
                         sha256=hashlib.sha256(stored).hexdigest())
 
@@ -117,8 +136,8 @@ def _check_file(data: bytes, max_bytes: int) -> None:
             f"the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", http_status=413)
 
 
-def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, bool]:
-    """The upright RGB image, its format, and whether its bytes may be stored as they are; every
+def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, str]:
+    """The upright RGB image, its format, and how its bytes are stored (:func:`_decode`); every
     decoder failure (unreadable, bomb, damaged) becomes an :class:`ImageRejected`."""
     try:
         with warnings.catch_warnings():
@@ -137,9 +156,10 @@ def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[I
         raise ImageRejected("the image file is damaged or truncated") from exc
 
 
-def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, bool]:
+def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, str]:
     """Open the image, refuse a format, size or frame count we do not take before decoding the pixels,
-    then decode, note whether it is metadata-free, and turn it upright and RGB."""
+    then decode, choose how to store it (:data:`AS_UPLOADED` when metadata-free and ``keep_clean``,
+    :data:`STRIPPED` for an upright YCbCr or grayscale JPEG, else :data:`ENCODED`), and turn it upright and RGB."""
     im = Image.open(io.BytesIO(data))
     fmt = im.format
     if fmt not in ALLOWED_FORMATS:
@@ -154,20 +174,33 @@ def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Ima
         raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
                             http_status=415)
     im.load()
-    clean = keep_clean and _metadata_free(im)
+    if keep_clean and _metadata_free(im):
+        store = AS_UPLOADED
+    elif fmt == "JPEG" and im.mode in ("RGB", "L") and "adobe" not in im.info and \
+            im.getexif().get(ORIENTATION, 1) == 1:  # Adobe's segment can carry the colour transform
+        store = STRIPPED
+    else:
+        store = ENCODED
     ImageOps.exif_transpose(im, in_place=True)  # upright; no copy when it already is
-    return _to_rgb(im), fmt, clean
+    return _to_rgb(im), fmt, store
 
 
-def _stored_bytes(data: bytes, rgb_im: Image.Image, fmt: str, clean: bool) -> tuple[bytes, str, str]:
-    """The bytes to store, their content type and extension: the upload itself when ``clean``, else a fresh
-    encode (JPEG stays JPEG, everything else becomes PNG)."""
+def _stored_bytes(data: bytes, rgb_im: Image.Image, fmt: str, store: str) -> tuple[bytes, str, str]:
+    """The bytes to store, their content type and extension: the upload itself (:data:`AS_UPLOADED`), the
+    JPEG without its metadata (:data:`STRIPPED`, when the result checks out), else a fresh encode (JPEG stays
+    JPEG, everything else becomes PNG)."""
+    if store == STRIPPED:
+        stripped = strip_metadata(data)
+        if stripped is not None and _plain_jpeg(stripped, rgb_im.size):
+            return stripped, "image/jpeg", "jpg"
     out = io.BytesIO()
-    if clean:
+    # A fresh encode: no EXIF (GPS included), no comments, no ICC, no XMP. Pillow's encoders write some of
+    # what the decoder read (a JPEG's comment, an ICC profile into PNG) unless the image forgets it first.
+    rgb_im.info = {}
+    if store == AS_UPLOADED:
         out.write(data)
         content_type, ext = ("image/jpeg", "jpg") if fmt == "JPEG" else ("image/png", "png")
     elif fmt == "JPEG":
-        # A fresh encode: no EXIF (GPS included), no comments, no ICC, no XMP.
         rgb_im.save(out, format="JPEG", quality=JPEG_QUALITY)
         content_type, ext = "image/jpeg", "jpg"
     else:
