@@ -89,7 +89,8 @@ class Settings:
     phenotype_cache: str | None = field(default_factory=lambda: _str("GESTALT_PHENOTYPE_CACHE"))
     # Seconds a worker trusts its cached idea of the active model before asking the database again.
     model_check_seconds: float = field(default_factory=lambda: _float("GESTALT_MODEL_CHECK_SECONDS", 5.0))
-    # Torch intra-op threads per worker process (0 = torch default).
+    # Torch intra-op threads per worker process (0 = on the CPU, the cores shared out among a worker's processes;
+    # torch's default on a GPU and in the command-line tools).
     torch_threads: int = field(default_factory=lambda: _int("GESTALT_TORCH_THREADS", 0))
     # Device for inference and training: "cpu", "cuda" or "auto".
     device: str = field(default_factory=lambda: _str("GESTALT_DEVICE", "auto"))

@@ -53,6 +53,19 @@ def test_ensemble_averages_region_softmaxes_and_round_trips():
     assert ranking[0]["score"] == pytest.approx(pred.aggregate[0].max())
 
 
+def test_worker_processes_share_the_cores_out_between_them():
+    import os
+
+    from worker.celery_app import process_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert process_threads(0, "cpu", 2) == max(1, cores // 2)
+    assert process_threads(0, "cpu", cores * 4) == 1
+    assert process_threads(3, "cpu", 2) == 3  # GESTALT_TORCH_THREADS wins
+    assert process_threads(0, "cuda", 2) == 0  # torch's default beside a GPU
+    assert process_threads(0, "cpu", None) == 0
+
+
 def test_bf16_on_a_cpu_without_native_bf16_is_named_as_slow():
     from pathlib import Path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Celery
 from celery.schedules import crontab
@@ -19,6 +20,9 @@ PIPELINE_QUEUES = queues.PIPELINE
 ALL_QUEUES = queues.ALL
 # The queues this worker consumes (set at start-up, inherited by its processes); None outside a worker.
 CONSUMED_QUEUES: frozenset[str] | None = None
+# Torch threads for each of this worker's processes (set at start-up from GESTALT_TORCH_THREADS; see
+# process_threads); 0 leaves torch's default.
+PROCESS_THREADS = 0
 
 
 class CeleryConfig:
@@ -86,9 +90,22 @@ def _record_queues(sender, instance, **_kwargs) -> None:
     from shared.ml.gestalt import resolve_device, slow_precision
 
     settings = get_settings()
-    warning = slow_precision(resolve_device(settings.device), settings.infer_precision)
+    device = resolve_device(settings.device)
+    warning = slow_precision(device, settings.infer_precision)
     if warning:
         logger.warning(warning)
+    global PROCESS_THREADS
+    PROCESS_THREADS = process_threads(settings.torch_threads, device.type, instance.concurrency)
+    logger.info("processes=%s torch_threads=%s", instance.concurrency, PROCESS_THREADS or "default")
+
+
+def process_threads(configured: int, device_type: str, processes: int | None) -> int:
+    """Torch threads per worker process: ``configured`` when set; on the CPU otherwise the cores shared out
+    among the processes (torch's default gives every process every core, and N processes then run N times
+    as many threads as there are cores, which costs time in contention); 0 (torch's default) on a GPU."""
+    if configured > 0 or device_type != "cpu" or not processes:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // processes)
 
 
 def fuses_stages() -> bool:
@@ -104,4 +121,4 @@ def _init_process(**_kwargs) -> None:
     # A forked child must not share the parent's connections.
     dispose_engine()
     reset_storage()
-    set_torch_threads(get_settings().torch_threads)
+    set_torch_threads(PROCESS_THREADS or get_settings().torch_threads)
