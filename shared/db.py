@@ -5,6 +5,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import orjson
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -40,13 +41,21 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _json_dumps(value: object) -> bytes:
+    """JSON columns as orjson writes them: the same values as the json module gives for what Gestalt stores
+    (other keys than strings become strings, as there), without the spaces, several times faster. NaN and
+    infinities become null, where the json module's spelling of them is not JSON that PostgreSQL takes."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
 def get_engine() -> Engine:
     global _engine, _sessionmaker
     if _engine is None:
         url = get_settings().database_url
         if not url:
             raise ConfigError("GESTALT_DATABASE_URL is not set and no embedded stack is running (gestalt up)")
-        _engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5)
+        _engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5,
+                                json_serializer=_json_dumps)
         _sessionmaker = sessionmaker(bind=_engine, expire_on_commit=False)
     return _engine
 
