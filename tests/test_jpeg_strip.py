@@ -137,3 +137,26 @@ def test_other_formats_are_stored_as_png_without_their_profile(fmt):
     decoded = decode_upload(buf.getvalue(), **LIMITS)
     assert decoded.content_type == "image/png" and SECRET not in decoded.data
     assert not Image.open(io.BytesIO(decoded.data)).info
+
+
+def test_checking_without_pixels_stores_the_same_bytes_and_refuses_the_same_files():
+    """The portal only stores photos (``pixels=False``): a JPEG kept as its own data is decoded small."""
+    upload = _with_metadata(_jpeg())
+    full, checked = decode_upload(upload, **LIMITS), decode_upload(upload, **LIMITS, pixels=False)
+    assert checked.data == full.data and checked.sha256 == full.sha256
+    assert checked.image is None and (checked.width, checked.height) == (full.width, full.height) == (260, 300)
+    assert np.array_equal(checked.rgb, full.rgb)
+    eoi = upload.rindex(b"\xff\xd9")
+    for damaged in (upload[: eoi // 2], upload[: eoi - 4000]):
+        with pytest.raises(ImageRejected):
+            decode_upload(damaged, **LIMITS)
+        with pytest.raises(ImageRejected):
+            decode_upload(damaged, **LIMITS, pixels=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode_upload(_jpeg(exif=exif), **LIMITS, pixels=False)  # encoded afresh: decoded whole
+    assert rotated.image is not None and rotated.image.size == (300, 260) == (rotated.width, rotated.height)
+    small = io.BytesIO()
+    Image.fromarray(data.astronaut()[:60, :200]).save(small, format="JPEG")
+    with pytest.raises(ImageRejected, match="at least 64 pixels"):
+        decode_upload(small.getvalue(), **LIMITS, pixels=False)

@@ -47,7 +47,7 @@ def validate_files(files: list[tuple[str, bytes]]) -> list[DecodedImage]:
     for filename, data in files:
         try:
             decoded.append(decode_upload(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_megapixels * 1e6,
-                                         min_side=s.min_image_side))
+                                         min_side=s.min_image_side, pixels=False))
         except ImageRejected as exc:
             raise UploadError(filename, exc.reason, exc.http_status) from exc
     return decoded

@@ -41,24 +41,20 @@ class ImageRejected(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # upright, RGB
-    data: bytes  # re-encoded, metadata-free bytes to store
+    image: Image.Image | None  # upright, RGB; None when only checked (``pixels=False``)
+    data: bytes  # metadata-free bytes to store
     content_type: str
     ext: str
     sha256: str
+    width: int
+    height: int
 
     @cached_property
     def rgb(self) -> np.ndarray:
         """H x W x 3, uint8, upright (made on first use: the portal stores the bytes and never needs it)."""
+        if self.image is None:  # the stored bytes decode to the upload's own pixels
+            return np.asarray(Image.open(io.BytesIO(self.data)).convert("RGB"))
         return np.asarray(self.image)
-
-    @property
-    def width(self) -> int:
-        return int(self.image.width)
-
-    @property
-    def height(self) -> int:
-        return int(self.image.height)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -100,7 +96,7 @@ def _metadata_free(im: Image.Image) -> bool:
 
 
 def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: int,
-                  keep_clean: bool = False) -> DecodedImage:
+                  keep_clean: bool = False, pixels: bool = True) -> DecodedImage:
     """Decode a photo safely and return it upright, in RGB, with metadata-free bytes to store.
 
     Args:
@@ -110,18 +106,25 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         min_side: photos smaller than this on either side are refused.
         keep_clean: store the bytes as they are when they carry no metadata at all (photos that Gestalt
             itself stored, coming back in a Phenopacket), so they keep their hash; otherwise re-encode.
+        pixels: False when the caller only stores the photo (the portal): a JPEG kept as its own compressed
+            data is then decoded at an eighth of its size, which reads and checks every byte of it as a
+            full decode does at a fraction of the cost, and ``image`` is None (``rgb`` decodes on demand).
 
     Raises:
         ImageRejected: with a reason a clinician can read.
     """
     _check_file(data, max_bytes)
-    rgb_im, fmt, store = _decode_checked(data, max_pixels, keep_clean)
-    if min(rgb_im.size) < min_side:
+    rgb_im, fmt, store, size = _decode_checked(data, max_pixels, keep_clean, not pixels)
+    if min(size) < min_side:
         raise ImageRejected(
-            f"the image is {rgb_im.width}x{rgb_im.height} pixels; at least {min_side} pixels per side are needed")
-    stored, content_type, ext = _stored_bytes(data, rgb_im, fmt, store)
-    return DecodedImage(image=rgb_im, data=stored, content_type=content_type, ext=ext,
-                        sha256=hashlib.sha256(stored).hexdigest())
+            f"the image is {size[0]}x{size[1]} pixels; at least {min_side} pixels per side are needed")
+    stripped = _stripped(data, size) if store == STRIPPED else None
+    if stripped is None and rgb_im.size != size:  # decoded small for a strip that did not check out
+        rgb_im, fmt, store, size = _decode_checked(data, max_pixels, keep_clean, False)
+    stored, content_type, ext = (stripped, "image/jpeg", "jpg") if stripped is not None else \
+        _stored_bytes(data, rgb_im, fmt, store)
+    return DecodedImage(image=rgb_im if rgb_im.size == size else None, data=stored, content_type=content_type,
+                        ext=ext, sha256=hashlib.sha256(stored).hexdigest(), width=size[0], height=size[1])
 
 
 def _check_file(data: bytes, max_bytes: int) -> None:
@@ -136,13 +139,14 @@ def _check_file(data: bytes, max_bytes: int) -> None:
             f"the file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", http_status=413)
 
 
-def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, str]:
-    """The upright RGB image, its format, and how its bytes are stored (:func:`_decode`); every
-    decoder failure (unreadable, bomb, damaged) becomes an :class:`ImageRejected`."""
+def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool,
+                    small: bool) -> tuple[Image.Image, str, str, tuple[int, int]]:
+    """The upright RGB image, its format, how its bytes are stored and its upright size (:func:`_decode`);
+    every decoder failure (unreadable, bomb, damaged) becomes an :class:`ImageRejected`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, max_pixels, keep_clean)
+            return _decode(data, max_pixels, keep_clean, small)
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:
@@ -156,10 +160,12 @@ def _decode_checked(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[I
         raise ImageRejected("the image file is damaged or truncated") from exc
 
 
-def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Image, str, str]:
+def _decode(data: bytes, max_pixels: float, keep_clean: bool,
+            small: bool) -> tuple[Image.Image, str, str, tuple[int, int]]:
     """Open the image, refuse a format, size or frame count we do not take before decoding the pixels,
-    then decode, choose how to store it (:data:`AS_UPLOADED` when metadata-free and ``keep_clean``,
-    :data:`STRIPPED` for an upright YCbCr or grayscale JPEG, else :data:`ENCODED`), and turn it upright and RGB."""
+    choose how to store it (:data:`AS_UPLOADED` when metadata-free and ``keep_clean``, :data:`STRIPPED` for an
+    upright YCbCr or grayscale JPEG, else :data:`ENCODED`), decode (an eighth of the size when ``small`` and the
+    JPEG is stored stripped: every byte is still read and checked), and turn it upright and RGB."""
     im = Image.open(io.BytesIO(data))
     fmt = im.format
     if fmt not in ALLOWED_FORMATS:
@@ -173,26 +179,30 @@ def _decode(data: bytes, max_pixels: float, keep_clean: bool) -> tuple[Image.Ima
     if getattr(im, "n_frames", 1) > 1:
         raise ImageRejected("animated or multi-page images are not supported; upload a single photo",
                             http_status=415)
-    im.load()
     if keep_clean and _metadata_free(im):
         store = AS_UPLOADED
     elif fmt == "JPEG" and im.mode in ("RGB", "L") and "adobe" not in im.info and \
             im.getexif().get(ORIENTATION, 1) == 1:  # Adobe's segment can carry the colour transform
         store = STRIPPED
+        if small:
+            im.draft(im.mode, (width // 8, height // 8))
     else:
         store = ENCODED
+    im.load()
     ImageOps.exif_transpose(im, in_place=True)  # upright; no copy when it already is
-    return _to_rgb(im), fmt, store
+    size = (width, height) if store == STRIPPED else im.size
+    return _to_rgb(im), fmt, store, size
+
+
+def _stripped(data: bytes, size: tuple[int, int]) -> bytes | None:
+    """The JPEG without its metadata, when the result checks out (:func:`_plain_jpeg`)."""
+    stripped = strip_metadata(data)
+    return stripped if stripped is not None and _plain_jpeg(stripped, size) else None
 
 
 def _stored_bytes(data: bytes, rgb_im: Image.Image, fmt: str, store: str) -> tuple[bytes, str, str]:
-    """The bytes to store, their content type and extension: the upload itself (:data:`AS_UPLOADED`), the
-    JPEG without its metadata (:data:`STRIPPED`, when the result checks out), else a fresh encode (JPEG stays
-    JPEG, everything else becomes PNG)."""
-    if store == STRIPPED:
-        stripped = strip_metadata(data)
-        if stripped is not None and _plain_jpeg(stripped, rgb_im.size):
-            return stripped, "image/jpeg", "jpg"
+    """The bytes to store when the photo is not stored stripped, their content type and extension: the upload
+    itself (:data:`AS_UPLOADED`), else a fresh encode (JPEG stays JPEG, everything else becomes PNG)."""
     out = io.BytesIO()
     # A fresh encode: no EXIF (GPS included), no comments, no ICC, no XMP. Pillow's encoders write some of
     # what the decoder read (a JPEG's comment, an ICC profile into PNG) unless the image forgets it first.
