@@ -156,7 +156,8 @@ def test_checking_without_pixels_stores_the_same_bytes_and_refuses_the_same_file
     exif[0x0112] = 6
     rotated = decode_upload(_jpeg(exif=exif), **LIMITS, pixels=False)  # encoded afresh: decoded whole
     assert rotated.image is not None and rotated.image.size == (300, 260) == (rotated.width, rotated.height)
-    small = io.BytesIO()
-    Image.fromarray(data.astronaut()[:60, :200]).save(small, format="JPEG")
-    with pytest.raises(ImageRejected, match="at least 64 pixels"):
-        decode_upload(small.getvalue(), **LIMITS, pixels=False)
+    for rows, cols in ((60, 200), (5, 5)):  # too small, also below the eighth the check decodes at
+        small = io.BytesIO()
+        Image.fromarray(data.astronaut()[:rows, :cols]).save(small, format="JPEG")
+        with pytest.raises(ImageRejected, match="at least 64 pixels"):
+            decode_upload(small.getvalue(), **LIMITS, pixels=False)

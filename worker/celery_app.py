@@ -105,7 +105,8 @@ def process_threads(configured: int, device_type: str, processes: int | None) ->
     as many threads as there are cores, which costs time in contention); 0 (torch's default) on a GPU."""
     if configured > 0 or device_type != "cpu" or not processes:
         return configured
-    return max(1, len(os.sched_getaffinity(0)) // processes)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
 
 
 def fuses_stages() -> bool:

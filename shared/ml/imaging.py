@@ -185,7 +185,7 @@ def _decode(data: bytes, max_pixels: float, keep_clean: bool,
             im.getexif().get(ORIENTATION, 1) == 1:  # Adobe's segment can carry the colour transform
         store = STRIPPED
         if small:
-            im.draft(im.mode, (width // 8, height // 8))
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
     else:
         store = ENCODED
     im.load()
