@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import orjson
 from sqlalchemy import MetaData, create_engine
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -46,6 +48,13 @@ def _json_dumps(value: object) -> bytes:
     (other keys than strings become strings, as there), without the spaces, several times faster. NaN and
     infinities become null, where the json module's spelling of them is not JSON that PostgreSQL takes."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+def upsert(model: Any, index: list[str], columns: list[str]) -> Any:
+    """An ``INSERT ... ON CONFLICT (index) DO UPDATE SET columns`` statement built once, to execute with a list of
+    rows: compiled once, whatever the number of rows (a multi-row ``VALUES`` statement compiles per row count)."""
+    stmt = insert(model)
+    return stmt.on_conflict_do_update(index_elements=index, set_={c: stmt.excluded[c] for c in columns})
 
 
 def get_engine() -> Engine:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared.db import upsert
 from shared.ml import heads as hd
 from shared.ml.vectors import pack, unpack
 from shared.modelops.crops import crop_keys, load_crops, region_stack
@@ -23,9 +23,7 @@ def feature_rows(image_id: int, regions: tuple[str, ...], backbone: str, feature
             for i, r in enumerate(regions)]
 
 
-_UPSERT = insert(ImageFeature)
-_UPSERT = _UPSERT.on_conflict_do_update(index_elements=["image_id", "region", "backbone_sha"],
-                                        set_={"vector": _UPSERT.excluded.vector})
+_UPSERT = upsert(ImageFeature, ["image_id", "region", "backbone_sha"], ["vector"])
 
 
 def store_feature_rows(session: Session, rows: list[dict]) -> None:

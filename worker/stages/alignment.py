@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 
 from shared import photos
-from shared.db import session_scope
+from shared.db import session_scope, upsert
 from shared.ml.detection import DetectedFace
 from shared.ml.identity import CHIP_REGION
 from shared.ml.imaging import ImageRejected, encode_png
@@ -22,9 +21,7 @@ from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
 # A batch's crop rows: one upsert executed with a list of rows (compiled once, not once per batch size).
-_CROPS = insert(Crop)
-_CROPS = _CROPS.on_conflict_do_update(index_elements=["face_id", "region"],
-                                      set_={"object_key": _CROPS.excluded.object_key})
+_CROPS = upsert(Crop, ["face_id", "region"], ["object_key"])
 
 
 def _put_png(key: str, array: np.ndarray) -> str:

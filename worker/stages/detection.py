@@ -5,10 +5,9 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy.dialects.postgresql import insert
 
 from shared import photos
-from shared.db import session_scope
+from shared.db import session_scope, upsert
 from shared.ml.imaging import ImageRejected
 from shared.models import Face, Image, ImageStatus
 from worker.stages import resources
@@ -16,9 +15,7 @@ from worker.stages.claims import CLAIM_AT, locked, reject_in
 
 FACE_COLUMNS = ("box", "confidence", "faces_found", "rotation", "detector", "weights")
 # A batch's faces: one upsert executed with a list of rows (compiled once, not once per batch size).
-_FACES = insert(Face)
-_FACES = _FACES.on_conflict_do_update(index_elements=[Face.image_id],
-                                      set_={k: _FACES.excluded[k] for k in FACE_COLUMNS})
+_FACES = upsert(Face, ["image_id"], list(FACE_COLUMNS))
 
 
 def _load(image: Image) -> np.ndarray | ImageRejected:

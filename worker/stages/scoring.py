@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 
 from shared import photos
 from shared.config import get_settings
-from shared.db import session_scope
+from shared.db import session_scope, upsert
 from shared.ml.gestalt import predict
 from shared.ml.identity import CHIP_REGION, MEMBER
 from shared.ml.ranking import rank
@@ -143,14 +142,8 @@ def _score_rows(image_id: int, version_id: int, regions: tuple[str, ...], classe
     return rows, result
 
 
-def _upsert(table: Any, index: list[str], columns: list[str]) -> Any:
-    """An upsert statement for many rows at once (executed with a list of parameter dicts, compiled once)."""
-    stmt = insert(table)
-    return stmt.on_conflict_do_update(index_elements=index, set_={c: stmt.excluded[c] for c in columns})
-
-
-_SCORES = _upsert(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
-_RESULTS = _upsert(Result, ["image_id", "model_version_id"], ["scores", "ranking", "ood"])
+_SCORES = upsert(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
+_RESULTS = upsert(Result, ["image_id", "model_version_id"], ["scores", "ranking", "ood"])
 
 
 def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[dict], backbone: str,
