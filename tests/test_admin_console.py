@@ -82,3 +82,33 @@ def test_confirmations_and_no_self_disable(app):  # noqa: F811
     assert "cannot disable yourself" in r.get_data(as_text=True)  # the server refuses it too
     models = admin.get("/admin/models").get_data(as_text=True)
     assert 'data-confirm="Roll back' in models and 'data-confirm="Start retraining' in models
+
+
+def test_a_worker_writes_its_heartbeat_once_per_interval_and_at_once_for_a_new_model(engines):
+    """Before every task a worker process beats; Redis sees one write per interval, and the console sees a
+    newly loaded model at once."""
+    def beat(model: str) -> dict:
+        monitoring.heartbeat("beat@test", model)
+        return next(b for b in monitoring.heartbeats() if b["node"] == "beat@test")
+
+    monitoring._last_beat = None
+    first = beat("model-a")
+    assert beat("model-a")["at"] == first["at"]  # within the interval: not written again
+    changed = beat("model-b")
+    assert changed["model"] == "model-b" and changed["at"] > first["at"]
+    monitoring._redis().delete(*monitoring._redis().keys(f"{monitoring.HEARTBEAT_PREFIX}beat@test:*"))
+
+
+def test_task_events_are_sent_only_when_asked(engines, monkeypatch):
+    from shared.config import reload_settings
+    from worker.celery_app import create_celery
+
+    try:
+        assert not create_celery().conf.worker_send_task_events
+        monkeypatch.setenv("GESTALT_TASK_EVENTS", "1")
+        reload_settings()
+        conf = create_celery().conf
+        assert conf.worker_send_task_events and conf.task_send_sent_event
+    finally:
+        monkeypatch.delenv("GESTALT_TASK_EVENTS", raising=False)
+        reload_settings()

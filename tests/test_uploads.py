@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from shared.db import session_scope
 from shared.models import AuditLog
 from shared.models import Image as ImageRow
-from shared.storage import get_storage
+from shared.storage import get_storage, original_key
 from tests.conftest import Portal, new_user
 
 
@@ -77,3 +77,28 @@ def test_refusal_is_audited(engines, web_server):
     with session_scope() as s:
         actions = s.scalars(select(AuditLog.action).where(AuditLog.target_id == str(case_id))).all()
     assert "case_create" in actions and "upload_refused" in actions
+
+
+def test_a_failed_insert_removes_its_own_original_but_not_one_another_photo_uses(engines, web_server):
+    """Originals are put before their rows are written, a photo already stored included (the same bytes
+    again). When the write fails, each object goes again unless another photo's row points at it."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import IntegrityError
+
+    from web.uploads import store_images, validate_files
+
+    rgb = data.astronaut().copy()
+    rgb[0, 0] = (9, 8, 7)  # photos no other test uploads
+    stored_already = _jpeg(rgb)
+    rgb[0, 1] = (6, 5, 4)
+    new_photo = _jpeg(rgb)
+    portal = Portal(web_server, new_user())
+    assert portal.upload(portal.create_case(), [("kept.jpg", stored_already)]).status_code == 201
+    decoded = validate_files([("kept.jpg", stored_already), ("new.jpg", new_photo)])
+    keys = [original_key(d.sha256, d.ext) for d in decoded]
+    no_such_case = SimpleNamespace(id=2**31 - 1)  # the rows' foreign key fails
+    with session_scope() as s, pytest.raises(IntegrityError):
+        store_images(s, no_such_case, decoded, user_id=None, ip=None)
+    storage = get_storage()
+    assert storage.exists(keys[0]) and not storage.exists(keys[1])
