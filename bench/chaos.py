@@ -34,8 +34,8 @@ def main() -> None:
     from shared import migrate
     from shared.config import reload_settings
     from shared.db import session_scope
-    from shared.ml.gestalt import RegionalEnsemble
-    from shared.ml.regions import DEFAULT_REGIONS
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS
     from shared.modelops import registry
     from shared.storage import get_storage
 

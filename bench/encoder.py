@@ -1,7 +1,7 @@
 """The identity member's cost per face: cutting the face chip, the encoder forward pass, and the head.
 
-Rows: the chip cut (``shared.ml.facechip.face_chip`` on a real photo's landmarks, CPU), and the
-encoder (``shared.ml.encoder.encode``, the call the worker makes) at batches of 1, 8, 32 and 128
+Rows: the chip cut (``shared.ml.preprocess.facechip.face_chip`` on a real photo's landmarks, CPU), and the
+encoder (``shared.ml.nets.encoder.encode``, the call the worker makes) at batches of 1, 8, 32 and 128
 chips (up to 1024 on CUDA) in fp32 and, on CUDA, bf16 autocast; then the identity head (an RBF-kernel
 head of 1,024 components on 50 classes). Each cell is the median of calls timed for at least
 ``--min-time`` seconds, in ms per face.
@@ -26,9 +26,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.ml.encoder import CHIP_SIZE, encode, load_encoder  # noqa: E402
-from shared.ml.facechip import face_chip  # noqa: E402
-from shared.ml.identity import _fit as fit_candidate  # noqa: E402
+from shared.ml.members.identity import _fit as fit_candidate  # noqa: E402
+from shared.ml.nets.encoder import CHIP_SIZE, encode, load_encoder  # noqa: E402
+from shared.ml.preprocess.facechip import face_chip  # noqa: E402
 
 
 def ms_per_call(fn, min_time: float) -> float:
@@ -51,7 +51,7 @@ def chip_row(min_time: float) -> tuple[str, float]:
     from skimage import data
 
     photo = data.astronaut()  # 512 x 512 RGB
-    from shared.ml.preprocess import Preprocessor
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     pre = Preprocessor()
     landmarks = pre.run(photo).aligned.landmarks

@@ -1,6 +1,6 @@
 """Inference benchmark: crops/s of one region network by batch, precision, memory layout and compile.
 
-Each configuration scores random 100x100 crops through :func:`shared.ml.gestalt.predict` (the
+Each configuration scores random 100x100 crops through :func:`shared.ml.nets.ensemble.predict` (the
 same call the worker makes, tensor conversion and softmax included) with a one-region
 ensemble, so a batch of B is B crops. The grid is fp32 / bf16 autocast x NCHW / channels-last
 x eager / ``torch.compile``, at batches of 1, 64, 1024 and 4096 crops, on the CPU and on CUDA
@@ -36,14 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.config import get_settings  # noqa: E402
-from shared.ml.gestalt import (  # noqa: E402
-    RegionalEnsemble,
-    load_checkpoint,
-    predict,
-    prepare_for_inference,
-    save_checkpoint,
-)
-from shared.ml.regions import CROP_SIZE, DEFAULT_REGIONS  # noqa: E402
+from shared.ml.members.model import predict  # noqa: E402
+from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference  # noqa: E402
+from shared.ml.preprocess.regions import CROP_SIZE, DEFAULT_REGIONS  # noqa: E402
+from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 BATCHES = (1, 64, 1024, 4096)
 TARGET = 0.5  # the worker's path should reach this share of the best configuration

@@ -38,10 +38,10 @@ from skimage import data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.ml.imaging import ImageRejected, decode_upload  # noqa: E402
-from shared.ml.preprocess import Detection, Preprocessor  # noqa: E402
-from shared.ml.regions import ALL_REGIONS  # noqa: E402
-from shared.ml.weights import WEIGHTS_BY_KEY, locate  # noqa: E402
+from shared.ml.formats.weights import WEIGHTS_BY_KEY, locate  # noqa: E402
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload  # noqa: E402
+from shared.ml.preprocess.pipeline import Detection, Preprocessor  # noqa: E402
+from shared.ml.preprocess.regions import ALL_REGIONS  # noqa: E402
 
 console = Console()
 SHARED_WEIGHTS = ROOT.parent / "shared" / "data" / "weights"

@@ -20,7 +20,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.ml.heads import HeadConfig, train_heads  # noqa: E402
+from shared.ml.train.heads import HeadConfig, train_heads  # noqa: E402
 
 
 def synthetic(n: int, regions: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

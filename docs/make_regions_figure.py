@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from skimage import data  # noqa: E402
 
-from shared.ml.alignment import TEMPLATE  # noqa: E402
-from shared.ml.preprocess import Frame, Preprocessor  # noqa: E402
-from shared.ml.regions import ALL_REGIONS, REGIONS  # noqa: E402
+from shared.ml.preprocess.alignment import TEMPLATE  # noqa: E402
+from shared.ml.preprocess.pipeline import Frame, Preprocessor  # noqa: E402
+from shared.ml.preprocess.regions import ALL_REGIONS, REGIONS  # noqa: E402
 
 COLOURS = dict(zip(ALL_REGIONS, plt.get_cmap("tab10").colors, strict=False))
 

@@ -127,7 +127,7 @@ def load_catalog(session: Session, diseases: list[Disease] | None = None, terms:
     session.flush()
     # The phenotype ranker's arrays and calibration come from the same bundled data: build their cache
     # now, so that no portal request has to (shared.ml.phenotype).
-    from shared.ml.phenotype import shared_ranker
+    from shared.ml.phenotype.ranking import shared_ranker
 
     shared_ranker()
     counts = {"diseases": len(diseases), "inserted": len(inserts), "updated": len(updates), "hpo_terms": len(terms),

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from shared.audit import audit
 from shared.catalog import CatalogError, find_syndrome, hpo_labels, validate_hpo_terms
 from shared.config import get_settings
-from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
+from shared.ml.preprocess.imaging import DecodedImage, ImageRejected, decode_upload
 from shared.models import Case, Diagnosis, Image, ImageStatus, Syndrome
 from shared.storage import Storage, original_key
 

@@ -79,6 +79,11 @@ def train_data_key(blob: bytes) -> str:
     return f"train-data/base-{sha256_hex(blob)[:16]}.npz"
 
 
+# The error codes of an object that is not there (S3 says NoSuchKey; some servers NoSuchObject or NotFound).
+# Anything else (AccessDenied, a signature error) is a fault to report, never "absent".
+MISSING_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
+
+
 class Storage:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str = "us-east-1"):
@@ -111,12 +116,21 @@ class Storage:
             response.close()
             response.release_conn()
 
+    def get_if_present(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object (any other error is raised)."""
+        try:
+            return self.get(key)
+        except S3Error as exc:
+            if exc.code in MISSING_CODES:
+                return None
+            raise
+
     def exists(self, key: str) -> bool:
         try:
             self.client.stat_object(self.bucket, key)
             return True
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            if exc.code in MISSING_CODES:
                 return False
             raise
 

@@ -12,7 +12,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from shared.ml.imaging import ImageRejected, decode_upload
+    from shared.ml.preprocess.imaging import ImageRejected, decode_upload
 
 from tests.hostile_corpus import corpus  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from sqlalchemy import select
 
 from shared.db import session_scope
-from shared.ml.gestalt import RegionalEnsemble
+from shared.ml.nets.ensemble import RegionalEnsemble
 from shared.modelops import registry
 from shared.models import Case, Image, ModelVersion
 from shared.storage import get_storage

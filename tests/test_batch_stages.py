@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from shared.config import reload_settings
 from shared.db import session_scope
-from shared.ml.gestalt import RegionalEnsemble
+from shared.ml.nets.ensemble import RegionalEnsemble
 from shared.modelops import registry
 from shared.models import Crop, Face, ModelVersion, Result
 from shared.models import Image as ImageRow

@@ -189,7 +189,7 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
 
     from shared import photos
     from shared.db import session_scope
-    from shared.ml.gestalt import RegionalEnsemble
+    from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.modelops import registry
     from shared.models import Image as ImageRow
     from shared.storage import get_storage

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from shared.db import session_scope
-from shared.ml.gestalt import RegionalEnsemble
-from shared.ml.regions import DEFAULT_REGIONS
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.preprocess.regions import DEFAULT_REGIONS
 from shared.modelops import registry
 from shared.stack import Process
 from shared.storage import get_storage

@@ -13,7 +13,7 @@ from skimage import data
 from sqlalchemy import func, select, update
 
 from shared.db import session_scope
-from shared.ml.regions import ALL_REGIONS
+from shared.ml.preprocess.regions import ALL_REGIONS
 from shared.modelops.crops import load_crops
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
 from shared.storage import get_storage

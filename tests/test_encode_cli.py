@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage import data
 
-from shared.ml import encoder
+from shared.ml.nets import encoder
 from tests.conftest import shared_data
 
 pytestmark = pytest.mark.skipif(encoder.source_path() is None, reason=f"{encoder.PACKAGE} is not installed")

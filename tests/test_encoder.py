@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.ml import dlib_format, encoder, facechip
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.preprocess import Preprocessor
-from shared.ml.weights import WeightsMissing
+from shared.ml.formats.weights import WeightsMissing
+from shared.ml.nets import dlib_format, encoder
+from shared.ml.preprocess import facechip
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.pipeline import Preprocessor
 from tests.conftest import shared_data
 
 MAX_SIDE = 800

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.ml.data import scan_folder
-from shared.ml.gestalt import save_checkpoint
-from shared.ml.preprocess import Preprocessor
-from shared.ml.splits import subject_split
-from shared.ml.training import TrainConfig, prepare, train_ensemble
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.train.checkpoint import save_checkpoint
+from shared.ml.train.data import scan_folder
+from shared.ml.train.loop import train_ensemble
+from shared.ml.train.prepared import prepare
+from shared.ml.train.recipe import TrainConfig
+from shared.ml.train.splits import subject_split
 from tests.conftest import shared_data
 
 

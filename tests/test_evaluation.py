@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportions_ztest
 
-from shared.ml import evaluation as ev
+from shared.ml.evaluate import statistics as ev
 
 
 def test_cdls_against_experts():

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from shared.db import session_scope
-from shared.ml.vectors import pack
+from shared.ml.formats.vectors import pack
 from shared.models import Case, Diagnosis, Image, ImageFeature, ModelVersion, Result, Syndrome
 from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
 from shared.users import find_user
@@ -22,7 +22,7 @@ KABUKI, DOWN, KABUKI2 = "OMIM:147920", "OMIM:190685", "OMIM:300867"
 
 def _kabuki_terms(n: int = 6) -> list[str]:
     """The most specific of Kabuki syndrome 1's own annotations (what a clinician would record)."""
-    from shared.ml.phenotype import shared_ranker
+    from shared.ml.phenotype.ranking import shared_ranker
 
     index = shared_ranker().index
     disease = index.dis_codes.tolist().index(KABUKI)
@@ -87,7 +87,7 @@ def test_phenotype_and_joint_rankings_on_the_case(engines, web_server, scored_ca
     assert 'id="phenotype-ranking"' in page and "gestalt evaluate-phenotype --install" in page
 
     # A fitted combination (learned weights, as `gestalt evaluate-phenotype --install` stores them).
-    from shared.ml.phenotype import Combiner
+    from shared.ml.phenotype.joint import Combiner
 
     combiner = Combiner({"similarity": 0.7, "adjusted": 1.6, "z": 0.9, "log_rank_similarity": 0.3,
                          "log_rank_adjusted": 0.4, "facial_model": 8.4, "face_log_prob": 0.9},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.ml.gallery import Gallery, gallery_vectors
+from shared.ml.members.gallery import Gallery, gallery_vectors
 from tests.conftest import Portal, activate, new_user, shared_data
 
 pytestmark = pytest.mark.e2e

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from shared.ml.heads import HeadConfig, heads_of, promotion_guard, train_heads, with_heads
-from shared.ml.splits import in_holdout
+from shared.ml.train.heads import HeadConfig, heads_of, promotion_guard, train_heads, with_heads
+from shared.ml.train.splits import in_holdout
 from tests.conftest import shared_data
 
 TOLERANCE = 0.02
@@ -89,8 +89,9 @@ def test_heads_benchmark_cli_beats_the_sklearn_baselines():
 def test_with_heads_round_trip():
     import torch
 
-    from shared.ml.gestalt import RegionalEnsemble, predict
-    from shared.ml.heads import extract_features
+    from shared.ml.members.model import predict
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.train.heads import extract_features
 
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face", "lower_half"), 3, width=0.125).eval()

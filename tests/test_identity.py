@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.ml import identity as idm
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, predict, save_checkpoint
+from shared.ml.members import identity as idm
+from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _rings(n: int = 240, seed: int = 0):
@@ -80,7 +82,7 @@ def test_member_survives_the_checkpoint_and_changes_the_aggregate():
 
 
 def test_members_benchmark_reports_each_member_and_the_aggregate():
-    from shared.ml.heads import HeadConfig, benchmark_members
+    from shared.ml.train.heads import HeadConfig, benchmark_members
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
@@ -106,7 +108,7 @@ def test_gallery_matches_on_the_encoder_when_the_model_has_the_member():
 
 
 def test_flip_average_descriptors_and_their_own_feature_key():
-    from shared.ml.encoder import encode, load_encoder
+    from shared.ml.nets.encoder import encode, load_encoder
 
     model = load_encoder()
     chips = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)

@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.ml.data import load_samples
-from shared.ml.members import add_identity_member, member_probs
-from shared.ml.preprocess import Preprocessor
-from shared.ml.splits import subject_split
-from shared.ml.training import TrainConfig, apply_label_map, binary_label_map, prepare, train_ensemble
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.train.data import load_samples
+from shared.ml.train.loop import train_ensemble
+from shared.ml.train.members import add_identity_member, member_probs
+from shared.ml.train.modes import apply_label_map, binary_label_map
+from shared.ml.train.prepared import prepare
+from shared.ml.train.recipe import TrainConfig
+from shared.ml.train.splits import subject_split
 from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +59,7 @@ def test_identity_member_carries_over_to_another_collection(collections):
 
     people = collections["people"]
     assert len(people.samples) >= 50 and set(people.labels.tolist()) == {0, 1}
-    from shared.ml.members import describe_faces
+    from shared.ml.train.members import describe_faces
 
     names, probs, weights = member_probs(model, people.crops, describe_faces(people))
     accuracy = {n: float((probs[:, i].argmax(1) == people.labels).mean()) for i, n in enumerate(names)}

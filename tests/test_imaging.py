@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from shared.ml.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
 
 LIMITS = {"max_bytes": 20 * 2**20, "max_pixels": 40e6, "min_side": 64}
 
@@ -78,7 +78,7 @@ def test_bit_flipped_jpeg_is_refused_or_decoded_never_crashes():
 
 
 def test_a_faces_crops_round_trip_as_one_object_and_nothing_else_decodes():
-    from shared.ml.imaging import decode_crops, encode_crops
+    from shared.ml.preprocess.imaging import decode_crops, encode_crops
 
     rng = np.random.default_rng(0)
     crops = {"full_face": rng.integers(0, 256, (100, 100), np.uint8),

@@ -11,8 +11,9 @@ from sqlalchemy import select, update
 
 from shared import photos
 from shared.db import session_scope
-from shared.ml.gestalt import RegionalEnsemble, predict
-from shared.ml.imaging import encode_png
+from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.preprocess.imaging import encode_png
 from shared.modelops import registry
 from shared.modelops.crops import crop_keys, load_crops, region_stack
 from shared.models import Face, ModelVersion, Result

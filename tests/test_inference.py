@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, predict, prepare_for_inference, save_checkpoint
+from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference
+from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 REGIONS = ("full_face", "upper_half", "lower_half")
 

@@ -1,4 +1,4 @@
-"""An upright JPEG upload is stored without its metadata and with its exact pixels (shared.ml.jpeg).
+"""An upright JPEG upload is stored without its metadata and with its exact pixels (shared.ml.preprocess.jpeg).
 
 Every kind of segment that carries metadata goes in, each with a marker string; none of the
 strings may come out, the pixels must be the upload's, and any file the walker does not fully
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.jpeg import CLEAN_JFIF, strip_metadata
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.jpeg import CLEAN_JFIF, strip_metadata
 
 LIMITS = {"max_bytes": 20 * 2**20, "max_pixels": 40e6, "min_side": 64}
 SECRET = b"PHI-MARKER"

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, predict, save_checkpoint
-from shared.ml.nets import CASIANet
-from shared.ml.ranking import rank
+from shared.ml.formats.ranking import rank
+from shared.ml.members.model import predict
+from shared.ml.nets.casia import CASIANet
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_paper_architecture():
@@ -69,7 +71,7 @@ def test_worker_processes_share_the_cores_out_between_them():
 def test_bf16_on_a_cpu_without_native_bf16_is_named_as_slow():
     from pathlib import Path
 
-    from shared.ml.gestalt import slow_precision
+    from shared.ml.runtime.device import slow_precision
 
     cpu = torch.device("cpu")
     assert slow_precision(cpu, "fp32") is None and slow_precision(cpu, "auto") is None

@@ -30,7 +30,7 @@ def case_id(engines):
     buf = io.BytesIO()
     PILImage.fromarray(data.astronaut()).save(buf, format="JPEG", quality=92)
     photo = buf.getvalue()
-    from shared.ml.imaging import decode_upload
+    from shared.ml.preprocess.imaging import decode_upload
 
     decoded = decode_upload(photo, max_bytes=10**7, max_pixels=1e8, min_side=64)
     get_storage().put(original_key(decoded.sha256, decoded.ext), decoded.data, decoded.content_type)

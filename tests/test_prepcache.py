@@ -6,10 +6,10 @@ import stat
 import numpy as np
 from PIL import Image
 
-from shared.ml.data import Sample
-from shared.ml.prepcache import PrepCache
-from shared.ml.preprocess import Preprocessor
-from shared.ml.training import prepare
+from shared.ml.preprocess.cache import PrepCache
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.train.data import Sample
+from shared.ml.train.prepared import prepare
 from tests.conftest import shared_data
 
 

@@ -20,14 +20,14 @@ from PIL import Image as PILImage
 from skimage import data
 
 from shared.cli import main as cli
-from shared.ml.alignment import TEMPLATE
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.landmarks import five_points
-from shared.ml.measurements import measure
-from shared.ml.preprocess import NO_FACE, Preprocessed, Preprocessor, check_backends, resolve_backends
-from shared.ml.quality import FACE_TOO_SMALL, IMAGE_TOO_SMALL, TOO_BLURRY, TOO_DARK, yaw_degrees
-from shared.ml.regions import ALL_REGIONS, CROP_SIZE, DEFAULT_REGIONS, REGIONS
-from shared.ml.weights import WEIGHTS_BY_KEY, WeightsMissing
+from shared.ml.formats.weights import WEIGHTS_BY_KEY, WeightsMissing
+from shared.ml.preprocess.alignment import TEMPLATE
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.landmarks import five_points
+from shared.ml.preprocess.measurements import measure
+from shared.ml.preprocess.pipeline import NO_FACE, Preprocessed, Preprocessor, check_backends, resolve_backends
+from shared.ml.preprocess.quality import FACE_TOO_SMALL, IMAGE_TOO_SMALL, TOO_BLURRY, TOO_DARK, yaw_degrees
+from shared.ml.preprocess.regions import ALL_REGIONS, CROP_SIZE, DEFAULT_REGIONS, REGIONS
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights"

@@ -83,10 +83,11 @@ def test_resume_continues_from_the_checkpoint(pretrained):
 def test_held_out_identity_accuracy(pretrained):
     """At least 90% of each identity's unseen photos are recognised from the full face."""
     from shared.config import get_settings
-    from shared.ml.data import scan_folder
-    from shared.ml.gestalt import load_checkpoint, predict
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.training import prepare
+    from shared.ml.members.model import predict
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.train.checkpoint import load_checkpoint
+    from shared.ml.train.data import scan_folder
+    from shared.ml.train.prepared import prepare
 
     out, _, _ = pretrained
     model, state = load_checkpoint(out.read_bytes())
@@ -132,7 +133,7 @@ def test_fine_tune_from_pretrained(cli, pretrained, tmp_path):
 
 def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
     """`--transfer-pairs 2`: the first two conv pairs start from the checkpoint, the later three afresh."""
-    from shared.ml.nets import CASIANet
+    from shared.ml.nets.casia import CASIANet
 
     out, _, _ = pretrained
     orl = shared_data("faces", "orl")
@@ -161,7 +162,7 @@ def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
 
 
 def test_reinit_pairs_from_resets_only_the_later_pairs():
-    from shared.ml.nets import CASIANet
+    from shared.ml.nets.casia import CASIANet
 
     net = CASIANet(3, width=0.125)
     with torch.no_grad():  # as if trained: values no initialisation gives (batch norm statistics included)
@@ -196,8 +197,8 @@ def test_unknown_classes_are_listed(cli, tmp_path):
 
 def _tiny_identities(n_ids: int = 4, per_id: int = 5):
     """Random 'faces': each identity a fixed pattern plus noise (enough to exercise the loop in seconds)."""
-    from shared.ml.data import Sample
-    from shared.ml.training import PreparedData
+    from shared.ml.train.data import Sample
+    from shared.ml.train.prepared import PreparedData
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(n_ids, 1, 100, 100))
@@ -210,7 +211,7 @@ def _tiny_identities(n_ids: int = 4, per_id: int = 5):
 
 def test_resume_is_exact(tmp_path):
     """Stopping after any epoch and resuming gives the same weights as one uninterrupted run."""
-    from shared.ml.pretrain import PretrainConfig, pretrain
+    from shared.ml.train.pretrain import PretrainConfig, pretrain
 
     data, ids = _tiny_identities()
     cfg = PretrainConfig(width=0.0625, epochs=2, sgd_epochs=1, batch_size=4, seed=3)
@@ -228,7 +229,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_resume_refuses_another_setup(tmp_path):
-    from shared.ml.pretrain import PretrainConfig, pretrain
+    from shared.ml.train.pretrain import PretrainConfig, pretrain
 
     data, ids = _tiny_identities()
     cfg = PretrainConfig(width=0.0625, epochs=1, sgd_epochs=0, batch_size=4)
@@ -243,6 +244,7 @@ def test_resume_refuses_another_setup(tmp_path):
 
 
 def _model_bytes() -> bytes:
-    from shared.ml.gestalt import RegionalEnsemble, save_checkpoint
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.train.checkpoint import save_checkpoint
 
     return save_checkpoint(RegionalEnsemble(("full_face",), 2, width=0.0625), ["a", "b"], {})

@@ -9,9 +9,10 @@ import torch
 from skimage import data
 from sqlalchemy import select
 
-from shared.ml import saliency
-from shared.ml.gestalt import RegionalEnsemble, predict
-from shared.ml.regions import REGIONS
+from shared.ml.explain import saliency
+from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.preprocess.regions import REGIONS
 
 MARK = 18  # side of the synthetic mark, in crop pixels
 AREA = (slice(0, 50), slice(0, 50))  # the known area of the crop where the mark goes: its top-left quarter

@@ -86,7 +86,7 @@ def test_case_pages_need_no_torch():
     """What a case page and the case API read (rankings, the active version, the gallery, the phenotype
     ranking) is numpy and SQL: torch loads only for a heatmap, a re-score or training."""
     code = ("import sys, web.results, web.phenotype, web.api, shared.modelops.gallery, shared.modelops.versions, "
-            "shared.ml.ranking, shared.ml.phenotype; print('torch' in sys.modules)")
+            "shared.ml.formats.ranking, shared.ml.phenotype; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["False"], r.stdout

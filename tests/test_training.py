@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.ml.data import Sample, load_manifest, scan_folder
-from shared.ml.splits import LeakageError, check_leakage, gmdb_protocol, in_holdout, subject_split
+from shared.ml.train.data import Sample, load_manifest, scan_folder
+from shared.ml.train.splits import LeakageError, check_leakage, gmdb_protocol, in_holdout, subject_split
 
 
 def _touch(path: Path) -> None:
@@ -97,7 +97,7 @@ def _samples(labels: dict[str, int]) -> list[Sample]:
 
 
 def test_select_task_modes():
-    from shared.ml.training import BINARY_NEGATIVE, select_task
+    from shared.ml.train.modes import BINARY_NEGATIVE, select_task
 
     samples = _samples({"a": 2, "b": 3, "c": 1})
     same, classes = select_task(samples, "multiclass")
@@ -119,7 +119,7 @@ def test_select_task_modes():
 
 
 def test_binary_summary():
-    from shared.ml.training import binary_summary
+    from shared.ml.train.loop import binary_summary
 
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
     out = binary_summary(probs, np.array([0, 0, 1, 1, 1]), positive=0)
@@ -130,8 +130,10 @@ def test_binary_summary():
 def test_load_pretrained_replaces_the_final_layers():
     import torch
 
-    from shared.ml.gestalt import RegionalEnsemble, save_checkpoint
-    from shared.ml.training import FINETUNE_HEAD_GAIN, load_pretrained
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.train.checkpoint import save_checkpoint
+    from shared.ml.train.loop import load_pretrained
+    from shared.ml.train.recipe import FINETUNE_HEAD_GAIN
 
     torch.manual_seed(0)
     src = RegionalEnsemble(("full_face", "upper_half"), 200, width=0.5)
@@ -151,7 +153,7 @@ def test_load_pretrained_replaces_the_final_layers():
 
 # ---------------------------------------------------------------------------- early stopping and resuming
 def _tiny_data(n: int = 12):
-    from shared.ml.training import PreparedData
+    from shared.ml.train.prepared import PreparedData
 
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
@@ -164,8 +166,9 @@ def _tiny_data(n: int = 12):
 def test_training_resumes_from_the_last_epoch(tmp_path, monkeypatch):
     import torch
 
-    from shared.ml import training
-    from shared.ml.training import TrainConfig, train_ensemble
+    from shared.ml.train import loop as training
+    from shared.ml.train.loop import train_ensemble
+    from shared.ml.train.recipe import TrainConfig
 
     data = _tiny_data()
     cfg = TrainConfig(width=0.125, epochs=3, batch_size=4, progress=False, augment=False)
@@ -194,8 +197,9 @@ def test_training_resumes_from_the_last_epoch(tmp_path, monkeypatch):
 
 
 def test_early_stopping_keeps_the_best_epoch(monkeypatch):
-    from shared.ml import training
-    from shared.ml.training import TrainConfig, train_ensemble
+    from shared.ml.train import loop as training
+    from shared.ml.train.loop import train_ensemble
+    from shared.ml.train.recipe import TrainConfig
 
     scores = iter([0.5, 0.75, 0.75, 0.5, 0.75, 1.0, 1.0])
     real = training.evaluate
@@ -217,7 +221,7 @@ def test_early_stopping_keeps_the_best_epoch(monkeypatch):
 
 # ---------------------------------------------------------------------------- flat layout, run-time estimate
 def test_flat_layout_has_unknown_subjects(tmp_path):
-    from shared.ml.data import subjects_known
+    from shared.ml.train.data import subjects_known
 
     for rel in ("a/1.jpg", "a/2.jpg", "b/3.jpg"):
         _touch(tmp_path / "flat" / rel)
@@ -228,7 +232,8 @@ def test_flat_layout_has_unknown_subjects(tmp_path):
 
 
 def test_run_time_estimate_after_the_first_batches(capsys):
-    from shared.ml.training import TrainConfig, run_time_estimate, train_ensemble
+    from shared.ml.train.loop import run_time_estimate, train_ensemble
+    from shared.ml.train.recipe import TrainConfig
 
     assert run_time_estimate(2.0, 4, 40, 10) == pytest.approx(200.0)
     assert run_time_estimate(2.0, 4, 40, 10, val_share=0.3) == pytest.approx(220.0)

@@ -1,7 +1,7 @@
 """Synthetic phenotypes: the ensemble learns landmark warps of real faces; each region sees what it contains;
 identity pretraining helps when labelled faces are few.
 
-The phenotype set (``shared.ml.warps``) is made from real faces that identity
+The phenotype set (``shared.ml.train.warps``) is made from real faces that identity
 pretraining tests do not use (ORL people s31-s40 and the colour photos): every face
 appears once per class (``unaffected`` and two warps), so identity cannot give the class
 away. Train and test faces are disjoint (by person for ORL, by photo for the colour set).
@@ -23,11 +23,13 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
-from shared.ml.data import IMAGE_SUFFIXES, Sample, scan_folder
-from shared.ml.gestalt import predict
-from shared.ml.pretrain import PretrainConfig, pretrain
-from shared.ml.training import SCRATCH_LR, PreparedData, TrainConfig, load_pretrained, prepare, train_ensemble
-from shared.ml.warps import BLIND_REGION, CONTAINING_REGION, UNAFFECTED, synthetic_phenotypes
+from shared.ml.members.model import predict
+from shared.ml.train.data import IMAGE_SUFFIXES, Sample, scan_folder
+from shared.ml.train.loop import load_pretrained, train_ensemble
+from shared.ml.train.prepared import PreparedData, prepare
+from shared.ml.train.pretrain import PretrainConfig, pretrain
+from shared.ml.train.recipe import SCRATCH_LR, TrainConfig
+from shared.ml.train.warps import BLIND_REGION, CONTAINING_REGION, UNAFFECTED, synthetic_phenotypes
 from tests.conftest import shared_data
 
 REGIONS = ("full_face", "upper_half", "lower_half")
@@ -57,7 +59,7 @@ def train_threads():
 @pytest.fixture(scope="module")
 def phenotypes():
     from shared.config import get_settings
-    from shared.ml.preprocess import Preprocessor
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     orl, people = shared_data("faces", "orl"), shared_data("faces", "people")
     base = [Sample(s.path, "face", s.label) for s in scan_folder(orl) if int(s.label[1:]) > 30]
@@ -126,7 +128,7 @@ def test_each_warp_is_best_seen_by_the_region_containing_it(results, warp):
 def identity_checkpoint(tmp_path_factory) -> bytes:
     """Face identification on ORL people s1-s30, whom the phenotype set leaves out."""
     from shared.config import get_settings
-    from shared.ml.preprocess import Preprocessor
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     samples = [s for s in scan_folder(shared_data("faces", "orl")) if int(s.label[1:]) <= 30]
     names = sorted({s.label for s in samples})

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from shared.ml import evaluation as ev
+from shared.ml.evaluate import statistics as ev
 
 
 # ---------------------------------------------------------------------------- 7: rejection messages
@@ -21,7 +21,7 @@ def _degrees(message: str) -> float:
 
 @pytest.mark.parametrize("yaw", [45.3, 45.01, -45.4, 60.0])
 def test_yaw_rejection_never_shows_the_limit(yaw):
-    from shared.ml.quality import MAX_YAW_DEGREES, rejection
+    from shared.ml.preprocess.quality import MAX_YAW_DEGREES, rejection
 
     message = rejection({"interocular_px": 30, "yaw_degrees": yaw, "brightness": 100, "sharpness": 50})
     assert "about 45 degrees" not in message  # what the researcher saw: "about 45 degrees, at most 45 accepted"
@@ -30,7 +30,7 @@ def test_yaw_rejection_never_shows_the_limit(yaw):
 
 @pytest.mark.parametrize("px", [15.7, 15.99, 3.0])
 def test_face_size_rejection_never_shows_the_limit(px):
-    from shared.ml.quality import MIN_INTEROCULAR_PX, rejection
+    from shared.ml.preprocess.quality import MIN_INTEROCULAR_PX, rejection
 
     message = rejection({"interocular_px": px, "yaw_degrees": 0, "brightness": 100, "sharpness": 50})
     assert float(re.search(r"eyes ([\d.]+) pixels", message).group(1)) < MIN_INTEROCULAR_PX
@@ -147,8 +147,8 @@ def test_temperature_fit_recovers_overconfidence():
 
 # ---------------------------------------------------------------------------- 1: label mapping
 def test_binary_label_mapping_is_applied_to_test_labels():
-    from shared.ml.data import Sample
-    from shared.ml.training import apply_label_map, binary_label_map
+    from shared.ml.train.data import Sample
+    from shared.ml.train.modes import apply_label_map, binary_label_map
 
     test = [Sample(Path(f"{lab}.jpg"), lab, lab) for lab in ("down", "healthy", "noonan")]
     extra = {"mode": "binary", "label_map": binary_label_map({"down", "healthy"}, "down"), "positive": "down",
@@ -166,7 +166,7 @@ def test_binary_label_mapping_is_applied_to_test_labels():
 
 # ---------------------------------------------------------------------------- 2: manifests
 def test_header_only_manifest_is_a_clear_error(tmp_path):
-    from shared.ml.data import load_manifest
+    from shared.ml.train.data import load_manifest
 
     m = tmp_path / "test.csv"
     m.write_bytes(b"\xef\xbb\xbfimage,subject,label\r\n")
@@ -175,7 +175,7 @@ def test_header_only_manifest_is_a_clear_error(tmp_path):
 
 
 def test_manifest_with_bom_and_crlf(tmp_path):
-    from shared.ml.data import load_manifest
+    from shared.ml.train.data import load_manifest
 
     (tmp_path / "a.jpg").write_bytes(b"x")
     m = tmp_path / "m.csv"
@@ -187,7 +187,8 @@ def test_manifest_with_bom_and_crlf(tmp_path):
 def _tiny_checkpoint(path: Path, classes=("down", "others"), extra=None) -> Path:
     import torch
 
-    from shared.ml.gestalt import RegionalEnsemble, save_checkpoint
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     path.write_bytes(save_checkpoint(RegionalEnsemble(("full_face",), len(classes), width=0.125), list(classes), {},
@@ -234,9 +235,9 @@ def test_an_absent_cuda_device_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------------------- 4: skipped photos
 def test_skipped_photos_are_counted_by_reason(tmp_path):
-    from shared.ml.data import Sample
-    from shared.ml.quality import rejection
-    from shared.ml.training import skipped_summary, write_skipped
+    from shared.ml.preprocess.quality import rejection
+    from shared.ml.train.data import Sample
+    from shared.ml.train.prepared import skipped_summary, write_skipped
 
     small = [rejection({"interocular_px": px, "yaw_degrees": 0, "brightness": 99, "sharpness": 99})
              for px in (10.0, 12.5, 14.1)]
@@ -251,7 +252,7 @@ def test_skipped_photos_are_counted_by_reason(tmp_path):
 
 # ---------------------------------------------------------------------------- 6: the binary report
 def _binary_input(labels, seed=0, **kw):
-    from shared.ml.report import EvalInput
+    from shared.ml.evaluate.inputs import EvalInput
 
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -266,7 +267,7 @@ def _binary_input(labels, seed=0, **kw):
 
 
 def test_binary_report_has_screening_figures(tmp_path):
-    from shared.ml.report import write_report
+    from shared.ml.evaluate.report import write_report
 
     labels = np.array([0] * 12 + [1] * 18)
     m = write_report(_binary_input(labels, threshold=0.45, threshold_source="Youden's J on 10 validation images",
@@ -293,7 +294,7 @@ def test_binary_report_has_screening_figures(tmp_path):
 
 
 def test_single_class_binary_report_shows_the_rate_of_correct_calls(tmp_path):
-    from shared.ml.report import write_report
+    from shared.ml.evaluate.report import write_report
 
     m = write_report(_binary_input(np.zeros(3, int)), tmp_path)
     md = (tmp_path / "report.md").read_text()
@@ -304,7 +305,7 @@ def test_single_class_binary_report_shows_the_rate_of_correct_calls(tmp_path):
 
 def test_predictions_csv_feeds_the_stats_commands(tmp_path):
     from shared.cli import main
-    from shared.ml.report import write_report
+    from shared.ml.evaluate.report import write_report
 
     labels = np.array([0] * 10 + [1] * 10)
     write_report(_binary_input(labels, seed=1), tmp_path / "a")
@@ -361,7 +362,7 @@ def test_evaluate_applies_the_stored_temperature_unless_told_not_to(tmp_path):
 
 
 def test_error_gallery_shows_the_worst_false_positives_and_negatives(tmp_path):
-    from shared.ml.report import error_cases, write_report
+    from shared.ml.evaluate.report import error_cases, write_report
 
     labels = np.array([0] * 10 + [1] * 10)
     inp = _binary_input(labels, threshold=0.5)
@@ -387,7 +388,8 @@ def test_error_gallery_shows_the_worst_false_positives_and_negatives(tmp_path):
 
 
 def test_error_gallery_multiclass_uses_the_most_confident_wrong_calls():
-    from shared.ml.report import EvalInput, error_cases
+    from shared.ml.evaluate.inputs import EvalInput
+    from shared.ml.evaluate.report import error_cases
 
     rp = np.full((4, 1, 3), 0.1, np.float32)
     rp[0, 0] = [0.1, 0.8, 0.1]   # wrong, confident
@@ -406,7 +408,7 @@ def test_grad_cam_thumbnail_of_a_small_model():
     import torch
 
     from shared.cli.evaluate import _heatmap_for
-    from shared.ml.gestalt import RegionalEnsemble
+    from shared.ml.nets.ensemble import RegionalEnsemble
 
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face", "upper_half"), 3, width=0.125).eval()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared.ml import weights
+from shared.ml.formats import weights
 from tests.conftest import shared_data
 
 MOBILENET = next(w for w in weights.WEIGHTS if w.filename == "retinaface_mobilenet0.25.pth")

@@ -30,7 +30,7 @@ def installed_combiner():
     stored object changes)."""
     from minio.error import S3Error
 
-    from shared.ml.phenotype import Combiner
+    from shared.ml.phenotype.joint import Combiner
     from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
 
     storage = get_storage()
@@ -55,7 +55,7 @@ _loading: dict[str, object] = {"thread": None, "error": None}
 def ranker(wait: float = 3.0):
     """The process's phenotype ranker; None while it is still loading (a first load without the cache that
     `gestalt catalog load` fills takes tens of seconds, so it runs beside the requests, not inside one)."""
-    from shared.ml.phenotype import shared_ranker
+    from shared.ml.phenotype.ranking import shared_ranker
 
     if shared_ranker.cache_info().currsize:
         return shared_ranker()
@@ -139,7 +139,7 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
 
 
 def _uses_gallery(combiner) -> bool:
-    from shared.ml.phenotype import GALLERY_FEATURES
+    from shared.ml.phenotype.joint import GALLERY_FEATURES
 
     return any(combiner.weights.get(f, 0.0) for f in GALLERY_FEATURES)
 

@@ -22,8 +22,8 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
     }
     face = image.face
     if face is not None and face.aligned_key and face.landmarks and face.transform:
-        from shared.ml.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
-        from shared.ml.regions import DEFAULT_REGIONS, REGIONS
+        from shared.ml.preprocess.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
+        from shared.ml.preprocess.regions import DEFAULT_REGIONS, REGIONS
 
         m = np.asarray(face.transform)
         canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
@@ -66,7 +66,7 @@ def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
     if not eligible:
         return None
     version_id = active_id if active_id in eligible else max(eligible, key=lambda v: len(eligible[v]))
-    from shared.ml.ranking import rank
+    from shared.ml.formats.ranking import rank
 
     version = db.get(ModelVersion, version_id)
     mean = np.mean(np.asarray(eligible[version_id], dtype=np.float64), axis=0)

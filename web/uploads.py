@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.audit import audit
 from shared.config import get_settings
-from shared.ml.imaging import DecodedImage, ImageRejected, decode_upload
+from shared.ml.preprocess.imaging import DecodedImage, ImageRejected, decode_upload
 from shared.models import Case, Image, ImageStatus
 from shared.services import Refusal
 from shared.storage import get_storage, original_key

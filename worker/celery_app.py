@@ -87,7 +87,7 @@ def _record_queues(sender, instance, **_kwargs) -> None:
     global CONSUMED_QUEUES
     CONSUMED_QUEUES = frozenset(instance.app.amqp.queues.consume_from or ())
     logger.info("queues=%s", ",".join(sorted(CONSUMED_QUEUES)))
-    from shared.ml.gestalt import resolve_device, slow_precision
+    from shared.ml.runtime.device import resolve_device, slow_precision
 
     settings = get_settings()
     device = resolve_device(settings.device)

@@ -20,10 +20,12 @@ def _networks_alone(conn, models: str, device: str, blobs: list[bytes], box_face
     import torch
 
     from shared.config import get_settings
-    from shared.ml.gestalt import RegionalEnsemble, predict, prepare_for_inference, resolve_device
-    from shared.ml.imaging import decode_stored
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.regions import CROP_SIZE, DEFAULT_REGIONS
+    from shared.ml.members.model import predict
+    from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference
+    from shared.ml.preprocess.imaging import decode_stored
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.preprocess.regions import CROP_SIZE, DEFAULT_REGIONS
+    from shared.ml.runtime.device import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -83,8 +85,8 @@ def network_bounds(args, srcs: list[np.ndarray], model) -> dict[str, float]:
     """Photos/s of the networks alone: one process per core as the workers run, and the CNN-only figure."""
     import torch
 
-    from shared.ml.gestalt import predict
-    from shared.ml.regions import DEFAULT_REGIONS
+    from shared.ml.members.model import predict
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS
 
     cores = os.cpu_count() or 2
     procs = cores if args.device == "cpu" else args.gpu_procs

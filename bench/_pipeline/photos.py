@@ -45,7 +45,7 @@ def distinct_jpegs(srcs: list[np.ndarray], n: int, offset: int = 0) -> list[byte
 
 def known_face(rgb: np.ndarray) -> dict:
     """The astronaut's face, found once by the offline backends, relative to the photo's size."""
-    from shared.ml.preprocess import Preprocessor
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     pre = Preprocessor(detector="mediapipe", landmarker="mediapipe")
     try:

@@ -17,7 +17,7 @@ SCRIPT = ROOT / "bench" / "pipeline.py"
 
 def random_production_env(tmp: Path) -> dict[str, str]:
     """RetinaFace-R50 and FAN with random weights, unless the real files are present."""
-    from shared.ml.weights import WEIGHTS_BY_KEY, locate
+    from shared.ml.formats.weights import WEIGHTS_BY_KEY, locate
 
     env = {"GESTALT_DETECTOR": "retinaface", "GESTALT_LANDMARKER": "fan"}
     if locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) and locate(WEIGHTS_BY_KEY["fan"]):
@@ -85,8 +85,8 @@ def register(args):
     import torch
 
     from shared.db import session_scope
-    from shared.ml.gestalt import RegionalEnsemble
-    from shared.ml.regions import DEFAULT_REGIONS
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS
     from shared.storage import get_storage
 
     try:

@@ -22,7 +22,7 @@ class KnownFaceDetector:
         self.weights_sha256 = inner.weights_sha256 if inner is not None else "null"
 
     def detect_batch(self, images: list[np.ndarray]) -> list:
-        from shared.ml.detection import DetectedFace
+        from shared.ml.preprocess.detection import DetectedFace
 
         if self.inner is not None:
             self.inner.detect_batch(images)
@@ -66,7 +66,7 @@ def _null_ensemble() -> None:
     """The regional CNNs answer zero logits and features without arithmetic."""
     import torch
 
-    from shared.ml.gestalt import RegionalEnsemble
+    from shared.ml.nets.ensemble import RegionalEnsemble
 
     def null_forward(self, x):  # N x R x 1 x H x W -> zero logits and features, no arithmetic
         n, r = x.shape[0], len(self.regions)
@@ -93,8 +93,8 @@ def install_stand_ins(models: str) -> None:
     def preprocessor():
         if not built:
             from shared.config import get_settings
-            from shared.ml.preprocess import Preprocessor
-            from shared.ml.regions import ALL_REGIONS
+            from shared.ml.preprocess.pipeline import Preprocessor
+            from shared.ml.preprocess.regions import ALL_REGIONS
 
             inner = Preprocessor.from_settings(get_settings(), regions=ALL_REGIONS) \
                 if models == "random-production" else None

@@ -1,6 +1,6 @@
 """Builds the data of docs/examples/screening: a synthetic screening task on real faces.
 
-Every photo is warped with ``shared.ml.warps.warp_face``: half of each person's photos get
+Every photo is warped with ``shared.ml.train.warps.warp_face``: half of each person's photos get
 ``hypertelorism`` (the positive label), the others the ``unaffected`` resampling, so only the
 geometry tells the labels apart. Three manifests (image,subject,label) are written to OUT:
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.preprocess import Preprocessor
-from shared.ml.warps import UNAFFECTED, warp_face
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.train.warps import UNAFFECTED, warp_face
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
 POSITIVE = "hypertelorism"

@@ -27,7 +27,7 @@ def torch_runtime(threads: int | None, device: str | None):
 
     import torch
 
-    from shared.ml.gestalt import resolve_device
+    from shared.ml.runtime.device import resolve_device
     from shared.modelops.registry import set_torch_threads
 
     settings = get_settings()
@@ -56,7 +56,7 @@ def cache_options(func):
 
 def prep_cache(settings, preprocessor, cache_dir: Path | None, no_cache: bool):
     """The preprocessing cache to use, or None with --no-cache."""
-    from shared.ml.prepcache import DEFAULT_SUBDIR, PrepCache
+    from shared.ml.preprocess.cache import DEFAULT_SUBDIR, PrepCache
 
     if no_cache:
         return None
@@ -79,7 +79,7 @@ def cache_note(cache, before: tuple[int, int] = (0, 0)) -> None:
 
 def load_samples_or_fail(path: Path):
     """A folder or manifest's samples; a bad manifest or an empty folder is a one-line error."""
-    from shared.ml.data import load_samples
+    from shared.ml.train.data import load_samples
 
     try:
         return load_samples(path)
@@ -89,7 +89,7 @@ def load_samples_or_fail(path: Path):
 
 def report_skipped(rejected, path: Path | None) -> None:
     """One line of counts by reason; the full list (image, subject, label, reason) to ``path``."""
-    from shared.ml.training import skipped_summary, write_skipped
+    from shared.ml.train.prepared import skipped_summary, write_skipped
 
     if not rejected:
         return

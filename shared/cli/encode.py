@@ -24,11 +24,11 @@ def encode_cmd(images: tuple[Path, ...], out: Path, batch_size: int, device: str
     import numpy as np
 
     from shared.config import get_settings
-    from shared.ml import encoder
-    from shared.ml.facechip import face_chip
-    from shared.ml.imaging import ImageRejected, decode_upload
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.weights import WeightsMissing
+    from shared.ml.formats.weights import WeightsMissing
+    from shared.ml.nets import encoder
+    from shared.ml.preprocess.facechip import face_chip
+    from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     settings = get_settings()
     try:

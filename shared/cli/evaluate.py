@@ -21,7 +21,7 @@ from shared.cli.common import (
 
 def _load_model(ref: str, device=None):
     """A checkpoint file, or a registered model version (name or id). Returns (model, state, name)."""
-    from shared.ml.gestalt import load_checkpoint
+    from shared.ml.train.checkpoint import load_checkpoint
 
     device = device or "cpu"
     path = Path(ref)
@@ -98,7 +98,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
     """
     from datetime import datetime
 
-    from shared.ml.report import headline
+    from shared.ml.evaluate.text import headline
 
     sets = _parse_data_sets(data_paths)
     settings, torch_device = torch_runtime(threads, device)
@@ -122,7 +122,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
         raise click.ClickException("--positive, --threshold and --prevalence apply to two-class models only")
     else:
         source = ""
-    from shared.ml.preprocess import Preprocessor
+    from shared.ml.preprocess.pipeline import Preprocessor
 
     preprocessor = Preprocessor.from_settings(settings, model.regions)
     cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
@@ -139,7 +139,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
-        from shared.ml.report_summary import write_comparison
+        from shared.ml.evaluate.summary import write_comparison
 
         write_comparison(name, {n: (p, results[n]) for n, p in sets}, out)
         console.print(f"comparison written to {out}/report.html; each set's report in its subfolder")
@@ -151,7 +151,7 @@ def _heatmap_for(model, data):
     """(image index, class index) -> the aligned face with that class's Grad-CAM map, all regions combined."""
     import numpy as np
 
-    from shared.ml.saliency import combine, overlay, region_maps
+    from shared.ml.explain.saliency import combine, overlay, region_maps
 
     def render(i: int, class_index: int):
         rgb = np.repeat(data.aligned[i][..., None], 3, axis=2)
@@ -164,11 +164,11 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     """One test set's report; returns its metrics."""
     import numpy as np
 
-    from shared.ml.evaluation import apply_temperature
-    from shared.ml.members import describe_faces, member_probs
-    from shared.ml.report import EvalInput, write_report
-    from shared.ml.splits import LeakageError, check_leakage
-    from shared.ml.training import apply_label_map, data_hash, prepare
+    from shared.ml.evaluate import EvalInput, write_report
+    from shared.ml.evaluate.statistics import apply_temperature
+    from shared.ml.train import apply_label_map, data_hash, prepare
+    from shared.ml.train.members import describe_faces, member_probs
+    from shared.ml.train.splits import LeakageError, check_leakage
 
     class_names = state["class_names"]
     extra = state.get("extra") or {}
@@ -238,7 +238,7 @@ def heads_benchmark(path: Path | None, model_ref: str | None, folds: int) -> Non
 
     import numpy as np
 
-    from shared.ml.heads import benchmark_heads
+    from shared.ml.train.heads import benchmark_heads
 
     if (path is None) == (model_ref is None):
         raise click.ClickException("give exactly one of --embeddings and --model")
@@ -281,7 +281,7 @@ def _members_benchmark(model_ref: str, folds: int) -> None:
     import numpy as np
 
     from shared.db import session_scope
-    from shared.ml.heads import benchmark_members, load_feature_set
+    from shared.ml.train.heads import benchmark_members, load_feature_set
     from shared.modelops.registry import ModelNotFound, find_version
     from shared.storage import get_storage
 

@@ -29,7 +29,7 @@ def evaluate_phenotype(embeddings: Path, n_train: int, n_eval: int, other_fracti
                        out: Path | None, install: bool) -> None:
     """Top-1/top-10 with 95% CIs of face only, phenotype only and joint, at every noise level (Köhler et al.
     2009: terms sampled from a syndrome's annotations, made imprecise and noisy)."""
-    from shared.ml.phenotype import evaluate_simulation, format_table
+    from shared.ml.phenotype.evaluation import evaluate_simulation, format_table
 
     result = evaluate_simulation(embeddings, n_train=n_train, n_eval=n_eval, seed=seed, other_fraction=other_fraction,
                                  progress=lambda message: console.print(message))

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from shared.config import get_settings
-from shared.ml.backends import DETECTORS, LANDMARKERS
+from shared.ml.preprocess.backends import DETECTORS, LANDMARKERS
 
 
 @click.command("preprocess")
@@ -43,9 +43,9 @@ def preprocess_cmd(images: tuple[Path, ...], out_dir: Path, detector: str | None
 
 def _preprocessor(settings, detector: str | None, landmarker: str | None):
     """The workers' Preprocessor with every region, the chosen backends or the settings' ones."""
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.regions import ALL_REGIONS
-    from shared.ml.weights import WeightsMissing
+    from shared.ml.formats.weights import WeightsMissing
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.preprocess.regions import ALL_REGIONS
 
     try:
         return Preprocessor(settings.min_face_confidence, ALL_REGIONS, detector or settings.detector_backend,
@@ -59,7 +59,7 @@ def _run_batch(pre, paths: tuple[Path, ...], settings) -> tuple[dict[int, object
 
     Returns (decoded RGB arrays, outcome) by index in ``paths``: a preprocessing result, or the
     ImageRejected of the upload check or of a step."""
-    from shared.ml.imaging import ImageRejected, decode_upload
+    from shared.ml.preprocess.imaging import ImageRejected, decode_upload
 
     decoded: dict[int, object] = {}
     outcome: dict[int, object] = {}
@@ -80,7 +80,7 @@ def _write_outcome(target: Path, path: Path, result, rgb, provenance: dict) -> b
     """Write one photo's folder ``target`` and echo a line; False when the photo was rejected."""
     import json
 
-    from shared.ml.imaging import ImageRejected
+    from shared.ml.preprocess.imaging import ImageRejected
 
     target.mkdir(parents=True, exist_ok=True)
     record: dict = {"image": str(path), **provenance}
@@ -101,9 +101,9 @@ def _write_aligned(target: Path, result, rgb) -> dict:
     """aligned.png, crops/<region>.png and landmarks.png of an aligned face; returns what result.json records."""
     import numpy as np
 
-    from shared.ml.imaging import encode_png
-    from shared.ml.landmarks import draw_landmarks
-    from shared.ml.preprocess import Frame
+    from shared.ml.preprocess.imaging import encode_png
+    from shared.ml.preprocess.landmarks import draw_landmarks
+    from shared.ml.preprocess.pipeline import Frame
 
     a = result.aligned
     frame = Frame.turned(rgb.shape, result.detection.rotation)

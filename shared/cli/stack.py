@@ -85,8 +85,8 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, celery_ar
     """Run a Celery worker on the given queues."""
     get_settings().require_secrets()
     if {DETECT, ALIGN} & set(queues.split(",")):
-        from shared.ml.preprocess import check_backends
-        from shared.ml.weights import WeightsMissing
+        from shared.ml.formats.weights import WeightsMissing
+        from shared.ml.preprocess.pipeline import check_backends
 
         try:
             click.echo(f"preprocessing backends: {check_backends(get_settings())}")

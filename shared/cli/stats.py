@@ -18,7 +18,7 @@ def stats() -> None:
 @click.option("--n2", type=int, required=True)
 def stats_proportion(k1: float, n1: int, p2: float, n2: int) -> None:
     """Two-sided two-proportion z-test: prints z and p."""
-    from shared.ml.evaluation import two_proportion_ztest
+    from shared.ml.evaluate.statistics import two_proportion_ztest
 
     try:
         result = two_proportion_ztest(k1, n1, p2, n2)
@@ -39,7 +39,7 @@ def stats_bootstrap(k: int, n: int, resamples: int, seed: int) -> None:
     The bootstrap distribution of k/n is exactly Binomial(n, k/n) / n; its 2.5 and 97.5
     percentiles are computed exactly (no resampling), so the result does not depend on a seed.
     """
-    from shared.ml.evaluation import bootstrap_ci_counts
+    from shared.ml.evaluate.statistics import bootstrap_ci_counts
 
     try:
         est = bootstrap_ci_counts(k, n, resamples, seed)
@@ -59,7 +59,7 @@ def stats_permutation(predictions: Path, k: int, permutations: int, seed: int) -
     """Permutation-test p-value of top-k accuracy against chance."""
     import numpy as np
 
-    from shared.ml.evaluation import permutation_pvalue, topk_hits
+    from shared.ml.evaluate.statistics import permutation_pvalue, topk_hits
 
     probs, labels = _read_predictions(predictions)
     p = permutation_pvalue(probs, labels, k, permutations, seed)
@@ -130,7 +130,7 @@ def stats_mcnemar(first: Path, second: Path, exact: bool) -> None:
     """
     import numpy as np
 
-    from shared.ml.evaluation import mcnemar_test
+    from shared.ml.evaluate.statistics import mcnemar_test
 
     a, b = _read_calls(first), _read_calls(second)
     if set(a) != set(b):

@@ -90,9 +90,9 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
     `others`) and an operating threshold chosen on the validation split (Youden's J), which
     `gestalt evaluate` applies.
     """
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.splits import subject_split
-    from shared.ml.training import FINETUNE_LR, SCRATCH_LR, TrainConfig, data_hash
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.train import TrainConfig, data_hash, save_checkpoint, subject_split
+    from shared.ml.train.recipe import FINETUNE_LR, SCRATCH_LR
 
     if transfer_pairs is not None and init_path is None:
         raise click.ClickException("--transfer-pairs needs --init")
@@ -130,8 +130,6 @@ def train(data_dir: Path, preset: str | None, width: float | None, epochs: int |
     _print_metrics(metrics, len(class_names))
     extra = model_extra(model, data, train_idx, val_idx, task, mode, positive)
     if output:
-        from shared.ml.gestalt import save_checkpoint
-
         output.write_bytes(save_checkpoint(model, class_names, metrics, extra))
         console.print(f"checkpoint written to {output}")
     if register:
@@ -169,11 +167,11 @@ def pretrain(data_dir: Path, output: Path, width: float, epochs: int, sgd_epochs
 
     import numpy as np
 
-    from shared.ml.preprocess import Preprocessor
-    from shared.ml.pretrain import PretrainConfig, summary_rows
-    from shared.ml.pretrain import pretrain as run_pretrain
-    from shared.ml.regions import DEFAULT_REGIONS, REGIONS
-    from shared.ml.training import PreparedData
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS, REGIONS
+    from shared.ml.train.prepared import PreparedData
+    from shared.ml.train.pretrain import PretrainConfig, summary_rows
+    from shared.ml.train.pretrain import pretrain as run_pretrain
 
     settings, torch_device = torch_runtime(threads, device)
     samples = load_samples_or_fail(data_dir)

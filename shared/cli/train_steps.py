@@ -25,7 +25,7 @@ class Task(NamedTuple):
 def apply_preset(preset: str | None, width: float | None, epochs: int | None,
                  batch_size: int | None) -> tuple[float, int, int]:
     """Width, epochs and batch size: the options given, the preset's values for the others."""
-    from shared.ml.training import PRESETS
+    from shared.ml.train.recipe import PRESETS
 
     recipe = PRESETS[preset or "paper"]
     width = recipe["width"] if width is None else width
@@ -39,8 +39,8 @@ def apply_preset(preset: str | None, width: float | None, epochs: int | None,
 def load_task(data_dir: Path, exclude: tuple[str, ...], mode: str, positive: str | None,
               classes: str | None) -> Task:
     """The labelled photos of ``data_dir`` (less ``exclude``) and the classes of ``mode``; warns of a flat layout."""
-    from shared.ml.data import subjects_known
-    from shared.ml.training import select_task
+    from shared.ml.train.data import subjects_known
+    from shared.ml.train.modes import select_task
 
     samples = [s for s in load_samples_or_fail(data_dir) if s.path.name not in set(exclude)]
     known = subjects_known(samples)
@@ -79,7 +79,8 @@ def check_catalogue_labels(class_names: list[str]) -> None:
 
 def load_init(init_path: Path, n_classes: int, transfer_pairs: int | None, seed: int):
     """The pretrained checkpoint to fine-tune, with new final layers for ``n_classes`` seeded by ``seed``."""
-    from shared.ml.training import load_pretrained, seed_everything
+    from shared.ml.train.loop import load_pretrained
+    from shared.ml.train.recipe import seed_everything
 
     seed_everything(seed)  # the new final layers' initial weights
     try:
@@ -92,7 +93,7 @@ def prepare_or_fail(settings, preprocessor, samples: list, labels: list[str], ca
                     no_cache: bool):
     """Preprocess ``samples`` into crops (through the preprocessing cache unless --no-cache) and say how
     many photos the cache served; a library ValueError (e.g. no usable photo) is a one-line error."""
-    from shared.ml.training import prepare
+    from shared.ml.train.prepared import prepare
 
     cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
     try:
@@ -114,7 +115,7 @@ def default_skipped_path(output: Path | None, settings) -> Path:
 def train_or_fail(data, class_names: list[str], regions, train_idx: list[int], val_idx: list[int], cfg, init,
                   mode: str, state_path: Path | None):
     """Train the regional ensemble; says when it resumed from ``state_path`` or stopped early."""
-    from shared.ml.training import train_ensemble
+    from shared.ml.train.loop import train_ensemble
 
     try:
         model, metrics = train_ensemble(data, class_names, regions, train_idx, val_idx, cfg, init=init,
@@ -131,8 +132,8 @@ def train_or_fail(data, class_names: list[str], regions, train_idx: list[int], v
 
 def add_identity_member(model, data, train_idx: list[int], val_idx: list[int], metrics: dict, device: str,
                         seed: int) -> None:
-    from shared.ml.members import add_identity_member as add_member
-    from shared.ml.weights import WeightsMissing
+    from shared.ml.formats.weights import WeightsMissing
+    from shared.ml.train.members import add_identity_member as add_member
 
     try:
         member = add_member(model, data, train_idx, val_idx, device, seed)
@@ -151,7 +152,7 @@ def model_extra(model, data, train_idx: list[int], val_idx: list[int], task: Tas
                 positive: str | None) -> dict:
     """What the checkpoint stores beside the weights: what the model saw (so that evaluation can refuse
     leaked subjects and images) and what evaluation applies, fitted on the validation split."""
-    from shared.ml.training import binary_label_map
+    from shared.ml.train.modes import binary_label_map
 
     seen = [data.samples[i] for i in train_idx]
     extra = {"train_subjects": sorted({s.subject for s in seen}), "train_sha256": sorted({s.sha256 for s in seen}),
@@ -173,8 +174,8 @@ def validation_extra(model, data, val_idx: list[int], class_names: list[str], mo
     binary model, its label mapping and the operating threshold (Youden's J on the calibrated scores)."""
     import numpy as np
 
-    from shared.ml.evaluation import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
-    from shared.ml.members import member_probs
+    from shared.ml.evaluate.statistics import DEFAULT_THRESHOLD, apply_temperature, choose_threshold, fit_temperature
+    from shared.ml.train.members import member_probs
 
     extra: dict = {}
     aggregate = labels = None

@@ -18,7 +18,7 @@ def weights() -> None:
 @weights.command("status")
 def weights_status() -> None:
     """Each expected file: source URL, sha256, and whether it is present."""
-    from shared.ml.weights import search_dirs, status
+    from shared.ml.formats.weights import search_dirs, status
 
     table = Table(title="search order: " + ", ".join(str(d) for d in search_dirs()))
     for col in ("weights", "file", "sha256", "state", "source"):
@@ -37,7 +37,7 @@ def weights_fetch(target: Path | None, only: str | None) -> None:
     """Download the weights where a network exists (e.g. in a Docker build), checking their sha256."""
     import urllib3
 
-    from shared.ml.weights import fetch, search_dirs
+    from shared.ml.formats.weights import fetch, search_dirs
 
     target = target or search_dirs()[0]
     try:

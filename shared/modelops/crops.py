@@ -13,8 +13,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.ml.identity import CHIP_REGION
-from shared.ml.imaging import decode_crops, decode_png_gray, decode_png_rgb, encode_crops
+from shared.ml.members.identity import CHIP_REGION
+from shared.ml.preprocess.imaging import decode_crops, decode_png_gray, decode_png_rgb, encode_crops
 from shared.models import Crop, Face
 from shared.storage import Storage, crops_key
 

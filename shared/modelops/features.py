@@ -10,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import upsert
-from shared.ml import heads as hd
-from shared.ml.vectors import pack, unpack
+from shared.ml.formats.vectors import pack, unpack
+from shared.ml.train import heads as hd
 from shared.modelops.crops import crop_keys, load_crops, region_stack
 from shared.models import ImageFeature
 from shared.storage import Storage
@@ -65,7 +65,7 @@ def cached_descriptors(session: Session, storage: Storage, member, image_ids: li
     computing (and caching) the missing ones from the stored face chips; photos aligned before chips
     were kept have none (their alignment re-runs on a re-score). Returns the descriptors and how many
     were computed."""
-    from shared.ml.identity import CHIP_REGION, MEMBER
+    from shared.ml.members.identity import CHIP_REGION, MEMBER
 
     out = {f.image_id: unpack(f.vector) for f in session.scalars(
         select(ImageFeature).where(ImageFeature.backbone_sha == member.feature_key, ImageFeature.region == MEMBER,
@@ -74,7 +74,7 @@ def cached_descriptors(session: Session, storage: Storage, member, image_ids: li
     chips = crop_keys(session, missing) if missing else {}
     usable = [i for i in missing if CHIP_REGION in chips.get(i, {})]
     if usable:
-        from shared.ml.encoder import CONVERTED_SHA256, encode, load_encoder
+        from shared.ml.nets.encoder import CONVERTED_SHA256, encode, load_encoder
 
         if member.encoder_sha != CONVERTED_SHA256:
             raise ValueError(f"the model's identity encoder {member.encoder_sha[:12]}... is not the installed one")

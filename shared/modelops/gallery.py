@@ -1,8 +1,8 @@
-"""Loading the gallery of diagnosed, consented photos from the database (the maths is :mod:`shared.ml.gallery`).
+"""Loading the gallery of diagnosed, consented photos from the database (the maths is :mod:`shared.ml.members.gallery`).
 
 A photo's vectors come from its cached features (``image_features``): the identity encoder's
 descriptor, or the regional features under the active model's backbone (:func:`gallery_space`);
-see :mod:`shared.ml.gallery` for how photos, patients and syndromes are ranked.
+see :mod:`shared.ml.members.gallery` for how photos, patients and syndromes are ranked.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.ml.gallery import Gallery, gallery_vectors
-from shared.ml.vectors import unpack
+from shared.ml.formats.vectors import unpack
+from shared.ml.members.gallery import Gallery, gallery_vectors
 from shared.models import Case, Diagnosis, Image, ImageFeature, Syndrome
 
 # Unit vectors per (backbone, regions) and image id. Features of one backbone never change, so each
@@ -27,7 +27,7 @@ def gallery_space(config: dict | None) -> tuple[str | None, tuple[str, ...]]:
     the gallery does not change when the regional networks are retrained); otherwise on the regional
     networks' features under the model's backbone.
     """
-    from shared.ml.identity import MEMBER
+    from shared.ml.members.identity import MEMBER
 
     config = config or {}
     identity = (config.get("members") or {}).get(MEMBER) or {}

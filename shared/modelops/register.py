@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.db import session_scope
-from shared.ml.heads import backbone_sha, extract_features, save_feature_set
+from shared.ml.train.heads import backbone_sha, extract_features, save_feature_set
 from shared.modelops import registry
 from shared.storage import Storage, feature_set_key, get_storage, train_data_key
 

@@ -11,7 +11,9 @@ import torch
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device, save_checkpoint
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.runtime.device import resolve_device
+from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 from shared.modelops.versions import ModelNotFound, active_version, find_version  # noqa: F401 - the lifecycle's lookups
 from shared.models import ModelStatus, ModelVersion
 from shared.storage import Storage, checkpoint_key, sha256_hex
@@ -36,7 +38,7 @@ def register_model(session: Session, storage: Storage, model: RegionalEnsemble, 
         extra: kept in the checkpoint only (e.g. training subjects and image hashes).
         config: small settings kept on the version row too (e.g. the base feature set's key).
     """
-    from shared.ml.heads import backbone_sha
+    from shared.ml.train.heads import backbone_sha
 
     data = save_checkpoint(model, class_names, metrics, extra)
     digest = sha256_hex(data)
@@ -121,7 +123,7 @@ class ModelCache:
             raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
         model, _ = load_checkpoint(data, self.device, compile=self.compile)
         logger.info("model=%s state=loaded id=%d device=%s", version.name, version.id, self.device)
-        from shared.ml.heads import backbone_sha
+        from shared.ml.train.heads import backbone_sha
 
         return LoadedModel(version.id, version.name, list(version.classes), model,
                            version.config.get("backbone_sha") or backbone_sha(model))

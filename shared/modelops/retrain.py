@@ -23,9 +23,11 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings, get_settings
 from shared.db import get_engine, session_scope
-from shared.ml import heads as hd
-from shared.ml.gestalt import RegionalEnsemble, load_checkpoint, resolve_device
-from shared.ml.identity import IdentityMember
+from shared.ml.members.identity import IdentityMember
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.runtime.device import resolve_device
+from shared.ml.train import heads as hd
+from shared.ml.train.checkpoint import load_checkpoint
 from shared.modelops.features import cached_descriptors, cached_features
 from shared.modelops.registry import activate, active_version, register_model
 from shared.modelops.retrain_candidate import (

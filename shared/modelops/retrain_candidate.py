@@ -9,9 +9,9 @@ import numpy as np
 
 from shared.config import Settings
 from shared.db import session_scope
-from shared.ml import heads as hd
-from shared.ml.identity import IdentityMember, build_ood_reference, combine, fit_identity_head
-from shared.ml.splits import in_holdout
+from shared.ml.members.identity import IdentityMember, build_ood_reference, combine, fit_identity_head
+from shared.ml.train import heads as hd
+from shared.ml.train.splits import in_holdout
 from shared.modelops.crops import crop_keys, region_stack
 from shared.storage import Storage, feature_set_key
 
@@ -69,9 +69,12 @@ def fine_tune(model, init, classes: list[str], labels: np.ndarray, train_labels:
     Returns the candidate, both models' holdout probabilities, and the key of the base
     feature set recomputed under the candidate's new backbone.
     """
-    from shared.ml.data import Sample
-    from shared.ml.gestalt import predict, resolve_device
-    from shared.ml.training import PreparedData, TrainConfig, train_ensemble
+    from shared.ml.members.model import predict
+    from shared.ml.runtime.device import resolve_device
+    from shared.ml.train.data import Sample
+    from shared.ml.train.loop import train_ensemble
+    from shared.ml.train.prepared import PreparedData
+    from shared.ml.train.recipe import TrainConfig
 
     base = hd.load_feature_set(storage.get(crops_key))
     regions = list(model.regions)

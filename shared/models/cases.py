@@ -100,7 +100,8 @@ class Face(Base):
     rotation: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     landmarks: Mapped[list | None] = mapped_column(JSONB)  # 68 x [x, y] in image pixels
     transform: Mapped[list | None] = mapped_column(JSONB)  # 2x3 image -> aligned canvas
-    # The quality gate's figures (shared.ml.quality) and facial measurements (shared.ml.measurements).
+    # The quality gate's figures (shared.ml.preprocess.quality) and facial measurements
+    # (shared.ml.preprocess.measurements).
     quality: Mapped[dict | None] = mapped_column(JSONB)
     measurements: Mapped[dict | None] = mapped_column(JSONB)
     aligned_key: Mapped[str | None] = mapped_column(String(255))
@@ -150,7 +151,7 @@ class Result(Base):
     # [{"syndrome_id", "name", "score", "rank"}, ...] best first, all classes
     ranking: Mapped[list] = mapped_column(JSONB)
     # The identity member's out-of-distribution score: {"distance", "percentile", "unusual"}
-    # (shared.ml.identity.OODReference); None for a model without that member.
+    # (shared.ml.members.identity.OODReference); None for a model without that member.
     ood: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
     created_at: Mapped[datetime] = created_at_column()
 

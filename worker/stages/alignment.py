@@ -10,10 +10,10 @@ from sqlalchemy import select
 
 from shared import photos
 from shared.db import session_scope, upsert
-from shared.ml.detection import DetectedFace
-from shared.ml.identity import CHIP_REGION
-from shared.ml.imaging import ImageRejected, encode_png
-from shared.ml.preprocess import Detection
+from shared.ml.members.identity import CHIP_REGION
+from shared.ml.preprocess.detection import DetectedFace
+from shared.ml.preprocess.imaging import ImageRejected, encode_png
+from shared.ml.preprocess.pipeline import Detection
 from shared.modelops.crops import store_crops
 from shared.models import Crop, Face, Image, ImageStatus
 from shared.storage import aligned_key, get_storage

@@ -8,7 +8,7 @@ import numpy as np
 
 from shared import photos
 from shared.db import session_scope, upsert
-from shared.ml.imaging import ImageRejected
+from shared.ml.preprocess.imaging import ImageRejected
 from shared.models import Face, Image, ImageStatus
 from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in

@@ -13,9 +13,9 @@ import numpy as np
 from minio.error import S3Error
 
 from shared.config import get_settings
-from shared.ml.imaging import ImageRejected, decode_stored
-from shared.ml.preprocess import Preprocessor
-from shared.ml.regions import ALL_REGIONS
+from shared.ml.preprocess.imaging import ImageRejected, decode_stored
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.preprocess.regions import ALL_REGIONS
 from shared.modelops.registry import ModelCache
 from shared.models import Image
 from shared.storage import get_storage
@@ -48,8 +48,8 @@ def encoder():
     """The face-identity encoder of this process (for models with an identity member), loaded on first use."""
     global _encoder
     if _encoder is None:
-        from shared.ml.encoder import load_encoder
-        from shared.ml.gestalt import resolve_device
+        from shared.ml.nets.encoder import load_encoder
+        from shared.ml.runtime.device import resolve_device
 
         s = get_settings()
         _encoder = load_encoder(resolve_device(s.device), verify=s.weights_verify)

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from shared import photos
 from shared.config import get_settings
 from shared.db import session_scope, upsert
-from shared.ml.gestalt import predict
-from shared.ml.identity import CHIP_REGION, MEMBER
-from shared.ml.ranking import rank
+from shared.ml.formats.ranking import rank
+from shared.ml.members.identity import CHIP_REGION, MEMBER
+from shared.ml.members.model import predict
 from shared.modelops.crops import crop_keys, load_crops
 from shared.modelops.features import feature_rows, store_feature_rows
 from shared.models import Image, ImageStatus, RegionScore, Result
@@ -98,7 +98,7 @@ def predict_and_write(loaded: Any, member: Any, ids: list[int], stack: np.ndarra
     settings = get_settings()
     descriptors = None
     if member is not None:
-        from shared.ml.encoder import encode
+        from shared.ml.nets.encoder import encode
 
         descriptors = encode(resources.encoder(), chips, precision=settings.infer_precision, flip=member.flip)
     pred = predict(loaded.model, stack, flip_tta=settings.infer_flip_tta, precision=settings.infer_precision,

@@ -17,7 +17,7 @@ CATALOGUE_ID = re.compile(r"^(OMIM|ORPHA):(\d{1,7})$", re.IGNORECASE)  # as shar
 PHENOTYPE_FEATURES = ("similarity", "adjusted", "z", "log_rank_similarity", "log_rank_adjusted")
 FACE_FEATURES = ("facial_model", "face_log_prob")
 # For syndromes without a facial-model class whose diagnosed patients are in the gallery: an indicator, the
-# cosine similarity of the nearest such patient (shared.ml.gallery's vectors), and -log of that syndrome's
+# cosine similarity of the nearest such patient (shared.ml.members.gallery's vectors), and -log of that syndrome's
 # rank among all gallery syndromes (those with a facial model included) by nearest patient.
 GALLERY_FEATURES = ("in_gallery", "gallery_similarity", "gallery_log_rank")
 FEATURES = PHENOTYPE_FEATURES + FACE_FEATURES + GALLERY_FEATURES

@@ -162,9 +162,9 @@ def facial_predictions(features: np.ndarray, labels: np.ndarray, subjects: np.nd
 def gallery_similarities(features: np.ndarray, labels: np.ndarray, subjects: np.ndarray, gallery: np.ndarray,
                          n_classes: int) -> np.ndarray:
     """``N x C``: each image's cosine similarity to the nearest gallery photo of each disorder, as
-    :mod:`shared.ml.gallery` computes it (regions normalised, then the whole); the gallery is the
+    :mod:`shared.ml.members.gallery` computes it (regions normalised, then the whole); the gallery is the
     images where ``gallery`` is true, less the image's own subject (-inf: no photo)."""
-    from shared.ml.gallery import gallery_vectors
+    from shared.ml.members.gallery import gallery_vectors
 
     v = gallery_vectors(features)
     g = np.flatnonzero(gallery)

@@ -1,9 +1,9 @@
 """The training loop of the regional ensemble: one epoch, validation, fine-tuning from a pretrained
 checkpoint, and resumable training that keeps the best epoch and may stop early.
 
-The recipe (:class:`TrainConfig`, presets, optimizers, augmentation) lives in :mod:`shared.ml.recipe`, the
-training data (:func:`prepare`, :class:`PreparedData`) in :mod:`shared.ml.training_data`, the training
-modes and label maps in :mod:`shared.ml.training_modes`; their names are importable from here too.
+The recipe (:class:`TrainConfig`, presets, optimizers, augmentation) lives in :mod:`shared.ml.train.recipe`, the
+training data (:func:`prepare`, :class:`PreparedData`) in :mod:`shared.ml.train.prepared`, the training
+modes and label maps in :mod:`shared.ml.train.modes`; their names are importable from here too.
 """
 from __future__ import annotations
 
@@ -19,47 +19,25 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from shared.ml.evaluation import topk_hits
-from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint, predict
-from shared.ml.recipe import (
+from shared.ml.evaluate.statistics import topk_hits
+from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor
+from shared.ml.train.checkpoint import load_checkpoint, read_state, write_state
+from shared.ml.train.prepared import PreparedData
+from shared.ml.train.recipe import (
     FINETUNE_HEAD_GAIN,
-    FINETUNE_LR,
-    MOMENTUM,
-    PRESETS,
-    SCRATCH_LR,
     TrainConfig,
     augmentation,
     class_weights,
     make_optimizer,
     seed_everything,
 )
-from shared.ml.training_data import (
-    PreparedData,
-    data_hash,
-    prepare,
-    reason_kind,
-    skipped_summary,
-    write_skipped,
-)
-from shared.ml.training_modes import (
-    BINARY_NEGATIVE,
-    MODES,
-    apply_label_map,
-    binary_label_map,
-    select_task,
-)
-
-__all__ = [
-    "BINARY_NEGATIVE", "ESTIMATE_AFTER", "FINETUNE_HEAD_GAIN", "FINETUNE_LR", "MODES", "MOMENTUM", "PRESETS",
-    "SCRATCH_LR", "PreparedData", "TrainConfig", "apply_label_map", "augmentation", "binary_label_map",
-    "binary_summary", "class_weights", "data_hash", "evaluate", "load_pretrained", "make_optimizer", "prepare",
-    "reason_kind", "run_time_estimate", "seed_everything", "select_task", "skipped_summary", "train_ensemble",
-    "train_epoch", "write_skipped",
-]
 
 logger = logging.getLogger(__name__)
 
 ESTIMATE_AFTER = 5  # batches timed for the run-time estimate
+# The kind of `gestalt train`'s epoch state file (shared.ml.train.checkpoint.write_state).
+TRAIN_STATE = "gestalt-train-state"
 
 
 def run_time_estimate(seconds: float, done: int, total: int, epochs: int, val_share: float = 0.0) -> float:
@@ -284,7 +262,7 @@ class _TrainingRun:
 
     def resume(self, state_path) -> None:
         """Continue from the epoch state at ``state_path``, if there is one."""
-        state = _load_train_state(state_path)
+        state = read_state(state_path, TRAIN_STATE, "a training state file of `gestalt train`")
         if state is None:
             return
         if state["fingerprint"] != self.fingerprint:
@@ -340,11 +318,9 @@ class _TrainingRun:
 
     def save(self, state_path, epoch: int) -> None:
         """Rewrite the epoch state file after ``epoch`` epochs (what :meth:`resume` reads)."""
-        from shared.ml.pretrain import save_state
-
         p = self.progress
-        save_state(state_path, {
-            "kind": "gestalt-train-state", "fingerprint": self.fingerprint, "epoch": epoch, "history": p.history,
+        write_state(state_path, {
+            "kind": TRAIN_STATE, "fingerprint": self.fingerprint, "epoch": epoch, "history": p.history,
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(), "rng": torch.get_rng_state(),
@@ -376,16 +352,3 @@ class _TrainingRun:
                                              positive=positive)
             metrics["validation"]["subjects"] = len({data.samples[i].subject for i in self.val_idx})
         return metrics
-
-
-def _load_train_state(path) -> dict | None:
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        return None
-    import io
-
-    state = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
-    if state.get("kind") != "gestalt-train-state":
-        raise ValueError(f"{path} is not a training state file of `gestalt train`; choose another file")
-    return state

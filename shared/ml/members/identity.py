@@ -1,6 +1,6 @@
 """The identity member of the ensemble: heads on the face-identity encoder's descriptors.
 
-The encoder (:mod:`shared.ml.encoder`, dlib's ResNet trained on about 3 million faces) is frozen;
+The encoder (:mod:`shared.ml.nets.encoder`, dlib's ResNet trained on about 3 million faces) is frozen;
 what learns syndromes is a head on its 128-d descriptor, chosen per model on subject-grouped
 folds of the training photos between a linear softmax and a softmax on an RBF kernel map
 (Nystroem), the non-linear head that an RBF SVM on the same descriptors approximates, each a
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MEMBER = "identity"
-# The stored crop the member reads: dlib's 150 x 150 RGB face chip (shared.ml.facechip).
+# The stored crop the member reads: dlib's 150 x 150 RGB face chip (shared.ml.preprocess.facechip).
 CHIP_REGION = "face_chip"
 # Candidate heads tried on grouped folds: (kind, gamma x descriptor dimension, inverse regularisation C).
 CANDIDATES: tuple[tuple[str, float, float], ...] = (
@@ -278,7 +278,7 @@ class IdentityMember:
     ood: OODReference | None = None
     encoder_sha: str = ""
     validation: dict = field(default_factory=dict)
-    # Descriptors are the mean of the chip's and its mirror image's (shared.ml.encoder.encode's flip).
+    # Descriptors are the mean of the chip's and its mirror image's (shared.ml.nets.encoder.encode's flip).
     flip: bool = False
 
     @property
@@ -312,7 +312,7 @@ def build_member(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, tr
     in the aggregate is chosen on the validation photos (:func:`choose_identity_weight`, given the
     regional networks' ``region_val_probs`` ``V x R x C`` on them), and those photos also give the
     out-of-distribution reference. Without validation photos the weight is 0.5. ``flip`` records how
-    the descriptors were computed (:func:`shared.ml.encoder.encode`), for scoring the same way.
+    the descriptors were computed (:func:`shared.ml.nets.encoder.encode`), for scoring the same way.
     """
     x = np.asarray(descriptors, np.float32)
     y = np.asarray(labels, np.int64)

@@ -11,9 +11,7 @@ carries the epoch, the optimizer state and the random state, rewritten after eve
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,17 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shared.ml.gestalt import CHECKPOINT_FORMAT, RegionalEnsemble
-from shared.ml.splits import subject_split
-from shared.ml.training import (
-    PreparedData,
-    augmentation,
-    class_weights,
-    evaluate,
-    make_optimizer,
-    seed_everything,
-    train_epoch,
-)
+from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.train.checkpoint import CHECKPOINT_FORMAT, read_state, write_state
+from shared.ml.train.loop import evaluate, train_epoch
+from shared.ml.train.prepared import PreparedData
+from shared.ml.train.recipe import augmentation, class_weights, make_optimizer, seed_everything
+from shared.ml.train.splits import subject_split
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +62,7 @@ def identity_split(data: PreparedData, val_fraction: float, seed: int) -> tuple[
     Each image counts as its own subject here: the task is to recognise a known person in
     photos that training did not see.
     """
-    from shared.ml.data import Sample
+    from shared.ml.train.data import Sample
 
     per_image = [Sample(s.path, s.label, f"{i}") for i, s in enumerate(data.samples)]
     return subject_split(per_image, val_fraction, seed)
@@ -80,27 +73,6 @@ def _fingerprint(class_names: list[str], regions: tuple[str, ...], width: float,
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {"class_names": list(class_names), "regions": list(regions), "width": width,
             "train_idx": [int(i) for i in train_idx], "val_idx": [int(i) for i in val_idx]}
-
-
-def save_state(path: Path, state: dict) -> None:
-    """Write the checkpoint to a temp file beside ``path``, then replace ``path`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def load_state(path: Path) -> dict | None:
-    """The pretraining checkpoint at ``path``, or None when there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    if state.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a pretraining checkpoint; choose another output file")
-    return state
 
 
 def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...], cfg: PretrainConfig,
@@ -146,12 +118,12 @@ def pretrain(data: PreparedData, class_names: list[str], regions: tuple[str, ...
                     entry.get("val_top1", float("nan")))
         last = _state(model, class_names, cfg, fingerprint, epoch + 1, phase, optimizer, generator,
                       {"history": history}, holdout=[str(data.samples[i].path) for i in val_idx])
-        save_state(output, last)
+        write_state(output, last)
     model = model.cpu().eval()
     metrics = _final_metrics(model, data, train_idx, val_idx, len(class_names), history, start)
     if last is not None:  # the final checkpoint also records the held-out accuracy
         last["metrics"] = metrics
-        save_state(output, last)
+        write_state(output, last)
     return model, metrics
 
 
@@ -164,7 +136,7 @@ def _resume(output: Path, fingerprint: dict, model: RegionalEnsemble,
         The epoch to start at, the history so far, and the optimizer's state with its phase (None, None
         for a fresh run).
     """
-    state = load_state(output)
+    state = read_state(output, CHECKPOINT_KIND, "a pretraining checkpoint")
     if state is None:
         return 0, [], None, None
     if state["fingerprint"] != fingerprint:
@@ -207,7 +179,7 @@ def _final_metrics(model: RegionalEnsemble, data: PreparedData, train_idx: list[
 def _state(model: RegionalEnsemble, class_names: list[str], cfg: PretrainConfig, fingerprint: dict, epoch: int,
            phase: str, optimizer: torch.optim.Optimizer, generator: torch.Generator, metrics: dict,
            holdout: list[str]) -> dict:
-    """A checkpoint that :func:`shared.ml.gestalt.load_checkpoint` reads, plus what resuming needs."""
+    """A checkpoint that :func:`shared.ml.nets.ensemble.load_checkpoint` reads, plus what resuming needs."""
     return {
         "format": CHECKPOINT_FORMAT,
         "kind": CHECKPOINT_KIND,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.ml import evaluation as ev
+from shared.ml.evaluate import statistics as ev
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EvalInput:
     heatmap: Callable[[int, int], np.ndarray] | None = None
     # Each member's weight in the aggregate (sums to 1); None: the members' plain mean.
     member_weights: list[float] | None = None
-    # Per image, how unlike the model's training photos (shared.ml.identity.OODReference.score), if known.
+    # Per image, how unlike the model's training photos (shared.ml.members.identity.OODReference.score), if known.
     ood: list[dict] | None = None
 
     def aggregate(self) -> np.ndarray:

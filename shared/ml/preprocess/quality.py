@@ -70,3 +70,8 @@ def rejection(quality: dict[str, float]) -> str | None:
     if quality["sharpness"] < MIN_SHARPNESS:
         return TOO_BLURRY
     return None
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason without its figures and advice, for counting (``the face is too small in the photo``)."""
+    return reason.split(" (", 1)[0].split(";", 1)[0].strip()

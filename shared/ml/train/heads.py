@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.ml import evaluation as ev
-from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor
+from shared.ml.evaluate import statistics as ev
+from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def benchmark_heads(features: np.ndarray, labels: np.ndarray, subjects: np.ndarr
     fold and its test fold. Methods, all on the same folds:
 
     * ``heads``: :func:`train_heads` (one class-weighted softmax layer per region, regions averaged);
-    * ``gallery``: each class scored by its nearest training patient (cosine, :mod:`shared.ml.gallery`);
+    * ``gallery``: each class scored by its nearest training patient (cosine, :mod:`shared.ml.members.gallery`);
     * ``logistic_regression``: standardised, C=0.1, balanced class weights;
     * ``nearest_centroid``: cosine to the mean of each class's normalised features.
 
@@ -258,7 +258,7 @@ def benchmark_heads(features: np.ndarray, labels: np.ndarray, subjects: np.ndarr
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler, normalize
 
-    from shared.ml.gallery import gallery_scores
+    from shared.ml.members.gallery import gallery_scores
 
     x = np.asarray(features, dtype=np.float32)
     x = x[:, None, :] if x.ndim == 2 else x
@@ -284,16 +284,16 @@ def benchmark_members(features: np.ndarray, identity: np.ndarray, labels: np.nda
     """Out-of-fold per-image metrics of every member of the ensemble and of their aggregate.
 
     On the same subject-disjoint folds: each region's head (:func:`train_heads`), the regions' mean,
-    the identity member's head (:func:`shared.ml.identity.fit_identity_head`, its kind chosen inside
+    the identity member's head (:func:`shared.ml.members.identity.fit_identity_head`, its kind chosen inside
     each training fold) and the aggregate at the identity weight that
-    :func:`shared.ml.identity.choose_identity_weight` picks on the out-of-fold scores (so the
+    :func:`shared.ml.members.identity.choose_identity_weight` picks on the out-of-fold scores (so the
     aggregate's row is slightly optimistic; the whole grid is returned).
 
     Returns: ``{"members": {name: metrics}, "aggregate": metrics, "weight": w, "grid": {w: top1}}``.
     """
     from sklearn.model_selection import GroupKFold
 
-    from shared.ml.identity import MEMBER, choose_identity_weight, combine, fit_identity_head
+    from shared.ml.members.identity import MEMBER, choose_identity_weight, combine, fit_identity_head
 
     x = np.asarray(features, np.float32)
     d = np.asarray(identity, np.float32)

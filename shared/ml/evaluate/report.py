@@ -1,8 +1,8 @@
 """The evaluation report: metrics.json, report.md, report.html and PNG plots in one folder.
 
 This module computes the figures and writes the folder. The input (:class:`EvalInput`) lives in
-:mod:`shared.ml.report_input`, the plots in :mod:`shared.ml.report_plots`, the summary lines in
-:mod:`shared.ml.report_text`; every name is also importable from here.
+:mod:`shared.ml.evaluate.inputs`, the plots in :mod:`shared.ml.evaluate.plots`, the summary lines in
+:mod:`shared.ml.evaluate.text`; every name is also importable from here.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from shared.ml import evaluation as ev
-from shared.ml.report_input import EvalInput, calls, positive_index
-from shared.ml.report_plots import write_plots
-from shared.ml.report_text import headline, pct
+from shared.ml.evaluate import statistics as ev
+from shared.ml.evaluate.inputs import EvalInput, calls, positive_index
+from shared.ml.evaluate.plots import write_plots
+from shared.ml.evaluate.text import headline, pct
 
 __all__ = ["CURVE_MAX_K", "ERROR_GALLERY", "KS", "EvalInput", "calls", "compute", "error_cases", "headline",
            "pct", "positive_index", "write_predictions", "write_report"]
@@ -101,7 +101,7 @@ def compute(inp: EvalInput) -> dict:
 def _skipped_counts(rejected: list[tuple[str, str]]) -> list[dict]:
     from collections import Counter
 
-    from shared.ml.training import reason_kind
+    from shared.ml.preprocess.quality import reason_kind
 
     return [{"reason": k, "n": n} for k, n in Counter(reason_kind(r) for _, r in rejected).most_common()]
 
@@ -177,7 +177,7 @@ def _error_gallery(inp: EvalInput, out: Path) -> list[dict]:
     """PNG thumbnails (aligned face, with the heatmap when the model is at hand) in ``out/errors``."""
     if inp.aligned is None or not len(inp.aligned):
         return []
-    from shared.ml.imaging import encode_png
+    from shared.ml.preprocess.imaging import encode_png
 
     cases = error_cases(inp)
     if cases:
@@ -210,7 +210,7 @@ def write_report(inp: EvalInput, out: Path) -> dict:
         files["skipped"] = "skipped.csv"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     # Autoescape for HTML only: Markdown has no escaping, and the values are numbers and our own labels.
-    env = Environment(loader=PackageLoader("shared.ml", "templates"),
+    env = Environment(loader=PackageLoader("shared.ml.evaluate", "templates"),
                       autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False))
     for name in ("report.md", "report.html"):
         (out / name).write_text(env.get_template(name + ".j2").render(m=metrics, files=files, pct=pct,

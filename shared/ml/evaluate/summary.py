@@ -1,10 +1,11 @@
-"""One model on several test sets side by side (each set's full report is :func:`shared.ml.report.write_report`'s)."""
+"""One model on several test sets side by side (each set's full report is
+:func:`shared.ml.evaluate.report.write_report`'s)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from shared.ml.report import pct
+from shared.ml.evaluate.text import pct
 
 
 def write_comparison(model_name: str, sets: dict[str, tuple[Path, dict]], out: Path) -> dict:

@@ -8,20 +8,16 @@ face with a colour map, one region at a time or all regions combined.
 """
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
-
 import cv2
 import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-from shared.ml.alignment import CANVAS
-from shared.ml.gestalt import RegionalEnsemble, crops_to_tensor, load_checkpoint
-from shared.ml.imaging import encode_png
-from shared.ml.regions import REGIONS
+from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor
+from shared.ml.preprocess.alignment import CANVAS
+from shared.ml.preprocess.imaging import encode_png
+from shared.ml.preprocess.regions import REGIONS
 
 ALL = "all"  # the region name of the combined map
 OVERLAY_ALPHA = 0.5  # colour-map weight where the saliency is strongest
@@ -125,30 +121,3 @@ def heatmap_png(model: RegionalEnsemble, crops: np.ndarray, aligned_rgb: np.ndar
         m = region_maps(model, crops, class_index, (region,))[region]
         heat, box = to_canvas(m, region, aligned_rgb.shape[0]), REGIONS[region]
     return encode_png(overlay(aligned_rgb, heat, box))
-
-
-class VersionCache:
-    """Model versions loaded for saliency in one process (CPU), the last ``size`` used kept."""
-
-    def __init__(self, size: int = 2, device: str = "cpu"):
-        self.size = size
-        self.device = device
-        self._models: OrderedDict[str, RegionalEnsemble] = OrderedDict()
-        self._lock = threading.Lock()
-        # Grad-CAM hooks a layer for the length of a call: one computation at a time per process.
-        self.compute_lock = threading.Lock()
-
-    def get(self, checkpoint_sha256: str, load_bytes) -> RegionalEnsemble:
-        """The model of a checkpoint; ``load_bytes()`` fetches the checkpoint when it is not loaded."""
-        with self._lock:
-            if checkpoint_sha256 in self._models:
-                self._models.move_to_end(checkpoint_sha256)
-                return self._models[checkpoint_sha256]
-            data = load_bytes()
-            if hashlib.sha256(data).hexdigest() != checkpoint_sha256:
-                raise ValueError("the checkpoint does not match its sha256")
-            model, _ = load_checkpoint(data, self.device)
-            self._models[checkpoint_sha256] = model
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-            return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shared.ml.data import Sample
+from shared.ml.train.data import Sample
 
 # Binary mode: every label but the positive one becomes this class.
 BINARY_NEGATIVE = "others"

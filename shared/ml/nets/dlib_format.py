@@ -1,6 +1,6 @@
 """dlib's serialisation of a deep network, read in pure Python/numpy (no dlib needed).
 
-The face-identity encoder (:mod:`shared.ml.encoder`) reads ``dlib_face_recognition_resnet_model_v1.dat``
+The face-identity encoder (:mod:`shared.ml.nets.encoder`) reads ``dlib_face_recognition_resnet_model_v1.dat``
 with :func:`read_dlib_network` and converts the layers it returns into PyTorch weights.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two backends:
 
 * ``fan``: face-alignment's 2D-FAN-4 (68 points natively), weights from the weights folder
-  (``shared.ml.weights``). Batched on a GPU.
+  (``shared.ml.formats.weights``). Batched on a GPU.
 * ``mediapipe``: FaceMesh (468 points) from the mediapipe wheel, mapped onto the 68-point
   scheme with :data:`MESH_TO_68`. Works offline.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.ml.weights import WEIGHTS_BY_KEY, mediapipe_model_sha, require, sha256_of
+from shared.ml.formats.weights import WEIGHTS_BY_KEY, mediapipe_model_sha, require, sha256_of
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared.ml.jpeg import CLEAN_JFIF, strip_metadata
+from shared.ml.preprocess.jpeg import CLEAN_JFIF, strip_metadata
 
 # Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}

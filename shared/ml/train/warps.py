@@ -14,7 +14,7 @@ small random landmark jitter, so a classifier can only tell the classes apart by
 geometry and not by interpolation blur. Gestalt uses these sets to check that training
 and transfer work, and which region sees which feature; they are not patient data.
 
-Landmarks are in the 68-point scheme (``shared.ml.landmarks``), in the coordinates of the
+Landmarks are in the 68-point scheme (``shared.ml.preprocess.landmarks``), in the coordinates of the
 image being warped; 468-point FaceMesh landmarks are mapped onto it.
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ import cv2
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 
-from shared.ml.regions import crop_regions
+from shared.ml.preprocess.regions import crop_regions
 
 UNAFFECTED = "unaffected"
 WARPS = ("hypertelorism", "downslanting", "long_philtrum")
 CLASSES = (UNAFFECTED, *WARPS)
-# The region expected to carry each warp, and one that cannot see it (region boxes in shared.ml.regions).
+# The region expected to carry each warp, and one that cannot see it (region boxes in shared.ml.preprocess.regions).
 CONTAINING_REGION = {"hypertelorism": "upper_half", "downslanting": "upper_half", "long_philtrum": "lower_half"}
 BLIND_REGION = {"hypertelorism": "lower_half", "downslanting": "lower_half", "long_philtrum": "upper_half"}
 
@@ -54,7 +54,7 @@ def landmarks_68(landmarks: np.ndarray) -> np.ndarray:
     if len(pts) == 68:
         return pts
     if len(pts) == 468:
-        from shared.ml.landmarks import MESH_TO_68
+        from shared.ml.preprocess.landmarks import MESH_TO_68
 
         return pts[MESH_TO_68]
     raise ValueError(f"expected 68 or 468 landmarks, got {len(pts)}")

@@ -243,7 +243,7 @@ def face_chip(image_rgb: np.ndarray, landmarks68: np.ndarray, size: int = CHIP_S
     Args:
         image_rgb: ``H x W x 3`` uint8 (a grayscale ``H x W`` photo is repeated into three channels).
         landmarks68: ``68 x 2`` landmarks in image pixels (x, y) in the 68-point scheme of
-            :mod:`shared.ml.landmarks`; dlib's 5-point scheme (``5 x 2``) works too.
+            :mod:`shared.ml.preprocess.landmarks`; dlib's 5-point scheme (``5 x 2``) works too.
     """
     image = np.asarray(image_rgb)
     if image.ndim == 2:

@@ -2,13 +2,13 @@
 
 The network is ``dlib_face_recognition_resnet_model_v1`` (Davis King, CC0), the one behind
 ``dlib.face_recognition_model_v1`` and the ``face_recognition`` package: a 150x150 RGB face
-chip (:func:`shared.ml.facechip.face_chip`) becomes a 128-d descriptor; two photos of one
+chip (:func:`shared.ml.preprocess.facechip.face_chip`) becomes a 128-d descriptor; two photos of one
 person lie within a Euclidean distance of about 0.6.
 
 Its weights come from the ``face_recognition_models`` wheel, whose file is read here in pure
 Python/numpy (dlib is not needed at run time), checked against its sha256, converted once and
 cached as a torch file in the weights folder (``GESTALT_WEIGHTS_DIR``, else the torch hub
-checkpoint folder; see :mod:`shared.ml.weights`). The cache is checked by a hash of its
+checkpoint folder; see :mod:`shared.ml.formats.weights`). The cache is checked by a hash of its
 tensors, so a deployment may ship the converted file alone.
 
 The network, from the input side (dlib's ``anet_type``):
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.ml.dlib_format import FormatError, Layer, read_dlib_network
-from shared.ml.gestalt import autocast_context, resolve_device
-from shared.ml.weights import WeightsMissing, search_dirs, sha256_of
+from shared.ml.formats.weights import WeightsMissing, search_dirs, sha256_of
+from shared.ml.nets.dlib_format import FormatError, Layer, read_dlib_network
+from shared.ml.runtime.device import autocast_context, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def load_state_dict(weights_dir: str | os.PathLike | None = None, verify: bool =
 
     Args:
         weights_dir: where to look for and write the cache; None means ``GESTALT_WEIGHTS_DIR``,
-            else the torch hub checkpoint folder (:func:`shared.ml.weights.search_dirs`), and
+            else the torch hub checkpoint folder (:func:`shared.ml.formats.weights.search_dirs`), and
             the cache is written to the first of them.
         verify: check dlib's file against its sha256 and the cache against its tensor hash.
 
@@ -295,7 +295,7 @@ def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathL
     Args:
         device: "cpu", "cuda", "auto" or a torch device.
         channels_last: NHWC convolutions; None means on (the faster layout on CPU and cuDNN,
-            as in :func:`shared.ml.gestalt.prepare_for_inference`).
+            as in :func:`shared.ml.nets.ensemble.prepare_for_inference`).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     model = DlibFaceResNet()

@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from shared.ml.data import Sample
-from shared.ml.imaging import ImageRejected, decode_upload
-from shared.ml.prepcache import CachedFace, CachedRejection, PrepCache
-from shared.ml.preprocess import Preprocessor
+from shared.ml.preprocess.cache import CachedFace, CachedRejection, PrepCache
+from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.pipeline import Preprocessor
+from shared.ml.preprocess.quality import reason_kind
+from shared.ml.train.data import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,6 @@ def data_hash(samples: list[Sample]) -> str:
     for s in samples:
         h.update(f"{s.label}\0{s.subject}\0{s.path.name}\n".encode())
     return h.hexdigest()[:16]
-
-
-def reason_kind(reason: str) -> str:
-    """A rejection reason without its figures and advice, for counting (``the face is too small in the photo``)."""
-    return reason.split(" (", 1)[0].split(";", 1)[0].strip()
 
 
 def skipped_summary(rejected: list[tuple[Sample, str]]) -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """The face detector and landmark backends, registered in one place.
 
-A backend is a class in :mod:`shared.ml.detection` or :mod:`shared.ml.landmarks` that follows
+A backend is a class in :mod:`shared.ml.preprocess.detection` or :mod:`shared.ml.preprocess.landmarks` that follows
 :class:`Detector` or :class:`Landmarker`, plus one :class:`Backend` entry below: how to build it,
 which weight files it needs, and whether those are present. The settings
 (``GESTALT_DETECTOR_BACKEND``, ``GESTALT_LANDMARK_BACKEND``), the CLI's choices, ``auto`` (the
@@ -15,15 +15,15 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.ml.detection import (
+from shared.ml.formats.weights import WEIGHTS_BY_KEY, locate, require
+from shared.ml.preprocess.detection import (
     RETINAFACE_WEIGHTS,
     DetectedFace,
     MediaPipeDetector,
     RetinaFaceDetector,
     retinaface_variant,
 )
-from shared.ml.landmarks import FANLandmarks, MediaPipeMesh
-from shared.ml.weights import WEIGHTS_BY_KEY, locate, require
+from shared.ml.preprocess.landmarks import FANLandmarks, MediaPipeMesh
 
 
 class Detector(Protocol):
@@ -51,7 +51,7 @@ class Landmarker(Protocol):
 @dataclass(frozen=True)
 class Backend:
     """How to build one backend. ``create(min_confidence, device, verify)``; ``weights()`` names the files
-    in :data:`shared.ml.weights.WEIGHTS_BY_KEY` it needs now (none for models inside a wheel)."""
+    in :data:`shared.ml.formats.weights.WEIGHTS_BY_KEY` it needs now (none for models inside a wheel)."""
 
     create: Callable[[float, str, bool], object]
     weights: Callable[[], tuple[str, ...]] = tuple

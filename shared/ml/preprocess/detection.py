@@ -1,6 +1,6 @@
 """Face detection. Detectors return boxes, scores and five key points; cropping lives elsewhere.
 
-Backends (registered in :mod:`shared.ml.backends`):
+Backends (registered in :mod:`shared.ml.preprocess.backends`):
 
 * ``retinaface``: RetinaFace. ResNet-50 (retinaface-pytorch's network and weights) when its
   weights are present, else MobileNet-0.25 (face-alignment's network and weights). Batched:
@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.ml.weights import WEIGHTS_BY_KEY, locate, mediapipe_model_sha, require, sha256_of
+from shared.ml.formats.weights import WEIGHTS_BY_KEY, locate, mediapipe_model_sha, require, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class RetinaFaceDetector:
         self.net = None
 
 
-# Each RetinaFace variant's weight file (``shared.ml.weights``).
+# Each RetinaFace variant's weight file (``shared.ml.formats.weights``).
 RETINAFACE_WEIGHTS = {"resnet50": "retinaface_resnet50", "mobilenet0.25": "retinaface_mobilenet"}
 
 

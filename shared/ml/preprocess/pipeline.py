@@ -19,15 +19,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from shared.ml import backends
-from shared.ml.alignment import CANVAS, Alignment, estimate_alignment, warp
-from shared.ml.detection import DetectedFace, choose_main_face
-from shared.ml.facechip import face_chip
-from shared.ml.imaging import ImageRejected
-from shared.ml.landmarks import five_points
-from shared.ml.measurements import measure
-from shared.ml.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
-from shared.ml.regions import DEFAULT_REGIONS, crop_regions
+from shared.ml.preprocess import backends
+from shared.ml.preprocess.alignment import CANVAS, Alignment, estimate_alignment, warp
+from shared.ml.preprocess.detection import DetectedFace, choose_main_face
+from shared.ml.preprocess.facechip import face_chip
+from shared.ml.preprocess.imaging import ImageRejected
+from shared.ml.preprocess.landmarks import five_points
+from shared.ml.preprocess.measurements import measure
+from shared.ml.preprocess.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
+from shared.ml.preprocess.regions import DEFAULT_REGIONS, crop_regions
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class AlignedFace:
     crops: dict[str, np.ndarray]  # region -> 100 x 100 uint8
     quality: dict[str, float]
     measurements: dict[str, float]
-    # dlib's 150 x 150 RGB face chip from the photo itself (shared.ml.facechip), the identity encoder's input.
+    # dlib's 150 x 150 RGB face chip from the photo itself (shared.ml.preprocess.facechip), the identity
+    # encoder's input.
     chip: np.ndarray | None = None
 
 
@@ -107,7 +108,7 @@ class Preprocessed:
 
 def resolve_backends(detector: str = "auto", landmarker: str = "auto") -> tuple[str, str]:
     """``auto`` becomes the production backend when its weights are present, else the offline one
-    (see :mod:`shared.ml.backends`)."""
+    (see :mod:`shared.ml.preprocess.backends`)."""
     return backends.resolve(detector, landmarker)
 
 
@@ -139,7 +140,7 @@ class Preprocessor:
 
     @classmethod
     def from_settings(cls, settings, regions: tuple[str, ...] = DEFAULT_REGIONS) -> Preprocessor:
-        from shared.ml.gestalt import resolve_device
+        from shared.ml.runtime.device import resolve_device
 
         return cls(settings.min_face_confidence, regions, settings.detector_backend, settings.landmark_backend,
                    str(resolve_device(settings.device)), settings.weights_verify)

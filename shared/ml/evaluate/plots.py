@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.ml.report_input import EvalInput, calls, positive_index  # noqa: E402
-from shared.ml.report_text import pct  # noqa: E402
+from shared.ml.evaluate.inputs import EvalInput, calls, positive_index  # noqa: E402
+from shared.ml.evaluate.text import pct  # noqa: E402
 
 
 def write_plots(inp: EvalInput, metrics: dict, out: Path) -> dict[str, str]:

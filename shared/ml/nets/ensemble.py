@@ -1,0 +1,82 @@
+"""The regional ensemble: one CASIA-Net per region, run on all of a batch's crops of that region at once."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.ml.nets.casia import create_model
+
+
+class RegionalEnsemble(nn.Module):
+    def __init__(self, regions: tuple[str, ...], num_classes: int, arch: str = "casia-net", width: float = 1.0):
+        super().__init__()
+        self.regions = tuple(regions)
+        self.arch = arch
+        self.width = width
+        self.num_classes = num_classes
+        self.nets = nn.ModuleDict({r: create_model(arch, num_classes, width=width) for r in self.regions})
+        # Inference layout and compiled forward, set by prepare_for_inference.
+        self.channels_last = False
+        self.compiled = None
+        # The face-identity member (shared.ml.members.identity.IdentityMember): a head on the encoder's
+        # descriptors, its weight in the aggregate and the out-of-distribution reference; None
+        # for a model of regional networks only.
+        self.identity = None
+
+    @property
+    def config(self) -> dict:
+        config = {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
+        if self.identity is not None:
+            member = self.identity
+            config["members"] = {"identity": {"weight": member.weight, "encoder_sha": member.encoder_sha,
+                                              "feature_key": member.feature_key, "flip": member.flip,
+                                              "head": member.head.selection.get("chosen", member.head.kind)},
+                                 "regions": {"weight": round(1.0 - self.identity.weight, 4)}}
+        return config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``N x R x C`` for crops ``N x R x 1 x H x W``."""
+        return torch.stack([self.nets[r](x[:, i]) for i, r in enumerate(self.regions)], dim=1)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``N x R x C`` and pooled features ``N x R x F``: each region's net runs on all N crops at once."""
+        logits, feats = [], []
+        for i, r in enumerate(self.regions):
+            xi = x[:, i].contiguous(memory_format=torch.channels_last) if self.channels_last else x[:, i]
+            f = self.nets[r].forward_features(xi)
+            feats.append(f)
+            logits.append(self.nets[r].forward_head(f))
+        return torch.stack(logits, 1), torch.stack(feats, 1)
+
+
+def crops_to_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 crops ``N x R x H x W`` -> float ``N x R x 1 x H x W`` scaled to [-1, 1]."""
+    t = torch.as_tensor(crops)
+    return (t.float().unsqueeze(2) / 127.5) - 1.0
+
+
+def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | None = None,
+                          channels_last: bool | None = None, compile: bool = False) -> RegionalEnsemble:
+    """Put ``model`` in eval mode on ``device``, in the memory layout and (optionally) compiled form
+    that :func:`predict` runs fastest.
+
+    Args:
+        device: where to run; None keeps the model where it is.
+        channels_last: NHWC convolutions; None means on (cuDNN's and oneDNN's fastest kernels take NHWC:
+            ``bench/inference.py`` measures 1.5-3x more crops/s on a CPU, at batch 1 as at 64).
+        compile: run ``forward_with_features`` through ``torch.compile`` (the first call of each batch
+            shape compiles, later calls reuse it).
+    """
+    model.eval()
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    if channels_last is None:
+        channels_last = True
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.channels_last = channels_last
+    model.compiled = torch.compile(model.forward_with_features, dynamic=False) if compile else None
+    return model
+
+
