@@ -16,6 +16,7 @@ from sqlalchemy import select
 from shared.audit import audit
 from shared.models import ModelVersion, Result
 from shared.storage import get_storage, heatmap_key
+from web import limits
 from web.access import case_or_404
 from web.db import get_db
 
@@ -52,6 +53,7 @@ def class_index(classes: list[dict], syndrome: str) -> int | None:
 
 @bp.get("/cases/<int:case_id>/images/<int:image_id>/heatmap.png")
 @bp.get("/api/v1/cases/<int:case_id>/images/<int:image_id>/heatmap.png", endpoint="api_heatmap_png")
+@limits.heatmaps
 def heatmap_png(case_id: int, image_id: int):
     """``?syndrome=<class index or name>&region=<all|region>``: the overlay PNG, for the model that scored
     the photo."""
