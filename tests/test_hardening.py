@@ -419,3 +419,29 @@ def test_cases_can_be_edited_in_the_portal_and_the_api_and_it_is_audited(app):
         edits = s.scalars(select(AuditLog.detail).where(AuditLog.action == "case_edit",
                                                          AuditLog.target_id == str(case_id))).all()
     assert [e["changed"] for e in edits] == [["patient_ref", "age_years", "ancestry"], ["sex"]]
+
+
+def test_look_alike_emails_are_normalised_or_refused(engines, app):
+    """A full-width address is the same account (NFKC); a Cyrillic letter among Latin ones is refused; a whole
+    address in Cyrillic letters that reads as an existing account's is refused; a real Cyrillic name is fine."""
+    import time
+
+    stamp = time.time_ns() % 10**8
+    latin = f"ape{stamp}@clinic.example"
+    with session_scope() as s:
+        create_user(s, latin, PASSWORD)
+    full_width = "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in latin)
+    cyrillic_o = f"jоhn{stamp}@clinic.example"  # the о is Cyrillic
+    whole_cyrillic = f"аре{stamp}@clinic.example"  # аре: Cyrillic letters that read "ape"
+    for email, words in ((full_width, "already exists"), (latin.upper(), "already exists"),
+                         (cyrillic_o, "mixes alphabets"), (whole_cyrillic, "looks like the existing account")):
+        with session_scope() as s, pytest.raises(UserError, match=words):
+            create_user(s, email, PASSWORD)
+    admin = _client(app, "admin")
+    r = _post(admin, "/admin/users", data={"email": whole_cyrillic, "role": "clinician"}, follow_redirects=True)
+    assert "looks like the existing account" in r.get_data(as_text=True)
+    with session_scope() as s:
+        assert find_user(s, full_width).email == latin  # logins with the full-width form find the account
+        assert find_user(s, whole_cyrillic) is None
+        create_user(s, f"иван{stamp}@clinic.example", PASSWORD)  # one alphabet, no look-alike: an account
+    assert _login(app, full_width)[1].status_code == 302
