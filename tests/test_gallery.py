@@ -98,8 +98,8 @@ def test_other_owners_patients_who_are_the_same_person_are_left_out(engines):
 
     from shared.db import session_scope
     from shared.ml.vectors import pack
-    from shared.models import Case, Diagnosis, Image, ImageFeature, ModelVersion, Syndrome
     from shared.modelops.same_person import withhold_same_person
+    from shared.models import Case, Diagnosis, Image, ImageFeature, ModelVersion, Syndrome
     from shared.users import find_user
     from web import create_app
     from web.results import gallery_payload
