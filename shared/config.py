@@ -75,6 +75,25 @@ class Settings:
     max_image_megapixels: float = field(default_factory=lambda: _float("GESTALT_MAX_IMAGE_MEGAPIXELS", 40.0))
     # Smallest accepted photo side, in pixels.
     min_image_side: int = field(default_factory=lambda: _int("GESTALT_MIN_IMAGE_SIDE", 64))
+    # Progressive JPEGs with more scans are refused before decoding, in the portal, the workers, train and import:
+    # encoders write about ten, and each scan is a pass of the decoder over the whole image.
+    max_jpeg_scans: int = field(default_factory=lambda: _int("GESTALT_MAX_JPEG_SCANS", 100))
+    # Most photos in one upload request (more are refused with HTTP 413 before any is read).
+    max_photos_per_request: int = field(default_factory=lambda: _int("GESTALT_MAX_PHOTOS_PER_REQUEST", 20))
+    # Most megapixels (summed over the photos' headers) in one upload request, refused with 413 before decoding.
+    max_request_megapixels: float = field(default_factory=lambda: _float("GESTALT_MAX_REQUEST_MEGAPIXELS", 250.0))
+    # Processor seconds the portal may spend decoding the photos of one upload request; past it the request is
+    # refused with 413 and the web worker goes on (photos that must be decoded and encoded afresh: turned, CMYK,
+    # transparent or 16-bit PNG, WebP, TIFF, BMP).
+    upload_cpu_seconds: float = field(default_factory=lambda: _float("GESTALT_UPLOAD_CPU_SECONDS", 10.0))
+    # Photos each user may upload (accepted ones; Flask-Limiter syntax); past it uploads get 429 with Retry-After.
+    photo_rate_limit: str = field(default_factory=lambda: _str("GESTALT_PHOTO_RATE_LIMIT", "200 per hour"))
+    # Saliency heatmaps each user may request (each may run the model's networks backwards).
+    heatmap_rate_limit: str = field(default_factory=lambda: _str("GESTALT_HEATMAP_RATE_LIMIT", "60 per minute"))
+    # Printable reports each user may request.
+    report_rate_limit: str = field(default_factory=lambda: _str("GESTALT_REPORT_RATE_LIMIT", "20 per minute"))
+    # Rescores each user may ask for (each queues the photo for the workers again).
+    rescore_rate_limit: str = field(default_factory=lambda: _str("GESTALT_RESCORE_RATE_LIMIT", "30 per minute"))
     # Minimum detector confidence for a face to count.
     min_face_confidence: float = field(default_factory=lambda: _float("GESTALT_MIN_FACE_CONFIDENCE", 0.5))
     # Face detector: "retinaface" (RetinaFace ResNet-50, else MobileNet-0.25), "mediapipe" (BlazeFace,
@@ -135,11 +154,18 @@ class Settings:
     web_port: int = field(default_factory=lambda: _int("GESTALT_WEB_PORT", 5000))
     # Gunicorn worker processes for the web app.
     web_workers: int = field(default_factory=lambda: _int("GESTALT_WEB_WORKERS", 2))
-    # Failed logins allowed per account and client address (Flask-Limiter syntax); successes do not count.
+    # Reverse proxies in front of the portal whose X-Forwarded-For/-Proto are trusted (werkzeug's ProxyFix): 0 for
+    # the loopback portal of `gestalt up`, 1 behind the one TLS proxy of deploy/ (compose, the cluster's Ingress).
+    # The client address (rate limits, audit log) is then the one that proxy saw; more than the real number of
+    # proxies lets a client choose its own address.
+    trusted_proxies: int = field(default_factory=lambda: _int("GESTALT_TRUSTED_PROXIES", 0))
+    # Failed logins allowed per account, from any address (Flask-Limiter syntax); successes do not count. Also the
+    # wrong current passwords allowed per account on /account/password.
     login_rate_limit: str = field(default_factory=lambda: _str("GESTALT_LOGIN_RATE_LIMIT", "10 per minute"))
-    # Failed logins allowed per client address across all accounts (password spraying).
+    # Failed logins allowed per client address across all accounts (password spraying); looser than the per-account
+    # limit, so one account's attacker locks out that account, not the others who share the address.
     login_address_rate_limit: str = field(
-        default_factory=lambda: _str("GESTALT_LOGIN_ADDRESS_RATE_LIMIT", "10 per minute;50 per hour"))
+        default_factory=lambda: _str("GESTALT_LOGIN_ADDRESS_RATE_LIMIT", "30 per minute;300 per hour"))
     # Hours a portal session may sit idle before it ends (the next request asks for a login).
     session_idle_hours: float = field(default_factory=lambda: _float("GESTALT_SESSION_IDLE_HOURS", 8.0))
     # Hours after login at which a portal session ends, however active it is.

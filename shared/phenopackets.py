@@ -10,9 +10,15 @@ so Gestalt carries them as external references of the metadata (``gestalt:ancest
 Import validates every packet of a folder before it writes anything: a malformed packet, an unknown
 HPO term or syndrome, or a photo that is missing or not a usable image is one line in the error, and
 nothing of the folder is imported. A packet imported before (same id, same owner) is skipped.
+
+Paths never leave their folder: an imported packet's id must be a plain name (letters, digits, ``.``, ``_``,
+``-``), a photo's path must be relative and stay inside the packet's folder after links are followed (a
+link to anywhere else is refused), and export writes every file under ``--out`` by a name built from a safe
+form of the id, without following a link it finds there.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +40,10 @@ from shared.storage import Storage, original_key
 
 SCHEMA_VERSION = "2.0"
 PATIENT_REF = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A packet id becomes a file name on export: a plain name, not a path.
+PACKET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PACKET_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+PHOTO_NAME = re.compile(r"^photos/[0-9a-f]{64}\.[a-z0-9]{1,5}$")
 SEXES = {"female": pp.FEMALE, "male": pp.MALE, "other": pp.OTHER_SEX, "unknown": pp.UNKNOWN_SEX}
 ANCESTRY_REF, CONSENT_REF = "gestalt:ancestry", "gestalt:training-consent"
 BASIS_PREFIX = "Gestalt diagnosis basis: "
@@ -153,19 +163,46 @@ def packet_json(packet: pp.Phenopacket) -> str:
     return json_format.MessageToJson(packet, indent=2)
 
 
+def file_name(case: Case) -> str:
+    """The case's packet id as a safe file name (no separator, no leading dot, at most 128 characters): ids
+    imported before they were checked may hold anything."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", packet_id(case))[:128].lstrip(".")
+    return name or f"gestalt-case-{case.id}"
+
+
+def write_inside(root: Path, relative: str, data: bytes) -> Path:
+    """Write ``data`` to ``root/relative``, refusing (ValueError) a path that leaves ``root`` once links are followed,
+    and never writing through a link at the file itself."""
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{relative}: the export would write outside {root} (a link in the folder points elsewhere)")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:  # ELOOP: the name is a link
+        raise ValueError(f"{relative}: {exc.strerror}; the export does not write through links") from exc
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return target
+
+
 def export_cases(db: Session, storage: Storage, cases: list[Case], out_dir: Path) -> list[Path]:
-    """One ``<id>.json`` per case in ``out_dir``, with its photos under ``photos/`` beside it."""
+    """One ``<id>.json`` per case in ``out_dir`` (the id's safe form, :func:`file_name`; a name two cases would
+    share gets the case id appended), with its photos under ``photos/`` beside it, all written inside ``out_dir``
+    (:func:`write_inside`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, names = [], set()
     for case in cases:
         for image in case.images:
-            target = out_dir / photo_path(image)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(storage.get(image.object_key))
-        path = out_dir / f"{packet_id(case)}.json"
-        path.write_text(packet_json(case_packet(db, case)))
-        written.append(path)
+            relative = photo_path(image)
+            if not PHOTO_NAME.match(relative):
+                raise ValueError(f"case {case.id}: photo {image.id} has no plain stored name ({relative!r})")
+            if not (out_dir / relative).is_file() or (out_dir / relative).is_symlink():
+                write_inside(out_dir, relative, storage.get(image.object_key))
+        name = file_name(case)
+        name = f"{name}-case{case.id}" if name in names else name
+        names.add(name)
+        written.append(write_inside(out_dir, f"{name}.json", packet_json(case_packet(db, case)).encode()))
     return written
 
 
@@ -228,12 +265,16 @@ def _read_photos(packet: pp.Phenopacket, folder: Path, plan: PlannedCase, proble
             problems.append(f"file {f.uri!r}: only paths relative to the packet's folder are accepted")
             continue
         path = folder / relative
+        if not path.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"file {f.uri}: a link to a place outside the import folder; copy the photo in")
+            continue
         if not path.is_file():
             problems.append(f"file {f.uri}: not found")
             continue
         try:
             plan.photos.append(decode_upload(path.read_bytes(), max_bytes=s.max_upload_bytes, min_side=s.min_image_side,
-                                             max_pixels=s.max_image_megapixels * 1e6, keep_clean=True))
+                                             max_pixels=s.max_image_megapixels * 1e6, keep_clean=True,
+                                             max_scans=s.max_jpeg_scans))
         except ImageRejected as exc:
             problems.append(f"file {f.uri}: {exc.reason}")
 
@@ -247,6 +288,8 @@ def read_packet(db: Session, path: Path) -> tuple[PlannedCase | None, list[str]]
     problems = []
     if not packet.id:
         problems.append("the packet has no id")
+    elif not PACKET_ID.match(packet.id):
+        problems.append(f"packet id {packet.id[:80]!r} must be {PACKET_ID_RULE} (it names the exported file)")
     ref = packet.subject.id
     if not PATIENT_REF.match(ref):
         problems.append(f"subject id {ref[:80]!r} must be 1-64 letters, digits, '.', '_' or '-' (pseudonymous)")
@@ -294,6 +337,9 @@ def import_packets(db: Session, storage: Storage, folder: Path, owner_id: int) -
         raise ImportRefused([f"{folder}: no *.json Phenopackets"])
     plans, problems = [], []
     for path in paths:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"{path.name}: a link to a place outside the import folder; copy the packet in")
+            continue
         plan, found = read_packet(db, path)
         problems += [f"{path.name}: {p}" for p in found]
         if plan is not None:

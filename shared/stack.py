@@ -50,13 +50,15 @@ from shared.embedded import (  # the engines' names stay importable from shared.
 __all__ = [
     "DATABASE_NAME", "LOCALHOST", "NARROW_SECONDS", "PG_SYSTEM_USER", "PIDFILE", "PRIVATE_UMASK",
     "SEAWEED_TLS_COMPONENTS", "SECRET_NAMES", "EmbeddedEngines", "Ports", "Process", "StackError", "Supervisor",
-    "app_processes", "free_port", "load_or_create_secrets", "restrict_tree", "seaweed_security_toml",
+    "app_processes", "free_port", "hold_stack_lock", "load_or_create_secrets", "restrict_tree", "seaweed_security_toml",
     "stop_running_stack", "write_seaweed_tls",
 ]
 
 logger = logging.getLogger(__name__)
 
 PIDFILE = "gestalt-up.pid"
+# Held (flock) by the running `gestalt up` of a data directory for its whole life; the kernel lets go when it exits.
+LOCKFILE = "gestalt-up.lock"
 # How often the supervisor narrows what an engine made group- or world-readable despite its umask.
 NARROW_SECONDS = 5.0
 
@@ -125,6 +127,30 @@ class Supervisor:
             return
         logger.warning("process=%s state=restarting code=%s", proc.name, proc.popen.returncode if proc.popen else None)
         proc.start()
+
+
+def hold_stack_lock(data_dir: Path) -> int:
+    """Take the data directory's lock for this process's life (the descriptor is returned and never closed), before
+    anything of the stack is touched. A second `gestalt up` on a running stack's data directory stops here, with
+    the running one's pid: it must not start engines on its database, nor remove its connection file on the way out.
+
+    Raises:
+        StackError: another process holds the lock.
+    """
+    import fcntl
+
+    fd = os.open(Path(data_dir) / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = (Path(data_dir) / PIDFILE).read_text().strip()
+        except OSError:
+            pid = "unknown"
+        raise StackError(f"gestalt up (pid {pid}) is already running on {data_dir}; nothing was started or changed "
+                         "(`gestalt down` stops it)") from None
+    return fd
 
 
 def stop_running_stack(data_dir: Path, timeout: float = 60.0) -> bool:

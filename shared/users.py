@@ -5,9 +5,12 @@ and revokes every API token of the user: whoever held the old password holds not
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
+import unicodedata
 from datetime import UTC, datetime, timedelta
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -25,6 +28,10 @@ class UserError(ValueError):
     pass
 
 
+class WrongPassword(UserError):
+    """The current password given for a change is not the account's."""
+
+
 def hash_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise UserError(f"passwords need at least {MIN_PASSWORD_LENGTH} characters")
@@ -38,18 +45,61 @@ def verify_password(user: User, password: str) -> bool:
         return False
 
 
+@cache
+def _dummy_hash() -> str:
+    """An Argon2 hash of no one's password, made once per process."""
+    return _hasher.hash(secrets.token_urlsafe(24))
+
+
+def check_login(session: Session, email: str, password: str) -> tuple[User | None, bool]:
+    """The account of ``email`` (None when there is none) and whether ``password`` logs it in (an active account
+    and its password). A missing or disabled account is checked against a dummy hash with the same Argon2 work,
+    so how long the answer takes does not tell who has an account."""
+    user = find_user(session, email)
+    if user is None or not user.is_active:
+        with contextlib.suppress(VerificationError, InvalidHashError):
+            _hasher.verify(_dummy_hash(), password)
+        return user, False
+    return user, verify_password(user, password)
+
+
+def login_key(email: str) -> str:
+    """An e-mail address as accounts are looked up: NFKC (full-width and other compatibility forms become plain
+    letters), without surrounding spaces, lower case."""
+    return unicodedata.normalize("NFKC", email).strip().lower()
+
+
 def find_user(session: Session, email: str) -> User | None:
     if "\x00" in email:
         return None  # PostgreSQL text cannot hold it, so no account can match
-    return session.scalars(select(User).where(func.lower(User.email) == email.strip().lower())).first()
+    return session.scalars(select(User).where(func.lower(User.email) == login_key(email))).first()
 
 
 def normalise_email(email: str) -> str:
-    """The address in canonical form, or UserError naming what is wrong (no markup, no spaces, a real domain)."""
+    """The address in canonical form (NFKC: a full-width or other compatibility letter becomes the plain one; lower
+    case), or UserError naming what is wrong (no markup, no spaces, a real domain, one script per part)."""
     try:
-        return validate_email(email.strip(), check_deliverability=False).normalized.lower()
+        address = validate_email(login_key(email), check_deliverability=False).normalized.lower()
     except EmailNotValidError as exc:
         raise UserError(f"{email[:100]!r} is not an e-mail address: {exc}") from None
+    from confusable_homoglyphs import confusables
+
+    local, _, domain = address.rpartition("@")
+    for part in (local, *domain.split(".")):
+        if confusables.is_mixed_script(part):
+            raise UserError(f"{address!r} mixes alphabets in {part!r} (e.g. a Cyrillic letter among Latin ones), "
+                            "as a look-alike of another address would; use one alphabet per part")
+    return address
+
+
+def look_alike(address: str) -> str:
+    """The address as it looks: every letter that has a Latin look-alike (Cyrillic а, Greek ο, ...) replaced by it
+    (Unicode's confusables data), so two addresses that read the same compare equal."""
+    from confusable_homoglyphs import confusables
+
+    found = confusables.is_confusable(address, preferred_aliases=["latin"], greedy=True) or []
+    latin = {f["character"]: f["homoglyphs"][0]["c"] for f in found if f["homoglyphs"]}
+    return "".join(latin.get(ch, ch) for ch in address).lower()
 
 
 def create_user(session: Session, email: str, password: str, role: Role = Role.clinician,
@@ -59,6 +109,11 @@ def create_user(session: Session, email: str, password: str, role: Role = Role.c
         raise UserError("an e-mail address has at most 254 characters")
     if find_user(session, email):
         raise UserError(f"a user {email} already exists")
+    seen = look_alike(email)
+    twin = next((e for e in session.scalars(select(User.email)) if look_alike(e) == seen), None)
+    if twin is not None:
+        raise UserError(f"{email!r} looks like the existing account {twin!r} (letters from another alphabet that "
+                        "read the same); choose an address that does not")
     user = User(email=email, password_hash=hash_password(password), role=role.value, is_active=True,
                 must_change_password=must_change_password)
     session.add(user)
@@ -82,7 +137,8 @@ def create_token(session: Session, user: User, name: str, days: int | None = Non
     if days < 1:
         raise UserError("a token is valid for at least one day")
     secret = BEARER_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(user_id=user.id, name=name[:64], token_sha256=_sha256(secret), prefix=secret[:12],
+    # No part of the secret is stored: the prefix column keeps only the scheme's marker (a listing shows the id).
+    token = ApiToken(user_id=user.id, name=name[:64], token_sha256=_sha256(secret), prefix=BEARER_PREFIX,
                      expires_at=datetime.now(UTC) + timedelta(days=days))
     session.add(token)
     session.flush()
@@ -185,7 +241,7 @@ def disable_user(session: Session, user: User) -> None:
 def change_password(session: Session, user: User, current: str, new: str) -> None:
     """The user's own change: the current password is required, the new one must differ; old credentials end."""
     if not verify_password(user, current):
-        raise UserError("the current password is wrong")
+        raise WrongPassword("the current password is wrong")
     if new == current:
         raise UserError("the new password must differ from the current one")
     user.password_hash = hash_password(new)

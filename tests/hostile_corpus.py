@@ -31,6 +31,28 @@ def _jpeg_with_size(width: int, height: int) -> bytes:
     return bytes(raw)
 
 
+def scan_bomb(scans: int = 80_000, size: tuple[int, int] = (4000, 3000)) -> bytes:
+    """A progressive JPEG made of ``scans`` tiny scans: a real grey photo's scans, then its smallest AC scan (with
+    its Huffman table) repeated. About 48 bytes a scan; a decoder passes over the whole image for each one."""
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "JPEG", progressive=True, quality=90)
+    jpeg = buf.getvalue()
+    groups, start, i = [], None, 2
+    while jpeg[i + 1] != 0xD9:
+        marker, end = jpeg[i + 1], i + 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+        if marker == 0xDA:  # the entropy-coded data runs to the next marker that is not a stuffed zero or restart
+            while jpeg[end] != 0xFF or jpeg[end + 1] == 0 or 0xD0 <= jpeg[end + 1] <= 0xD7:
+                end += 1
+        if marker in (0xC4, 0xDA):
+            start = i if start is None else start
+            if marker == 0xDA:
+                groups.append(jpeg[start:end])
+                start = None
+        i = end
+    first_table = jpeg.index(groups[0])
+    return jpeg[:first_table] + b"".join(groups) + min(groups[1:], key=len) * scans + b"\xff\xd9"
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 

@@ -340,9 +340,9 @@ def test_login_limits_count_failures_per_address_across_accounts(app, monkeypatc
     monkeypatch.delenv("GESTALT_LOGIN_ADDRESS_RATE_LIMIT")  # the default, not the test servers' loose one
     reload_settings()
     limiter.reset()
-    accounts = [new_user() for _ in range(12)]
+    accounts = [new_user() for _ in range(31)]
     codes = [_login(app, email, "wrong password!", address="10.9.8.7")[1].status_code for email in accounts]
-    assert codes[:10] == [401] * 10 and codes[10:] == [429, 429], codes
+    assert codes[:30] == [401] * 30 and codes[30:] == [429], codes
     assert _login(app, accounts[0], address="10.9.8.6")[1].status_code == 302  # another address is not limited
     email = new_user()
     codes = [_login(app, email, address="10.9.8.5")[1].status_code for _ in range(15)]
@@ -381,6 +381,10 @@ def test_tokens_list_shows_metadata_never_secrets(engines):
     expiry = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y-%m-%d")
     assert email[:20] in line and "active" in line and expiry in line
     assert secret not in listed.stdout and secret[12:] not in listed.stdout
+    assert secret[4:10] not in listed.stdout and "prefix" not in listed.stdout  # no part of the secret at all
+    with session_scope() as s:
+        stored = s.scalars(select(ApiToken.prefix).where(ApiToken.user_id == find_user(s, email).id)).one()
+    assert stored == "gst_"  # nor stored
     assert "`gestalt tokens list`" in (ROOT / "README.md").read_text()
 
 
@@ -415,3 +419,29 @@ def test_cases_can_be_edited_in_the_portal_and_the_api_and_it_is_audited(app):
         edits = s.scalars(select(AuditLog.detail).where(AuditLog.action == "case_edit",
                                                          AuditLog.target_id == str(case_id))).all()
     assert [e["changed"] for e in edits] == [["patient_ref", "age_years", "ancestry"], ["sex"]]
+
+
+def test_look_alike_emails_are_normalised_or_refused(engines, app):
+    """A full-width address is the same account (NFKC); a Cyrillic letter among Latin ones is refused; a whole
+    address in Cyrillic letters that reads as an existing account's is refused; a real Cyrillic name is fine."""
+    import time
+
+    stamp = time.time_ns() % 10**8
+    latin = f"ape{stamp}@clinic.example"
+    with session_scope() as s:
+        create_user(s, latin, PASSWORD)
+    full_width = "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in latin)
+    cyrillic_o = f"jоhn{stamp}@clinic.example"  # the о is Cyrillic
+    whole_cyrillic = f"аре{stamp}@clinic.example"  # аре: Cyrillic letters that read "ape"
+    for email, words in ((full_width, "already exists"), (latin.upper(), "already exists"),
+                         (cyrillic_o, "mixes alphabets"), (whole_cyrillic, "looks like the existing account")):
+        with session_scope() as s, pytest.raises(UserError, match=words):
+            create_user(s, email, PASSWORD)
+    admin = _client(app, "admin")
+    r = _post(admin, "/admin/users", data={"email": whole_cyrillic, "role": "clinician"}, follow_redirects=True)
+    assert "looks like the existing account" in r.get_data(as_text=True)
+    with session_scope() as s:
+        assert find_user(s, full_width).email == latin  # logins with the full-width form find the account
+        assert find_user(s, whole_cyrillic) is None
+        create_user(s, f"иван{stamp}@clinic.example", PASSWORD)  # one alphabet, no look-alike: an account
+    assert _login(app, full_width)[1].status_code == 302

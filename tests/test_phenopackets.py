@@ -165,3 +165,88 @@ def test_api_and_portal_export_valid_packets(engines, web_server, case_id):
 
         assert s.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.action == "phenopacket_export", AuditLog.target_id == str(case_id))) >= 2
+
+
+# ----------------------------------------------------------------------------------------- paths stay inside
+def _exported(case_id: int, folder) -> dict:
+    from shared.cli import main
+
+    r = CliRunner().invoke(main, ["export", "phenopackets", "--out", str(folder), "--case", str(case_id)])
+    assert r.exit_code == 0, r.output
+    return json.loads((folder / f"gestalt-case-{case_id}.json").read_text())
+
+
+@pytest.mark.parametrize("packet_id", ["../../../../tmp/gestalt-escape", "/tmp/gestalt-escape", "a/b", ".hidden",
+                                       "x" * 129, "tab\tid"])
+def test_import_refuses_packet_ids_that_are_not_plain_names(engines, case_id, tmp_path, packet_id):
+    from shared.cli import main
+
+    folder = tmp_path / "in"
+    packet = _exported(case_id, folder)
+    (folder / f"gestalt-case-{case_id}.json").unlink()
+    (folder / "evil.json").write_text(json.dumps({**packet, "id": packet_id}))
+    owner = new_user()
+    r = CliRunner().invoke(main, ["import", "phenopackets", str(folder), "--owner", owner])
+    assert r.exit_code != 0
+    assert f"evil.json: packet id {packet_id[:80]!r} must be 1-128 letters, digits" in r.output, r.output
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Case).where(Case.owner_id == find_user(s, owner).id)) == 0
+
+
+def test_import_refuses_links_that_leave_the_folder(engines, case_id, tmp_path):
+    from shared.cli import main
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "in"
+    packet = _exported(case_id, folder)
+    photo = folder / packet["files"][0]["uri"]
+    (outside / "photo.jpg").write_bytes(photo.read_bytes())
+    photo.unlink()
+    photo.symlink_to(outside / "photo.jpg")  # the same bytes, but through a link to another folder
+    (outside / "packet.json").write_text(json.dumps({**packet, "id": "linked-packet"}))
+    (folder / "linked.json").symlink_to(outside / "packet.json")
+    owner = new_user()
+    r = CliRunner().invoke(main, ["import", "phenopackets", str(folder), "--owner", owner])
+    assert r.exit_code != 0
+    assert f"file {packet['files'][0]['uri']}: a link to a place outside the import folder" in r.output, r.output
+    assert "linked.json: a link to a place outside the import folder" in r.output, r.output
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Case).where(Case.owner_id == find_user(s, owner).id)) == 0
+
+
+@pytest.mark.parametrize("external_id", ["../../../../escape-x", "/tmp/escape-abs"])
+def test_export_writes_only_inside_its_folder(engines, case_id, tmp_path, external_id):
+    """A case whose id came in before ids were checked is still exported inside --out, and a link planted in the
+    folder is not written through."""
+    from shared.cli import main
+
+    with session_scope() as s:
+        legacy = s.get(Case, case_id)
+        copy = Case(owner_id=legacy.owner_id, patient_ref="PT-PP-LEGACY", sex="male", external_id=external_id)
+        s.add(copy)
+        s.flush()
+        s.add(Image(case_id=copy.id, sha256=legacy.images[0].sha256, object_key=legacy.images[0].object_key,
+                    content_type=legacy.images[0].content_type, width=10, height=10, status="done"))
+        copy_id = copy.id
+    out = tmp_path / "deep" / "out"
+    try:
+        r = CliRunner().invoke(main, ["export", "phenopackets", "--out", str(out), "--case", str(copy_id)])
+        assert r.exit_code == 0, r.output
+        written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+        assert all(p.parts[:2] == ("deep", "out") for p in written), written
+        assert len([p for p in written if p.suffix == ".json"]) == 1 and not (tmp_path / "escape-x.json").exists()
+        packet = json.loads(next((out).glob("*.json")).read_text())
+        assert packet["id"] == external_id  # the packet keeps its id; only the file name is made safe
+
+        target = tmp_path / "victim.txt"
+        target.write_text("untouched")
+        photo = out / packet["files"][0]["uri"]
+        photo.unlink()
+        photo.symlink_to(target)
+        r = CliRunner().invoke(main, ["export", "phenopackets", "--out", str(out), "--case", str(copy_id)])
+        assert r.exit_code != 0 and "does not write through links" in r.output, r.output
+        assert target.read_text() == "untouched"
+    finally:
+        with session_scope() as s:
+            s.execute(delete(Case).where(Case.id == copy_id))

@@ -61,6 +61,19 @@ def test_up_down_and_restart_keep_data(tmp_path):
         assert made.returncode == 0, made.stderr
         assert Portal(url, "first@clinic.example").http.get(url + "/").status_code == 200
 
+        # A second `gestalt up` on the running stack's data directory refuses before it touches anything.
+        stack_file = tmp_path / "var" / "stack.json"
+        before = stack_file.read_bytes()
+        started = time.monotonic()
+        second = _gestalt(env, "up")
+        assert second.returncode != 0 and f"gestalt up (pid {up.pid}) is already running" in second.stderr, \
+            second.stderr
+        print(f"\nsecond gestalt up refused in {time.monotonic() - started:.1f} s")
+        assert stack_file.read_bytes() == before and up.poll() is None
+        assert _gestalt(env, "users", "create", "--email", "second@clinic.example", "--password",
+                        PASSWORD).returncode == 0  # the CLI still finds the running stack
+        assert Portal(url, "first@clinic.example").http.get(url + "/").status_code == 200
+
         down = _gestalt(env, "down")
         assert down.returncode == 0 and "stopped" in down.stderr, down.stderr
         assert up.wait(30) == 0

@@ -19,6 +19,17 @@ class DatabaseId(IntegerConverter):
         super().__init__(url_map, *args, **kwargs)
 
 
+def trust_proxies(app: Flask, hops: int) -> None:
+    """Behind ``hops`` reverse proxies, the client's address and scheme are those the proxies saw (rate limits, the
+    audit log, secure cookies); X-Forwarded-For entries beyond that many hops are the client's own claims, ignored."""
+    if hops < 0:
+        raise ConfigError(f"GESTALT_TRUSTED_PROXIES must be 0 or more, got {hops}")
+    if hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     settings = get_settings()
     app = Flask(__name__)
@@ -39,6 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     )
     if test_config:
         app.config.update(test_config)
+    trust_proxies(app, settings.trusted_proxies)
     app.config.setdefault("RATELIMIT_STORAGE_URI", settings.redis_url or "memory://")
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     # If Redis is briefly down, logins still work (unlimited) rather than failing.

@@ -5,8 +5,10 @@ from flask import Blueprint, current_app, jsonify, request
 from flask_login import current_user
 
 from shared.audit import audit
+from web import limits
 from web.access import case_or_404, image_or_404
 from web.db import get_db
+from web.reads import audit_read
 from web.results import case_payload, image_payload
 from web.schemas import CaseUpdate, DiagnosisUpdate, NewCase, parse
 
@@ -25,7 +27,9 @@ def list_cases():
     from shared.models import Case
     from web.access import visible_cases
 
-    cases = get_db().scalars(visible_cases().order_by(Case.created_at.desc()).limit(500)).all()
+    db = get_db()
+    cases = db.scalars(visible_cases().order_by(Case.created_at.desc()).limit(500)).all()
+    audit_read(db, "case_list", None, None, via="api", cases=[c.id for c in cases])
     return jsonify(cases=[{"id": c.id, "patient_ref": c.patient_ref, "sex": c.sex, "age_years": c.age_years,
                            "created_at": c.created_at.isoformat(), "photos": len(c.images)} for c in cases])
 
@@ -96,6 +100,7 @@ def _limit() -> int:
 
 
 @bp.post("/cases/<int:case_id>/images")
+@limits.photos
 def add_images(case_id: int):
     """Photos (multipart field ``photo``, repeatable): all stored and queued, or none."""
     from web.uploads import receive_photos
@@ -111,9 +116,9 @@ def get_case(case_id: int):
     db = get_db()
     case = case_or_404(case_id)
     payload = _payload(db, case)
-    if any(i["result"] for i in payload["images"]) and request.args.get("poll") != "1":
-        audit(db, "result_view", current_user.id, "case", case.id, ip=request.remote_addr, via="api")
-        db.commit()
+    # A poll (the case page's, every few seconds) is audited once per case and login; any other read every time.
+    poll = request.args.get("poll") == "1"
+    audit_read(db, "case_view", "case", case.id, once_per_login=poll, via="api", poll=poll)
     return jsonify(payload)
 
 
@@ -137,9 +142,7 @@ def get_image(image_id: int):
 
     active = active_version(db)
     payload = image_payload(db, image, active.id if active else None)
-    if payload["result"]:
-        audit(db, "result_view", current_user.id, "image", image.id, ip=request.remote_addr, via="api")
-        db.commit()
+    audit_read(db, "image_view", "image", image.id, via="api")
     return jsonify(payload)
 
 
@@ -173,6 +176,7 @@ def put_diagnosis(case_id: int):
 
 
 @bp.post("/images/<int:image_id>/rescore")
+@limits.rescores
 def rescore(image_id: int):
     """Score this photo again with the active model (its old result is kept)."""
     from shared import dispatch, photos

@@ -6,12 +6,12 @@ end it on the server, and a replayed cookie is worth nothing afterwards.
 """
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
-from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
@@ -24,31 +24,36 @@ from shared.models import User
 from shared.users import (
     MIN_PASSWORD_LENGTH,
     UserError,
+    WrongPassword,
     change_password,
+    check_login,
     end_session,
-    find_user,
+    login_key,
     session_user,
     start_session,
     user_for_token,
-    verify_password,
 )
 from web import csrf
 from web.db import get_db
+from web.limits import limiter, user_key
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
-# Counts live in Redis, so every gunicorn worker shares them.
-limiter = Limiter(key_func=get_remote_address, default_limits=[])
 
 
-def _login_key() -> str:
-    """Failures count per client address and account, so one clinic's NAT does not lock everyone out..."""
-    return f"{get_remote_address()}:{(request.form.get('email') or '').strip().lower()[:254]}"
+def _account_key() -> str:
+    """Failed logins count per account, from whatever address: an attacker of one account locks out that account
+    for a minute, never the others (the per-address limit is looser)..."""
+    return f"account:{login_key(request.form.get('email') or '')[:254]}"
 
 
 def _login_failed(response) -> bool:
     """...and only failures count: a clinic's staff logging in all morning is no attack."""
     return response.status_code != 302
+
+
+def _wrong_password(_response) -> bool:
+    return bool(g.get("wrong_password"))
 
 
 PUBLIC_ENDPOINTS = {"auth.login", "static", "healthz"}
@@ -59,13 +64,16 @@ PASSWORD_CHANGE_ENDPOINTS = {"auth.change_password_view", "auth.logout", "static
 class LoginUser:
     """The Flask-Login view of a user row (detached from the request session)."""
 
-    def __init__(self, user: User, session_secret: str | None = None):
+    def __init__(self, user: User, session_secret: str | None = None, token_secret: str | None = None):
         self.id = user.id
         self.email = user.email
         self.role = user.role
         self.active = user.is_active
         self.must_change_password = user.must_change_password
         self.session_secret = session_secret
+        # Names this login (a portal session or an API token) without its secret: reads audited once per login.
+        secret = session_secret or token_secret or ""
+        self.login_key = ("session:" if session_secret else "token:") + hashlib.sha256(secret.encode()).hexdigest()[:32]
 
     is_authenticated = True
     is_anonymous = False
@@ -109,20 +117,22 @@ def load_user(cookie_id: str) -> LoginUser | None:
     return LoginUser(user, secret) if user is not None else None
 
 
-@login_manager.request_loader
-def load_user_from_token(req) -> LoginUser | None:
-    """API clients: ``Authorization: Bearer gst_...`` (a revocable, expiring per-user token; the scheme's
-    case does not matter, RFC 6750)."""
-    scheme, _, credentials = req.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return None
+def authenticate_bearer() -> None:
+    """API clients: ``Authorization: Bearer gst_...`` (a revocable, expiring per-user token; the scheme's case does not
+    matter, RFC 6750). A request that carries one is that token's user, or nobody when the token is not valid,
+    whatever cookies it also carries: a client's cookie jar (a stale portal session) neither refuses a valid token
+    nor stands in for an invalid one. Runs before anything reads ``current_user`` (the rate limits key on it)."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return
     db = get_db()
-    user = user_for_token(db, credentials.strip())
-    if user is None:
-        return None
-    db.commit()
-    g.token_auth = True
-    return LoginUser(user)
+    user = user_for_token(db, credentials.strip()) if credentials.strip() else None
+    if user is not None:
+        db.commit()
+        g.token_auth = True
+    # Flask-Login's per-request user: set here, it never looks at the session cookie for this request.
+    g._login_user = LoginUser(user, token_secret=credentials.strip()) if user is not None \
+        else login_manager.anonymous_user()
 
 
 @login_manager.unauthorized_handler
@@ -135,6 +145,7 @@ def unauthorized():
 def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     login_manager.session_protection = "strong"
+    app.before_request(authenticate_bearer)  # before the rate limits' check, which keys on the user
     limiter.init_app(app)
     # CSRF is checked below for cookie sessions; bearer-token API calls carry no cookie to forge.
     app.config["WTF_CSRF_CHECK_DEFAULT"] = False
@@ -175,8 +186,9 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-@limiter.limit(lambda: get_settings().login_rate_limit, key_func=_login_key, methods=["POST"],
-               deduct_when=_login_failed, error_message="too many login attempts; wait a minute and try again")
+@limiter.limit(lambda: get_settings().login_rate_limit, key_func=_account_key, methods=["POST"],
+               deduct_when=_login_failed, scope="login-account",
+               error_message="too many failed logins for this account; wait a minute and try again")
 @limiter.limit(lambda: get_settings().login_address_rate_limit, key_func=get_remote_address, methods=["POST"],
                deduct_when=_login_failed, scope="login-address",
                error_message="too many failed logins from this address; wait and try again")
@@ -184,8 +196,8 @@ def login():
     form = LoginForm()
     if form.validate_on_submit():
         db = get_db()
-        user = find_user(db, form.email.data)
-        if user is not None and user.is_active and verify_password(user, form.password.data):
+        user, verified = check_login(db, form.email.data, form.password.data)
+        if verified:
             secret = start_session(db, user, request.remote_addr)
             audit(db, "login", user.id, "user", user.id, ip=request.remote_addr)
             db.commit()
@@ -214,8 +226,12 @@ def logout():
 
 
 @bp.route("/account/password", methods=["GET", "POST"])
+@limiter.limit(lambda: get_settings().login_rate_limit, key_func=user_key, methods=["POST"],
+               deduct_when=_wrong_password, scope="password-change",
+               error_message="too many wrong current passwords; wait a minute and try again")
 def change_password_view():
-    """Change one's own password; every other session and API token of the account ends with it."""
+    """Change one's own password; every other session and API token of the account ends with it. A wrong current
+    password is a guess at it: limited per account and audited as a failed login is."""
     form = PasswordForm()
     if form.validate_on_submit():
         db = get_db()
@@ -224,6 +240,10 @@ def change_password_view():
             change_password(db, user, form.current.data, form.new.data)
         except UserError as exc:
             db.rollback()
+            if isinstance(exc, WrongPassword):
+                g.wrong_password = True
+                audit(db, "password_change_failed", user.id, "user", user.id, ip=request.remote_addr)
+                db.commit()
             form.current.errors = [*form.current.errors, str(exc)]
         else:
             secret = start_session(db, user, request.remote_addr)  # this browser stays logged in

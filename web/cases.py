@@ -19,9 +19,11 @@ from shared.services import Refusal
 from shared.services.cases import create_case, update_case
 from shared.services.diagnoses import DiagnosisError, set_diagnosis
 from shared.storage import get_storage
+from web import limits
 from web.access import case_or_404, visible_cases
 from web.db import get_db
 from web.errors import refuse, wants_json
+from web.reads import audit_read
 from web.results import case_payload
 from web.schemas import AGE_MAX, ANCESTRY_MAX, PATIENT_REF_PATTERN, PATIENT_REF_RULE, SEXES
 from web.uploads import receive_photos
@@ -87,11 +89,13 @@ def index():
     descending = request.args.get("dir", "desc" if sort == "created" else "asc") == "desc"
     stmt = stmt.order_by(column.desc().nulls_last() if descending else column.asc().nulls_last(), Case.id.desc())
     cases = db.scalars(stmt.limit(500)).all()
+    audit_read(db, "case_list", None, None, q=q, status=status, cases=[c.id for c in cases])
     return render_template("cases.html", cases=cases, q=q, status=status, sort=sort, descending=descending,
                            statuses=STATUS_FILTERS)
 
 
 @bp.get("/cases/<int:case_id>/report")
+@limits.reports
 def report(case_id: int):
     """A printable report (one or two A4 pages) for the clinic's records (audited as an export)."""
     from shared.models import ModelVersion
@@ -121,14 +125,14 @@ def phenopacket(case_id: int):
     """The case as a GA4GH Phenopacket v2 (a download; audited as an export)."""
     from flask import Response
 
-    from shared.phenopackets import case_packet, packet_id, packet_json
+    from shared.phenopackets import case_packet, file_name, packet_json
 
     db = get_db()
     case = case_or_404(case_id)
     audit(db, "phenopacket_export", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
     return Response(packet_json(case_packet(db, case)), mimetype="application/json", headers={
-        "Content-Disposition": f'attachment; filename="{packet_id(case)}.json"'})
+        "Content-Disposition": f'attachment; filename="{file_name(case)}.json"'})
 
 
 @bp.route("/cases/new", methods=["GET", "POST"])
@@ -154,6 +158,7 @@ def edit_case(case_id: int):
         changed = update_case(db, case, form.fields(), current_user.id, request.remote_addr)
         flash(f"Saved: {', '.join(c.replace('_', ' ') for c in changed)}." if changed else "Nothing changed.", "info")
         return redirect(url_for("cases.show", case_id=case.id), 303)
+    audit_read(db, "case_edit_view", "case", case.id)
     return render_template("case_new.html", form=form, case=case), 200 if request.method == "GET" else 400
 
 
@@ -170,6 +175,7 @@ def show(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/images")
+@limits.photos
 def upload(case_id: int):
     """Accept one or more photos (field ``photo``); all are stored or none."""
     db = get_db()

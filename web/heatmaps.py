@@ -8,6 +8,7 @@ from flask import Blueprint, Response, abort, jsonify, request
 from flask_login import current_user
 
 from shared.services import Refusal
+from web import limits
 from web.access import case_or_404
 from web.db import get_db
 
@@ -16,6 +17,7 @@ bp = Blueprint("heatmaps", __name__)
 
 @bp.get("/cases/<int:case_id>/images/<int:image_id>/heatmap.png")
 @bp.get("/api/v1/cases/<int:case_id>/images/<int:image_id>/heatmap.png", endpoint="api_heatmap_png")
+@limits.heatmaps
 def heatmap_png(case_id: int, image_id: int):
     """``?syndrome=<class index or name>&region=<all|region>``: the overlay PNG, for the model that scored
     the photo."""

@@ -120,6 +120,7 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
     similar-patients list computes it; the case itself left out). Empty without that model, features or
     gallery."""
     from shared.modelops.gallery import case_features, gallery_space
+    from shared.modelops.same_person import withhold_same_person
 
     version = db.get(ModelVersion, version_id) if version_id is not None else None
     backbone, regions = gallery_space(version.config if version is not None else None)
@@ -128,7 +129,9 @@ def gallery_similarities(db: Session, case: Case, version_id: int | None) -> dic
     query = case_features(db, case.id, backbone, regions)
     if len(query) == 0:
         return {}
-    gallery = request_gallery(db, backbone, regions)
+    # As the similar-patients list: other owners' patients who are this case's person do not count.
+    gallery, _ = withhold_same_person(db, request_gallery(db, backbone, regions), case.id, case.owner_id,
+                                      version.config)
     match = gallery.match(query, exclude_case=case.id, patients=0, syndromes=len(gallery) or 1)
     out: dict[str, float] = {}
     for row in match["syndromes"]:

@@ -91,9 +91,11 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     """Similar diagnosed patients (consented) and syndromes ranked by their nearest patients.
 
     Other clinicians' patients appear as a diagnosis and a similarity only: no photo, no patient
-    ID, no case ID. The viewer's own cases carry a link (every case, for an admin).
+    ID, no case ID; those who are the case's own person are left out and counted (``withheld``). The viewer's own
+    cases carry a link (every case, for an admin).
     """
     from shared.modelops.gallery import case_features, gallery_space
+    from shared.modelops.same_person import withhold_same_person
 
     if active is None:
         return None
@@ -103,7 +105,8 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     query = case_features(db, case.id, backbone, regions)
     if len(query) == 0:
         return None
-    gallery = request_gallery(db, backbone, regions)
+    gallery, withheld = withhold_same_person(db, request_gallery(db, backbone, regions), case.id, viewer_id,
+                                             active.config)
     match = gallery.match(query, exclude_case=case.id)
 
     patients = []
@@ -115,7 +118,8 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
         patients.append(entry)
     syndromes = [{k: v for k, v in s.items() if k != "nearest_case_id"} for s in match["syndromes"]]
     return {"model_version": {"id": active.id, "name": active.name}, "photos": int(len(query)),
-            "gallery_patients": match["gallery_patients"], "patients": patients, "syndromes": syndromes}
+            "gallery_patients": match["gallery_patients"], "patients": patients, "syndromes": syndromes,
+            "withheld": withheld}
 
 
 def display_fields(db: Session, result: dict | None, active: ModelVersion | None) -> dict:

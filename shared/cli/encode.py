@@ -46,7 +46,8 @@ def encode_cmd(images: tuple[Path, ...], out: Path, batch_size: int, device: str
             try:
                 decoded[path] = decode_upload(path.read_bytes(), max_bytes=settings.max_upload_bytes,
                                               max_pixels=settings.max_image_megapixels * 1e6,
-                                              min_side=settings.min_image_side).rgb
+                                              min_side=settings.min_image_side,
+                                              max_scans=settings.max_jpeg_scans).rgb
             except ImageRejected as exc:
                 rejected.append((str(path), exc.reason))
         found = list(decoded)

@@ -50,7 +50,10 @@ def export_phenopackets(out_dir: Path, case_ids: tuple[int, ...], owner_email: s
         missing = sorted(set(case_ids) - {c.id for c in cases})
         if missing:
             raise click.ClickException(f"no case {', '.join(map(str, missing))}")
-        written = export_cases(session, get_storage(), cases, out_dir)
+        try:
+            written = export_cases(session, get_storage(), cases, out_dir)
+        except ValueError as exc:
+            raise click.ClickException(f"the export stopped: {exc}") from exc
         for case in cases:
             audit(session, "phenopacket_export", None, "case", case.id, via="cli", out=str(out_dir))
     console.print(f"{len(written)} Phenopacket(s) written to {out_dir}")

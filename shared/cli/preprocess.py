@@ -67,7 +67,7 @@ def _run_batch(pre, paths: tuple[Path, ...], settings) -> tuple[dict[int, object
         try:
             decoded[i] = decode_upload(path.read_bytes(), max_bytes=settings.max_upload_bytes,
                                        max_pixels=settings.max_image_megapixels * 1e6,
-                                       min_side=settings.min_image_side).rgb
+                                       min_side=settings.min_image_side, max_scans=settings.max_jpeg_scans).rgb
         except ImageRejected as exc:
             outcome[i] = exc
     keys = sorted(decoded)

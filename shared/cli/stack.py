@@ -19,7 +19,7 @@ from shared.queues import ALIGN, ALL, DETECT, joined
 def up(data_dir: Path | None) -> None:
     """Start the whole stack on this machine: engines, migrations, workers, beat and web."""
     from shared import migrate
-    from shared.stack import EmbeddedEngines, Ports, Supervisor, app_processes
+    from shared.stack import EmbeddedEngines, Ports, StackError, Supervisor, app_processes, hold_stack_lock
 
     if data_dir:
         os.environ["GESTALT_DATA_DIR"] = str(data_dir.resolve())
@@ -28,7 +28,11 @@ def up(data_dir: Path | None) -> None:
     if any(external.values()):
         raise click.ClickException("GESTALT_*_URL/ENDPOINT are set: use `gestalt migrate`, `gestalt worker`, "
                                    "`gestalt beat` and `gestalt web` against external services")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        hold_stack_lock(settings.data_dir)  # held until this process exits
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
     engines = EmbeddedEngines(settings.data_dir, Ports(settings.embedded_pg_port, settings.embedded_redis_port,
                                                        settings.embedded_s3_port_base))
     console.print(f"starting PostgreSQL, Redis and SeaweedFS in {settings.data_dir} ...")

@@ -46,13 +46,14 @@ def tokens_list() -> None:
     def when(value) -> str:
         return f"{value:%Y-%m-%d %H:%M}" if value else "-"
 
-    table = Table("id", "owner", "name", "prefix", "created", "last used", "expires", "state")
+    # A token is told apart by its id (what `gestalt tokens revoke` takes) and name; no part of its secret is shown.
+    table = Table("id", "owner", "name", "created", "last used", "expires", "state")
     now = datetime.now(UTC)
     with session_scope() as session:
         for token, email in list_tokens(session):
             state = "revoked" if token.revoked_at else (
                 "expired" if token.expires_at and token.expires_at <= now else "active")
-            table.add_row(str(token.id), email, token.name, token.prefix + "…", when(token.created_at),
+            table.add_row(str(token.id), email, token.name, when(token.created_at),
                           when(token.last_used_at), when(token.expires_at) if token.expires_at else "never", state)
     Console(width=160).print(table)
 

@@ -78,7 +78,8 @@ def _load_rgb(image: Image) -> np.ndarray:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             raise ImageRejected("the stored photo is missing; upload it again") from exc
         raise
-    return decode_stored(data)
+    s = get_settings()
+    return decode_stored(data, max_pixels=s.max_image_megapixels * 1e6, max_scans=s.max_jpeg_scans)
 
 
 def original_rgb(image: Image) -> np.ndarray:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.ml.formats import reidentification
 from shared.ml.formats.weights import WeightsMissing, search_dirs, sha256_of
 from shared.ml.nets.dlib_format import FormatError, Layer, read_dlib_network
 from shared.ml.runtime.device import autocast_context, resolve_device
@@ -67,7 +68,7 @@ DESCRIPTOR_DIM = 128
 INPUT_MEAN = (122.782, 117.001, 104.298)
 INPUT_SCALE = 256.0
 # Two chips of one person: Euclidean distance below this (dlib's loss_metric threshold).
-SAME_PERSON_DISTANCE = 0.6
+SAME_PERSON_DISTANCE = reidentification.SAME_PERSON_DISTANCE
 
 # (channels, number of blocks, whether the first block downsamples), from the input side.
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))

@@ -3,6 +3,8 @@
 ``decode_upload`` is the single gate every photo passes before anything is stored.
 It refuses what it cannot safely decode with :class:`ImageRejected`, whose
 ``reason`` is written for a clinician and whose ``http_status`` the web layer returns.
+Before any decoder runs, :func:`shared.ml.preprocess.preflight.inspect` reads the file's structure and
+refuses what would make the decode unbounded; ``decode_stored`` (the workers) makes the same checks.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shared.ml.preprocess.jpeg import CLEAN_JFIF, strip_metadata
+from shared.ml.preprocess.jpeg import CLEAN_JFIF, MAX_SCANS, strip_metadata
+from shared.ml.preprocess.png import strip_ancillary
+from shared.ml.preprocess.preflight import ImageRejected, inspect
 
 # Formats we decode. Anything else (SVG, PDF, HEIC, text) is refused by name.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "pgm"}
@@ -28,15 +32,6 @@ JPEG_QUALITY = 95
 # segments dropped (same compressed data, same pixels), or a fresh encode of the decoded photo.
 AS_UPLOADED, STRIPPED, ENCODED = "as uploaded", "stripped", "encoded"
 ORIENTATION = 0x0112
-
-
-class ImageRejected(ValueError):
-    """A photo that cannot be used, with a reason a clinician can read."""
-
-    def __init__(self, reason: str, http_status: int = 400):
-        super().__init__(reason)
-        self.reason = reason
-        self.http_status = http_status
 
 
 @dataclass(frozen=True)
@@ -96,7 +91,7 @@ def _metadata_free(im: Image.Image) -> bool:
 
 
 def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: int,
-                  keep_clean: bool = False, pixels: bool = True) -> DecodedImage:
+                  keep_clean: bool = False, pixels: bool = True, max_scans: int = MAX_SCANS) -> DecodedImage:
     """Decode a photo safely and return it upright, in RGB, with metadata-free bytes to store.
 
     Args:
@@ -109,15 +104,25 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         pixels: False when the caller only stores the photo (the portal): a JPEG kept as its own compressed
             data is then decoded at an eighth of its size, which reads and checks every byte of it as a
             full decode does at a fraction of the cost, and ``image`` is None (``rgb`` decodes on demand).
+        max_scans: progressive JPEGs with more scans are refused before decoding.
+
+    A plain 8-bit PNG without transparency or orientation is stored as its own chunks without the ancillary
+    ones (:func:`shared.ml.preprocess.png.strip_ancillary`); with ``pixels=False`` nothing of it is decoded (the
+    workers do).
 
     Raises:
         ImageRejected: with a reason a clinician can read.
     """
     _check_file(data, max_bytes)
+    header = inspect(data, max_pixels=max_pixels, max_scans=max_scans)
+    stripped_png = strip_ancillary(data, header.png) if header.png is not None else None
+    if stripped_png is not None:
+        _check_side((header.width, header.height), min_side)
+        image = _decode_checked(stripped_png, max_pixels, True, False)[0] if pixels else None
+        return DecodedImage(image=image, data=stripped_png, content_type="image/png", ext="png",
+                            sha256=hashlib.sha256(stripped_png).hexdigest(), width=header.width, height=header.height)
     rgb_im, fmt, store, size = _decode_checked(data, max_pixels, keep_clean, not pixels)
-    if min(size) < min_side:
-        raise ImageRejected(
-            f"the image is {size[0]}x{size[1]} pixels; at least {min_side} pixels per side are needed")
+    _check_side(size, min_side)
     stripped = _stripped(data, size) if store == STRIPPED else None
     if stripped is None and rgb_im.size != size:  # decoded small for a strip that did not check out
         rgb_im, fmt, store, size = _decode_checked(data, max_pixels, keep_clean, False)
@@ -125,6 +130,26 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: float, min_side: i
         _stored_bytes(data, rgb_im, fmt, store)
     return DecodedImage(image=rgb_im if rgb_im.size == size else None, data=stored, content_type=content_type,
                         ext=ext, sha256=hashlib.sha256(stored).hexdigest(), width=size[0], height=size[1])
+
+
+def frame_size(data: bytes, *, max_pixels: float, max_scans: int = MAX_SCANS) -> tuple[int, int]:
+    """A photo's width and height from its header alone, after :func:`shared.ml.preprocess.preflight.inspect`'s checks
+    (0 x 0 when no header can be read: :func:`decode_upload` then says why). Nothing is decoded."""
+    header = inspect(data, max_pixels=max_pixels, max_scans=max_scans)
+    if header.format is not None:
+        return header.width, header.height
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+            ZeroDivisionError, Image.DecompressionBombError):
+        return 0, 0
+
+
+def _check_side(size: tuple[int, int], min_side: int) -> None:
+    if min(size) < min_side:
+        raise ImageRejected(
+            f"the image is {size[0]}x{size[1]} pixels; at least {min_side} pixels per side are needed")
 
 
 def _check_file(data: bytes, max_bytes: int) -> None:
@@ -219,11 +244,16 @@ def _stored_bytes(data: bytes, rgb_im: Image.Image, fmt: str, store: str) -> tup
     return out.getvalue(), content_type, ext
 
 
-def decode_stored(data: bytes) -> np.ndarray:
-    """Decode bytes written by :func:`decode_upload` (already upright, RGB, metadata-free)."""
+def decode_stored(data: bytes, max_pixels: float = 4e7, max_scans: int = MAX_SCANS) -> np.ndarray:
+    """Decode bytes written by :func:`decode_upload` (upright, metadata-free JPEG or PNG), after the same checks
+    as an upload's (:func:`shared.ml.preprocess.preflight.inspect`): a stored photo that would hold the decoder (stored
+    before those checks, or put there some other way) is refused, not decoded."""
+    header = inspect(data, max_pixels=max_pixels, max_scans=max_scans)
+    if header.format is None:
+        raise ImageRejected("the stored photo is not a JPEG or PNG that Gestalt stored; upload it again")
     rgb = _decode_rgb(data)
     if rgb is None:
-        raise ImageRejected("the stored image could not be decoded")
+        raise ImageRejected("the stored photo is damaged and could not be decoded; upload it again")
     return rgb
 
 

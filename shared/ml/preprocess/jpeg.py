@@ -12,8 +12,18 @@ Anything unexpected returns None, and the caller re-encodes the decoded photo in
 structure this walker does not fully understand, a frame type other than Huffman baseline,
 extended or progressive, or a kept segment (tables, frame, scan header, restart interval) whose
 length is not exactly what its content says. A file is never stored as it came.
+
+:func:`layout` walks the same markers without decoding anything, for the checks made before any decoder
+runs: the frame's size and how many scans the file holds. A progressive JPEG may legally hold any number
+of scans, and a decoder passes over every block of the image for each one, so a file of a few megabytes
+made of tens of thousands of tiny scans holds a decoder for minutes (libjpeg-turbo's "Two Issues with
+the JPEG Standard"). Cameras and encoders write one scan (baseline) or about ten (progressive).
 """
 from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
 
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
 APP0, APP15, COM = 0xE0, 0xEF, 0xFE
@@ -27,20 +37,26 @@ _STANDALONE = {0x01, *range(0xD0, 0xD8)}
 CLEAN_JFIF = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 
 
+# A marker inside entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed zero nor a restart.
+_MARKER_AFTER_DATA = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# More scans than this are refused by default (GESTALT_MAX_JPEG_SCANS): ten times what encoders write.
+MAX_SCANS = 100
+# Segments (tables, headers, metadata) besides the scans: a real file has a few dozen, plus the Huffman
+# tables an optimising encoder writes before each scan.
+MAX_OTHER_SEGMENTS = 1000
+
+
+def segment_limit(max_scans: int) -> int:
+    """The most segments other than scans that a JPEG of at most ``max_scans`` scans may hold."""
+    return MAX_OTHER_SEGMENTS + 2 * max_scans
+
+
 def _scan_end(data: bytes, i: int) -> int:
-    """Where the entropy-coded data that starts at ``i`` ends: the next marker that is not a stuffed
-    zero byte, a restart marker or fill; -1 when the file ends first."""
-    while True:
-        i = data.find(b"\xff", i)
-        if i < 0 or i + 1 >= len(data):
-            return -1
-        following = data[i + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7:
-            i += 2
-        elif following == 0xFF:  # fill bytes before a marker
-            i += 1
-        else:
-            return i
+    """Where the entropy-coded data that starts at ``i`` ends: the last 0xFF before the next marker that is not a
+    stuffed zero byte, a restart marker or fill; -1 when the file ends first. One regular-expression search, so a
+    scan full of restart markers costs no Python loop."""
+    match = _MARKER_AFTER_DATA.search(data, i)
+    return -1 if match is None else match.end() - 2
 
 
 def _accounted_for(marker: int, body: bytes) -> bool:
@@ -97,3 +113,50 @@ def strip_metadata(data: bytes) -> bytes | None:
             out.append(data[i:stop])
             i = stop
     return None
+
+
+@dataclass(frozen=True)
+class JpegLayout:
+    """What a JPEG's markers say, read without decoding: the frame's size and type, and how many scans follow."""
+
+    width: int
+    height: int
+    frame: int  # SOF marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
+    scans: int
+    segments: int  # marker segments other than scans
+
+
+def layout(data: bytes, max_scans: int = MAX_SCANS) -> JpegLayout | None:
+    """The JPEG's frame size, frame type and scan count from a walk of its markers; nothing is decoded.
+
+    The walk is as lenient as libjpeg's reader, so a file cannot hide scans from it that the decoder would then
+    read: bytes where a marker should be, stuffed zeros and restart markers outside a scan are skipped as libjpeg
+    skips them (each counts as a segment). It stops at ``max_scans + 1`` scans or ``segment_limit(max_scans) + 1``
+    other segments, so its cost is bounded whatever the file holds. None when no frame header is found (the
+    decoder then says what is wrong)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, width, height, frame, scans, segments = 2, len(data), 0, 0, 0, 0, 0
+    while scans <= max_scans and segments <= segment_limit(max_scans):
+        i = data.find(b"\xff", i)
+        while 0 <= i < n and data[i] == 0xFF:
+            i += 1
+        if i < 0 or i >= n or data[i] == EOI:
+            break
+        marker, segments = data[i], segments + 1
+        length = int.from_bytes(data[i + 1:i + 3], "big")
+        if marker in _STANDALONE or marker in (SOI, 0x00) or length < 2:
+            i += 1
+            continue
+        end = i + 1 + length
+        if end > n:
+            break
+        if 0xC0 <= marker <= 0xCF and marker not in (DHT, 0xC8, 0xCC) and length >= 7:
+            frame, height, width = marker, *struct.unpack(">HH", data[i + 4:i + 8])
+        if marker == SOS:
+            scans, segments = scans + 1, segments - 1
+            end = _scan_end(data, end)
+            if end < 0:
+                break
+        i = end
+    return JpegLayout(width, height, frame, scans, segments) if frame else None
