@@ -46,7 +46,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     with session_scope() as s:
         # Waiting for scoring, as the sweep leaves them when a model appears (no messages are sent here).
         for image in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))):
-            photos.queue_for_scoring(image)
+            photos.wake(image)
         version = registry.register_model(s, get_storage(), model, ["b-one", "b-two", "b-three"], {},
                                           name="batch-model")
         registry.activate(s, version)
@@ -74,7 +74,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     # A face aligned before the crops were bundled (one PNG per crop) is scored the same.
     _store_as_png_crops(ids[3])
     with session_scope() as s:
-        photos.queue_for_scoring(s.get(ImageRow, ids[3]))
+        photos.rescore(s.get(ImageRow, ids[3]))
     assert pipeline.infer(ids[3]) == ids[3]
     with session_scope() as s:
         assert len(set(crop_keys(s, [ids[3]])[ids[3]].values())) > 1
