@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Presigned URLs are for one object and expire quickly: they carry patient photos.
 PRESIGN_SECONDS = 300
+# The codes of an S3Error that mean "no such object" (a HEAD request's 404 reads as NoSuchKey); any other code
+# (AccessDenied, ...) is a fault to report, never an absent object.
+MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -116,7 +119,7 @@ class Storage:
             self.client.stat_object(self.bucket, key)
             return True
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            if exc.code in MISSING:
                 return False
             raise
 

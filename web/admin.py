@@ -146,10 +146,12 @@ def update_account(user_id: int):
 @bp.get("/models")
 def models():
     from shared.modelops.retrain import latest_runs
+    from web.phenotype import combiner_status
 
     db = get_db()
     versions = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
-    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30))
+    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30),
+                           combiner=combiner_status())
 
 
 @bp.post("/models/<int:version_id>/activate")
