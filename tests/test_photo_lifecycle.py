@@ -634,6 +634,19 @@ def test_photo_lifecycle_state_machine(world):
         print(f"  {row[0] or '(new)':<16}{row[1]:<17}{row[2]:<16}{_moves.get(row, 0)}")
 
 
+def test_the_table_is_in_the_docstring_and_move_refuses_any_other_move():
+    assert photos.table_text() in photos.__doc__
+    assert "done            rescore          scoring" in photos.table_text()
+    image = Image(id=7, status=ImageStatus.rejected.value)
+    with pytest.raises(photos.IllegalTransition, match="photo 7: score may not move it from rejected to done"):
+        photos.move(image, ImageStatus.done, photos.Event.score)
+    assert image.status == ImageStatus.rejected.value
+    # Only rejected is final; every other state has a way out, and only rescore leaves done.
+    sources = {s for s, _, _ in photos.TRANSITIONS}
+    assert set(ImageStatus) - sources == {ImageStatus.rejected}
+    assert {e for s, e, _ in photos.TRANSITIONS if s == ImageStatus.done} == {photos.Event.rescore}
+
+
 def _upload(world: World, case_id: int | None, n: int) -> tuple[int, list[int]]:
     from web.uploads import store_images, validate_files
 
