@@ -262,6 +262,7 @@ class PhotoLife(RuleBasedStateMachine):
         self.paused: tuple[threading.Thread, Plan, tuple, dict] | None = None
         self.active: int | None = None  # the active model version (this machine activates them)
         self.checked: tuple | None = None
+        self.rows: dict[int, tuple] = {}  # what the invariants read after the last step
         self.world.messages.clear()
         _changes.clear()
         _puts.clear()
@@ -498,9 +499,8 @@ class PhotoLife(RuleBasedStateMachine):
         """Mostly a photo the table lets ``action`` move (the others are refused, which ``k >= 12`` tries)."""
         if k >= 12:
             return self._photo(k)
-        with session_scope() as s:
-            able = sorted(i for i, status in s.execute(select(Image.id, Image.status).where(Image.id.in_(self._ours())))
-                          if photos.allows(status, action))
+        # The statuses the invariants read after the last step (nothing has moved a photo since).
+        able = sorted(i for i in self._ours() if i in self.rows and photos.allows(self.rows[i][1], action))
         return able[k % len(able)] if able else self._photo(k)
 
     def _ours(self) -> list[int]:
@@ -528,6 +528,7 @@ class PhotoLife(RuleBasedStateMachine):
         with session_scope() as s:
             rows = {i: (case, status, updated) for i, case, status, updated in s.execute(
                 select(Image.id, Image.case_id, Image.status, Image.updated_at).where(Image.id.in_(ids)))}
+        self.rows = rows
         self.every_status_change_is_in_the_table()
         self.a_cancelled_photo_never_becomes_done(rows)
         self.a_deleted_case_leaves_no_row_and_no_object(rows)
