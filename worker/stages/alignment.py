@@ -119,10 +119,14 @@ def _forget_deleted(items: list[tuple[Image, np.ndarray, Any]], keys: dict[int, 
     with session_scope() as session:
         live = set(session.scalars(select(Image.sha256).where(Image.sha256.in_(list(shas)))))
     for sha, image_id in shas.items():
-        if sha not in live:
+        if sha in live:
+            continue
+        try:
             for key in keys[image_id]:
                 get_storage().delete(key)
             logger.info("image=%s state=deleted_meanwhile objects=%d", image_id, len(keys[image_id]))
+        except Exception:  # noqa: BLE001 - the orphan collector removes them later
+            logger.warning("image=%s state=deleted_meanwhile objects=left_to_orphan_collector", image_id)
 
 
 def stored_detections(batch: list[Image]) -> tuple[list[tuple[Image, np.ndarray, Any]], list[int]]:
