@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 # worker processes, no gunicorn, no model trained in a subprocess. Each file here runs in under a minute.
 FAST_TESTS := tests/test_structure.py tests/test_static.py tests/test_admin_console.py tests/test_evaluation.py \
 	tests/test_identity.py tests/test_imaging.py tests/test_nets.py tests/test_phenotype.py tests/test_prepcache.py \
-	tests/test_trust.py tests/test_training.py tests/test_encoder.py tests/test_hardening.py
+	tests/test_trust.py tests/test_training.py tests/test_encoder.py tests/test_hardening.py tests/test_config.py
 
 install: $(VENV)/.installed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +37,43 @@ def _float(name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
 
 
+# The spellings a boolean setting accepts (any case); anything else stops the process at start.
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+    value = BOOLEANS.get(raw.strip().lower())
+    if value is None:
+        raise ConfigError(f"{name}={raw!r} is not a boolean; allowed: {', '.join(BOOLEANS)}")
+    return value
+
+
+# The settings that take one of a few values: attribute -> (variable, the values allowed). The detector and
+# landmark names are the registries' of shared.ml.preprocess.backends (tests/test_config.py checks that they agree).
+CHOICES = {
+    "detector_backend": ("GESTALT_DETECTOR", ("auto", "retinaface", "mediapipe")),
+    "landmark_backend": ("GESTALT_LANDMARKER", ("auto", "fan", "mediapipe")),
+    "device": ("GESTALT_DEVICE", ("auto", "cpu", "cuda", "cuda:<index>", "mps")),
+    "infer_precision": ("GESTALT_INFER_PRECISION", ("auto", "fp32", "bf16")),
+    "fuse_stages": ("GESTALT_FUSE_STAGES", ("auto", "on", "off")),
+}
+
+
+def _is_choice(value: str, allowed: tuple[str, ...]) -> bool:
+    """``value`` is one of ``allowed``, where ``name:<index>`` stands for ``name:0``, ``name:1``, ..."""
+    patterns = [re.escape(a.removesuffix(":<index>")) + r":\d+" for a in allowed if a.endswith(":<index>")]
+    return value in allowed or any(re.fullmatch(p, value) for p in patterns)
+
+
+def check_choices(settings: object) -> None:
+    """Stop at start when a choice setting is none of its values: its name, its value and the values allowed."""
+    for attr, (name, allowed) in CHOICES.items():
+        value = getattr(settings, attr)
+        if not _is_choice(value, allowed):
+            raise ConfigError(f"{name}={value!r} is not one of the values allowed: {', '.join(allowed)}")
 
 
 def _str(name: str, default: str | None = None) -> str | None:
@@ -198,6 +231,7 @@ class Settings:
     decode_cache: int = field(default_factory=lambda: _int("GESTALT_DECODE_CACHE", 8))
 
     def __post_init__(self) -> None:
+        check_choices(self)
         # Commands run beside `gestalt up` (users create, train, ...) find the embedded
         # engines through the connection file it writes; explicit env vars always win.
         embedded = read_stack_file(self.data_dir)

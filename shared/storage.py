@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Presigned URLs are for one object and expire quickly: they carry patient photos.
 PRESIGN_SECONDS = 300
+# The codes of an S3Error that mean "no such object" (a HEAD request's 404 reads as NoSuchKey); any other code
+# (AccessDenied, ...) is a fault to report, never an absent object.
+MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -79,11 +82,6 @@ def train_data_key(blob: bytes) -> str:
     return f"train-data/base-{sha256_hex(blob)[:16]}.npz"
 
 
-# The error codes of an object that is not there (S3 says NoSuchKey; some servers NoSuchObject or NotFound).
-# Anything else (AccessDenied, a signature error) is a fault to report, never "absent".
-MISSING_CODES = ("NoSuchKey", "NoSuchObject", "NotFound")
-
-
 class Storage:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str = "us-east-1"):
@@ -121,7 +119,7 @@ class Storage:
         try:
             return self.get(key)
         except S3Error as exc:
-            if exc.code in MISSING_CODES:
+            if exc.code in MISSING:
                 return None
             raise
 
@@ -130,7 +128,7 @@ class Storage:
             self.client.stat_object(self.bucket, key)
             return True
         except S3Error as exc:
-            if exc.code in MISSING_CODES:
+            if exc.code in MISSING:
                 return False
             raise
 

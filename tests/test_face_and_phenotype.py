@@ -4,6 +4,7 @@ gallery patients (syndromes the model has no class for), or neither."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -130,3 +131,113 @@ def test_phenotype_and_joint_rankings_on_the_case(engines, web_server, scored_ca
         assert "gallery patients (nearest 1.00)" in page and "facial model</span>" in page
     finally:
         storage.delete(PHENOTYPE_COMBINER_KEY)
+
+
+def _loaded(portal: Portal, case_id: int, timeout: float = 120) -> dict:
+    """The case's payload once the server's phenotype index has loaded (its first load may take a while)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        payload = portal.case(case_id)
+        if "error" not in (payload["phenotype"] or {}) or time.monotonic() > deadline:
+            return payload
+        time.sleep(1)
+
+
+def test_a_case_scored_by_two_models_is_ranked_by_one(engines, web_server):
+    """One photo scored by the active model, two by an older one: the ranked syndromes, the printed report and the
+    joint ranking all come from the active model and say so (the model, the one photo, the two left out)."""
+    import torch
+
+    from shared.ml.formats.ranking import rank
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.phenotype import Combiner
+    from shared.modelops import registry
+
+    ensure_catalog()
+    email = new_user()
+    storage = get_storage()
+    with session_scope() as s:
+        kabuki = s.scalars(select(Syndrome).where(Syndrome.omim == KABUKI)).one()
+        down = s.scalars(select(Syndrome).where(Syndrome.omim == DOWN)).one()
+        classes = [{"syndrome_id": kabuki.id, "name": kabuki.name}, {"syndrome_id": down.id, "name": down.name}]
+        before = registry.active_version(s)
+        versions = []
+        for name in ("older", "active"):
+            torch.manual_seed(0)
+            version = registry.register_model(s, storage, RegionalEnsemble(("full_face",), 2, width=0.125).eval(),
+                                              ["x-one", "x-two"], {}, name=f"two-models-{name}-{email[:16]}")
+            version.classes = classes
+            versions.append(version)
+        older, active = versions
+        registry.activate(s, active)
+        case = Case(owner_id=find_user(s, email).id, patient_ref="PT-TWO-MODELS", sex="female", age_years=4,
+                    hpo_terms=_kabuki_terms())
+        s.add(case)
+        s.flush()
+        images = [Image(case_id=case.id, sha256=f"{i:02x}" * 32, object_key="originals/none.png",
+                        content_type="image/png", width=100, height=100, status="done") for i in (0xd1, 0xd2, 0xd3)]
+        s.add_all(images)
+        s.flush()
+        for image, version, scores in zip(images, (active, older, older), ([0.9, 0.1], [0.2, 0.8], [0.2, 0.8]),
+                                          strict=True):
+            s.add(Result(image_id=image.id, model_version_id=version.id, scores=scores,
+                         ranking=rank(np.asarray(scores), classes)))
+        ids = case.id, images[0].id, active.id, active.name, before.id if before else None
+    case_id, first, active_id, active_name, before_id = ids
+    combiner = Combiner({"similarity": 0.7, "adjusted": 1.6, "z": 0.9, "log_rank_similarity": 0.3,
+                         "log_rank_adjusted": 0.4, "facial_model": 8.4, "face_log_prob": 0.9}, meta={})
+    storage.put(PHENOTYPE_COMBINER_KEY, json.dumps(combiner.to_dict()).encode(), "application/json")
+    try:
+        portal = Portal(web_server, email)
+        payload = _loaded(portal, case_id)
+        ranking = payload["case_result"]
+        assert ranking["model_version"] == {"id": active_id, "name": active_name}
+        assert (ranking["photos"], ranking["image_ids"], ranking["left_out"]) == (1, [first], 2)
+        assert ranking["ranking"][0]["syndrome_id"] == payload["images"][0]["result"]["ranking"][0]["syndrome_id"]
+        assert ranking["ranking"][0]["score"] == pytest.approx(0.9)
+        phenotype = payload["phenotype"]
+        assert (phenotype["facial_model"], phenotype["facial_photos"]) == (active_name, 1)
+        joint = {r["code"]: r for r in phenotype["joint"]}
+        assert joint[KABUKI]["face_probability"] == pytest.approx(0.9)  # the active model's, not the older mean
+        page = portal.http.get(f"{web_server}/cases/{case_id}").text
+        assert f"One photo, model {active_name}" in page and "Left out: 2 photos scored by another model only" in page
+        assert f'<span id="joint-facial-model">{active_name}</span> (one photo' in page
+        report = portal.http.get(f"{web_server}/cases/{case_id}/report").text
+        assert f"Model {active_name}" in report
+    finally:
+        storage.delete(PHENOTYPE_COMBINER_KEY)
+        with session_scope() as s:
+            s.execute(delete(Case).where(Case.id == case_id))
+            if before_id is not None:
+                registry.activate(s, s.get(ModelVersion, before_id))
+            else:
+                s.get(ModelVersion, active_id).status = "retired"
+
+
+def test_a_combination_the_store_refuses_is_an_error_an_admin_sees(engines, monkeypatch, caplog):
+    """An AccessDenied on the installed combination is not "none installed": it is logged as an error and the
+    admin's models page says what the object store answered."""
+    import re
+
+    import web.phenotype
+    from shared import storage as storage_module
+    from shared.config import get_settings
+    from tests.conftest import PASSWORD
+    from web import create_app
+
+    s = get_settings()
+    refused = storage_module.Storage(s.s3_endpoint, s.s3_access_key, "not-the-secret-key", s.s3_bucket,
+                                     s.s3_secure, s.s3_region)
+    monkeypatch.setattr(storage_module, "_storage", refused)
+    caplog.set_level("ERROR", logger="web.phenotype")
+    with pytest.raises(web.phenotype.CombinerUnavailable, match="AccessDenied"):
+        web.phenotype.installed_combiner()
+    assert f"phenotype combiner {PHENOTYPE_COMBINER_KEY} unreadable: AccessDenied" in caplog.text
+
+    client = create_app().test_client()
+    token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', client.get("/login").text).group(1)
+    client.post("/login", data={"csrf_token": token, "email": new_user("admin"), "password": PASSWORD})
+    page = client.get("/admin/models").text
+    status = re.search(r'<p class="meta" id="combiner-status">(.*?)</p>', page, re.S).group(1)
+    assert "the joint ranking is unavailable" in status and "(AccessDenied)" in status
+    assert "none installed" not in status

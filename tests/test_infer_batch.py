@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     with session_scope() as s:
         # Waiting for scoring, as the sweep leaves them when a model appears (no messages are sent here).
         for image in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))):
-            photos.queue_for_scoring(image)
+            photos.wake(image)
         version = registry.register_model(s, get_storage(), model, ["b-one", "b-two", "b-three"], {},
                                           name="batch-model")
         registry.activate(s, version)
@@ -75,7 +76,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     # A face aligned before the crops were bundled (one PNG per crop) is scored the same.
     _store_as_png_crops(ids[3])
     with session_scope() as s:
-        photos.queue_for_scoring(s.get(ImageRow, ids[3]))
+        photos.rescore(s.get(ImageRow, ids[3]))
     assert pipeline.infer(ids[3]) == ids[3]
     with session_scope() as s:
         assert len(set(crop_keys(s, [ids[3]])[ids[3]].values())) > 1
@@ -95,3 +96,43 @@ def _store_as_png_crops(image_id: int) -> None:
             c.object_key = storage.put(f"crops/{sha[:2]}/{sha}/{c.region}.png", encode_png(crops[c.region]),
                                        "image/png")
 
+
+
+def test_a_claimed_photo_met_while_realigning_waits_and_is_scored(engines, workers, web_server):
+    """Scoring finds a photo's crops gone and aligns it again; another worker's batch holds it. The infer task
+    sends the alignment and the scoring again after the wait (never a failure, never a spent retry), and the
+    photo is scored once that batch's lease has run out."""
+    from shared.config import get_settings
+    from shared.dispatch import enqueue_scoring
+    from shared.models import Crop
+
+    with session_scope() as s:
+        s.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+    portal = Portal(web_server, new_user())
+    case_id = portal.create_case("PT-REALIGN")
+    portal.upload(case_id, [("0.png", _photo(77))])
+    (image_id,) = [i["id"] for i in portal.wait(case_id, timeout=180, settled=("awaiting_model",))["images"]]
+    wait_idle()
+    torch.manual_seed(0)
+    model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 3, width=0.125).eval()
+    lease = get_settings().claim_lease_seconds
+    with session_scope() as s:
+        image = s.get(ImageRow, image_id)
+        face = s.scalars(select(Face).where(Face.image_id == image_id)).one()
+        s.execute(Crop.__table__.delete().where(Crop.face_id == face.id))  # the crops are gone
+        photos.wake(image)  # waiting for scoring, as the sweep leaves it when a model appears
+        held_until = time.time() + 4  # another worker's batch holds the photo for four more seconds
+        photos.stamp(image, claimed_at=held_until - lease, claimed_by="other@elsewhere:1")
+        version = registry.register_model(s, get_storage(), model, ["r-one", "r-two", "r-three"], {},
+                                          name="realign-model")
+        registry.activate(s, version)
+    enqueue_scoring(image_id)
+    payload = portal.wait(case_id, timeout=120, settled=("done", "failed", "rejected"))
+    wait_idle()
+    with session_scope() as s:
+        image = s.get(ImageRow, image_id)
+        assert image.status == "done", image.reason
+        assert s.scalar(select(Result.id).where(Result.image_id == image_id, Result.model_version_id == version.id))
+        assert image.stage_times["align_start"] >= held_until  # aligned again once the other batch's lease ran out
+        assert "retries" not in image.stage_times and "failed" not in image.stage_times
+    assert payload["images"][0]["status"] == "done"

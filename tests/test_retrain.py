@@ -197,3 +197,39 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         assert active_version(s).name == new_name
     # The killed task is redelivered to a future `train` worker; it then runs cleanly under the lock.
     assert requests.get(web_server + "/healthz").ok
+
+
+def test_a_candidate_passed_while_the_active_model_changed_is_logged_as_rejected(engines, caplog):
+    """The guard agreed, but another model was activated during the run: the candidate is stored as rejected and the
+    log line says ``rejected`` (what was stored), with the decision recorded on the run."""
+    import os
+
+    import torch
+
+    from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.train.heads import GuardResult
+    from shared.modelops import registry, retrain
+    from shared.storage import get_storage
+
+    torch.manual_seed(0)
+    model = RegionalEnsemble(("full_face",), 2, width=0.125).eval()
+    with session_scope() as s:
+        start = registry.register_model(s, get_storage(), model, ["t-a", "t-b"], {},
+                                        name=f"retrain-log-start-{os.getpid()}")
+        run = TrainingRun(trigger="cli", status="running", kind="heads", base_version_id=start.id)
+        s.add(run)
+        s.flush()
+        run_id, start_id = run.id, start.id  # the run starts from a version that is not (or no longer) active
+    base = retrain._Base(version_id=start_id, name=f"retrain-log-start-{os.getpid()}", classes=["t-a", "t-b"],
+                         config={}, features_key="", crops_key=None, model=model, member=None, backbone="",
+                         features={})
+    guard = GuardResult(promote=True, reason="the candidate is at least as good", candidate={}, active={})
+    caplog.set_level("INFO", logger="shared.modelops.retrain")
+    retrain._register(run_id, get_storage(), base, model, ["t-a", "t-b"], guard, {},
+                      {"counts": {}, "durations": {}, "metrics": {}})
+    with session_scope() as s:
+        run = s.get(TrainingRun, run_id)
+        assert run.status == "rejected" and run.decision.startswith("the active model changed during the run")
+        assert s.get(ModelVersion, run.candidate_version_id).status == "rejected"
+    assert f"retrain run={run_id} status=rejected the active model changed during the run" in caplog.text
+    assert "status=promoted" not in caplog.text

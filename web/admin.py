@@ -68,10 +68,10 @@ def _charts(db, hours: float = 6) -> dict:
 @bp.post("/images/<int:image_id>/retry")
 def retry_image(image_id: int):
     db = get_db()
-    image = db.get(Image, image_id)
-    if image is None or image.status != ImageStatus.failed.value:
+    image = photos.lock(db, image_id)
+    if image is None or not photos.allows(image.status, photos.Event.retry):
         return _done("Only failed photos can be retried.", "admin.queues", "error")
-    photos.queue_again(image)
+    photos.retry(image)
     audit(db, "admin_retry", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
     dispatch.enqueue_photo(image.id)
@@ -81,8 +81,8 @@ def retry_image(image_id: int):
 @bp.post("/images/<int:image_id>/cancel")
 def cancel_image(image_id: int):
     db = get_db()
-    image = db.get(Image, image_id)
-    if image is None or image.status in photos.FINISHED:
+    image = photos.lock(db, image_id)
+    if image is None or not photos.allows(image.status, photos.Event.cancel):
         return _done("That photo is already finished.", "admin.queues", "error")
     photos.cancel(image)
     audit(db, "admin_cancel", current_user.id, "image", image.id, ip=request.remote_addr)
@@ -146,10 +146,12 @@ def update_account(user_id: int):
 @bp.get("/models")
 def models():
     from shared.modelops.retrain import latest_runs
+    from web.phenotype import combiner_status
 
     db = get_db()
     versions = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
-    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30))
+    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30),
+                           combiner=combiner_status())
 
 
 @bp.post("/models/<int:version_id>/activate")

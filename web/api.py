@@ -181,20 +181,16 @@ def rescore(image_id: int):
     """Score this photo again with the active model (its old result is kept)."""
     from shared import dispatch, photos
     from shared.models import ImageStatus
-    from shared.models.cases import ACTIVE_STATES
 
     db = get_db()
-    image = image_or_404(image_id)
-    if image.status in ACTIVE_STATES:
-        return jsonify(error="this photo is still being processed"), 409
-    if image.status == ImageStatus.rejected.value:
+    image = photos.lock(db, image_or_404(image_id).id)
+    if not photos.allows(image.status, photos.Event.rescore):
+        if image.status in photos.ACTIVE:
+            return jsonify(error="this photo is still being processed"), 409
         return jsonify(error=f"this photo was rejected: {image.reason}"), 409
-    has_crops = image.face is not None and bool(image.face.crops)
-    if has_crops:
-        photos.queue_for_scoring(image)
-    else:
-        photos.queue_again(image)
+    photos.rescore(image)
     audit(db, "rescore", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
-    (dispatch.enqueue_scoring if has_crops else dispatch.enqueue_photo)(image.id)
+    scoring = image.status == ImageStatus.scoring.value
+    (dispatch.enqueue_scoring if scoring else dispatch.enqueue_photo)(image.id)
     return jsonify(id=image.id, status=image.status), 202

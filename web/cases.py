@@ -106,12 +106,11 @@ def report(case_id: int):
     audit(db, "report_export", current_user.id, "case", case.id, ip=request.remote_addr)
     db.commit()
     payload = case_payload(db, case, current_user.id, current_user.is_admin)
-    # The case-level ranking (mean over photos scored by one model), else the one scored photo's.
-    result = payload["case_result"] or next((i["result"] for i in payload["images"] if i["result"]), None)
+    # The case's ranking (shared.services.ranking: one model, the photos it scored), as the page shows it.
+    result = payload["case_result"]
     version = db.get(ModelVersion, result["model_version"]["id"]) if result else None
     scored = [{"index": n, "scores": {r["syndrome_id"]: r["score"] for r in i["result"]["ranking"]}}
-              for n, i in enumerate(payload["images"], 1)
-              if i["result"] and version and i["result"]["model_version"]["id"] == version.id]
+              for n, i in enumerate(payload["images"], 1) if result and i["id"] in result["image_ids"]]
     return render_template(
         "report.html", case=case, payload=payload, user=current_user, printed=datetime.now(UTC),
         ranking=result["ranking"] if result else [], ranking_photos=(result or {}).get("photos", 1), scored=scored,

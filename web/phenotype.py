@@ -14,29 +14,43 @@ import json
 import logging
 import threading
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Case, Image, ModelVersion, Result, Syndrome
+from shared.models import Case, ModelVersion, Syndrome
+from shared.services.ranking import CaseRanking
 
 logger = logging.getLogger(__name__)
 TOP = 10
 _combiner_cache: dict[str, object] = {"etag": None, "value": None}
 
 
+class CombinerUnavailable(RuntimeError):
+    """The object store refused to read the installed combination (not: none is installed)."""
+
+
 def installed_combiner():
-    """The installed :class:`~shared.ml.phenotype.Combiner`, or None (one HEAD request; read again when the
-    stored object changes)."""
+    """The installed :class:`~shared.ml.phenotype.Combiner`, or None when none is installed (one HEAD request;
+    read again when the stored object changes).
+
+    Raises:
+        CombinerUnavailable: the object store answered with another error (``AccessDenied``, ...): logged as an
+            error, and the case page shows it in place of the joint ranking.
+    """
     from minio.error import S3Error
 
     from shared.ml.phenotype.joint import Combiner
-    from shared.storage import PHENOTYPE_COMBINER_KEY, get_storage
+    from shared.storage import MISSING, PHENOTYPE_COMBINER_KEY, get_storage
 
     storage = get_storage()
     try:
         etag = storage.client.stat_object(storage.bucket, PHENOTYPE_COMBINER_KEY).etag
-    except S3Error:
+    except S3Error as exc:
+        if exc.code not in MISSING:
+            logger.error("phenotype combiner %s unreadable: %s %s", PHENOTYPE_COMBINER_KEY, exc.code, exc.message)
+            raise CombinerUnavailable(
+                f"the joint ranking is unavailable: the object store refused to read the installed combination "
+                f"({exc.code}); an administrator must check the object store's permissions") from exc
         etag = None
     if etag != _combiner_cache["etag"]:
         value = None
@@ -47,6 +61,15 @@ def installed_combiner():
                 logger.error("phenotype combiner unreadable: %s", exc)
         _combiner_cache.update(etag=etag, value=value)
     return _combiner_cache["value"]
+
+
+def combiner_status() -> dict:
+    """For the admin's models page: whether a combination is installed, or why it cannot be read."""
+    try:
+        combiner = installed_combiner()
+    except CombinerUnavailable as exc:
+        return {"error": str(exc)}
+    return {"installed": combiner is not None, "meta": combiner.meta if combiner is not None else None}
 
 
 _loading: dict[str, object] = {"thread": None, "error": None}
@@ -76,27 +99,14 @@ def ranker(wait: float = 3.0):
     return shared_ranker() if shared_ranker.cache_info().currsize else None
 
 
-def facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict[str, float], str | None]:
-    """``{catalogue code: mean probability}`` over the case's photos scored by ``version_id`` (else by the
-    model that scored most of them), and that model's name."""
-    face, name, _ = _facial_scores(db, case, version_id)
-    return face, name
-
-
-def _facial_scores(db: Session, case: Case, version_id: int | None) -> tuple[dict[str, float], str | None, int | None]:
-    rows = db.execute(select(Result.model_version_id, Result.scores).join(Image, Image.id == Result.image_id)
-                      .where(Image.case_id == case.id, Image.status == "done")).all()
-    if not rows:
-        return {}, None, None
-    counts: dict[int, int] = {}
-    for v, _ in rows:
-        counts[v] = counts.get(v, 0) + 1
-    version_id = version_id if version_id in counts else max(counts, key=counts.get)
-    version = db.get(ModelVersion, version_id)
-    mean = np.mean([s for v, s in rows if v == version_id], axis=0)
-    ids = [c["syndrome_id"] for c in version.classes]
+def facial_scores(db: Session, ranking: CaseRanking | None) -> dict[str, float]:
+    """``{catalogue code: mean probability}`` of the case's ranking (:mod:`shared.services.ranking`: the model and
+    the photos the case page's ranking uses), by each class's OMIM or Orphanet code."""
+    if ranking is None:
+        return {}
+    ids = [c["syndrome_id"] for c in ranking.version.classes]
     codes = {s.id: s.omim or s.orpha for s in db.scalars(select(Syndrome).where(Syndrome.id.in_(ids)))}
-    return {codes[i]: float(p) for i, p in zip(ids, mean, strict=True) if codes.get(i)}, version.name, version_id
+    return {codes[i]: float(p) for i, p in zip(ids, ranking.scores, strict=True) if codes.get(i)}
 
 
 def request_gallery(db: Session, backbone: str, regions: tuple[str, ...]):
@@ -147,12 +157,14 @@ def _uses_gallery(combiner) -> bool:
     return any(combiner.weights.get(f, 0.0) for f in GALLERY_FEATURES)
 
 
-def phenotype_payload(db: Session, case: Case, active_id: int | None,
+def phenotype_payload(db: Session, case: Case, active_id: int | None, ranking: CaseRanking | None = None,
                       gallery: dict[str, float] | None = None) -> dict | None:
     """The phenotype and joint rankings of a case with HPO terms (None without terms).
 
-    ``gallery``: ``{catalogue code: nearest gallery patient's similarity}``; computed here (under the backbone
-    of the model whose facial scores are used) when not given and the installed combination weighs it."""
+    ``ranking``: the case's ranking by the face (:func:`shared.services.ranking.case_ranking`), whose model and
+    photos give the joint ranking's face part. ``gallery``: ``{catalogue code: nearest gallery patient's
+    similarity}``; computed here (under the backbone of that model, else the active one) when not given and the
+    installed combination weighs it."""
     terms = list(case.hpo_terms or [])
     if not terms:
         return None
@@ -168,14 +180,18 @@ def phenotype_payload(db: Session, case: Case, active_id: int | None,
     phenotype = [{"rank": i + 1, "code": str(scores.codes[j]), "name": names.get(str(scores.codes[j]), ""),
                   "similarity": float(scores.similarity[j]), "p_value": float(scores.pvalue[j])}
                  for i, j in enumerate(order)]
-    face, model, version_id = _facial_scores(db, case, active_id)
-    combiner = installed_combiner()
+    face = facial_scores(db, ranking)
+    try:
+        combiner, combiner_error = installed_combiner(), None
+    except CombinerUnavailable as exc:
+        combiner, combiner_error = None, str(exc)
     joint = None
     if combiner is not None:
         if gallery is None and _uses_gallery(combiner):
-            gallery = gallery_similarities(db, case, version_id if version_id is not None else active_id)
+            gallery = gallery_similarities(db, case, ranking.version.id if ranking is not None else active_id)
         joint = combiner.rank(scores, face or None, gallery or None).top(TOP, names)
     return {"terms": len(terms), "ignored": scores.ignored, "mapped": scores.mapped, "phenotype": phenotype,
-            "joint": joint, "facial_model": model, "facial_classes": len(face),
+            "joint": joint, "facial_model": ranking.version.name if ranking is not None else None,
+            "facial_photos": ranking.photos if ranking is not None else 0, "facial_classes": len(face),
             "gallery_syndromes": len(gallery or {}),
-            "combiner": None if combiner is None else combiner.meta}
+            "combiner": None if combiner is None else combiner.meta, "combiner_error": combiner_error}

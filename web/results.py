@@ -6,14 +6,17 @@ from flask import url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Case, Image, ModelVersion, RegionScore, Result, Syndrome
+from shared.models import Case, Image, ModelVersion, RegionScore, Syndrome
 from shared.services.diagnoses import diagnosis_payload
+from shared.services.ranking import case_ranking, photo_result
 from web.phenotype import phenotype_payload, request_gallery
 
 TOP_N = 30
 
 
-def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
+def image_payload(db: Session, image: Image, active_id: int | None, model_id: int | None = None) -> dict:
+    """A photo's status, face and result: the result of model ``model_id`` (the case ranking's; default: the
+    active one) when it scored the photo, else the newest."""
     out = {
         "id": image.id, "status": image.status, "reason": image.reason,
         "width": image.width, "height": image.height,
@@ -32,8 +35,7 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
                        "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
                        "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
                        "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
-    result = db.scalars(select(Result).where(Result.image_id == image.id)
-                        .order_by(Result.created_at.desc(), Result.id.desc())).first()
+    result = photo_result(db, image.id, model_id if model_id is not None else active_id)
     if result is not None:
         version = db.get(ModelVersion, result.model_version_id)
         regions = db.scalars(select(RegionScore).where(RegionScore.image_id == image.id,
@@ -52,26 +54,6 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
             "ood": result.ood,
         }
     return out
-
-
-def case_result(db: Session, case: Case, active_id: int | None) -> dict | None:
-    """The case-level ranking: the mean of the photos' aggregate scores, for photos scored by one model
-    (the active one when it has scored at least two photos, else the one that scored the most)."""
-    rows = db.execute(select(Result.model_version_id, Result.scores).join(Image, Image.id == Result.image_id)
-                      .where(Image.case_id == case.id, Image.status == "done")).all()
-    by_version: dict[int, list[list[float]]] = {}
-    for version_id, scores in rows:
-        by_version.setdefault(version_id, []).append(scores)
-    eligible = {v: s for v, s in by_version.items() if len(s) >= 2}
-    if not eligible:
-        return None
-    version_id = active_id if active_id in eligible else max(eligible, key=lambda v: len(eligible[v]))
-    from shared.ml.formats.ranking import rank
-
-    version = db.get(ModelVersion, version_id)
-    mean = np.mean(np.asarray(eligible[version_id], dtype=np.float64), axis=0)
-    return {"model_version": {"id": version.id, "name": version.name}, "photos": len(eligible[version_id]),
-            "ranking": rank(mean, version.classes)[:TOP_N]}
 
 
 def with_catalogue(db: Session, ranking: list[dict]) -> list[dict]:
@@ -139,7 +121,8 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
 
     active = active_version(db)
     active_id = active.id if active else None
-    result = case_result(db, case, active_id)
+    ranking = case_ranking(db, case.id, active_id)
+    result = ranking.payload(TOP_N) if ranking is not None else None
     if result is not None:
         result["ranking"] = with_catalogue(db, result["ranking"])
     return {
@@ -147,10 +130,11 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
         "ancestry": case.ancestry, "hpo_terms": hpo_labels(db, list(case.hpo_terms or [])),
         "created_at": case.created_at.isoformat(),
         "active_model": {"id": active.id, "name": active.name} if active else None,
-        "images": [image_payload(db, image, active_id) for image in case.images],
+        "images": [image_payload(db, image, active_id, ranking.version.id if ranking else None)
+                   for image in case.images],
         "case_result": result,
         "diagnosis": diagnosis_payload(db, case),
         "gallery": gallery_payload(db, case, active, viewer_id, viewer_is_admin),
         "display": display_fields(db, result, active),
-        "phenotype": phenotype_payload(db, case, active_id),
+        "phenotype": phenotype_payload(db, case, active_id, ranking),
     }

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 
 def _begin(image_id: int, status: ImageStatus, key: str) -> Image | None:
-    """Move the image into a stage; None when it no longer exists or is already final."""
+    """Move the image into a stage; None when it no longer exists or the table has no claim from its state."""
     heartbeat(node(), model_cache().loaded_name)
     return photos.enter_stage(image_id, status, key, node())
 
@@ -130,7 +130,10 @@ def infer(image_id: int | None) -> int | None:
     """Score the crops with the active model; write region scores and the ranking.
 
     Photos that wait behind this one are claimed (up to ``GESTALT_INFER_BATCH`` in all) and
-    scored in the same forward pass.
+    scored in the same forward pass. A photo that is not waiting for scoring (finished, failed, or in an
+    earlier stage that its own message or the sweep moves on) is left alone. When its crops are lost the
+    photo is aligned again here, which raises :class:`Claimed` while another worker's batch holds it (the
+    task then sends the alignment and the scoring again, after the wait).
     """
     if image_id is None:
         return None

@@ -57,5 +57,5 @@ def run() -> None:
     try:
         main(standalone_mode=True)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         sys.exit(2)

@@ -332,7 +332,8 @@ def _register(run_id: int, storage: Storage, base: _Base, candidate: RegionalEns
             run.status = "rejected"
             if guard.promote:  # someone activated another model meanwhile
                 run.decision = f"the active model changed during the run; {guard.reason}"[:1000]
-    logger.info("retrain run=%d status=%s %s", run_id, "promoted" if guard.promote else "rejected", guard.reason)
+        stored, decision = run.status, run.decision
+    logger.info("retrain run=%d status=%s %s", run_id, stored, decision)
 
 
 def latest_runs(session: Session, limit: int = 20) -> list[TrainingRun]:

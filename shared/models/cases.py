@@ -20,14 +20,16 @@ from shared.models._types import JSONB, created_at_column, updated_at_column
 
 
 class ImageStatus(enum.StrEnum):
+    """A photo's status; the moves between them, and the events that cause them, are ``shared.photos.TRANSITIONS``."""
+
     queued = "queued"
     detecting = "detecting"
     aligning = "aligning"
     scoring = "scoring"
     done = "done"
-    rejected = "rejected"  # permanent: no usable face, unreadable image; `reason` says why
+    rejected = "rejected"  # permanent: no usable face, an unreadable image, or cancelled; `reason` says why
     awaiting_model = "awaiting_model"  # preprocessed, no active model yet
-    failed = "failed"  # retries exhausted on a transient error; the sweeper may re-queue it
+    failed = "failed"  # retries exhausted, or the sweep gave up; only a retry (an admin's) or a rescore moves it on
 
 
 ACTIVE_STATES = ("queued", "detecting", "aligning", "scoring")

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from shared.audit import audit
 from shared.models import Image, ModelVersion, Result
 from shared.services import Refusal
-from shared.storage import MISSING_CODES, Storage, get_storage, heatmap_key
+from shared.storage import MISSING, Storage, get_storage, heatmap_key
 
 logger = logging.getLogger(__name__)
 ALL = "all"  # the region name of the combined map (shared.ml.explain.saliency.ALL)
@@ -112,7 +112,7 @@ def heatmap(db: Session, image: Image, syndrome: str, region: str, user_id: int,
         try:
             png, cached = _render(db, storage, version, image, index, region), False
         except S3Error as exc:  # the checkpoint or the aligned face is gone
-            if exc.code not in MISSING_CODES:
+            if exc.code not in MISSING:
                 raise
             png = None
         if png is None:

@@ -204,21 +204,14 @@
     return box;
   }
 
-  function caseRanking(payload) {
-    // The case-level ranking; with one scored photo, that photo's ranking.
-    if (payload.case_result) return payload.case_result;
-    const scored = payload.images.filter((i) => i.result);
-    if (scored.length !== 1) return null;
-    return { model_version: scored[0].result.model_version, photos: 1, ranking: scored[0].result.ranking };
-  }
-
   function renderCaseResult(payload) {
+    // The case's ranking: one model and the finished photos it scored (shared.services.ranking).
     const body = document.getElementById("case-ranking-body");
-    const result = caseRanking(payload);
+    const result = payload.case_result;
     if (!body || !result) return;
     const photos = payload.images.map((image, i) => ({ n: i + 1, image: image }))
-      .filter((p) => p.image.result && p.image.result.model_version.id === result.model_version.id);
-    const key = result.model_version.id + ":" + photos.map((p) => p.image.id).join(",");
+      .filter((p) => result.image_ids.includes(p.image.id) && p.image.result);
+    const key = result.model_version.id + ":" + result.image_ids.join(",") + ":" + result.left_out;
     if (body.dataset.state === key) return;
     body.dataset.state = key;
     const model = DISPLAY.model;
@@ -229,6 +222,7 @@
       if (v.topk !== null && model.classes > v.k) about += " and in the top " + v.k + " for " + Math.round(100 * v.topk) + "%";
       about += " (" + model.classes + " syndromes known)";
     }
+    if (result.left_out) about += ". Left out: " + result.left_out + " photo" + (result.left_out > 1 ? "s" : "") + " scored by another model only";
     const table = el("table", { class: "scores ranking" });
     const hr = el("tr");
     ["#", "Syndrome", "ID", "Genes", "Similarity"].forEach((h) => hr.append(el("th", {}, h)));

@@ -2,6 +2,7 @@
 faces updated in one transaction."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from shared.storage import aligned_key, get_storage
 from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
+logger = logging.getLogger("worker.pipeline")  # the pipeline's log lines keep one name, whichever step writes them
 # A batch's crop rows: one upsert executed with a list of rows (compiled once, not once per batch size).
 _CROPS = upsert(Crop, ["face_id", "region"], ["object_key"])
 
@@ -61,11 +63,10 @@ def _record_alignment(face: Face, aligned: Any, aligned_object: str, pre: Any) -
 
 def _on_to_scoring(row: Image, fused: bool, now: float) -> None:
     if fused:  # stamped as started: no infer batch of another worker claims it meanwhile
-        photos.move(row, ImageStatus.scoring, align_end=now, infer_start=now, infer_by=resources.node(),
-                    **{CLAIM_AT: now})
+        photos.move(row, ImageStatus.scoring, photos.Event.align, align_end=now, infer_start=now,
+                    infer_by=resources.node(), **{CLAIM_AT: now})
     else:  # waiting for scoring, claimable by any infer batch
-        photos.queue_for_scoring(row)
-        photos.stamp(row, align_end=now, **{CLAIM_AT: None})
+        photos.aligned(row, align_end=now, **{CLAIM_AT: None})
 
 
 def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) -> list[tuple[Image, Any]]:
@@ -82,7 +83,7 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
     now = time.time()
     out = []
     with session_scope() as session:
-        rows = locked(session, [image.id for image, _, _ in items])
+        rows = locked(session, [image.id for image, _, _ in items], ImageStatus.aligning, "align")
         faces = {f.image_id: f for f in session.scalars(
             select(Face).where(Face.image_id.in_(list(keys))).with_for_update())}
         crop_rows = []
@@ -105,7 +106,27 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             out.append((image, aligned))
         if crop_rows:
             session.execute(_CROPS, crop_rows)
+    if len(rows) < len(items):
+        _forget_deleted(items, keys)
     return out
+
+
+def _forget_deleted(items: list[tuple[Image, np.ndarray, Any]], keys: dict[int, tuple[str, str]]) -> None:
+    """The objects this batch stored for photos deleted meanwhile (their case was deleted while the batch ran):
+    removed again, unless a photo with the same original still exists (the deletion may have listed the
+    photo's objects before this batch stored them)."""
+    shas = {image.sha256: image.id for image, _, _ in items if image.id in keys}
+    with session_scope() as session:
+        live = set(session.scalars(select(Image.sha256).where(Image.sha256.in_(list(shas)))))
+    for sha, image_id in shas.items():
+        if sha in live:
+            continue
+        try:
+            for key in keys[image_id]:
+                get_storage().delete(key)
+            logger.info("image=%s state=deleted_meanwhile objects=%d", image_id, len(keys[image_id]))
+        except Exception:  # noqa: BLE001 - the orphan collector removes them later
+            logger.warning("image=%s state=deleted_meanwhile objects=left_to_orphan_collector", image_id)
 
 
 def stored_detections(batch: list[Image]) -> tuple[list[tuple[Image, np.ndarray, Any]], list[int]]:
@@ -124,7 +145,7 @@ def stored_detections(batch: list[Image]) -> tuple[list[tuple[Image, np.ndarray,
         try:
             rgb = resources.original_rgb(image)
         except ImageRejected as exc:
-            photos.reject(image.id, exc.reason)
+            photos.reject(image.id, exc.reason, ImageStatus.aligning)
             continue
         box, rotation = boxes[image.id]
         items.append((image, rgb, Detection(DetectedFace(box, 1.0), 1, rotation)))

@@ -35,6 +35,10 @@ CLAIM_AT, CLAIM_BY = "claimed_at", "claimed_by"
 PAST_ALIGNMENT = (ImageStatus.scoring.value, ImageStatus.awaiting_model.value)
 PAST_DETECTION = (ImageStatus.aligning.value, *PAST_ALIGNMENT)
 PAST = "past"
+# The states a detect or align message acts on (the table's claims into the stage, and the states past it);
+# it leaves a photo in any other state alone: finished, failed (an administrator retries it) or gone.
+ENTER_DETECT = (*photos.sources(photos.Event.claim, ImageStatus.detecting), *PAST_DETECTION)
+ENTER_ALIGN = (*photos.sources(photos.Event.claim, ImageStatus.aligning), *PAST_ALIGNMENT)
 
 
 class Claimed(Exception):  # noqa: N818 - a state, not an error
@@ -58,14 +62,17 @@ def claim_live(image: Image, now: float) -> bool:
         times.get(CLAIM_BY) != claimer()
 
 
-def locked(session, ids: list[int]) -> dict[int, Image]:
-    """The batch's photos that still exist and are not final, locked, by id."""
-    rows = session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id).with_for_update()).all()
-    return {i.id: i for i in rows if i.status not in photos.FINISHED}
+def locked(session, ids: list[int], expected: ImageStatus, writer: str) -> dict[int, Image]:
+    """The batch's photos, locked, that still exist and are still in ``expected`` (the state this batch claimed
+    them in), by id; each photo that has left it (cancelled, swept, deleted, moved on by another worker) is
+    skipped with a log line saying what was found (:func:`shared.photos.still_in`)."""
+    rows = {i.id: i for i in session.scalars(
+        select(Image).where(Image.id.in_(ids)).order_by(Image.id).with_for_update())}
+    return {i: rows[i] for i in ids if photos.still_in(rows.get(i), i, (expected.value,), writer)}
 
 
 def reject_in(image: Image, reason: str, now: float) -> None:
-    photos.move(image, ImageStatus.rejected, reason, rejected=now, **{CLAIM_AT: None})
+    photos.move(image, ImageStatus.rejected, photos.Event.reject, reason, rejected=now, **{CLAIM_AT: None})
     logger.info("image=%s state=rejected reason=%r", image.id, reason)
 
 
@@ -80,15 +87,17 @@ def enter_detect(image_id: int) -> Image | str | None:
         # Most messages under load belong to photos a batch already finished: a plain read tells, without
         # locking the row (a lock makes the transaction a write that PostgreSQL must log and flush).
         status = session.scalar(select(Image.status).where(Image.id == image_id))
-        image = session.get(Image, image_id, with_for_update=True) if status not in photos.FINISHED else None
-        if image is None or image.status in photos.FINISHED:
-            logger.info("image=%s state=skipped reason=%s", image_id, image.status if image else status or "deleted")
+        if status not in ENTER_DETECT:
+            photos.skipped(image_id, "detect", ENTER_DETECT, status)
+            return None
+        image = session.get(Image, image_id, with_for_update=True)
+        if not photos.still_in(image, image_id, ENTER_DETECT, "detect"):
             return None
         if claim_live(image, now):
             raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
         if image.status in PAST_DETECTION:
             return PAST
-        photos.move(image, ImageStatus.detecting, detect_start=now, detect_by=node(),
+        photos.move(image, ImageStatus.detecting, photos.Event.claim, detect_start=now, detect_by=node(),
                     **{CLAIM_AT: now, CLAIM_BY: claimer()})
         session.flush()
         session.expunge(image)
@@ -108,8 +117,8 @@ def claim_for_detection(image_id: int, limit: int) -> list[Image]:
         for image in rows:
             if claim_live(image, now):
                 continue
-            photos.move(image, ImageStatus.detecting, detect_start=now, detect_by=node(), batched_with=image_id,
-                        **{CLAIM_AT: now, CLAIM_BY: claimer()})
+            photos.move(image, ImageStatus.detecting, photos.Event.claim, detect_start=now, detect_by=node(),
+                        batched_with=image_id, **{CLAIM_AT: now, CLAIM_BY: claimer()})
             out.append(image)
         session.flush()
         for image in out:
@@ -126,17 +135,17 @@ def enter_align(image_id: int) -> Image | str | None:
     now = time.time()
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
-        if image is None or image.status in photos.FINISHED:
-            logger.info("image=%s state=skipped reason=%s", image_id, image.status if image else "deleted")
+        if not photos.still_in(image, image_id, ENTER_ALIGN, "align"):
             return None
         if claim_live(image, now):
             raise Claimed(image_id, min(1.0, get_settings().claim_lease_seconds))
         if image.status in PAST_ALIGNMENT:
             return PAST
         if session.scalar(select(Face.id).where(Face.image_id == image_id)) is None:
-            photos.move(image, ImageStatus.queued)
+            if image.status != ImageStatus.queued.value:
+                photos.move(image, ImageStatus.queued, photos.Event.redo)
             return "detect"
-        photos.move(image, ImageStatus.aligning, align_start=now, align_by=node(),
+        photos.move(image, ImageStatus.aligning, photos.Event.claim, align_start=now, align_by=node(),
                     **{CLAIM_AT: now, CLAIM_BY: claimer()})
         session.flush()
         session.expunge(image)
@@ -192,7 +201,7 @@ def release_claims(ids: list[int]) -> None:
     """After a failed batch: its photos' own messages may go on at once instead of after the lease."""
     try:
         with session_scope() as session:
-            for row in locked(session, ids).values():
+            for row in session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id).with_for_update()):
                 if (row.stage_times or {}).get(CLAIM_BY) == claimer():
                     photos.stamp(row, **{CLAIM_AT: None})
     except Exception:  # noqa: BLE001 - the database may be what failed; the lease then runs out

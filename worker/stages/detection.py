@@ -52,7 +52,7 @@ def detect_batch(batch: list[Image], fused: bool) -> list[tuple[Image, np.ndarra
     now = time.time()
     out = []
     with session_scope() as session:
-        rows = locked(session, [i.id for i in batch])
+        rows = locked(session, [i.id for i in batch], ImageStatus.detecting, "detect")
         faces = []
         for image, rgb, result in zip(batch, loaded, found, strict=True):
             row = rows.get(image.id)
@@ -63,10 +63,10 @@ def detect_batch(batch: list[Image], fused: bool) -> list[tuple[Image, np.ndarra
                 continue
             faces.append(_face_row(image.id, result, provenance))
             if fused:  # this worker aligns it next, under the same claim
-                photos.move(row, ImageStatus.aligning, detect_end=now, align_start=now, align_by=resources.node(),
-                            **{CLAIM_AT: now})
+                photos.move(row, ImageStatus.aligning, photos.Event.detect, detect_end=now, align_start=now,
+                            align_by=resources.node(), **{CLAIM_AT: now})
             else:
-                photos.move(row, ImageStatus.aligning, detect_end=now, **{CLAIM_AT: None})
+                photos.move(row, ImageStatus.aligning, photos.Event.detect, detect_end=now, **{CLAIM_AT: None})
             out.append((image, rgb, result))
         if faces:
             session.execute(_FACES, faces)

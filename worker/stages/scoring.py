@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from shared import photos
 from shared.config import get_settings
@@ -32,8 +31,9 @@ def active_model_or_wait(image_id: int) -> Any | None:
         heartbeat(resources.node(), loaded.name if loaded else None)
         if loaded is None:
             image = session.get(Image, image_id, with_for_update=True)
-            photos.move(image, ImageStatus.awaiting_model, awaiting_model=time.time())
-            logger.info("image=%s state=awaiting_model", image_id)
+            if photos.still_in(image, image_id, (ImageStatus.scoring.value,), "no_model"):
+                photos.move(image, ImageStatus.awaiting_model, photos.Event.no_model, awaiting_model=time.time())
+                logger.info("image=%s state=awaiting_model", image_id)
         return loaded
 
 
@@ -65,9 +65,9 @@ def return_to_alignment(image_id: int) -> bool:
     """Send a photo whose crops are lost (or were never made) back to alignment; False when it is gone or final."""
     with session_scope() as session:
         image = session.get(Image, image_id, with_for_update=True)
-        if image is None or image.status in photos.FINISHED:
+        if not photos.still_in(image, image_id, (ImageStatus.scoring.value,), "realign"):
             return False
-        photos.move(image, ImageStatus.aligning)
+        photos.move(image, ImageStatus.aligning, photos.Event.redo)
     return True
 
 
@@ -80,8 +80,9 @@ def score_batch(items: list[tuple[Image, Any]]) -> None:
         loaded = resources.model_cache().active(session, get_storage())
         if loaded is None:
             now = time.time()
-            for row in locked(session, ids).values():
-                photos.move(row, ImageStatus.awaiting_model, awaiting_model=now, **{CLAIM_AT: None})
+            for row in locked(session, ids, ImageStatus.scoring, "no_model").values():
+                photos.move(row, ImageStatus.awaiting_model, photos.Event.no_model, awaiting_model=now,
+                            **{CLAIM_AT: None})
             logger.info("images=%s state=awaiting_model", ids)
             return
     member = getattr(loaded.model, "identity", None)
@@ -151,8 +152,8 @@ def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[d
     """:func:`write_scores` for a scored batch, ``(image_id, region_probs, aggregate, features, identity)``
     each, in one transaction (the photos locked in id order) and one statement per table."""
     with session_scope() as session:
-        images = {i.id: i for i in session.scalars(
-            select(Image).where(Image.id.in_([f[0] for f in faces])).order_by(Image.id).with_for_update())}
+        # The photos still waiting for these scores: one cancelled, swept or deleted meanwhile is left as it is.
+        images = locked(session, [f[0] for f in faces], ImageStatus.scoring, "score")
         kept = [f for f in faces if f[0] in images]
         features, scores, results = [], [], []
         for image_id, region_probs, aggregate, feats, identity in kept:
@@ -169,8 +170,7 @@ def write_scores_many(version_id: int, regions: tuple[str, ...], classes: list[d
         now = time.time()
         for image_id, *_ in kept:
             image = images[image_id]
-            photos.move(image, ImageStatus.done, done=now,
+            photos.move(image, ImageStatus.done, photos.Event.score, done=now,
                         **({CLAIM_AT: None} if (image.stage_times or {}).get(CLAIM_AT) else {}))
-    for image_id, *_ in faces:
+    for image_id, *_ in kept:
         logger.info("image=%s state=done model=%s", image_id, version_id)
-

@@ -76,9 +76,14 @@ def align(self, image_id: int | None) -> int | None:
         return self.replace(align.si(image_id).set(countdown=exc.wait))
 
 
-@app.task(name="pipeline.infer", base=PipelineTask)
-def infer(image_id: int | None) -> int | None:
-    return pipeline.infer(image_id)
+@app.task(name="pipeline.infer", base=PipelineTask, bind=True)
+def infer(self, image_id: int | None) -> int | None:
+    try:
+        return pipeline.infer(image_id)
+    except pipeline.Claimed as exc:
+        # Realigning a photo whose crops were lost, and another worker's batch holds it: align again after the
+        # wait, then score. A new message, never a failure and never one of the retries engine outages need.
+        return self.replace(chain(align.si(image_id).set(countdown=exc.wait), infer.s()))
 
 
 def enqueue_image(image_id: int) -> None:

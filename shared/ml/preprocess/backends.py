@@ -3,7 +3,7 @@
 A backend is a class in :mod:`shared.ml.preprocess.detection` or :mod:`shared.ml.preprocess.landmarks` that follows
 :class:`Detector` or :class:`Landmarker`, plus one :class:`Backend` entry below: how to build it,
 which weight files it needs, and whether those are present. The settings
-(``GESTALT_DETECTOR_BACKEND``, ``GESTALT_LANDMARK_BACKEND``), the CLI's choices, ``auto`` (the
+(``GESTALT_DETECTOR``, ``GESTALT_LANDMARKER``), the CLI's choices, ``auto`` (the
 first registered backend whose weights are present) and the workers' start-up check all read
 these registries, so a new backend touches its own module and this one.
 """
