@@ -71,25 +71,31 @@ def import_phenopackets(folder: Path, owner_email: str) -> None:
     """Create cases from the *.json Phenopackets of FOLDER (photos by relative path): all of them or none.
 
     A packet imported before for the same owner is skipped, so running it again creates nothing."""
+    from shared.phenopackets import plan_packets
+
+    def plan(session):
+        return plan_packets(session, folder), "packet(s)"
+
+    _import(owner_email, plan, "phenopacket")
+
+
+def _import(owner_email: str, plan, via: str) -> None:
+    """Plan (check everything), write all of it or nothing, then queue the new photos; prints what it did."""
     from shared.db import session_scope
-    from shared.phenopackets import ImportRefused, import_packets
+    from shared.imports import ImportRefused, enqueue_images, write_cases
     from shared.storage import get_storage
 
     with session_scope() as session:
         owner = _owner(session, owner_email)
         try:
-            result = import_packets(session, get_storage(), folder, owner.id)
+            plans, what = plan(session)
+            result = write_cases(session, get_storage(), plans, owner.id, via=via)
         except ImportRefused as exc:
             raise click.ClickException("nothing was imported:\n  " + "\n  ".join(exc.problems)) from exc
-        created = [(c.id, c.external_id) for c in result.cases]
-    from shared.dispatch import enqueue_photo
-
-    for image_id in result.image_ids:
-        try:
-            enqueue_photo(image_id)
-        except Exception:  # noqa: BLE001 - the row is committed; the sweeper queues it later
-            console.print(f"photo {image_id} will be queued by the sweeper (the broker did not answer)")
-    for case_id, external_id in created:
-        click.echo(f"case {case_id} <- {external_id}")
+        created = [(c.id, c.external_id, len(c.images)) for c in result.cases]
+    for image_id in enqueue_images(result.image_ids):
+        console.print(f"photo {image_id} will be queued by the sweeper (the broker did not answer)")
+    for case_id, external_id, photos in created:
+        click.echo(f"case {case_id} <- {external_id} ({photos} photo(s))")
     console.print(f"{len(created)} case(s) and {len(result.image_ids)} photo(s) imported; "
-                  f"{len(result.skipped)} packet(s) were imported before and skipped")
+                  f"{len(result.skipped)} {what} were imported before and skipped")
