@@ -79,6 +79,38 @@ def import_phenopackets(folder: Path, owner_email: str) -> None:
     _import(owner_email, plan, "phenopacket")
 
 
+@import_group.command("photos")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--owner", "owner_email", required=True, help="The clinician who will own the imported cases.")
+@click.option("--consent", default=None, metavar="yes",
+              help="Required: 'yes' states that every patient of FOLDER consented to the reuse of their photos.")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV with the columns folder,syndrome: maps syndrome folders to catalogue names or OMIM/ORPHA ids.")
+@click.option("--kind", type=click.Choice(["clinical", "molecular"]), default="clinical", show_default=True,
+              help="How the diagnoses were confirmed.")
+def import_photos(folder: Path, owner_email: str, consent: str | None, labels_path: Path | None, kind: str) -> None:
+    """Seed the gallery from FOLDER/<syndrome>/<patient>/<photo>: each patient a case of --owner with a confirmed,
+    consented diagnosis, its photos queued for the pipeline. Everything is checked first; all or nothing.
+
+    A syndrome folder is a catalogue name or an OMIM/ORPHA id (OMIM:147920, ORPHA:2322), or mapped to one by --labels;
+    a patient folder's name is the case's pseudonymous reference. Patients imported before are skipped."""
+    from shared.photo_import import CONSENT_REQUIRED, plan_photo_folder
+
+    if consent != "yes":
+        raise click.UsageError(f"nothing was imported: {CONSENT_REQUIRED} (--consent yes)")
+
+    def plan(session):
+        labels = labels_path.read_bytes() if labels_path else None
+        found = plan_photo_folder(session, folder, consent=True, kind=kind, labels=labels,
+                                  labels_name=labels_path.name if labels_path else "labels")
+        if found.ignored:
+            console.print(f"skipped {len(found.ignored)} system file(s): {', '.join(found.ignored[:5])}"
+                          f"{' ...' if len(found.ignored) > 5 else ''}")
+        return found.cases, "patient(s)"
+
+    _import(owner_email, plan, "photo-folder")
+
+
 def _import(owner_email: str, plan, via: str) -> None:
     """Plan (check everything), write all of it or nothing, then queue the new photos; prints what it did."""
     from shared.db import session_scope
