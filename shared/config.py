@@ -119,6 +119,22 @@ class Settings:
     # refused with 413 and the web worker goes on (photos that must be decoded and encoded afresh: turned, CMYK,
     # transparent or 16-bit PNG, WebP, TIFF, BMP).
     upload_cpu_seconds: float = field(default_factory=lambda: _float("GESTALT_UPLOAD_CPU_SECONDS", 10.0))
+    # Photo archives an admin imports (`POST /api/v1/admin/imports/photos`, the admin console's Imports page): the
+    # largest upload, in megabytes (a larger one gets 413 before it is read). `gestalt import photos DIR` on the
+    # server has no such limit. Each photo in it still passes the upload gate (GESTALT_MAX_UPLOAD_MB and the rest).
+    import_max_archive_mb: int = field(default_factory=lambda: _int("GESTALT_IMPORT_MAX_ARCHIVE_MB", 200))
+    # Most entries (files and folders) in one archive, read from its end record before its directory is parsed.
+    import_max_entries: int = field(default_factory=lambda: _int("GESTALT_IMPORT_MAX_ENTRIES", 2000))
+    # Most megabytes an archive may unpack to, summed over its entries (each entry at most GESTALT_MAX_UPLOAD_MB).
+    import_max_unpacked_mb: int = field(default_factory=lambda: _int("GESTALT_IMPORT_MAX_UNPACKED_MB", 500))
+    # Largest compression ratio of one entry (unpacked / packed size): photos hardly compress, a zip bomb does
+    # a thousandfold. Checked, like the sizes above, from the archive's directory before anything is unpacked.
+    import_max_ratio: float = field(default_factory=lambda: _float("GESTALT_IMPORT_MAX_RATIO", 100.0))
+    # Processor seconds the portal may spend checking one archive's photos (gunicorn's timeout is 120 s); past it
+    # the import is refused with 413 and nothing is written: import a larger archive with `gestalt import photos`.
+    import_cpu_seconds: float = field(default_factory=lambda: _float("GESTALT_IMPORT_CPU_SECONDS", 60.0))
+    # Archive imports each admin may run (Flask-Limiter syntax), refused ones included: each unpacks and decodes.
+    import_rate_limit: str = field(default_factory=lambda: _str("GESTALT_IMPORT_RATE_LIMIT", "10 per hour"))
     # Photos each user may upload (accepted ones; Flask-Limiter syntax); past it uploads get 429 with Retry-After.
     photo_rate_limit: str = field(default_factory=lambda: _str("GESTALT_PHOTO_RATE_LIMIT", "200 per hour"))
     # Saliency heatmaps each user may request (each may run the model's networks backwards).
@@ -249,6 +265,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def import_max_archive_bytes(self) -> int:
+        return self.import_max_archive_mb * 1024 * 1024
 
     def require_secrets(self) -> None:
         """Stop at start-up when a service is configured without its secret."""

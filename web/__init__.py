@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify
+from flask import Flask, Request, g, jsonify
+from flask_login import current_user
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.routing import IntegerConverter
 
@@ -11,6 +12,27 @@ from shared.config import ConfigError, get_settings
 
 logger = logging.getLogger(__name__)
 csrf = CSRFProtect()
+
+
+# Where an admin uploads a photo archive (web/imports.py): a body up to GESTALT_IMPORT_MAX_ARCHIVE_MB.
+ARCHIVE_ENDPOINTS = frozenset({"api.import_photos", "admin.import_photos"})
+
+
+class PortalRequest(Request):
+    """Flask's request, whose body limit is ``MAX_CONTENT_LENGTH`` (one photo and the form) except an admin's archive
+    import. The limit is read when the body is first parsed (the login's CSRF check), after the login is known, so
+    anyone else's body to the same address is held to the ordinary limit."""
+
+    @property
+    def max_content_length(self) -> int | None:
+        if self._max_content_length is None and self.endpoint in ARCHIVE_ENDPOINTS and \
+                current_user.is_authenticated and current_user.is_admin:
+            return get_settings().import_max_archive_bytes + 1024 * 1024
+        return Request.max_content_length.fget(self)
+
+    @max_content_length.setter
+    def max_content_length(self, value: int | None) -> None:
+        Request.max_content_length.fset(self, value)
 
 
 class DatabaseId(IntegerConverter):
@@ -30,9 +52,23 @@ def trust_proxies(app: Flask, hops: int) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
 
 
+def security_headers(response):
+    """Every answer: no sniffing, no framing, no referrer to other sites, no caching, only this origin's scripts."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+        "script-src 'self'; frame-ancestors 'none'")
+    return response
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     settings = get_settings()
     app = Flask(__name__)
+    app.request_class = PortalRequest
     # Row ids are PostgreSQL integers: a larger number in a URL is a 404, never a database error.
     app.url_map.converters["int"] = DatabaseId
     if not settings.secret_key and not (test_config or {}).get("SECRET_KEY"):
@@ -72,17 +108,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(heatmaps.bp)
     errors.init_app(app, settings.max_upload_mb)
 
-    @app.after_request
-    def security_headers(response):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-            "script-src 'self'; frame-ancestors 'none'")
-        return response
+    app.after_request(security_headers)
 
     @app.get("/healthz")
     def healthz():

@@ -10,9 +10,12 @@ from sqlalchemy import select
 from shared import dispatch, monitoring, photos
 from shared.audit import audit
 from shared.models import AuditLog, Image, ImageStatus, ModelVersion, Role, User
+from shared.services import Refusal
 from shared.users import UserError, create_user, disable_user, reset_password
+from web import limits
 from web.auth import admin_required
 from web.db import get_db
+from web.inputs import InputRejected
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE = 100  # audit rows per page
@@ -192,6 +195,31 @@ def start_retrain():
     dispatch.queue_retrain("admin", dry_run=dry_run, kind=kind)
     audit(get_db(), "retrain_start", current_user.id, ip=request.remote_addr, kind=kind, dry_run=dry_run)
     return _done(f"Retraining ({kind}{', dry run' if dry_run else ''}) queued on the train queue.", "admin.models")
+
+
+# ------------------------------------------------------------------ imports
+@bp.get("/imports")
+def imports():
+    return render_template("admin/imports.html", result=None, problems=[])
+
+
+@bp.post("/imports")
+@limits.imports
+def import_photos():
+    """The form's archive as cases (web/imports.py): the cases created, or every problem (400) and nothing."""
+    from shared.imports import ImportRefused
+    from web.imports import import_archive, parse_import
+
+    try:
+        result = import_archive(get_db(), parse_import(request.form, request.files), current_user.id,
+                                request.remote_addr)
+    except ImportRefused as exc:
+        return render_template("admin/imports.html", result=None, problems=exc.problems), 400
+    except Refusal as exc:
+        return render_template("admin/imports.html", result=None, problems=[exc.message]), exc.status
+    except InputRejected as exc:
+        return render_template("admin/imports.html", result=None, problems=[exc.description]), 400
+    return render_template("admin/imports.html", result=result, problems=[]), 201 if result.cases else 200
 
 
 # ------------------------------------------------------------------ audit

@@ -7,6 +7,7 @@ from flask_login import current_user
 from shared.audit import audit
 from web import limits
 from web.access import case_or_404, image_or_404
+from web.auth import admin_required
 from web.db import get_db
 from web.reads import audit_read
 from web.results import case_payload, image_payload
@@ -194,3 +195,22 @@ def rescore(image_id: int):
     scoring = image.status == ImageStatus.scoring.value
     (dispatch.enqueue_scoring if scoring else dispatch.enqueue_photo)(image.id)
     return jsonify(id=image.id, status=image.status), 202
+
+
+@bp.post("/admin/imports/photos")
+@admin_required
+@limits.imports
+def import_photos():
+    """A zip of <syndrome>/<patient>/<photo> folders as cases of ``owner`` (multipart: archive, owner, consent=yes,
+    kind, labels): 201 with the cases created (200 when all were imported before), or 400 with every problem."""
+    from shared.imports import ImportRefused
+    from web.imports import import_archive, parse_import
+    from web.schemas import ImportProblems
+
+    body = parse_import(request.form, request.files)
+    try:
+        result = import_archive(get_db(), body, current_user.id, request.remote_addr)
+    except ImportRefused as exc:
+        problems = ImportProblems(error=f"nothing was imported: {len(exc.problems)} problem(s)", problems=exc.problems)
+        return jsonify(problems.model_dump()), 400
+    return jsonify(result.model_dump()), 201 if result.cases else 200

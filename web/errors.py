@@ -37,8 +37,7 @@ HTTP_MESSAGES = {403: "this needs an administrator", 404: "not found, or not you
 def init_app(app: Flask, max_upload_mb: float) -> None:
     """Every error the portal and the API answer, in one shape."""
     app.register_error_handler(Refusal, lambda exc: refuse(exc.message, exc.status))
-    app.register_error_handler(
-        413, lambda _exc: refuse(f"the upload is larger than the {max_upload_mb} MB limit", 413, page=False))
+    app.register_error_handler(413, lambda _exc: refuse(_too_large(app, max_upload_mb), 413, page=False))
     app.register_error_handler(
         400, lambda exc: refuse(exc.description or "the request could not be understood", 400))
     for code, message in HTTP_MESSAGES.items():
@@ -47,6 +46,14 @@ def init_app(app: Flask, max_upload_mb: float) -> None:
     app.register_error_handler(
         CSRFError, lambda exc: refuse(f"CSRF check failed: {exc.description}", 400, page=False))
     app.register_error_handler(500, _server_error)
+
+
+def _too_large(app: Flask, max_upload_mb: float) -> str:
+    limit = request.max_content_length or 0
+    if limit > (app.config.get("MAX_CONTENT_LENGTH") or limit):  # an admin's archive import (web.PortalRequest)
+        return (f"the archive is larger than the {(limit >> 20) - 1} MB limit (GESTALT_IMPORT_MAX_ARCHIVE_MB); split "
+                "it, or import it on the server with `gestalt import photos`")
+    return f"the upload is larger than the {max_upload_mb} MB limit"
 
 
 def _server_error(exc):

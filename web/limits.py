@@ -50,3 +50,7 @@ reports = limiter.shared_limit(
 rescores = limiter.shared_limit(
     lambda: get_settings().rescore_rate_limit, scope="rescores", key_func=user_key,
     error_message="too many rescores asked for; wait a minute and try again")
+# An admin's photo archive imports, from the API and the admin console; refused ones count too (each was unpacked).
+imports = limiter.shared_limit(
+    lambda: get_settings().import_rate_limit, scope="imports", key_func=user_key,
+    error_message="too many archive imports in the last while; wait and try again")

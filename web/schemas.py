@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema
+from werkzeug.datastructures import FileStorage
 
 from shared.services.diagnoses import DIAGNOSIS_KINDS, GENE_MAX, VARIANT_MAX
 from web.inputs import InputRejected
@@ -57,6 +58,50 @@ class DiagnosisUpdate(_Strict):
     consent: bool | None = None
 
 
+# A file part of a multipart body: checked as an upload, described as binary.
+Upload = Annotated[FileStorage, WithJsonSchema({"type": "string", "format": "binary"})]
+
+
+class PhotoImport(_Strict):
+    """``POST /api/v1/admin/imports/photos`` and the admin console's import form (``multipart/form-data``): a zip of
+    ``<syndrome>/<patient>/<photo>`` folders, each patient a case of ``owner`` with a confirmed, consented diagnosis."""
+
+    model_config = ConfigDict(strict=True, str_strip_whitespace=True, extra="forbid", arbitrary_types_allowed=True)
+
+    archive: Upload = Field(description="A .zip of <syndrome>/<patient>/<photo> folders (or of one folder holding "
+                                        "them); its size, entries and compression are checked before it is unpacked")
+    owner: Annotated[str, StringConstraints(min_length=3, max_length=254)] = Field(
+        description="E-mail of the clinician who will own the cases")
+    consent: Literal["yes"] = Field(description="'yes': every patient of the archive consented to the reuse of "
+                                                "their photos (required)")
+    kind: Literal[DIAGNOSIS_KINDS] = Field("clinical", description="How the diagnoses were confirmed")  # type: ignore[valid-type]
+    labels: Upload | None = Field(None, description="CSV with the columns folder,syndrome: maps syndrome folders to "
+                                                    "catalogue names or OMIM/ORPHA ids")
+
+
+class ImportedCase(BaseModel):
+    id: int
+    external_id: str
+    patient_ref: str
+    syndrome: str
+    photos: int
+
+
+class PhotoImportResult(BaseModel):
+    """201 with the cases created (200 when every patient was imported before)."""
+
+    cases: list[ImportedCase]
+    skipped: list[str] = Field(description="external ids of patients the owner had before: left as they are")
+    photos: int = Field(description="photos stored and queued for the pipeline")
+
+
+class ImportProblems(BaseModel):
+    """400: nothing was imported."""
+
+    error: str
+    problems: list[str] = Field(description="one line per problem, with its path in the archive")
+
+
 def _problem(error: dict) -> tuple[str, str]:
     """(field, what is wrong with it) for one pydantic error."""
     field = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "constrained")))
@@ -69,6 +114,7 @@ def _problem(error: dict) -> tuple[str, str]:
              "literal_error": error.get("msg", "").replace("Input should be", "must be"),
              "string_too_long": f"has at most {error.get('ctx', {}).get('max_length')} characters",
              "extra_forbidden": "is not a field of this request",
+             "is_instance_of": "must be a file (a part of a multipart/form-data body)",
              "too_long": f"has at most {error.get('ctx', {}).get('max_length')} items",
              "string_pattern_mismatch": f"must be {PATIENT_REF_RULE}" if field == "patient_ref"
              else "has the wrong form"}
