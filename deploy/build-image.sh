@@ -2,13 +2,17 @@
 # Build a Gestalt image from deploy/Dockerfile: with docker where its daemon answers, with buildah otherwise.
 #
 #   deploy/build-image.sh [--target cpu|gpu] [--tag NAME] [--engine docker|buildah] [--ca-bundle FILE]
-#                         [--host-pip] [--wheelhouse DIR] [--offline] [-- MORE BUILD OPTIONS]
+#                         [--host-pip] [--wheelhouse DIR [--offline]] [--wheels-out DIR] [--no-standin]
+#                         [-- MORE BUILD OPTIONS]
 #
 #   --ca-bundle FILE  an extra CA bundle (a TLS-intercepting proxy's CA) for pip inside the build
 #   --host-pip        hand this machine's pip settings (`pip config list`: index, extra index, find-links,
 #                     constraints; its cert becomes the CA bundle) to the build (deploy/host_pip.py)
 #   --wheelhouse DIR  a folder of wheels pip searches first; with --offline, the only place it looks
+#   --wheels-out DIR  no image: download every wheel the target's image installs into DIR, with the image's
+#                     own Python (a wheelhouse to carry to a site with no internet)
 #   --no-standin      fail where the base image cannot be pulled, rather than build the stand-in base
+#   DEBIAN_MIRROR, HTTP_PROXY, HTTPS_PROXY, NO_PROXY (environment): handed to the build
 #
 # Where the Python base image cannot be pulled (no registry reachable), a stand-in is built with
 # debootstrap (root): Debian bookworm's own Python 3.11, tagged localhost/gestalt-standin-python:3.11-slim-bookworm.
@@ -17,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-target=cpu tag="" engine="" ca_bundle="" host_pip=0 wheelhouse="" offline=0 standin=1
+target=cpu tag="" engine="" ca_bundle="" host_pip=0 wheelhouse="" offline=0 standin=1 wheels_out=""
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,6 +32,7 @@ while [ $# -gt 0 ]; do
     --host-pip) host_pip=1; shift ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
     --offline) offline=1; shift ;;
+    --wheels-out) wheels_out=$2; shift 2 ;;
     --no-standin) standin=0; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -140,20 +145,33 @@ if [ -n "$ca_bundle" ]; then
   build_args+=(--secret "id=ca,src=$ca_bundle")
 fi
 [ -z "$wheelhouse" ] || build_args+=(--build-context "wheelhouse=$(cd "$wheelhouse" && pwd)")
+# The build argument that names torch's index: the CPU build's by default, which may be out of reach.
+torch_arg=CPU_TORCH_INDEX_URL
+[ -z "$wheels_out" ] || torch_arg=TORCH_INDEX_URL
 if [ "$offline" = 1 ]; then
-  [ -n "$wheelhouse" ] || [ "$host_pip" = 1 ] || die "--offline needs --wheelhouse DIR"
+  [ -n "$wheelhouse" ] || die "--offline needs --wheelhouse DIR"
   build_args+=(--build-arg PIP_NO_INDEX=1 --build-arg CPU_TORCH_INDEX_URL= --build-arg GPU_TORCH_INDEX_URL=)
-elif [ "$target" = cpu ] && ! given_arg CPU_TORCH_INDEX_URL >/dev/null; then
-  torch_index=$(sed -n 's/^ARG CPU_TORCH_INDEX_URL=//p' deploy/Dockerfile)
+elif [ "$target" = gpu ] && [ -n "$wheels_out" ]; then
+  build_args+=(--build-arg TORCH_INDEX_URL=)  # the gpu image's torch: pip's own index
+elif [ "$target" = cpu ] && ! given_arg "$torch_arg" >/dev/null; then
+  torch_index=$(sed -n "s/^ARG $torch_arg=//p" deploy/Dockerfile)
   if ! curl -fsS --max-time 20 ${ca_bundle:+--cacert "$ca_bundle"} -o /dev/null "$torch_index/torch/" 2>/dev/null; then
     say "$torch_index cannot be reached: torch comes from pip's own index (PyPI's torch is the CUDA build: a larger image)"
-    build_args+=(--build-arg CPU_TORCH_INDEX_URL=)
+    build_args+=(--build-arg "$torch_arg=")
   fi
 fi
 
 # ---------------------------------------------------------------- the build
-say "$engine builds --target $target -t $tag"
 started=$(date +%s%N)
+if [ -n "$wheels_out" ]; then
+  mkdir -p "$wheels_out"
+  say "$engine downloads the wheels of the $target image into $wheels_out"
+  build -f deploy/Dockerfile --target wheels --output "type=local,dest=$wheels_out" "${build_args[@]}" "${extra[@]}" .
+  echo "wheelhouse $wheels_out: $(find "$wheels_out" -type f | wc -l) files, $(du -sh "$wheels_out" | cut -f1)," \
+    "in $(( ($(date +%s%N) - started) / 1000000000 )) s"
+  exit 0
+fi
+say "$engine builds --target $target -t $tag"
 build -f deploy/Dockerfile --target "$target" -t "$tag" "${build_args[@]}" "${extra[@]}" .
 seconds=$(( ($(date +%s%N) - started) / 1000000000 ))
 if [ "$engine" = docker ]; then
