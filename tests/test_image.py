@@ -1,8 +1,8 @@
 """The CPU image, built from deploy/Dockerfile itself by deploy/build-image.sh, and started: its CLI, its
 user, what it leaves out, and `gestalt migrate`, `web` and `worker` inside it against engines on the host.
 
-The build makes a multi-GB image (about ten minutes cold on two cores), so these tests run on request, in
-their own CI step: ``make test-image`` (IMAGE_TEST=1). Without buildah or root they skip, saying why;
+The build makes a multi-GB image (11 to 14 minutes cold on two busy cores, seconds warm), so these tests run
+on request, in their own CI step: ``make test-image`` (IMAGE_TEST=1). Without buildah or root they skip, saying why;
 ``.ci/run`` sets IMAGE_TEST=require, which turns that skip into a failure. Commands run inside the image with
 ``buildah run --isolation chroot`` (no OCI runtime needed), which shares the host's network: the engines the
 tests start on 127.0.0.1 are reachable from inside, as they are from a compose service on its network.
@@ -139,7 +139,7 @@ def _process(pid: int) -> psutil.Process | None:
 @pytest.fixture(scope="module")
 def image(request, tmp_path_factory):
     if not MODE:
-        pytest.skip("builds the multi-GB CPU image (about ten minutes): run it with `make test-image` (IMAGE_TEST=1)")
+        pytest.skip("builds the multi-GB CPU image (minutes): run it with `make test-image` (IMAGE_TEST=1)")
     reason = _unavailable()
     if reason:
         if MODE == "require":
