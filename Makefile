@@ -2,11 +2,13 @@
 #   make up    install everything into .venv and run the whole stack (gestalt up)
 #   make test  install everything into .venv and run the test suite
 #   make test-fast  the unit and app-level tests only (no worker processes, no gunicorn): ~3 min on 2 cores
+#   make image      build the CPU image from deploy/Dockerfile (docker, or buildah; deploy/README.md)
+#   make test-image build the CPU image and start it (tests/test_image.py; root and buildah): its own CI step
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test test-fast bench clean
+.PHONY: install up test test-fast test-image image bench clean
 
 # The inner loop: unit tests and app-level tests (Flask test_client, one embedded database), no Celery
 # worker processes, no gunicorn, no model trained in a subprocess. Each file here runs in under a minute.
@@ -33,6 +35,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
+
+# IMAGE_TEST=require (.ci/run) fails where buildah or root is missing; 1 skips with the reason.
+test-image: install
+	IMAGE_TEST=$${IMAGE_TEST:-1} $(BIN)/python -m pytest tests/test_image.py
+
+image:
+	deploy/build-image.sh --target cpu
 
 bench: install
 	$(BIN)/python bench/pipeline.py
