@@ -93,12 +93,38 @@ def quantize(model: bytes, runtime: str, calibration: np.ndarray | None) -> byte
                 raise ValueError("onnx-int8 needs calibration inputs (the network's typical inputs)")
             quantize_static(str(prepared), str(target), _reader(CalibrationDataReader, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+                            weight_type=QuantType.QInt8, nodes_to_exclude=output_nodes(prepared))
         elif runtime == "onnx-int8-dynamic":
             quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
         else:
             raise ValueError(f"no quantisation for runtime {runtime!r}")
         return target.read_bytes()
+
+
+# Ops that compute (and end the walk back from an output); the ops between them and the output only move data.
+_COMPUTE = {"Conv", "Gemm", "MatMul"}
+
+
+def output_nodes(path: Path) -> list[str]:
+    """The nodes from each graph output back to (and including) the last convolution or matrix product before it.
+
+    They stay in float: an output quantised with ranges calibrated on a few faces clips what other faces reach.
+    (The identity encoder's descriptors on the shared people photos: cosine to fp32 at least 0.9994 with the final
+    layer in float, 0.996 with it quantised.)"""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    names: list[str] = []
+    frontier = [o.name for o in graph.output]
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or node.name in names:
+            continue
+        names.append(node.name)
+        if node.op_type not in _COMPUTE:
+            frontier += [i for i in node.input if i in producer]
+    return names
 
 
 def _reader(base: type, inputs: np.ndarray):
