@@ -47,7 +47,8 @@ DEFAULT_NETWORKS = ("encoder", "regions", "retinaface")
 
 
 def build_runners(net: Network, runtimes: list[str], device: str, console: Console) -> dict:
-    """``{runtime: (runner, seconds to build)}``; a runtime that cannot run this network is left out, with why."""
+    """``{runtime: (runner, seconds to build)}``; a runtime that cannot run here is left out, and ``net.skipped``
+    says why (e.g. ONNX Runtime's CUDA provider without the onnxruntime-gpu package)."""
     out = {}
     for runtime in runtimes:
         if runtime.startswith("onnx-int8") and not net.int8_judged:
@@ -64,7 +65,11 @@ def build_runners(net: Network, runtimes: list[str], device: str, console: Conso
                 runner = create_runner(module, _spec(net), runtime, "fp32", calibration=net.calibration,
                                        channels_last=net.channels_last)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run this network is a row saying so
-            console.print(f"[yellow]{net.name}: {runtime} unavailable: {exc}[/yellow]")
+            why = str(exc).splitlines()[0]
+            if runtime == "onnx-cuda":
+                why = f"onnxruntime-gpu is not installed ({why})"
+            console.print(f"[yellow]{net.name}: {runtime} skipped: {why}[/yellow]")
+            net.skipped.append((runtime, why))
             continue
         out[runtime] = (runner, time.perf_counter() - start)
     return out
@@ -116,6 +121,10 @@ def network_rows(net: Network, args, console: Console, table: Table, rows: list[
     if "eager" not in runners:
         console.print(f"[red]{net.name}: no eager runner, nothing to compare against[/red]")
         return {}
+    for runtime, why in net.skipped:
+        table.add_row(net.name, runtime, PRECISION.get(runtime, ""), "-", "skipped", why, "-")
+        rows.append({"bench": "runtimes", "what": f"{net.name}, {runtime} ({args.device})", "value": "-",
+                     "unit": "", "note": f"skipped: {why}"})
     checks = accuracy(net, runners)
     # Each repeat times every batch again (the three repeats of one run, for a loaded machine's noise).
     runs = [{b: timings(net, runners, b, args.rounds) for b in net.batches} for _ in range(args.repeat)]
@@ -135,27 +144,17 @@ def network_rows(net: Network, args, console: Console, table: Table, rows: list[
 
 
 def mediapipe_rows(args, table: Table, rounds: int) -> None:
-    """BlazeFace per photo and FaceMesh per face, through the workers' classes (one photo per graph call)."""
+    """The TFLite networks as shipped (see bench/_runtimes/tflite.py for what cannot be measured)."""
     from bench._runtimes.networks import _photos
-    from shared.ml.preprocess.detection import MediaPipeDetector
-    from shared.ml.preprocess.landmarks import MediaPipeMesh
+    from bench._runtimes.tflite import graph_rows, interpreter_rows
 
     photos = _photos(16)
-    detector, mesh = MediaPipeDetector(), MediaPipeMesh()
-    boxes = [f[0].box if (f := detector.detect(p)) else None for p in photos]
-    pairs = [(p, b) for p, b in zip(photos, boxes, strict=True) if b is not None]
-    for name, call in (("BlazeFace full range (per photo)", lambda: [detector.detect(p) for p, _ in pairs]),
-                       ("FaceMesh 468 (per face)", lambda: [mesh.landmarks(p, b) for p, b in pairs])):
-        call()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        ms = 1000 * statistics.median(times) / len(pairs)
-        table.add_row(name, "mediapipe (TFLite)", "fp32", "-", f"1: {ms:.2f}", "as shipped", "-")
-    detector.close()
-    mesh.close()
+    for name, how, ms in graph_rows(photos, rounds):
+        table.add_row(name, how, "fp32", "-", f"1: {ms:.2f}", "as the workers run it", "-")
+    for name, how, ms, accuracy in interpreter_rows(photos, rounds):
+        table.add_row(name, how, "fp32", "-", f"1: {ms:.2f}", accuracy, "-")
+    table.add_row("BlazeFace, FaceMesh", "ONNX Runtime", "-", "-", "not measured",
+                  "converting TFLite to ONNX needs tf2onnx and TensorFlow", "-")
 
 
 def main() -> None:
