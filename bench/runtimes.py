@@ -46,7 +46,7 @@ PRECISION = {"eager": "fp32", "compile": "fp32", "onnx": "fp32", "onnx-int8": "i
 DEFAULT_NETWORKS = ("encoder", "regions", "retinaface")
 
 
-def build_runners(net: Network, runtimes: list[str], device: str, console: Console) -> dict:
+def build_runners(net: Network, runtimes: list[str], device: str, console: Console, cache_dir=None) -> dict:
     """``{runtime: (runner, seconds to build)}``; a runtime that cannot run here is left out, and ``net.skipped``
     says why (e.g. ONNX Runtime's CUDA provider without the onnxruntime-gpu package)."""
     out = {}
@@ -63,7 +63,7 @@ def build_runners(net: Network, runtimes: list[str], device: str, console: Conso
             else:
                 module = net.module.to(device)
                 runner = create_runner(module, _spec(net), runtime, "fp32", calibration=net.calibration,
-                                       channels_last=net.channels_last)
+                                       channels_last=net.channels_last, cache_dir=cache_dir)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run this network is a row saying so
             why = str(exc).splitlines()[0]
             if runtime == "onnx-cuda":
@@ -106,7 +106,6 @@ def timings(net: Network, runners: dict, batch: int, rounds: int) -> dict[str, f
     names = list(runners)
     for name in names:  # warm up: compile, pick kernels
         runners[name][0](x)
-        runners[name][0](x)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -117,7 +116,7 @@ def timings(net: Network, runners: dict, batch: int, rounds: int) -> dict[str, f
 
 
 def network_rows(net: Network, args, console: Console, table: Table, rows: list[dict]) -> dict:
-    runners = build_runners(net, args.runtimes, args.device, console)
+    runners = build_runners(net, args.runtimes, args.device, console, args.cache_dir)
     if "eager" not in runners:
         console.print(f"[red]{net.name}: no eager runner, nothing to compare against[/red]")
         return {}
@@ -171,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="override every network's batches, e.g. 1,8")
     ap.add_argument("--device", default="cpu", help="cuda: eager fp32 and bf16, and ONNX Runtime's CUDA provider")
     ap.add_argument("--no-mediapipe", action="store_true")
+    ap.add_argument("--cache-dir", default=None, help="keep the ONNX exports here (build s then reads a cache hit)")
     ap.add_argument("--rows", default=None, help="append each row to this file as a JSON line (bench/gpu.sh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -41,11 +41,19 @@ class Network:
     channels_last: bool = False  # torch runtimes: hand inputs over in NHWC
     int8_judged: bool = True  # False for random weights: int8 accuracy means nothing there
     batches: tuple[int, ...] = field(default=(1, 8, 64))
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (runtime, why) of runtimes that could not run
 
 
 def _photos(limit: int) -> list[np.ndarray]:
+    """Up to ``limit`` people photos, at most MAX_SIDE pixels; without the shared data, the calibration photo's
+    variants (then the accuracy checks are not on held-out faces, and the bench says so)."""
     if not PEOPLE.is_dir():
-        raise SystemExit(f"{PEOPLE} is absent: the shared test photos are needed for the accuracy checks")
+        from skimage import data
+
+        from shared.ml.nets.calibration import VARIANTS, _variant
+
+        print(f"{PEOPLE} is absent: testing on the calibration photo's variants, not on held-out faces")
+        return [_variant(data.astronaut(), *v) for v in VARIANTS][:limit]
     out = []
     for path in sorted(PEOPLE.glob("img*.jpg"))[:limit]:
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -68,6 +76,11 @@ def faces(limit: int) -> tuple:
     return tuple(p.aligned for p in done if isinstance(p, Preprocessed))
 
 
+def _int8(args) -> bool:
+    """Whether a statically quantised runtime is asked for (only it needs the calibration inputs)."""
+    return "onnx-int8" in args.runtimes
+
+
 def _cosine_check(ref: tuple[np.ndarray, ...], out: tuple[np.ndarray, ...]) -> tuple[str, bool]:
     a, b = ref[0], out[0]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -80,7 +93,7 @@ def encoder(args) -> Network:
 
     chips = np.stack([f.chip for f in faces(args.photos)]).transpose(0, 3, 1, 2)
     return Network("encoder (dlib ResNet, 150 px chip)", load_encoder("cpu"), (3, 150, 150),
-                   np.ascontiguousarray(chips, np.float32), chips_calibration(), _cosine_check)
+                   np.ascontiguousarray(chips, np.float32), chips_calibration() if _int8(args) else None, _cosine_check)
 
 
 def _ranking_check(ref: tuple[np.ndarray, ...], out: tuple[np.ndarray, ...]) -> tuple[str, bool]:
@@ -104,7 +117,8 @@ def regions(args) -> Network:
     crops = np.stack([np.stack([f.crops[r] for r in DEFAULT_REGIONS]) for f in faces(args.photos)])
     return Network(f"regional CASIA-Nets ({len(DEFAULT_REGIONS)} regions, width {args.width}, {args.classes} "
                    "classes)", WithFeatures(model), (len(DEFAULT_REGIONS), 1, 100, 100),
-                   crops_to_tensor(crops).numpy(), crops_calibration(DEFAULT_REGIONS), _ranking_check,
+                   crops_to_tensor(crops).numpy(), crops_calibration(DEFAULT_REGIONS) if _int8(args) else None,
+                   _ranking_check,
                    note="random init (no trained model ships): near-uniform scores make the ranking check strict",
                    batches=(1, 8, args.infer_batch))
 
@@ -157,7 +171,7 @@ def retinaface(args) -> Network:
 
     from skimage import data
 
-    calibration = tensor([_variant(data.astronaut(), *v) for v in VARIANTS])
+    calibration = tensor([_variant(data.astronaut(), *v) for v in VARIANTS]) if _int8(args) else None
     return Network("RetinaFace MobileNet-0.25 (640 px canvas)", det.net, (3, 640, 640), tensor(_photos(args.photos)),
                    calibration, _detector_check, note="per photo", channels_last=False, batches=(1, 8))
 

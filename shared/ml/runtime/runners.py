@@ -65,8 +65,9 @@ class TorchRunner(Runner):
         self.runtime = runtime
         self.precision = precision
         self.device = next(module.parameters()).device
-        # Automatic dynamic shapes: the first batch size compiles a static graph, a second one a dynamic graph.
-        self.forward = torch.compile(module) if runtime == "compile" else module
+        # One graph for every batch size (a worker's batches vary from 1 to GESTALT_INFER_BATCH, twice that with
+        # flip TTA): compiled once, where static shapes would compile again for each new size.
+        self.forward = torch.compile(module, dynamic=True) if runtime == "compile" else module
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
         self.check(x)
