@@ -211,9 +211,9 @@ def decide(best: dict[str, dict], console: Console) -> None:
             winner = min(passing, key=passing.get)
             console.print(f"{name}: fastest passing runtime {winner} ({passing[winner]:.2f} ms/face, geometric mean "
                           f"over batches; eager {results['eager'][0]:.2f})"
-                          + ("" if name not in ("encoder", "regions") else
-                             f"; auto is {AUTO_CPU_RUNTIME}" + (" (agrees)" if winner == AUTO_CPU_RUNTIME else
-                                                                " (DISAGREES)")))
+                          + ("" if name not in AUTO_CPU_RUNTIME else
+                             f"; auto is {AUTO_CPU_RUNTIME[name]}"
+                             + (" (agrees)" if winner == AUTO_CPU_RUNTIME[name] else " (DISAGREES)")))
 
 
 if __name__ == "__main__":

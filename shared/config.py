@@ -112,8 +112,8 @@ class Settings:
     # Inference precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16" (also on CPUs with
     # AVX512-BF16/AMX, several times faster there; scores move in the third decimal).
     infer_precision: str = field(default_factory=lambda: _str("GESTALT_INFER_PRECISION", "auto"))
-    # The runtime of the networks a CPU worker runs (the identity encoder, the regional ensemble): "auto" (the
-    # fastest that passed bench/runtimes.py's accuracy check; docs/performance.md), "eager" (PyTorch fp32,
+    # The runtime of the networks a CPU worker runs (the identity encoder, the regional ensemble): "auto" (for each
+    # network the fastest that passed bench/runtimes.py's accuracy check; docs/performance.md), "eager" (PyTorch fp32,
     # channels-last), "compile" (torch.compile), "onnx" (ONNX Runtime fp32), "onnx-int8" (ONNX Runtime, int8
     # weights and calibrated activations) or "onnx-int8-dynamic". A CUDA worker always runs PyTorch.
     cpu_runtime: str = field(default_factory=lambda: _choice("GESTALT_CPU_RUNTIME", "auto", RUNTIME_CHOICES))

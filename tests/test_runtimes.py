@@ -73,7 +73,7 @@ def test_encoder_descriptors_stay_within_tolerance(runtime, faces, encoder_model
     chips = np.stack([f.chip for f in faces])
     eager = encode(encoder_model, chips, flip=True)
     model = load_encoder("cpu", runtime=runtime, cache_dir=cache)
-    assert model.runner is not None and model.runner.runtime == choices.resolve_runtime(runtime, "cpu")
+    assert model.runner is not None and model.runner.runtime == choices.resolve_runtime(runtime, "cpu", "encoder")
     for batch in (1, len(chips)):
         got = encode(model, chips, batch_size=batch, flip=True)
         cos = _cosine(eager, got)
@@ -109,6 +109,7 @@ def test_regional_scores_stay_within_tolerance(runtime, faces, ensemble, cache):
     prepare_for_inference(ensemble, runtime=runtime, cache_dir=cache)
     try:
         assert ensemble.runner is not None
+        assert ensemble.runner.runtime == choices.resolve_runtime(runtime, "cpu", "regions")
         for batch in (1, len(crops)):
             got = predict(ensemble, crops, batch_size=batch, flip_tta=False)
             tolerance = 1e-5 if ensemble.runner.runtime == "onnx" else 0.02
@@ -185,11 +186,15 @@ def test_a_missing_onnxruntime_is_named(monkeypatch):
         choices.check_runtime("auto", "cpu")
 
 
-def test_auto_is_a_measured_cpu_runtime_and_cuda_runs_torch():
-    assert choices.resolve_runtime("auto", "cpu") == choices.AUTO_CPU_RUNTIME in choices.CPU_RUNTIMES
-    assert choices.resolve_runtime("onnx-int8", "cuda") == "eager"
+def test_auto_is_a_measured_cpu_runtime_per_network_and_cuda_runs_torch():
+    """What auto means; that it passes on real faces is the "auto" cases of the two tests above."""
+    for network, runtime in choices.AUTO_CPU_RUNTIME.items():
+        assert choices.resolve_runtime("auto", "cpu", network) == runtime in choices.CPU_RUNTIMES
+    assert choices.resolve_runtime("auto", "cpu") == choices.AUTO_OTHER
+    assert choices.resolve_runtime("onnx-int8", "cuda", "encoder") == "eager"
     assert choices.resolve_runtime("compile", "cuda") == "compile"
-    assert choices.check_runtime("eager", "cpu") == "eager"
+    assert choices.check_runtime("eager", "cpu") == "encoder eager, regions eager"
+    assert choices.check_runtime("auto", "cuda") == "encoder eager, regions eager"
 
 
 def test_a_bad_setting_stops_the_worker_with_name_value_and_choices():

@@ -311,7 +311,7 @@ def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathL
     model.eval().to(device)
     model.channels_last = True if channels_last is None else channels_last
     model.to(memory_format=torch.channels_last if model.channels_last else torch.contiguous_format)
-    name = resolve_runtime(runtime, device.type)
+    name = resolve_runtime(runtime, device.type, "encoder")
     if name != "eager":
         from shared.ml.nets.calibration import chips_calibration
         from shared.ml.runtime.runners import InputSpec, create_runner

@@ -99,7 +99,7 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
         channels_last = True
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.channels_last = channels_last
-    name = resolve_runtime(runtime, device.type)
+    name = resolve_runtime(runtime, device.type, "regions")
     compile = compile or name == "compile"
     model.compiled = torch.compile(model.forward_with_features, dynamic=False) if compile else None
     model.runner = None

@@ -101,7 +101,7 @@ class OnnxRunner(Runner):
 def create_runner(module: nn.Module, spec: InputSpec, runtime: str = "auto", precision: str = "auto",
                   calibration: np.ndarray | torch.Tensor | None = None, cache_dir: str | os.PathLike | None = None,
                   threads: int | None = None, provider: str = "CPUExecutionProvider",
-                  channels_last: bool = False) -> Runner:
+                  channels_last: bool = False, network: str | None = None) -> Runner:
     """A runner of ``module`` in ``runtime`` (see :data:`shared.ml.runtime.choices.RUNTIME_CHOICES`).
 
     Args:
@@ -114,13 +114,14 @@ def create_runner(module: nn.Module, spec: InputSpec, runtime: str = "auto", pre
         threads: ONNX Runtime's intra-op threads; None follows ``torch.get_num_threads()`` (the worker's share).
         provider: ONNX Runtime's execution provider (``CUDAExecutionProvider`` for the GPU bench's row).
         channels_last: torch runtimes: hand 4-d inputs over in NHWC (see :class:`TorchRunner`).
+        network: which of ``AUTO_CPU_RUNTIME``'s networks this is ("encoder", "regions"), for what "auto" means.
 
     Raises:
         ValueError: an unknown runtime, or ``onnx-int8`` without calibration inputs.
         shared.ml.runtime.choices.RuntimeUnavailable: the runtime's package is missing.
     """
     device = next(module.parameters()).device
-    name = resolve_runtime(runtime, "cpu" if provider != "CPUExecutionProvider" else device.type)
+    name = resolve_runtime(runtime, "cpu" if provider != "CPUExecutionProvider" else device.type, network)
     if name not in ONNX_RUNTIMES:
         return TorchRunner(module, spec, name, precision, channels_last)
     require_onnxruntime()
