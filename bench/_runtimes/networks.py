@@ -103,7 +103,7 @@ def _ranking_check(ref: tuple[np.ndarray, ...], out: tuple[np.ndarray, ...]) -> 
     changed = int((top_ref != top_out).any(1).sum())
     top1 = int((top_ref[:, 0] != top_out[:, 0]).sum())
     diff = float(np.abs(p_ref - p_out).max())
-    return (f"max |prob diff| {diff:.1e}; top-{TOP_K} changed {changed}/{len(top_ref)}, top-1 {top1}",
+    return (f"max abs prob diff {diff:.1e}; top-{TOP_K} changed {changed}/{len(top_ref)}, top-1 {top1}",
             changed == 0)
 
 
@@ -179,7 +179,7 @@ def retinaface(args) -> Network:
 def _max_diff_check(ref: tuple[np.ndarray, ...], out: tuple[np.ndarray, ...]) -> tuple[str, bool]:
     diff = max(float(np.abs(r - o).max()) for r, o in zip(ref, out, strict=True))
     scale = max(float(np.abs(r).max()) for r in ref)
-    return f"max |diff| {diff:.1e} (outputs up to {scale:.1e})", diff <= 1e-3 * max(scale, 1.0)
+    return f"max abs diff {diff:.1e} (outputs up to {scale:.1e})", diff <= 1e-3 * max(scale, 1.0)
 
 
 def retinaface_r50(args) -> Network:

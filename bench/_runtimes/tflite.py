@@ -97,5 +97,5 @@ def interpreter_rows(photos: list[np.ndarray], rounds: int) -> list[tuple[str, s
             diff = max(float(np.abs(a - b).max()) for r, g in zip(ref, got[how], strict=True)
                        for a, b in zip(r, g, strict=True))
             out.append((name, f"LiteRT interpreter, {how}", 1000 * statistics.median(samples[how]),
-                        f"max |diff| {diff:.1e} vs XNNPACK 1 thread"))
+                        f"max abs diff {diff:.1e} vs XNNPACK 1 thread"))
     return out
