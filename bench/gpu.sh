@@ -4,6 +4,8 @@
 # bench/pipeline.py with a GPU worker consuming detect, align and infer (production networks
 # with random weights, their outputs replaced by the photo's known face) plus a CPU worker
 # for the default queue, and the same with null networks (the plumbing ceiling on that box).
+# Then bench/runtimes.py on CUDA: the encoder and the regional nets in PyTorch fp32 and bf16, and in ONNX Runtime's
+# CUDA execution provider when onnxruntime-gpu is installed (a row says "skipped" otherwise).
 # Writes one markdown table to $OUT/gpu.md when $OUT is set, else to stdout; logs go to stderr.
 #
 # Budget: under 8 minutes on one H100/H200 with 16 cores. Each step has its own time limit,
@@ -42,6 +44,8 @@ if [ $SMOKE = 1 ]; then
     step inference 40 "$PY" bench/inference.py --devices cpu --batches 1,8 --min-time 0.02 --width 0.125 \
         --classes 8 --compile no --rows "$ROWS"
     step encoder 30 "$PY" bench/encoder.py --devices cpu --batches 1,4 --min-time 0.05 --rows "$ROWS"
+    step runtimes 150 "$PY" bench/runtimes.py --networks regions --width 0.125 --classes 8 --batches 1,2 --rounds 1 \
+        --repeat 1 --photos 4 --runtimes eager,onnx --no-mediapipe --rows "$ROWS"
     step pipeline 90 "$PY" bench/pipeline.py --models random-production --device cpu --concurrency 1 --uploads 2 \
         --single 0 --classes 8 --width 0.125 --megapixels 0.15 --preload --no-bound --rows "$ROWS"
 else
@@ -56,6 +60,8 @@ else
     step inference 110 "$PY" bench/inference.py --devices cuda --batches 64,1024,4096 --min-time 0.5 --compile no \
         --rows "$ROWS"
     step encoder 40 "$PY" bench/encoder.py --devices cuda --batches 1,64,1024 --min-time 0.3 --rows "$ROWS"
+    step runtimes 90 "$PY" bench/runtimes.py --device cuda --networks encoder,regions --batches 1,64 --rounds 3 \
+        --repeat 1 --photos 32 --rows "$ROWS"
     step pipeline 150 "$PY" bench/pipeline.py --models random-production --device cuda --gpu-procs 2 \
         --uploads 2000 --single 5 --classes 216 --preload --web-workers 8 --upload-threads 16 --rows "$ROWS"
     step pipeline-null 60 "$PY" bench/pipeline.py --models null --device cuda --gpu-procs 2 \

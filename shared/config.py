@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.ml.runtime.choices import RUNTIME_CHOICES
+
 
 class ConfigError(RuntimeError):
     """A required setting is missing or malformed."""
@@ -79,6 +81,13 @@ def check_choices(settings: object) -> None:
 def _str(name: str, default: str | None = None) -> str | None:
     raw = os.environ.get(name)
     return default if raw is None or raw == "" else raw
+
+
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _str(name, default)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,15 @@ class Settings:
     # Inference precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16" (also on CPUs with
     # AVX512-BF16/AMX, several times faster there; scores move in the third decimal).
     infer_precision: str = field(default_factory=lambda: _str("GESTALT_INFER_PRECISION", "auto"))
+    # The runtime of the networks a CPU worker runs (the identity encoder, the regional ensemble): "auto" (for each
+    # network the fastest that passed bench/runtimes.py's accuracy check; docs/performance.md), "eager" (PyTorch fp32,
+    # channels-last), "compile" (torch.compile), "onnx" (ONNX Runtime fp32), "onnx-int8" (ONNX Runtime, int8
+    # weights and calibrated activations) or "onnx-int8-dynamic". A CUDA worker always runs PyTorch.
+    cpu_runtime: str = field(default_factory=lambda: _choice("GESTALT_CPU_RUNTIME", "auto", RUNTIME_CHOICES))
+    # Where the ONNX models exported (and quantised) for the CPU runtime are kept, by the weights' hash, so that
+    # a network is exported once per machine; empty: $XDG_CACHE_HOME/gestalt/runtimes, else ~/.cache/gestalt/runtimes.
+    runtime_cache: Path = field(default_factory=lambda: Path(_str("GESTALT_RUNTIME_CACHE", "") or _user_cache(
+        "runtimes")))
     # Celery task events (sent, received, started, succeeded) for a monitor such as Flower. Off by default: nothing in
     # Gestalt reads them, they cost four Redis publishes per task, and Flower switches them on while it runs.
     task_events: bool = field(default_factory=lambda: _bool("GESTALT_TASK_EVENTS", False))
@@ -292,6 +310,10 @@ class Settings:
 
 
 STACK_FILE = "stack.json"
+
+
+def _user_cache(name: str) -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gestalt" / name)
 
 
 def local_timezone() -> str:

@@ -28,9 +28,10 @@ def test_gpu_check_cpu_smoke_writes_one_table(tmp_path):
     assert all(line.startswith("| ") and line.count(" | ") == 4 for line in body), table
     assert not [line for line in body if "step failed" in line], proc.stderr[-3000:]
     benches = {line.split(" | ")[0].strip("| ") for line in body}
-    assert {"preprocess", "inference", "pipeline"} <= benches
+    assert {"preprocess", "inference", "pipeline", "runtimes"} <= benches
     assert any("retinaface-r50+fan" in line and "detect" in line for line in body)
     assert any("worker path" in line for line in body)
+    assert any(line.startswith("| runtimes |") and ", onnx (cpu)" in line and "pass" in line for line in body)
     photos_per_s = [line for line in body if "sustained photos/s" in line]
     assert photos_per_s and float(photos_per_s[0].split(" | ")[2]) > 0
     print(f"bench/gpu.sh --cpu-smoke took {took:.0f} s")

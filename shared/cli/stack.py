@@ -10,7 +10,7 @@ import click
 from shared.cli.catalog import ensure_catalog
 from shared.cli.common import console
 from shared.config import get_settings, reload_settings
-from shared.queues import ALIGN, ALL, DETECT, joined
+from shared.queues import ALIGN, ALL, DETECT, INFER, joined
 
 
 @click.command()
@@ -95,6 +95,15 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, celery_ar
         try:
             click.echo(f"preprocessing backends: {check_backends(get_settings())}")
         except (WeightsMissing, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    if INFER in queues.split(","):
+        from shared.ml.runtime.choices import RuntimeUnavailable, check_runtime
+
+        settings = get_settings()
+        device = "cuda" if settings.device == "cuda" else "cpu"  # "auto" finds out in the worker; CPU is the check
+        try:
+            click.echo(f"cpu runtime: {check_runtime(settings.cpu_runtime, device)}")
+        except RuntimeUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
     argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues, "--loglevel=INFO",
             "-c", str(concurrency or get_settings().worker_concurrency)]

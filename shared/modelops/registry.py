@@ -87,14 +87,19 @@ class ModelCache:
     a version is downloaded and loaded once, and replaced when another is activated.
     """
 
-    def __init__(self, check_seconds: float = 5.0, device: str = "auto", compile: bool = False):
+    def __init__(self, check_seconds: float = 5.0, device: str = "auto", compile: bool = False,
+                 runtime: str = "eager", runtime_cache: str | None = None):
         """
         Args:
             compile: run the loaded model through ``torch.compile`` (see ``prepare_for_inference``).
+            runtime: the CPU runtime of the loaded model (``GESTALT_CPU_RUNTIME``; see ``prepare_for_inference``).
+            runtime_cache: where that runtime's exported models are kept (None: in memory).
         """
         self.check_seconds = check_seconds
         self.device = resolve_device(device)
         self.compile = compile
+        self.runtime = runtime
+        self.runtime_cache = runtime_cache
         self._loaded: LoadedModel | None = None
         self._active_id: int | None = None
         self._checked_at = 0.0
@@ -121,8 +126,10 @@ class ModelCache:
         data = storage.get(version.checkpoint_key)
         if sha256_hex(data) != version.checkpoint_sha256:
             raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
-        model, _ = load_checkpoint(data, self.device, compile=self.compile)
-        logger.info("model=%s state=loaded id=%d device=%s", version.name, version.id, self.device)
+        model, _ = load_checkpoint(data, self.device, compile=self.compile, runtime=self.runtime,
+                                   cache_dir=self.runtime_cache)
+        logger.info("model=%s state=loaded id=%d device=%s runtime=%s", version.name, version.id, self.device,
+                    model.runner.runtime if model.runner else "compile" if model.compiled else "eager")
         from shared.ml.train.heads import backbone_sha
 
         return LoadedModel(version.id, version.name, list(version.classes), model,

@@ -40,7 +40,8 @@ def model_cache() -> ModelCache:
     global _models
     if _models is None:
         s = get_settings()
-        _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device, compile=s.infer_compile)
+        _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device, compile=s.infer_compile,
+                             runtime=s.cpu_runtime, runtime_cache=str(s.runtime_cache))
     return _models
 
 
@@ -52,7 +53,8 @@ def encoder():
         from shared.ml.runtime.device import resolve_device
 
         s = get_settings()
-        _encoder = load_encoder(resolve_device(s.device), verify=s.weights_verify)
+        _encoder = load_encoder(resolve_device(s.device), verify=s.weights_verify, runtime=s.cpu_runtime,
+                                cache_dir=s.runtime_cache)
     return _encoder
 
 

@@ -38,14 +38,18 @@ def predict(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, f
     """
     device = next(model.parameters()).device
     forward = getattr(model, "compiled", None) or model.forward_with_features
+    runner = getattr(model, "runner", None)  # another runtime than torch (prepare_for_inference's runtime)
     probs, feats = [], []
     for start in range(0, len(crops), batch_size):
         x = crops_to_tensor(crops[start:start + batch_size]).to(device, non_blocking=True)
         n = len(x)
         if flip_tta:  # one pass over crops and mirrors: twice the batch, one launch per layer
             x = torch.cat([x, x.flip(-1)])
-        with autocast_context(device, precision):
-            logits, f = forward(x)
+        if runner is not None:
+            logits, f = (torch.from_numpy(out) for out in runner(x))
+        else:
+            with autocast_context(device, precision):
+                logits, f = forward(x)
         p = torch.softmax(logits.float(), dim=-1)
         if flip_tta:
             p = (p[:n] + p[n:]) / 2

@@ -47,6 +47,7 @@ from torch import nn
 from shared.ml.formats import reidentification
 from shared.ml.formats.weights import WeightsMissing, search_dirs, sha256_of
 from shared.ml.nets.dlib_format import FormatError, Layer, read_dlib_network
+from shared.ml.runtime.choices import resolve_runtime
 from shared.ml.runtime.device import autocast_context, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class DlibFaceResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, DESCRIPTOR_DIM, bias=False)
         self.channels_last = False
+        # Another runtime than torch eager (load_encoder's runtime), which encode calls instead of the module.
+        self.runner = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / INPUT_SCALE
@@ -290,13 +293,18 @@ def load_state_dict(weights_dir: str | os.PathLike | None = None, verify: bool =
 
 
 def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
-                 verify: bool = True, channels_last: bool | None = None) -> DlibFaceResNet:
+                 verify: bool = True, channels_last: bool | None = None, runtime: str = "eager",
+                 cache_dir: str | os.PathLike | None = None) -> DlibFaceResNet:
     """The encoder in eval mode on ``device``, ready for :func:`encode`.
 
     Args:
         device: "cpu", "cuda", "auto" or a torch device.
         channels_last: NHWC convolutions; None means on (the faster layout on CPU and cuDNN,
             as in :func:`shared.ml.nets.ensemble.prepare_for_inference`).
+        runtime: on the CPU, a runtime of :data:`shared.ml.runtime.choices.RUNTIME_CHOICES`
+            (``GESTALT_CPU_RUNTIME``); any but eager is kept in ``model.runner``, which :func:`encode` then calls
+            (``onnx-int8`` calibrated on :func:`shared.ml.nets.calibration.chips_calibration`). CUDA runs torch.
+        cache_dir: where ONNX models are kept by the weights' hash (None: exported in memory).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     model = DlibFaceResNet()
@@ -304,6 +312,13 @@ def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathL
     model.eval().to(device)
     model.channels_last = True if channels_last is None else channels_last
     model.to(memory_format=torch.channels_last if model.channels_last else torch.contiguous_format)
+    name = resolve_runtime(runtime, device.type, "encoder")
+    if name != "eager":
+        from shared.ml.nets.calibration import chips_calibration
+        from shared.ml.runtime.runners import InputSpec, create_runner
+
+        model.runner = create_runner(model, InputSpec((3, CHIP_SIZE, CHIP_SIZE)), name, cache_dir=cache_dir,
+                                     calibration=chips_calibration() if name == "onnx-int8" else None)
     return model
 
 
@@ -337,7 +352,8 @@ def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batc
     """128-d descriptors (``N x 128`` float32) of 150x150 uint8 RGB chips (``N x 150 x 150 x 3``).
 
     Args:
-        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere); the torch path only
+            (a ``model.runner`` runs in its own precision).
         normalize: scale each descriptor to unit length (dlib's are not; their distances are
             what :data:`SAME_PERSON_DISTANCE` is about).
         flip: the mean of the chip's descriptor and its mirror image's (one pass over both), a
@@ -348,14 +364,18 @@ def encode(model: DlibFaceResNet, chips: np.ndarray | Sequence[np.ndarray], batc
     if tuple(x_all.shape[1:3]) != (CHIP_SIZE, CHIP_SIZE):
         raise ValueError(f"chips must be {CHIP_SIZE}x{CHIP_SIZE}, got {tuple(x_all.shape[1:3])}")
     device = next(model.parameters()).device
+    runner = getattr(model, "runner", None)
     out = []
     for part in _batches(len(x_all), batch_size):
         # uint8 crosses to the device (a quarter of the bytes); the NHWC -> NCHW permute is a channels-last view.
         x = x_all[part].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        with autocast_context(device, precision):
-            d = model(x)
+        if runner is not None:
+            d = torch.from_numpy(runner(x)[0])
+        else:
+            with autocast_context(device, precision):
+                d = model(x)
         if flip:
             d = (d[: len(d) // 2] + d[len(d) // 2:]) / 2
         out.append(d.float().cpu())

@@ -1,11 +1,15 @@
 """The regional ensemble: one CASIA-Net per region, run on all of a batch's crops of that region at once."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
 
 from shared.ml.nets.casia import create_model
+from shared.ml.preprocess.regions import CROP_SIZE
+from shared.ml.runtime.choices import ONNX_RUNTIMES, resolve_runtime
 
 
 class RegionalEnsemble(nn.Module):
@@ -16,9 +20,11 @@ class RegionalEnsemble(nn.Module):
         self.width = width
         self.num_classes = num_classes
         self.nets = nn.ModuleDict({r: create_model(arch, num_classes, width=width) for r in self.regions})
-        # Inference layout and compiled forward, set by prepare_for_inference.
+        # Inference layout, compiled forward and the runner of another runtime (ONNX Runtime), set by
+        # prepare_for_inference; with no runner, predict runs the torch module.
         self.channels_last = False
         self.compiled = None
+        self.runner = None
         # The face-identity member (shared.ml.members.identity.IdentityMember): a head on the encoder's
         # descriptors, its weight in the aggregate and the out-of-distribution reference; None
         # for a model of regional networks only.
@@ -50,6 +56,17 @@ class RegionalEnsemble(nn.Module):
         return torch.stack(logits, 1), torch.stack(feats, 1)
 
 
+class WithFeatures(nn.Module):
+    """The ensemble's :meth:`RegionalEnsemble.forward_with_features` as a module's forward, for a runner."""
+
+    def __init__(self, ensemble: RegionalEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ensemble.forward_with_features(x)
+
+
 def crops_to_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 crops ``N x R x H x W`` -> float ``N x R x 1 x H x W`` scaled to [-1, 1]."""
     t = torch.as_tensor(crops)
@@ -57,7 +74,8 @@ def crops_to_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | None = None,
-                          channels_last: bool | None = None, compile: bool = False) -> RegionalEnsemble:
+                          channels_last: bool | None = None, compile: bool = False, runtime: str = "eager",
+                          cache_dir: str | os.PathLike | None = None) -> RegionalEnsemble:
     """Put ``model`` in eval mode on ``device``, in the memory layout and (optionally) compiled form
     that :func:`predict` runs fastest.
 
@@ -67,6 +85,11 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
             ``bench/inference.py`` measures 1.5-3x more crops/s on a CPU, at batch 1 as at 64).
         compile: run ``forward_with_features`` through ``torch.compile`` (the first call of each batch
             shape compiles, later calls reuse it).
+        runtime: on the CPU, the runtime of :data:`shared.ml.runtime.choices.RUNTIME_CHOICES` (``GESTALT_CPU_RUNTIME``;
+            "compile" is ``compile=True``); an ONNX Runtime one is a snapshot of today's weights in
+            ``model.runner`` (``onnx-int8`` calibrated on :func:`shared.ml.nets.calibration.crops_calibration`), so
+            a model trained further must be prepared again. On CUDA the model runs in torch.
+        cache_dir: where the ONNX models are kept by the weights' hash (None: exported in memory).
     """
     model.eval()
     if device is not None:
@@ -76,7 +99,17 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
         channels_last = True
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.channels_last = channels_last
+    name = resolve_runtime(runtime, device.type, "regions")
+    compile = compile or name == "compile"
     model.compiled = torch.compile(model.forward_with_features, dynamic=False) if compile else None
+    model.runner = None
+    if name in ONNX_RUNTIMES:
+        from shared.ml.nets.calibration import crops_calibration
+        from shared.ml.runtime.runners import InputSpec, create_runner
+
+        calibration = crops_calibration(model.regions) if name == "onnx-int8" else None
+        model.runner = create_runner(WithFeatures(model), InputSpec((len(model.regions), 1, CROP_SIZE, CROP_SIZE)),
+                                     name, calibration=calibration, cache_dir=cache_dir)
     return model
 
 

@@ -36,9 +36,13 @@ def save_checkpoint(model: RegionalEnsemble, class_names: list[str], metrics: di
     return buf.getvalue()
 
 
-def load_checkpoint(data: bytes, device: torch.device | str = "cpu",
-                    compile: bool = False) -> tuple[RegionalEnsemble, dict]:
-    """The ensemble of a checkpoint, ready for :func:`predict` on ``device``, and the checkpoint dict."""
+def load_checkpoint(data: bytes, device: torch.device | str = "cpu", compile: bool = False, runtime: str = "eager",
+                    cache_dir: str | os.PathLike | None = None) -> tuple[RegionalEnsemble, dict]:
+    """The ensemble of a checkpoint, ready for :func:`predict` on ``device``, and the checkpoint dict.
+
+    Args:
+        runtime, cache_dir: the CPU runtime and its cache (see :func:`prepare_for_inference`).
+    """
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
@@ -50,7 +54,7 @@ def load_checkpoint(data: bytes, device: torch.device | str = "cpu",
         from shared.ml.members.identity import IdentityMember
 
         model.identity = IdentityMember.from_state(members["identity"])
-    return prepare_for_inference(model, device, compile=compile), state
+    return prepare_for_inference(model, device, compile=compile, runtime=runtime, cache_dir=cache_dir), state
 
 
 def write_state(path: Path, state: dict) -> None:
