@@ -42,7 +42,7 @@ def test_api_case_flow_with_a_token(web_server, token):
     assert requests.get(f"{api}/cases/999999", headers=auth).json() == {"error": "not found, or not yours"}
     assert requests.delete(f"{api}/cases/{case_id}", headers=auth).status_code == 405
     spec = requests.get(f"{api}/openapi.json", headers=auth).json()
-    assert spec["openapi"].startswith("3.") and "/cases/{case_id}/images" in spec["paths"]
+    assert spec["openapi"] == "3.1.0" and "/api/v1/cases/{case_id}/images" in spec["paths"]
     assert requests.get(f"{api}/openapi.json").status_code == 401
 
 
