@@ -119,6 +119,13 @@ class ProbeAnswer(BaseModel):
     id: int
 
 
+class ProbeProblems(BaseModel):
+    """Every problem of a refused probe."""
+
+    error: str
+    problems: list[str]
+
+
 def test_a_new_route_and_a_new_field_get_into_the_document():
     """A route registered later, under another blueprint, with a model subclass that adds a field: the document has
     the route, the field (limits, default, description), its answer, the admin-only 403 and the rate limit's 429; a
@@ -130,7 +137,7 @@ def test_a_new_route_and_a_new_field_get_into_the_document():
     bp = Blueprint("probe", __name__, url_prefix="/api/v1/probes")
 
     @bp.post("/<int:probe_id>")
-    @operation({201: ProbeAnswer}, body=BiggerProbe, errors={409: "the probe is busy"})
+    @operation({201: ProbeAnswer, 400: ProbeProblems}, body=BiggerProbe, errors={409: "the probe is busy"})
     @admin_required
     @limits.rescores
     def make_probe(probe_id: int):
@@ -159,6 +166,9 @@ def test_a_new_route_and_a_new_field_get_into_the_document():
     assert op["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith("/ProbeAnswer")
     assert "administrator" in op["responses"]["403"]["description"]
     assert op["responses"]["409"]["description"] == "the probe is busy"
+    refused = op["responses"]["400"]  # the view's own refusal, or the app's error handlers' (a NUL in a field, say)
+    assert refused["description"] == "Every problem of a refused probe." and refused["content"]["application/json"][
+        "schema"] == {"anyOf": [{"$ref": "#/components/schemas/ProbeProblems"}, {"$ref": "#/components/schemas/Error"}]}
     limited = op["responses"]["429"]
     assert "Retry-After" in limited["headers"] and "per 1 minute" in limited["description"]
     assert doc["paths"]["/api/v1/probes/plain"]["get"]["x-undocumented"] is True

@@ -6,13 +6,26 @@ The portal's content security policy runs no script from elsewhere, so the page 
 from __future__ import annotations
 
 import json
+import re
 
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 CONSTRAINTS = (("pattern", "pattern {}"), ("minLength", "at least {} characters"),
                ("maxLength", "at most {} characters"), ("minimum", "at least {}"), ("maximum", "at most {}"),
                ("minItems", "at least {} items"), ("maxItems", "at most {} items"),
                ("contentMediaType", "{}"), ("format", "{}"))
+
+
+_CODE = re.compile(r"``(.+?)``|`([^`]+)`")
+
+
+def text(words: str) -> Markup:
+    """Prose of the document with its code spans (Markdown's `x`, the docstrings' ``x``) as code."""
+    out, last = [], 0
+    for match in _CODE.finditer(words):
+        out += [escape(words[last:match.start()]), Markup("<code>{}</code>").format(match.group(1) or match.group(2))]
+        last = match.end()
+    return Markup("").join([*out, escape(words[last:])])
 
 
 def _name(ref: str) -> str:
@@ -53,19 +66,19 @@ def notes(schema: dict) -> str:
 def _fields(schema: dict) -> list[dict]:
     required = set(schema.get("required", ()))
     return [{"name": name, "type": type_label(prop), "required": name in required, "notes": notes(prop),
-             "description": prop.get("description", "")} for name, prop in schema.get("properties", {}).items()]
+             "description": text(prop.get("description", ""))} for name, prop in schema.get("properties", {}).items()]
 
 
 def _operation(path: str, method: str, op: dict) -> dict:
     body = next(iter(op.get("requestBody", {}).get("content", {}).items()), None)
     return {
         "id": op["operationId"], "method": method.upper(), "path": path, "summary": op.get("summary", ""),
-        "description": op.get("description", ""), "login": bool(op.get("security")),
+        "description": text(op.get("description", "")), "login": bool(op.get("security")),
         "parameters": [{"name": p["name"], "in": p["in"], "required": p.get("required", False),
                         "type": type_label(p["schema"]), "notes": notes(p["schema"]),
-                        "description": p.get("description", "")} for p in op.get("parameters", ())],
+                        "description": text(p.get("description", ""))} for p in op.get("parameters", ())],
         "body": {"media": body[0], "type": type_label(body[1]["schema"])} if body else None,
-        "responses": [{"status": status, "description": answer["description"],
+        "responses": [{"status": status, "description": text(answer["description"]),
                        "media": ", ".join(answer.get("content", {})),
                        "type": Markup(", ").join(type_label(c["schema"]) for c in answer.get("content", {}).values()),
                        "headers": ", ".join(answer.get("headers", {}))} for status, answer in op["responses"].items()],
@@ -76,8 +89,9 @@ def page(document: dict) -> dict:
     """What ``api_docs.html`` shows: the document's operations in order, and its schemas by name."""
     operations = [_operation(path, method, op) for path, methods in document["paths"].items()
                   for method, op in methods.items()]
-    schemas = [{"name": name, "description": schema.get("description", ""), "fields": _fields(schema),
+    schemas = [{"name": name, "description": text(schema.get("description", "")), "fields": _fields(schema),
                 "type": None if "properties" in schema else type_label(schema)}
                for name, schema in sorted(document["components"]["schemas"].items())]
-    return {"info": document["info"], "operations": operations, "schemas": schemas,
-            "security": document["components"]["securitySchemes"]}
+    info = {**document["info"], "description": text(document["info"]["description"])}
+    security = {name: text(scheme["description"]) for name, scheme in document["components"]["securitySchemes"].items()}
+    return {"info": info, "operations": operations, "schemas": schemas, "security": security}

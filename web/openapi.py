@@ -143,8 +143,9 @@ def _operation_ids(routes: list) -> list[str]:
 def _operation(app: Flask, rule: Rule, method: str, op: Operation | None, schemas: dict, defs: dict,
                operation_id: str) -> dict:
     view = app.view_functions[rule.endpoint]
-    summary, _, description = (inspect.getdoc(view) or rule.endpoint).partition("\n")
-    out: dict = {"operationId": operation_id, "summary": summary.strip(), "tags": [_tag(rule.rule)]}
+    summary, _, description = (inspect.getdoc(view) or rule.endpoint).partition("\n\n")
+    summary = " ".join(summary.split())
+    out: dict = {"operationId": operation_id, "summary": summary, "tags": [_tag(rule.rule)]}
     admin = _admin_only(app, rule, view)
     if description.strip() or admin:
         out["description"] = " ".join(p for p in (description.strip(), admin and "Administrators only.") if p)
@@ -171,6 +172,8 @@ def _responses(app: Flask, rule: Rule, view: Callable, op: Operation | None, sch
         if isinstance(answer, str):
             text = answer.startswith("text/")
             body = {answer: {"schema": {"type": "string"} if text else {"type": "string", "contentMediaType": answer}}}
+        elif status >= 400 and answer is not Error:  # the app's error handlers answer any status with an Error too
+            body = {"application/json": {"schema": {"anyOf": [schemas[answer], schemas[Error]]}}}
         else:
             body = {"application/json": {"schema": schemas[answer]}}
         out[str(status)] = {"description": _first_line(answer) or HTTPStatus(status).phrase, "content": body}

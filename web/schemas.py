@@ -110,7 +110,7 @@ class PhotoUpload(BaseModel):
 
 
 class SearchQuery(_Query):
-    q: str = Field("", max_length=100, description="Text to look for; fewer than 2 characters find nothing")
+    q: str = Field("", description="Text to look for (its first 100 characters); fewer than 2 find nothing")
     limit: int = Field(20, ge=1, le=SEARCH_MAX, description="How many to return at most")
 
 
