@@ -106,5 +106,5 @@ def test_api_case_with_hpo_terms_and_a_catalogue_diagnosis(web_server, token):
     r = requests.post(f"{api}/cases/{body['id']}/diagnosis", headers=auth, json={"syndrome": "ORPHA:9999999"})
     assert r.status_code == 400 and "unknown syndrome" in r.json()["error"]
     spec = requests.get(f"{api}/openapi.json", headers=auth).json()
-    assert {"/hpo", "/syndromes"} <= set(spec["paths"]) and "hpo_terms" in spec["components"]["schemas"]["NewCase"][
-        "properties"]
+    assert {"/api/v1/hpo", "/api/v1/syndromes"} <= set(spec["paths"]) and "hpo_terms" in spec["components"]["schemas"][
+        "NewCase"]["properties"]
