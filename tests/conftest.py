@@ -245,9 +245,12 @@ class Portal:
                               headers={"X-CSRFToken": token, "Accept": "application/json"})
 
     def case(self, case_id: int) -> dict:
+        """The case as the API answers it, checked against the API's document (the case's response model)."""
+        from tests.api_schema import check_answer
+
         r = self.http.get(f"{self.base}/api/v1/cases/{case_id}", params={"poll": "1"})
         r.raise_for_status()
-        return r.json()
+        return check_answer(self.http, self.base, r)
 
     def wait(self, case_id: int, timeout: float = 300, settled=("done", "rejected", "failed")) -> dict:
         deadline = time.monotonic() + timeout

@@ -42,7 +42,7 @@ def test_api_case_flow_with_a_token(web_server, token):
     assert requests.get(f"{api}/cases/999999", headers=auth).json() == {"error": "not found, or not yours"}
     assert requests.delete(f"{api}/cases/{case_id}", headers=auth).status_code == 405
     spec = requests.get(f"{api}/openapi.json", headers=auth).json()
-    assert spec["openapi"].startswith("3.") and "/cases/{case_id}/images" in spec["paths"]
+    assert spec["openapi"] == "3.1.0" and "/api/v1/cases/{case_id}/images" in spec["paths"]
     assert requests.get(f"{api}/openapi.json").status_code == 401
 
 
@@ -106,5 +106,5 @@ def test_api_case_with_hpo_terms_and_a_catalogue_diagnosis(web_server, token):
     r = requests.post(f"{api}/cases/{body['id']}/diagnosis", headers=auth, json={"syndrome": "ORPHA:9999999"})
     assert r.status_code == 400 and "unknown syndrome" in r.json()["error"]
     spec = requests.get(f"{api}/openapi.json", headers=auth).json()
-    assert {"/hpo", "/syndromes"} <= set(spec["paths"]) and "hpo_terms" in spec["components"]["schemas"]["NewCase"][
-        "properties"]
+    assert {"/api/v1/hpo", "/api/v1/syndromes"} <= set(spec["paths"]) and "hpo_terms" in spec["components"]["schemas"][
+        "NewCase"]["properties"]

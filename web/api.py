@@ -1,7 +1,7 @@
 """JSON API under /api/v1 (same login as the portal)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, render_template, request
 from flask_login import current_user
 
 from shared.audit import audit
@@ -9,22 +9,58 @@ from web import limits
 from web.access import case_or_404, image_or_404
 from web.auth import admin_required
 from web.db import get_db
+from web.openapi import document, operation
 from web.reads import audit_read
+from web.responses import (
+    AlignedUrl,
+    CaseList,
+    CasePayload,
+    DiagnosisRecord,
+    HpoMatches,
+    ImagePayload,
+    ImagesAccepted,
+    ImageState,
+    OpenApiDocument,
+    Phenopacket,
+    SyndromeMatches,
+)
 from web.results import case_payload, image_payload
-from web.schemas import CaseUpdate, DiagnosisUpdate, NewCase, parse
+from web.schemas import (
+    CaseQuery,
+    CaseUpdate,
+    DiagnosisUpdate,
+    ImportProblems,
+    NewCase,
+    PhotoImport,
+    PhotoImportResult,
+    PhotoUpload,
+    SearchQuery,
+    parse,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
 @bp.get("/openapi.json")
+@operation({200: OpenApiDocument})
 def openapi():
-    from web.openapi import SPEC
+    """This API's OpenAPI 3.1 document"""
+    return jsonify(document(current_app))
 
-    return jsonify(SPEC)
+
+@bp.get("/docs")
+@operation({200: "text/html"})
+def docs():
+    """This API's document as a page"""
+    from web.apidocs import page
+
+    return render_template("api_docs.html", **page(document(current_app)))
 
 
 @bp.get("/cases")
+@operation({200: CaseList})
 def list_cases():
+    """Your cases (every case for an administrator)"""
     from shared.models import Case
     from web.access import visible_cases
 
@@ -36,8 +72,9 @@ def list_cases():
 
 
 @bp.post("/cases")
+@operation({201: CasePayload}, body=NewCase)
 def create_case():
-    """JSON ``{"patient_ref", "sex", "age_years", "ancestry", "hpo_terms"}``; the ID must be pseudonymous."""
+    """Create a case"""
     from shared.catalog import CatalogError, validate_hpo_terms
     from shared.services import cases
 
@@ -54,8 +91,9 @@ def create_case():
 
 
 @bp.patch("/cases/<int:case_id>")
+@operation({200: CasePayload}, body=CaseUpdate)
 def patch_case(case_id: int):
-    """Correct a case: JSON with any of patient_ref, sex, age_years, ancestry, hpo_terms (audited)."""
+    """Correct a case's details (audited)"""
     from shared.catalog import CatalogError, validate_hpo_terms
     from shared.services.cases import update_case
 
@@ -63,9 +101,6 @@ def patch_case(case_id: int):
     case = case_or_404(case_id)
     body = parse(CaseUpdate, request.get_json(silent=True))
     fields = body.model_dump(exclude_unset=True)
-    for required in ("patient_ref", "sex"):
-        if required in fields and fields[required] is None:
-            return jsonify(error=f"{required} cannot be cleared"), 400
     if "hpo_terms" in fields:
         try:
             fields["hpo_terms"] = validate_hpo_terms(db, fields["hpo_terms"] or [])
@@ -80,30 +115,34 @@ def _payload(db, case) -> dict:
 
 
 @bp.get("/hpo")
+@operation({200: HpoMatches}, query=SearchQuery)
 def hpo_search():
-    """HPO terms matching ``q`` (ID, name or synonym), for the case form's autocomplete."""
+    """HPO terms matching a text (ID, name or synonym), for autocomplete"""
     from shared.catalog import search_hpo
 
-    return jsonify(terms=search_hpo(get_db(), request.args.get("q", ""), _limit()))
+    query = parse(SearchQuery, request.args.to_dict())
+    return jsonify(terms=search_hpo(get_db(), query.q, query.limit))
 
 
 @bp.get("/syndromes")
+@operation({200: SyndromeMatches}, query=SearchQuery)
 def syndrome_search():
-    """Catalogue syndromes matching ``q`` (name, OMIM/Orphanet ID or gene), with their genes."""
+    """Catalogue syndromes matching a name, OMIM/Orphanet ID or gene symbol"""
     from shared.catalog import search_syndromes
 
-    return jsonify(syndromes=search_syndromes(get_db(), request.args.get("q", ""), _limit()))
-
-
-def _limit() -> int:
-    raw = request.args.get("limit", "20")
-    return max(1, min(50, int(raw))) if raw.isascii() and raw.isdigit() else 20
+    query = parse(SearchQuery, request.args.to_dict())
+    return jsonify(syndromes=search_syndromes(get_db(), query.q, query.limit))
 
 
 @bp.post("/cases/<int:case_id>/images")
+@operation({201: ImagesAccepted}, form=PhotoUpload, errors={
+    400: "No photo attached, or a photo the portal cannot use (too small, say); the message names the file",
+    413: "The body is over GESTALT_MAX_UPLOAD_MB, or a photo or the whole request is over its pixel, count or "
+         "processing budget",
+    415: "A file is not an image the portal reads"})
 @limits.photos
 def add_images(case_id: int):
-    """Photos (multipart field ``photo``, repeatable): all stored and queued, or none."""
+    """Add photos; all are stored and queued, or none"""
     from web.uploads import receive_photos
 
     db = get_db()
@@ -113,19 +152,22 @@ def add_images(case_id: int):
 
 
 @bp.get("/cases/<int:case_id>")
+@operation({200: CasePayload}, query=CaseQuery)
 def get_case(case_id: int):
+    """A case with its photos, statuses and results"""
     db = get_db()
     case = case_or_404(case_id)
+    poll = parse(CaseQuery, request.args.to_dict()).poll
     payload = _payload(db, case)
     # A poll (the case page's, every few seconds) is audited once per case and login; any other read every time.
-    poll = request.args.get("poll") == "1"
     audit_read(db, "case_view", "case", case.id, once_per_login=poll, via="api", poll=poll)
     return jsonify(payload)
 
 
 @bp.get("/cases/<int:case_id>/phenopacket")
+@operation({200: Phenopacket})
 def get_phenopacket(case_id: int):
-    """The case as a GA4GH Phenopacket v2 (audited as an export)."""
+    """The case as a GA4GH Phenopacket v2 (audited as an export)"""
     from shared.phenopackets import case_packet, packet_json
 
     db = get_db()
@@ -136,7 +178,9 @@ def get_phenopacket(case_id: int):
 
 
 @bp.get("/images/<int:image_id>")
+@operation({200: ImagePayload})
 def get_image(image_id: int):
+    """One photo's status, face and result"""
     db = get_db()
     image = image_or_404(image_id)
     from shared.modelops.versions import active_version
@@ -148,8 +192,9 @@ def get_image(image_id: int):
 
 
 @bp.get("/images/<int:image_id>/aligned")
+@operation({200: AlignedUrl}, errors={404: "No such photo, or not yours; or the photo has no aligned face yet"})
 def aligned_face(image_id: int):
-    """A short-lived presigned URL for this image's aligned face, and nothing else."""
+    """A short-lived presigned URL of the photo's aligned face, and nothing else"""
     from shared.storage import PRESIGN_SECONDS, get_storage
 
     db = get_db()
@@ -162,8 +207,10 @@ def aligned_face(image_id: int):
 
 
 @bp.route("/cases/<int:case_id>/diagnosis", methods=["POST", "PATCH"])
+@operation({200: DiagnosisRecord}, body=DiagnosisUpdate, errors={
+    400: "A field is malformed, the syndrome is not in the catalogue, or a first diagnosis names no syndrome"})
 def put_diagnosis(case_id: int):
-    """JSON ``{"syndrome": name|id|OMIM, "kind": "clinical"|"molecular", "gene", "variant", "consent": bool}``.
+    """Record or update the confirmed diagnosis
 
     A field left out keeps its stored value (the first diagnosis of a case needs ``syndrome``);
     ``"consent": false`` withdraws consent, which is audited and ends the photos' use in training."""
@@ -177,9 +224,10 @@ def put_diagnosis(case_id: int):
 
 
 @bp.post("/images/<int:image_id>/rescore")
+@operation({202: ImageState}, errors={409: "The photo is still being processed, or was rejected"})
 @limits.rescores
 def rescore(image_id: int):
-    """Score this photo again with the active model (its old result is kept)."""
+    """Score the photo again with the active model (its old result is kept)"""
     from shared import dispatch, photos
     from shared.models import ImageStatus
 
@@ -198,6 +246,9 @@ def rescore(image_id: int):
 
 
 @bp.post("/admin/imports/photos")
+@operation({201: PhotoImportResult, 200: PhotoImportResult, 400: ImportProblems}, form=PhotoImport, errors={
+    413: "The archive is over GESTALT_IMPORT_MAX_ARCHIVE_MB, or checking its photos took more than "
+         "GESTALT_IMPORT_CPU_SECONDS"})
 @admin_required
 @limits.imports
 def import_photos():
@@ -205,7 +256,6 @@ def import_photos():
     kind, labels): 201 with the cases created (200 when all were imported before), or 400 with every problem."""
     from shared.imports import ImportRefused
     from web.imports import import_archive, parse_import
-    from web.schemas import ImportProblems
 
     body = parse_import(request.form, request.files)
     try:

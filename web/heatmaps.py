@@ -11,17 +11,21 @@ from shared.services import Refusal
 from web import limits
 from web.access import case_or_404
 from web.db import get_db
+from web.openapi import operation
+from web.schemas import HeatmapQuery, parse
 
 bp = Blueprint("heatmaps", __name__)
 
 
 @bp.get("/cases/<int:case_id>/images/<int:image_id>/heatmap.png")
 @bp.get("/api/v1/cases/<int:case_id>/images/<int:image_id>/heatmap.png", endpoint="api_heatmap_png")
+@operation({200: "image/png"}, query=HeatmapQuery, errors={
+    400: "The syndrome is not in the photo's ranking, or the region not one of the model's",
+    404: "No such case or photo, or not yours; or the photo has no result, crops or model yet"})
 @limits.heatmaps
 def heatmap_png(case_id: int, image_id: int):
-    """``?syndrome=<class index or name>&region=<all|region>``: the overlay PNG, for the model that scored
-    the photo."""
-    from shared.services.heatmaps import ALL, heatmap
+    """Grad-CAM heatmap of one syndrome over the aligned face (PNG), by the model that scored the photo"""
+    from shared.services.heatmaps import heatmap
 
     case = case_or_404(case_id)
     image = next((i for i in case.images if i.id == image_id), None)
@@ -29,8 +33,9 @@ def heatmap_png(case_id: int, image_id: int):
         abort(404)
     api = request.path.startswith("/api/")
     try:
-        made = heatmap(get_db(), image, request.args.get("syndrome", ""), request.args.get("region", ALL),
-                       current_user.id, request.remote_addr, "api" if api else "portal")
+        query = parse(HeatmapQuery, request.args.to_dict())
+        made = heatmap(get_db(), image, query.syndrome, query.region, current_user.id, request.remote_addr,
+                       "api" if api else "portal")
     except Refusal as exc:
         if api:
             return jsonify(error=exc.message), exc.status

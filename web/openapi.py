@@ -1,144 +1,270 @@
-"""The OpenAPI 3 document of /api/v1 (served at /api/v1/openapi.json)."""
+"""The OpenAPI 3.1 document of the JSON API, generated from Flask's URL map and the pydantic models.
+
+Every route under ``/api/`` is an operation, found in the URL map, so a new route is in the document the moment
+it is registered. What the map cannot say a view says with :func:`operation`: the models of its body, query and
+answers (:mod:`web.schemas` validates requests with them, :mod:`web.responses` describes the answers) and the
+errors of its own. Everything else is read from the app: path parameters from the route's converters, summary and
+description from the view's docstring, the login every route needs (:mod:`web.auth`: a token or a session), 403 for
+the routes behind :func:`web.auth.admin_required`, 429 with ``Retry-After`` where Flask-Limiter limits the route
+(and the limit itself), 404 where the path names a row, 413 where a body comes. The models' JSON schemas come from
+pydantic (:func:`pydantic.json_schema.models_json_schema`): a field's type, limits, default and description are
+written in its model, nowhere else. A route no :func:`operation` describes is still listed, marked
+``x-undocumented`` (the tests refuse that).
+"""
 from __future__ import annotations
 
-from web.schemas import SEXES
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
-ERROR = {"description": "A message a person can act on",
-         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-ID = {"name": "{}", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+from flask import Flask
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from werkzeug.routing import Rule
 
+from web.responses import Error
 
-def _id(name: str) -> dict:
-    return {**ID, "name": name}
+PREFIX = "/api/"
+IGNORED_METHODS = {"HEAD", "OPTIONS"}
+SECURITY = [{"bearer": []}, {"session": []}]
+_PARAM = re.compile(r"<(?:(\w+)(?:\((.*?)\))?:)?(\w+)>")
 
-
-def _json(ref: str) -> dict:
-    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
-
-
-def _search(example: str) -> list[dict]:
-    return [{"name": "q", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 100},
-             "example": example},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 50}}]
-
-
-SPEC = {
-    "openapi": "3.0.3",
-    "info": {"title": "Gestalt API", "version": "1",
-             "description": "Cases, photos, results and diagnoses. Authenticate with a per-user token "
-                            "(`Authorization: Bearer gst_...`, see `gestalt tokens create`)."},
-    "servers": [{"url": "/api/v1"}],
-    "security": [{"bearer": []}],
-    "paths": {
-        "/cases": {
-            "get": {"summary": "Your cases (all cases for admins)", "responses": {
-                "200": {"description": "Cases", **_json("CaseList")}, "401": ERROR}},
-            "post": {"summary": "Create a case", "requestBody": {"required": True, **_json("NewCase")},
-                     "responses": {"201": {"description": "The case", **_json("Case")}, "400": ERROR, "401": ERROR}},
-        },
-        "/cases/{case_id}": {"get": {"summary": "A case with its photos, statuses and results",
-                                     "parameters": [_id("case_id")],
-                                     "responses": {"200": {"description": "The case", **_json("Case")},
-                                                   "401": ERROR, "404": ERROR}},
-                             "patch": {"summary": "Correct a case's details; fields left out keep their value",
-                                       "parameters": [_id("case_id")],
-                                       "requestBody": {"required": True, **_json("CaseUpdate")},
-                                       "responses": {"200": {"description": "The case", **_json("Case")},
-                                                     "400": ERROR, "401": ERROR, "404": ERROR}}},
-        "/cases/{case_id}/images": {"post": {
-            "summary": "Add photos (multipart, field `photo`, repeatable); all are stored or none",
-            "parameters": [_id("case_id")],
-            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                "type": "object", "required": ["photo"],
-                "properties": {"photo": {"type": "string", "format": "binary"}}}}}},
-            "responses": {"201": {"description": "Accepted photos", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"images": {"type": "array", "items": {
-                    "type": "object", "properties": {"id": {"type": "integer"}, "status": {"type": "string"}}}}}}}}},
-                "400": ERROR, "401": ERROR, "404": ERROR, "413": ERROR, "415": ERROR}}},
-        "/cases/{case_id}/diagnosis": {method: {
-            "summary": "Record or update the confirmed diagnosis; fields left out keep their stored value",
-            "parameters": [_id("case_id")], "requestBody": {"required": True, **_json("Diagnosis")},
-            "responses": {"200": {"description": "The diagnosis"}, "400": ERROR, "401": ERROR, "404": ERROR}}
-            for method in ("post", "patch")},
-        "/cases/{case_id}/phenopacket": {"get": {
-            "summary": "The case as a GA4GH Phenopacket v2 (subject, HPO terms, diagnosis, measurements, photo hashes)",
-            "parameters": [_id("case_id")],
-            "responses": {"200": {"description": "Phenopacket v2 JSON", "content": {"application/json": {"schema": {
-                "type": "object"}}}}, "401": ERROR, "404": ERROR}}},
-        "/hpo": {"get": {
-            "summary": "HPO terms matching a text (ID, name or synonym), for autocomplete",
-            "parameters": _search("hyperte"),
-            "responses": {"200": {"description": "Matching terms, best first", **_json("HpoTerms")}, "401": ERROR}}},
-        "/syndromes": {"get": {
-            "summary": "Catalogue syndromes matching a name, OMIM/Orphanet ID or gene symbol",
-            "parameters": _search("kabuki"),
-            "responses": {"200": {"description": "Matching syndromes with their genes", **_json("Syndromes")},
-                          "401": ERROR}}},
-        "/images/{image_id}": {"get": {"summary": "One photo's status and result", "parameters": [_id("image_id")],
-                                       "responses": {"200": {"description": "The photo"}, "401": ERROR,
-                                                     "404": ERROR}}},
-        "/images/{image_id}/aligned": {"get": {
-            "summary": "A presigned URL (300 s) of the aligned face", "parameters": [_id("image_id")],
-            "responses": {"200": {"description": "URL"}, "401": ERROR, "404": ERROR}}},
-        "/images/{image_id}/rescore": {"post": {
-            "summary": "Score the photo again with the active model", "parameters": [_id("image_id")],
-            "responses": {"202": {"description": "Queued"}, "401": ERROR, "404": ERROR, "409": ERROR}}},
-    },
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-            "NewCase": {"type": "object", "required": ["patient_ref"], "additionalProperties": False, "properties": {
-                "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
-                                "description": "Pseudonymous ID; never a name"},
-                "sex": {"type": "string", "enum": list(SEXES)},
-                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
-                "ancestry": {"type": "string", "maxLength": 64, "nullable": True,
-                             "description": "Self-reported ancestry (optional)"},
-                "hpo_terms": {"type": "array", "maxItems": 200, "items": {"type": "string", "pattern": "^HP:[0-9]{7}$"},
-                              "description": "HPO term IDs; unknown IDs are refused (400)"}}},
-            "CaseUpdate": {"type": "object", "additionalProperties": False, "properties": {
-                "patient_ref": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-                "sex": {"type": "string", "enum": list(SEXES)},
-                "age_years": {"type": "number", "minimum": 0, "maximum": 120, "nullable": True},
-                "ancestry": {"type": "string", "maxLength": 64, "nullable": True},
-                "hpo_terms": {"type": "array", "maxItems": 200,
-                              "items": {"type": "string", "pattern": "^HP:[0-9]{7}$"}}}},
-            "HpoTerms": {"type": "object", "properties": {"terms": {"type": "array", "items": {
-                "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                                 "synonyms": {"type": "array", "items": {"type": "string"}},
-                                                 "label": {"type": "string"}}}}}},
-            "Syndromes": {"type": "object", "properties": {"syndromes": {"type": "array", "items": {
-                "type": "object", "properties": {
-                    "id": {"type": "integer"}, "name": {"type": "string"}, "label": {"type": "string"},
-                    "omim": {"type": "string", "nullable": True}, "orpha": {"type": "string", "nullable": True},
-                    "source": {"type": "string"}, "genes": {"type": "array", "items": {"type": "string"}}}}}}},
-            "Case": {"type": "object", "properties": {
-                "id": {"type": "integer"}, "patient_ref": {"type": "string"}, "sex": {"type": "string"},
-                "age_years": {"type": "number", "nullable": True}, "images": {"type": "array", "items": {}}}},
-            "CaseList": {"type": "object", "properties": {"cases": {"type": "array", "items": {}}}},
-            "Diagnosis": {"type": "object", "additionalProperties": False, "description": (
-                "A case's first diagnosis needs `syndrome`; later updates change only the fields they name. "
-                "`consent: false` withdraws consent to use the photos for training (audited)."), "properties": {
-                "syndrome": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": 300},
-                                       {"type": "integer", "minimum": 1}],
-                             "description": "Catalogue name, id, or OMIM/Orphanet ID (OMIM:122470, ORPHA:2322)"},
-                "kind": {"type": "string", "enum": ["clinical", "molecular"]},
-                "gene": {"type": "string", "maxLength": 32, "nullable": True},
-                "variant": {"type": "string", "maxLength": 255, "nullable": True},
-                "consent": {"type": "boolean", "description": "A JSON boolean; anything else is a 400"}}},
-        },
-    },
+ERRORS = {
+    400: "The request is malformed: a field is missing, of the wrong type, out of range or holding text that cannot "
+         "be stored (the message names it); for a portal session, also a missing CSRF token",
+    401: "No valid login: send a token (`Authorization: Bearer gst_...`) or the portal's session cookie",
+    403: "The account must choose a new password in the portal first",
+    404: "No such record, or not the caller's (another clinician's case is not revealed)",
+    413: "The request body is larger than this address accepts",
+    429: "Too many requests",
 }
 
-# Saliency heatmaps (web/heatmaps.py).
-SPEC["paths"]["/cases/{case_id}/images/{image_id}/heatmap.png"] = {"get": {
-    "summary": "Grad-CAM heatmap of one syndrome over the aligned face (PNG), by the model that scored the photo",
-    "parameters": [_id("case_id"), _id("image_id"),
-                   {"name": "syndrome", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 255},
-                    "description": "Class index in the model's class list, or the syndrome's name as ranked",
-                    "example": "0"},
-                   {"name": "region", "in": "query", "schema": {"type": "string", "maxLength": 32, "default": "all"},
-                    "description": "`all` (every region combined) or one of the model's regions, e.g. `upper_half`"}],
-    "responses": {"200": {"description": "The overlay", "content": {"image/png": {"schema": {
-        "type": "string", "format": "binary"}}}}, "400": ERROR, "401": ERROR, "404": ERROR}}}
+
+@dataclass(frozen=True)
+class Operation:
+    """What a view answers and takes beyond what the URL map says (see the module's docstring)."""
+
+    responses: Mapping[int, type[BaseModel] | str]  # a model (JSON), or the media type of a body of another kind
+    body: type[BaseModel] | None = None  # application/json
+    form: type[BaseModel] | None = None  # multipart/form-data
+    query: type[BaseModel] | None = None
+    errors: Mapping[int, str] = field(default_factory=dict)  # statuses of the view's own, and when they come
+
+
+def operation(responses: Mapping[int, type[BaseModel] | str], *, body: type[BaseModel] | None = None,
+              form: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
+              errors: Mapping[int, str] | None = None) -> Callable:
+    """Describe a view for the API's document; put it right under the route decorator."""
+    described = Operation(dict(responses), body, form, query, dict(errors or {}))
+
+    def mark(view: Callable) -> Callable:
+        view.openapi = described  # type: ignore[attr-defined]
+        return view
+    return mark
+
+
+def document(app: Flask) -> dict:
+    """The app's API document, built once per app."""
+    if "openapi" not in app.extensions:
+        app.extensions["openapi"] = build(app)
+    return app.extensions["openapi"]
+
+
+class _Schemas(GenerateJsonSchema):
+    """pydantic's JSON schemas without a title per field (the field's name says it)."""
+
+    def field_title_should_be_set(self, schema) -> bool:
+        return False
+
+
+def api_routes(app: Flask) -> list[tuple[Rule, str]]:
+    """Every (rule, method) of the API, in the URL map's order."""
+    return [(rule, method) for rule in app.url_map.iter_rules() if rule.rule.startswith(PREFIX)
+            for method in sorted(rule.methods - IGNORED_METHODS)]
+
+
+def build(app: Flask) -> dict:
+    routes = [(rule, method, described(app.view_functions[rule.endpoint])) for rule, method in api_routes(app)]
+    ops = [op for _, _, op in routes if op is not None]
+    requests = {m for op in ops for m in (op.body, op.form, op.query) if m is not None}
+    answers = {Error} | {m for op in ops for m in op.responses.values() if isinstance(m, type)}
+    modes = [(m, "validation") for m in requests] + [(m, "serialization") for m in answers]
+    refs, top = models_json_schema(sorted(modes, key=lambda mm: (mm[0].__name__, mm[1])),
+                                   ref_template="#/components/schemas/{model}", schema_generator=_Schemas)
+    schemas = {m: refs[m, mode] for m, mode in modes}  # a model both asked and answered: its answer's schema
+    paths: dict[str, dict] = {}
+    names = _operation_ids(routes)
+    for (rule, method, op), name in zip(routes, names, strict=True):
+        paths.setdefault(path_template(rule.rule), {})[method.lower()] = _operation(
+            app, rule, method, op, schemas, top["$defs"], name)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Gestalt API", "version": "1", "description": _INFO},
+        "paths": paths,
+        "components": {"schemas": top["$defs"], "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "A per-user API token (`gst_...`): "
+                       "`gestalt tokens create --email E`; it expires (GESTALT_TOKEN_DAYS) and can be revoked"},
+            "session": {"type": "apiKey", "in": "cookie", "name": app.config.get("SESSION_COOKIE_NAME", "session"),
+                        "description": "The portal's login (the browser's session cookie); a request other than "
+                                       "GET also needs the page's CSRF token in `X-CSRFToken`"}}},
+        "security": SECURITY,
+    }
+
+
+_INFO = ("Cases, photos, results and diagnoses of the Gestalt portal, as JSON. Every operation needs a login: a "
+         "per-user token (`Authorization: Bearer gst_...`) or the portal's session. A clinician reaches their own "
+         "cases only (another's is a 404), an administrator every case. Errors are `{\"error\": \"...\"}`, naming "
+         "the field that is wrong. Rate-limited operations answer 429 with `Retry-After`.")
+
+
+def described(view: Callable) -> Operation | None:
+    return getattr(view, "openapi", None)
+
+
+def path_template(rule: str) -> str:
+    """``/api/v1/cases/<int:case_id>`` as ``/api/v1/cases/{case_id}``."""
+    return _PARAM.sub(r"{\3}", rule)
+
+
+def _operation_ids(routes: list) -> list[str]:
+    """The view's name (its blueprint's too where two blueprints share one), with the method where one view answers
+    several."""
+    names = [rule.endpoint.rsplit(".", 1)[-1] for rule, _, _ in routes]
+    ids = []
+    for (rule, method, _), name in zip(routes, names, strict=True):
+        shared = any(n == name and r.endpoint != rule.endpoint for (r, _, _), n in zip(routes, names, strict=True))
+        name = rule.endpoint.replace(".", "_") if shared else name
+        ids.append(f"{name}_{method.lower()}" if len(rule.methods - IGNORED_METHODS) > 1 else name)
+    return ids
+
+
+def _operation(app: Flask, rule: Rule, method: str, op: Operation | None, schemas: dict, defs: dict,
+               operation_id: str) -> dict:
+    view = app.view_functions[rule.endpoint]
+    summary, _, description = (inspect.getdoc(view) or rule.endpoint).partition("\n\n")
+    summary = " ".join(summary.split())
+    out: dict = {"operationId": operation_id, "summary": summary, "tags": [_tag(rule.rule)]}
+    admin = _admin_only(app, rule, view)
+    if description.strip() or admin:
+        out["description"] = " ".join(p for p in (description.strip(), admin and "Administrators only.") if p)
+    out["parameters"] = _path_parameters(app, rule) + (_query_parameters(defs, schemas[op.query]) if op and op.query
+                                                       else [])
+    if op and (op.body or op.form):
+        kind, model = ("application/json", op.body) if op.body else ("multipart/form-data", op.form)
+        out["requestBody"] = {"required": True, "content": {kind: {"schema": schemas[model]}}}
+    out["security"] = [] if rule.endpoint in _public_endpoints() else SECURITY
+    out["responses"] = _responses(app, rule, view, op, schemas, admin)
+    if op is None:
+        out["x-undocumented"] = True
+    return out
+
+
+def _tag(rule: str) -> str:
+    parts = [p for p in rule[len(PREFIX):].split("/") if p and not p.startswith("<")]
+    return parts[1] if len(parts) > 1 else "api"
+
+
+def _responses(app: Flask, rule: Rule, view: Callable, op: Operation | None, schemas: dict, admin: bool) -> dict:
+    out: dict = {}
+    for status, answer in (op.responses if op else {}).items():
+        if isinstance(answer, str):
+            text = answer.startswith("text/")
+            body = {answer: {"schema": {"type": "string"} if text else {"type": "string", "contentMediaType": answer}}}
+        elif status >= 400 and answer is not Error:  # the app's error handlers answer any status with an Error too
+            body = {"application/json": {"schema": {"anyOf": [schemas[answer], schemas[Error]]}}}
+        else:
+            body = {"application/json": {"schema": schemas[answer]}}
+        out[str(status)] = {"description": _first_line(answer) or HTTPStatus(status).phrase, "content": body}
+    if op is None:
+        out["default"] = {"description": "Not described yet (no web.openapi.operation on the view)"}
+    errors = {400: ERRORS[400]}
+    if rule.endpoint not in _public_endpoints():
+        errors |= {401: ERRORS[401], 403: ERRORS[403] + ("; or the account is not an administrator" if admin else "")}
+    if rule.arguments:
+        errors[404] = ERRORS[404]
+    if op and (op.body or op.form):
+        errors[413] = ERRORS[413]
+    limits = _rate_limits(app, rule, view)
+    if limits:
+        errors[429] = f"{ERRORS[429]} (at most {'; '.join(limits)} per account): wait the seconds Retry-After says"
+    errors |= dict(op.errors) if op else {}
+    for status, text in sorted(errors.items()):
+        out.setdefault(str(status), {"description": text,
+                                     "content": {"application/json": {"schema": schemas[Error]}}})
+        if status == 429:
+            out["429"]["headers"] = {"Retry-After": {"description": "Seconds until the limit lets a request through",
+                                                     "schema": {"type": "integer"}}}
+    return out
+
+
+def _first_line(answer: type[BaseModel] | str) -> str:
+    if isinstance(answer, str) or answer.__doc__ is None:
+        return ""
+    return inspect.cleandoc(answer.__doc__).split("\n\n")[0].replace("\n", " ")
+
+
+def _path_parameters(app: Flask, rule: Rule) -> list[dict]:
+    from werkzeug.routing import FloatConverter, IntegerConverter
+    from werkzeug.routing.rules import parse_converter_args
+
+    params = []
+    for converter, args, name in _PARAM.findall(rule.rule):
+        positional, keywords = parse_converter_args(args) if args else ((), {})
+        conv = app.url_map.converters[converter or "default"](app.url_map, *positional, **keywords)
+        if isinstance(conv, IntegerConverter):
+            schema = {"type": "integer", "minimum": conv.min if conv.min is not None else None if conv.signed else 0}
+            schema |= {"maximum": conv.max} if conv.max is not None else {}
+            schema = {k: v for k, v in schema.items() if v is not None}
+        elif isinstance(conv, FloatConverter):
+            schema = {"type": "number"}
+        else:
+            schema = {"type": "string", "pattern": f"^{conv.regex}$"}
+        params.append({"name": name, "in": "path", "required": True, "schema": schema})
+    return params
+
+
+def _query_parameters(defs: dict, ref: dict) -> list[dict]:
+    model = defs[ref["$ref"].rsplit("/", 1)[-1]]
+    required = set(model.get("required", ()))
+    out = []
+    for name, schema in model.get("properties", {}).items():
+        param = {"name": name, "in": "query", "required": name in required, "schema": schema}
+        if "description" in schema:
+            param["description"] = schema["description"]
+        out.append(param)
+    return out
+
+
+def _public_endpoints() -> set[str]:
+    from web.auth import PUBLIC_ENDPOINTS
+
+    return PUBLIC_ENDPOINTS
+
+
+def _admin_only(app: Flask, rule: Rule, view: Callable) -> bool:
+    """Behind :func:`web.auth.admin_required`: on the view (through its decorators) or its blueprint's check."""
+    from web.auth import admin_required
+
+    marker = admin_required(lambda: None).__code__
+    blueprint = rule.endpoint.rpartition(".")[0]
+    candidates = [view, *app.before_request_funcs.get(blueprint, ())] if blueprint else [view]
+    for fn in candidates:
+        while fn is not None:
+            if getattr(fn, "__code__", None) is marker:
+                return True
+            fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def _rate_limits(app: Flask, rule: Rule, view: Callable) -> list[str]:
+    """The Flask-Limiter limits of the route (decorated or its blueprint's), as "30 per 1 minute"."""
+    from flask_limiter.util import get_qualified_name
+
+    from web.limits import limiter
+
+    blueprint = rule.endpoint.rpartition(".")[0]
+    found = limiter.limit_manager.decorated_limits(get_qualified_name(view))
+    found += limiter.limit_manager.blueprint_limits(app, blueprint) if blueprint else []
+    return list(dict.fromkeys(str(limit.limit) for limit in found))
