@@ -149,10 +149,12 @@ class ImagePayload(_Out):
 
 
 class CaseResult(_Out):
-    """The case-level ranking: the mean of the photos' scores by one model (two photos at least)."""
+    """The case-level ranking: the mean of its finished photos' scores by one model (the active one if it scored)."""
 
     model_version: ModelRef
-    photos: int
+    photos: int = Field(description="Finished photos the model scored: the ranking is the mean of their scores")
+    image_ids: list[int] = Field(description="Those photos")
+    left_out: int = Field(description="Finished photos with a result from another model only, not in the ranking")
     ranking: list[RankedSyndrome]
 
 
@@ -259,9 +261,11 @@ class Phenotype(_Out):
     phenotype: list[PhenotypeMatch]
     joint: list[JointMatch] | None = Field(description="None without an installed combination")
     facial_model: str | None
+    facial_photos: int = Field(description="Photos behind the facial ranking the joint ranking used")
     facial_classes: int
     gallery_syndromes: int
     combiner: dict[str, Any] | None = Field(description="How the installed combination was fitted")
+    combiner_error: str | None = Field(description="Why no combination is installed or it could not be read")
 
 
 class PhenotypeUnavailable(_Out):
