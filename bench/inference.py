@@ -1,7 +1,7 @@
 """Inference benchmark: crops/s of one region network by batch, precision, memory layout and compile.
 
-Each configuration scores random 100x100 crops through :func:`shared.ml.nets.ensemble.predict` (the
-same call the worker makes, tensor conversion and softmax included) with a one-region
+Each configuration scores random 100x100 crops through :func:`shared.ml.nets.ensemble.predict_regions` (the
+same call the worker's CASIA member makes, tensor conversion and softmax included) with a one-region
 ensemble, so a batch of B is B crops. The grid is fp32 / bf16 autocast x NCHW / channels-last
 x eager / ``torch.compile``, at batches of 1, 64, 1024 and 4096 crops, on the CPU and on CUDA
 when there is one.
@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.config import get_settings  # noqa: E402
-from shared.ml.members.model import predict  # noqa: E402
+from shared.ml.members.casia import casia_only  # noqa: E402
 from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference  # noqa: E402
+from shared.ml.nets.ensemble import predict_regions as predict  # noqa: E402
 from shared.ml.preprocess.regions import CROP_SIZE, DEFAULT_REGIONS  # noqa: E402
 from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -112,9 +113,10 @@ def worker_path(device: torch.device, args, faces: int) -> tuple[float, str]:
     settings = get_settings()
     width = 0.25 if args.quick and device.type == "cpu" and args.width is None else (args.width or 1.0)
     torch.manual_seed(0)
-    data = save_checkpoint(RegionalEnsemble(DEFAULT_REGIONS, args.classes, width=width),
-                           [f"s{i}" for i in range(args.classes)], {})
-    model, _ = load_checkpoint(data, device, compile=settings.infer_compile)  # as ModelCache loads it
+    net = RegionalEnsemble(DEFAULT_REGIONS, args.classes, width=width)
+    data = save_checkpoint(casia_only(net, [f"s{i}" for i in range(args.classes)]), {})
+    # as ModelCache loads it
+    model = load_checkpoint(data, device, compile=settings.infer_compile)[0].member("casia").net
     stack = np.random.default_rng(1).integers(0, 256, (faces, len(DEFAULT_REGIONS), CROP_SIZE, CROP_SIZE),
                                               dtype=np.uint8)
     rate = crops_per_second(model, stack, 256, settings.infer_precision, args.min_time, settings.infer_compile,

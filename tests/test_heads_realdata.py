@@ -89,8 +89,8 @@ def test_heads_benchmark_cli_beats_the_sklearn_baselines():
 def test_with_heads_round_trip():
     import torch
 
-    from shared.ml.members.model import predict
     from shared.ml.nets.ensemble import RegionalEnsemble
+    from shared.ml.nets.ensemble import predict_regions as predict
     from shared.ml.train.heads import extract_features
 
     torch.manual_seed(0)

@@ -8,9 +8,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from shared.ml.formats.ranking import rank
+from shared.ml.members.casia import casia_only
 from shared.ml.members.model import predict
 from shared.ml.nets.casia import CASIANet
-from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.nets.ensemble import RegionalEnsemble, predict_regions
 from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -39,15 +40,18 @@ def test_ensemble_averages_region_softmaxes_and_round_trips():
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face", "upper_half"), num_classes=3, width=0.125).eval()
     crops = np.random.default_rng(0).integers(0, 255, (5, 2, 100, 100), dtype=np.uint8)
-    pred = predict(model, crops)
+    pred = predict_regions(model, crops)
     assert pred.region_probs.shape == (5, 2, 3)
     np.testing.assert_allclose(pred.aggregate, pred.region_probs.mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(pred.aggregate.sum(axis=1), 1.0, rtol=1e-5)
     assert pred.features.shape == (5, 2, 40)
 
-    restored, state = load_checkpoint(save_checkpoint(model, ["a", "b", "c"], {"x": 1}))
+    restored, state = load_checkpoint(save_checkpoint(casia_only(model, ["a", "b", "c"]), {"x": 1}))
     assert state["class_names"] == ["a", "b", "c"]
-    np.testing.assert_allclose(predict(restored, crops).aggregate, pred.aggregate, rtol=1e-5)
+    # The whole model's orchestrator scores the regions as the ensemble does: their mean.
+    whole = predict(restored, {"full_face": crops[:, 0], "upper_half": crops[:, 1]}, None)
+    np.testing.assert_allclose(whole.aggregate, pred.aggregate, rtol=1e-5)
+    np.testing.assert_allclose(whole.member_probs, pred.region_probs, rtol=1e-5)
 
     classes = [{"syndrome_id": i, "name": n} for i, n in enumerate("abc")]
     ranking = rank(pred.aggregate[0], classes)

@@ -99,9 +99,9 @@ def ensemble(faces):
 
 @pytest.mark.parametrize("runtime", ["onnx", *INT8_RUNTIMES, "auto"])
 def test_regional_scores_stay_within_tolerance(runtime, faces, ensemble, cache):
-    """predict (the worker's call) through each runtime against eager fp32 on real crops: fp32 to float noise; int8
-    within 0.02 of each probability and every face's top syndrome unchanged."""
-    from shared.ml.members.model import predict
+    """predict_regions (the regional member's call in the worker) through each runtime against eager fp32 on real
+    crops: fp32 to float noise; int8 within 0.02 of each probability and every face's top syndrome unchanged."""
+    from shared.ml.nets.ensemble import predict_regions as predict
     from shared.ml.nets.ensemble import prepare_for_inference
 
     crops = np.stack([np.stack([f.crops[r] for r in ensemble.regions]) for f in faces])

@@ -72,6 +72,25 @@ def test_layers_hold():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
+def test_no_import_circle():
+    """No module imports, even inside a function, a module that imports it back, directly or around a circle
+    (the strongly connected components of grimp's import graph, which import-linter builds on)."""
+    import grimp
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = grimp.build_graph("shared", "web", "worker", cache_dir=None)
+    modules = sorted(graph.modules)
+    index = {m: i for i, m in enumerate(modules)}
+    edges = np.array([(index[m], index[i]) for m in modules for i in graph.find_modules_directly_imported_by(m)])
+    _, component = connected_components(coo_matrix((np.ones(len(edges)), edges.T), shape=(len(modules),) * 2),
+                                        directed=True, connection="strong")
+    circles = [sorted(m for m, c in zip(modules, component, strict=True) if c == k)
+               for k in np.flatnonzero(np.bincount(component) > 1)]
+    assert not circles, circles
+
+
 def test_portal_starts_without_torch_or_opencv():
     """The portal loads torch and OpenCV only when a page needs them (a ranking, a heatmap)."""
     code = ("import sys, web; web.create_app({'TESTING': True, 'SECRET_KEY': 'k' * 32}); "
@@ -85,7 +104,8 @@ def test_portal_starts_without_torch_or_opencv():
 def test_case_pages_need_no_torch():
     """What a case page and the case API read (rankings, the active version, the gallery, the phenotype
     ranking) is numpy and SQL: torch loads only for a heatmap, a re-score or training."""
-    code = ("import sys, web.results, web.phenotype, web.api, shared.modelops.gallery, shared.modelops.versions, "
+    code = ("import sys, web.results, web.phenotype, web.api, shared.services.phenotype, shared.modelops.gallery, "
+            "shared.modelops.versions, "
             "shared.ml.formats.ranking, shared.ml.phenotype; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

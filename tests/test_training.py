@@ -6,8 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.ml.members.casia import casia_only
 from shared.ml.train.data import Sample, load_manifest, scan_folder
-from shared.ml.train.splits import LeakageError, check_leakage, gmdb_protocol, in_holdout, subject_split
+from shared.ml.train.splits import (
+    LeakageError,
+    check_leakage,
+    gmdb_protocol,
+    in_holdout,
+    stratified_holdout,
+    subject_split,
+)
 
 
 def _touch(path: Path) -> None:
@@ -96,6 +104,22 @@ def _samples(labels: dict[str, int]) -> list[Sample]:
     return [Sample(Path(f"{lab}/{i}.jpg"), lab, f"{lab}/{i}") for lab, n in labels.items() for i in range(n)]
 
 
+def test_a_first_holdout_holds_out_patients_of_every_syndrome():
+    """Sixteen patients of two syndromes, where the hash alone might hold out none of one: a share of each is
+    held out, never a syndrome's every patient, and a patient's photos stay on one side."""
+    subjects = [f"case:{i}" for i in range(16) for _ in range(3)]
+    labels = ["a" if i < 8 else "b" for i in range(16) for _ in range(3)]
+    held = stratified_holdout(subjects + ["case:99"], labels + ["c"], 0.2)
+    assert held[-1] is False  # a syndrome of one patient keeps it for training
+    by_subject = {s: h for s, h in zip(subjects, held, strict=False)}
+    assert all(by_subject[s] == h for s, h in zip(subjects, held, strict=False))
+    for label in "ab":
+        out = {s for s, lab, h in zip(subjects, labels, held, strict=False) if lab == label and h}
+        assert len(out) == 2  # round(0.2 x 8)
+    assert stratified_holdout(subjects, labels, 0.2) == held[:-1]  # stable
+    assert stratified_holdout(["x", "y"], ["a", "a"], 0.9) == [True, False]  # never all
+
+
 def test_select_task_modes():
     from shared.ml.train.modes import BINARY_NEGATIVE, select_task
 
@@ -137,7 +161,7 @@ def test_load_pretrained_replaces_the_final_layers():
 
     torch.manual_seed(0)
     src = RegionalEnsemble(("full_face", "upper_half"), 200, width=0.5)
-    blob = save_checkpoint(src, [f"id{i}" for i in range(200)], {})
+    blob = save_checkpoint(casia_only(src, [f"id{i}" for i in range(200)]), {})
     model = load_pretrained(blob, 7, ("upper_half",))
     assert model.regions == ("upper_half",) and model.num_classes == 7 and model.width == 0.5
     net, old = model.nets["upper_half"], src.nets["upper_half"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
-from shared.ml.members.model import predict
+from shared.ml.nets.ensemble import predict_regions as predict
 from shared.ml.train.data import IMAGE_SUFFIXES, Sample, scan_folder
 from shared.ml.train.loop import load_pretrained, train_ensemble
 from shared.ml.train.prepared import PreparedData, prepare

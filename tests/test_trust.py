@@ -187,12 +187,13 @@ def test_manifest_with_bom_and_crlf(tmp_path):
 def _tiny_checkpoint(path: Path, classes=("down", "others"), extra=None) -> Path:
     import torch
 
+    from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    path.write_bytes(save_checkpoint(RegionalEnsemble(("full_face",), len(classes), width=0.125), list(classes), {},
-                                     extra or {}))
+    net = RegionalEnsemble(("full_face",), len(classes), width=0.125)
+    path.write_bytes(save_checkpoint(casia_only(net, list(classes)), {}, extra or {}))
     return path
 
 
@@ -326,14 +327,17 @@ def test_predictions_csv_feeds_the_stats_commands(tmp_path):
 
 
 def test_validation_of_two_classes_prints_top1_only(capsys):
-    from shared.cli.train import _print_metrics
+    from shared.cli.train_steps import print_members
 
     row = {"top1": 0.5, "top5": 1.0, "top10": 1.0}
-    metrics = {"validation": {"n": 4, "subjects": 2, "aggregate": row, "regions": {"full_face": row}}}
-    _print_metrics(metrics, 2)
+    metrics = {"validation": {"n": 4, "subjects": 2, "aggregate": row, "regions": {"full_face": row, "identity": row}},
+               "weights": {"full_face": 0.0, "identity": 1.0},
+               "members": {"identity": {"top1": {"value": 0.5, "low": 0.1, "high": 0.9}}}}
+    print_members(metrics, 2)
     printed = capsys.readouterr().err
     assert "top1" in printed and "top5" not in printed and "top10" not in printed
-    _print_metrics(metrics, 7)
+    assert "identity" in printed and "1.00" in printed and "0.100-0.900" in printed
+    print_members(metrics, 7)
     printed = capsys.readouterr().err
     assert "top5" in printed and "top10" not in printed
 
@@ -408,12 +412,14 @@ def test_grad_cam_thumbnail_of_a_small_model():
     import torch
 
     from shared.cli.evaluate import _heatmap_for
+    from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
 
     torch.manual_seed(0)
-    model = RegionalEnsemble(("full_face", "upper_half"), 3, width=0.125).eval()
+    model = casia_only(RegionalEnsemble(("full_face", "upper_half"), 3, width=0.125).eval(), ["a", "b", "c"])
     rng = np.random.default_rng(0)
-    data = SimpleNamespace(aligned=rng.integers(0, 255, (2, 200, 200)).astype(np.uint8),
-                           crops=rng.integers(0, 255, (2, 2, 100, 100)).astype(np.uint8))
-    image = _heatmap_for(model, data)(1, 2)
+    crops = rng.integers(0, 255, (2, 2, 100, 100)).astype(np.uint8)
+    data = SimpleNamespace(aligned=rng.integers(0, 255, (2, 200, 200)).astype(np.uint8), landmarks=None,
+                           stored_crops=lambda i: {"full_face": crops[i, 0], "upper_half": crops[i, 1]})
+    image = _heatmap_for(model, data, None)(1, 2)
     assert image.shape == (200, 200, 3) and image.dtype == np.uint8

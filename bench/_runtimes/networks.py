@@ -117,7 +117,8 @@ def regions(args) -> Network:
     crops = np.stack([np.stack([f.crops[r] for r in DEFAULT_REGIONS]) for f in faces(args.photos)])
     return Network(f"regional CASIA-Nets ({len(DEFAULT_REGIONS)} regions, width {args.width}, {args.classes} "
                    "classes)", WithFeatures(model), (len(DEFAULT_REGIONS), 1, 100, 100),
-                   crops_to_tensor(crops).numpy(), crops_calibration(DEFAULT_REGIONS) if _int8(args) else None,
+                   crops_to_tensor(crops).numpy(),
+                   crops_to_tensor(crops_calibration(DEFAULT_REGIONS)).numpy() if _int8(args) else None,
                    _ranking_check,
                    note="random init (no trained model ships): near-uniform scores make the ranking check strict",
                    batches=(1, 8, args.infer_batch))

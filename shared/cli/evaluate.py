@@ -17,6 +17,7 @@ from shared.cli.common import (
     torch_options,
     torch_runtime,
 )
+from shared.cli.train_steps import load_encoder_or_fail
 
 
 def _load_model(ref: str, device=None):
@@ -126,6 +127,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
 
     preprocessor = Preprocessor.from_settings(settings, model.regions)
     cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
+    encode = load_encoder_or_fail(str(torch_device)) if model.needs_encoder else None
     out = out or Path("reports") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     results = {}
     for set_name, path in sets:
@@ -135,7 +137,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
                                           baseline_accuracy=baseline_accuracy, baseline_n=baseline_n,
                                           resamples=resamples, permutations=permutations, seed=seed,
                                           allow_leakage=allow_leakage, use_temperature=use_temperature,
-                                          cache=cache)
+                                          cache=cache, encode=encode)
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
@@ -147,15 +149,18 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
         console.print(f"report written to {out}/report.html")
 
 
-def _heatmap_for(model, data):
-    """(image index, class index) -> the aligned face with that class's Grad-CAM map, all regions combined."""
+def _heatmap_for(model, data, encoder):
+    """(image index, class index) -> the aligned face with that class's saliency, every member's map weighted as the
+    model weighs the member (:func:`shared.ml.explain.saliency.weighted_map`)."""
     import numpy as np
 
-    from shared.ml.explain.saliency import combine, overlay, region_maps
+    from shared.ml.explain.saliency import chip_placement, overlay, weighted_map
 
     def render(i: int, class_index: int):
         rgb = np.repeat(data.aligned[i][..., None], 3, axis=2)
-        return overlay(rgb, combine(region_maps(model, data.crops[i], class_index), rgb.shape[0]))
+        placed = chip_placement(data.landmarks[i], model.contract) if data.landmarks is not None else None
+        net = encoder.net if encoder is not None else None
+        return overlay(rgb, weighted_map(model, data.stored_crops([i]), class_index, net, placed))
 
     return render
 
@@ -167,7 +172,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     from shared.ml.evaluate import EvalInput, write_report
     from shared.ml.evaluate.statistics import apply_temperature
     from shared.ml.train import apply_label_map, data_hash, prepare
-    from shared.ml.train.members import describe_faces, member_probs
+    from shared.ml.train.members import score_data
     from shared.ml.train.splits import LeakageError, check_leakage
 
     class_names = state["class_names"]
@@ -198,17 +203,14 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         reasons = "; ".join(f"{s.path.name}: {reason}" for s, reason in data.rejected[:5])
         raise click.ClickException(f"only {len(data.samples)} usable photo(s) to evaluate; at least 2 are needed "
                                    f"({len(data.rejected)} rejected: {reasons})")
-    # Every member's scores (the regions, and the identity member on the encoder's descriptors) and their weights.
-    descriptors = (describe_faces(data, str(next(model.parameters()).device), model.identity.flip)
-                   if model.identity is not None else None)
-    members, region_probs, weights = member_probs(model, data.crops, descriptors)
+    # Every member's scores, their weights and the aggregate (calibrated as the model was, on its validation split).
+    pred = score_data(model, data, np.arange(len(data.samples)), opts["encode"])
     temperature = extra.get("temperature") if opts["use_temperature"] else None
-    if temperature:
-        region_probs = apply_temperature(region_probs, float(temperature))
+    aggregate = apply_temperature(pred.aggregate[:, None], float(temperature))[:, 0] if temperature else pred.aggregate
+    shares = model.stack.share_of()
     metrics = write_report(EvalInput(
-        model_name=name, class_names=class_names, regions=members, region_probs=np.asarray(region_probs),
-        member_weights=weights,
-        ood=model.identity.ood.score(descriptors) if descriptors is not None and model.identity.ood else None,
+        model_name=name, class_names=class_names, regions=list(pred.names), region_probs=pred.member_probs,
+        member_weights=[shares.get(n, 0.0) for n in pred.names], aggregate_probs=aggregate, ood=pred.ood,
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
         aligned=data.aligned, baseline_accuracy=opts["baseline_accuracy"], baseline_n=opts["baseline_n"],
@@ -216,7 +218,8 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
         images=[str(s.path) for s in data.samples], original_labels=[originals[id(s)] for s in data.samples],
         label_map=applied, threshold=opts["threshold"], threshold_source=opts["threshold_source"],
         prevalence=opts["prevalence"], preprocessing=preprocessor.provenance,
-        temperature=float(temperature) if temperature else None, heatmap=_heatmap_for(model, data)), out)
+        temperature=float(temperature) if temperature else None,
+        heatmap=_heatmap_for(model, data, opts["encode"])), out)
     if data.rejected:
         console.print(f"the skipped photos and their reasons: {out}/skipped.csv")
     return metrics
@@ -303,14 +306,18 @@ def _members_benchmark(model_ref: str, folds: int) -> None:
     if len(set(subjects.tolist())) < folds:
         raise click.ClickException(f"{len(set(subjects.tolist()))} subjects cannot make {folds} folds")
     result = benchmark_members(base["features"], base["identity"], labels, subjects, len(classes),
-                               list(config.get("regions") or []), folds)
+                               list(config.get("regions") or []), folds,
+                               encoder_regions=config.get("backbone") == "encoder")
     table = Table(title=f"model {name}: {len(labels)} images, {len(set(subjects.tolist()))} subjects, "
                         f"{len(classes)} classes; {folds}-fold by subject, per image")
     for col in ("member", "top-1", "top-5", "macro top-1"):
         table.add_column(col, justify="left" if col == "member" else "right")
-    rows = {**result["members"], f"aggregate (identity weight {result['weight']:.1f})": result["aggregate"]}
+    for col in ("weight",):
+        table.add_column(col, justify="right")
+    rows = {**result["members"], "aggregate (stack, out of fold)": result["aggregate"]}
     for key, r in rows.items():
-        table.add_row("identity encoder" if key == "identity" else key, f"{r['top1']:.3f}", f"{r['top5']:.3f}",
-                      f"{r['macro_top1']:.3f}")
+        weight = result["weights"].get(key)
+        table.add_row("identity encoder (face chip)" if key == "identity" else key, f"{r['top1']:.3f}",
+                      f"{r['top5']:.3f}", f"{r['macro_top1']:.3f}", "" if weight is None else f"{weight:.2f}")
     Console().print(table)
     click.echo(f"top1={result['aggregate']['top1']:.4f}")

@@ -44,9 +44,13 @@ class EvalInput:
     member_weights: list[float] | None = None
     # Per image, how unlike the model's training photos (shared.ml.members.identity.OODReference.score), if known.
     ood: list[dict] | None = None
+    # N x C: the aggregate as the model computed it (its stack of the members); None: from member_weights.
+    aggregate_probs: np.ndarray | None = None
 
     def aggregate(self) -> np.ndarray:
         """``N x C``: the members combined as the model combines them."""
+        if self.aggregate_probs is not None:
+            return np.asarray(self.aggregate_probs)
         if self.member_weights is None:
             return self.region_probs.mean(axis=1)
         return np.einsum("nrc,r->nc", self.region_probs, np.asarray(self.member_weights, np.float64))

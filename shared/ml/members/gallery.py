@@ -27,6 +27,15 @@ def gallery_vectors(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def unit_concat(parts: list[np.ndarray]) -> np.ndarray:
+    """``N x D`` unit vectors from per-name vectors of any sizes (``N x F_i`` each): each part normalised, then the
+    whole, so the cosine of two photos is the mean of their per-part cosines (the identity descriptor and each
+    region's features count alike)."""
+    normed = [np.asarray(p, np.float32) / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12) for p in parts]
+    x = np.concatenate(normed, axis=-1)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def class_scores(similarities: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """``Q x C``: for each query, the similarity of each class's nearest gallery photo (-inf: no photo)."""
     out = np.full((similarities.shape[0], n_classes), -np.inf, dtype=np.float32)
@@ -38,16 +47,20 @@ def class_scores(similarities: np.ndarray, labels: np.ndarray, n_classes: int) -
 def gallery_scores(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                    n_classes: int) -> np.ndarray:
     """Nearest-patient class scores ``N_test x C`` against a gallery of ``train_features`` (benchmarks)."""
-    sims = gallery_vectors(test_features) @ gallery_vectors(train_features).T
-    return class_scores(sims, np.asarray(train_labels), n_classes)
+    return vector_scores(gallery_vectors(train_features), train_labels, gallery_vectors(test_features), n_classes)
+
+
+def vector_scores(train_vectors: np.ndarray, train_labels: np.ndarray, test_vectors: np.ndarray,
+                  n_classes: int) -> np.ndarray:
+    """Nearest-patient class scores ``N_test x C`` of unit vectors against a gallery of unit vectors."""
+    return class_scores(np.asarray(test_vectors) @ np.asarray(train_vectors).T, np.asarray(train_labels), n_classes)
 
 
 @dataclass
 class Gallery:
-    """Diagnosed, consented photos under one backbone: unit vectors and who they belong to."""
+    """Diagnosed, consented photos in one feature space: unit vectors and who they belong to."""
 
-    backbone_sha: str
-    regions: tuple[str, ...]
+    space: tuple  # the (name, feature key) pairs each vector is made of
     vectors: np.ndarray  # N x D
     image_ids: np.ndarray  # N
     case_ids: np.ndarray  # N
@@ -61,14 +74,14 @@ class Gallery:
     def match(self, query: np.ndarray, exclude_case: int | None = None, patients: int = 10,
               syndromes: int = 10) -> dict:
         """The ``patients`` most similar patients and the ``syndromes`` best-ranked syndromes for one photo
-        (``query``: its region features ``R x F``, or several photos ``P x R x F`` whose similarities are
-        averaged, as one case)."""
+        (``query``: its unit vector ``D`` in the gallery's space, or several photos' ``P x D`` whose similarities
+        are averaged, as one case)."""
         q = np.asarray(query, dtype=np.float32)
-        q = q[None] if q.ndim == 2 else q
+        q = q[None] if q.ndim == 1 else q
         keep = self.case_ids != exclude_case if exclude_case is not None else np.ones(len(self), bool)
         if not keep.any():
             return {"patients": [], "syndromes": [], "gallery_patients": 0}
-        sims = (gallery_vectors(q) @ self.vectors[keep].T).mean(axis=0)
+        sims = (q @ self.vectors[keep].T).mean(axis=0)
         cases, synd = self.case_ids[keep], self.syndrome_ids[keep]
         best: dict[int, tuple[float, int]] = {}
         for s, c, y in zip(sims.tolist(), cases.tolist(), synd.tolist(), strict=True):
@@ -85,3 +98,27 @@ class Gallery:
         for row in out_patients + out_synd:
             row.update({k: v for k, v in self.syndromes.get(row["syndrome_id"], {}).items()})
         return {"patients": out_patients, "syndromes": out_synd, "gallery_patients": len(best)}
+
+    def unusual(self, query: np.ndarray, k: int = 5, reference: int = 500, seed: int = 0,
+                exclude_case: int | None = None) -> dict | None:
+        """How unlike the gallery's photos a case's photos (``P x D`` unit vectors) are: the mean cosine distance to
+        their ``k`` nearest gallery photos, and its percentile among the same distance of gallery photos to the
+        others (each photo's own case left out; a sample of ``reference`` photos). None with too few photos."""
+        keep = self.case_ids != exclude_case if exclude_case is not None else np.ones(len(self), bool)
+        vectors, cases = self.vectors[keep], self.case_ids[keep]
+        if len(vectors) <= k:
+            return None
+        q = np.asarray(query, np.float32)
+        q = q[None] if q.ndim == 1 else q
+        distance = float(np.mean(1.0 - np.sort(q @ vectors.T, axis=1)[:, -k:]))
+        rng = np.random.default_rng(seed)
+        sample = rng.choice(len(vectors), size=min(reference, len(vectors)), replace=False)
+        sims = vectors[sample] @ vectors.T
+        sims[cases[sample][:, None] == cases[None, :]] = -np.inf  # a patient's own photos are not their neighbours
+        ref = np.sort(1.0 - np.sort(sims, axis=1)[:, -k:].mean(axis=1))
+        ref = ref[np.isfinite(ref)]
+        if not len(ref):
+            return None
+        percentile = 100.0 * np.searchsorted(ref, distance, side="right") / len(ref)
+        return {"distance": round(distance, 4), "percentile": round(float(percentile), 1),
+                "unusual": bool(percentile >= 99.0)}

@@ -7,15 +7,18 @@ folds of the training photos between a linear softmax and a softmax on an RBF ke
 class-balanced logistic regression (scikit-learn, L-BFGS) at one of two strengths. Heads are
 plain arrays (safe to keep in a checkpoint, cheap to retrain nightly).
 
-Also here: how the identity member and the regional networks are combined (one weight chosen
-on the validation split), and the out-of-distribution score of a photo (how far its descriptor
-lies from the training photos', as a percentile among held-out training photos).
+The same heads serve the encoder's regional members (:mod:`shared.ml.members.encoder_regions`).
+Also here: the out-of-distribution score of a photo (how far its descriptors lie from the training
+photos', as a percentile among held-out training photos).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+
+from shared.ml.members.base import Member, Passes, Scores
 
 MEMBER = "identity"
 # The stored crop the member reads: dlib's 150 x 150 RGB face chip (shared.ml.preprocess.facechip).
@@ -26,7 +29,6 @@ CANDIDATES: tuple[tuple[str, float, float], ...] = (
     ("rbf", 1.0, 10.0))
 MAX_COMPONENTS = 1024
 SELECTION_FOLDS = 3
-WEIGHT_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 OOD_NEIGHBOURS = 5
 OOD_MAX_REFERENCE = 5000
 OOD_FLAG_PERCENTILE = 99.0
@@ -45,6 +47,9 @@ class IdentityHead:
     components: np.ndarray | None = None  # M x D, standardised descriptors
     normalization: np.ndarray | None = None  # M x M (Nystroem's K_mm^-1/2)
     selection: dict = field(default_factory=dict)  # the folds' scores per candidate
+    # The chosen candidate's out-of-fold probabilities on the photos it was fitted on (N x C; not saved): what a
+    # stack of members is fitted on. None when there were too few subjects for folds.
+    oof: np.ndarray | None = field(default=None, repr=False)
 
     def transform(self, descriptors: np.ndarray) -> np.ndarray:
         x = (np.asarray(descriptors, np.float32) - self.mean) / self.std
@@ -132,8 +137,9 @@ def _log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_identity_head(descriptors: np.ndarray, labels: np.ndarray, n_classes: int,
-                      subjects: np.ndarray | list | None = None, seed: int = 0) -> IdentityHead:
-    """The best of :data:`CANDIDATES` on subject-grouped folds, refitted on every photo.
+                      subjects: np.ndarray | list | None = None, seed: int = 0,
+                      candidates: tuple[tuple[str, float, float], ...] = CANDIDATES) -> IdentityHead:
+    """The best of ``candidates`` (:data:`CANDIDATES`) on subject-grouped folds, refitted on every photo.
 
     Candidates are ranked by macro top-1 on the folds (log-loss breaks ties); with too few
     subjects for folds, the linear head is used.
@@ -148,12 +154,14 @@ def fit_identity_head(descriptors: np.ndarray, labels: np.ndarray, n_classes: in
     y = np.asarray(labels, np.int64)
     groups = np.asarray(subjects if subjects is not None else np.arange(len(y)))
     scores: dict[str, dict] = {}
+    oof_of: dict[str, np.ndarray] = {}
     if len(np.unique(groups)) >= SELECTION_FOLDS and len(np.unique(y)) > 1:
         folds = list(GroupKFold(n_splits=SELECTION_FOLDS).split(x, y, groups))
-        for kind, scale, c in CANDIDATES:
+        for kind, scale, c in candidates:
             oof = np.zeros((len(y), n_classes), np.float32)
             for train, test in folds:
                 oof[test] = _fit(x[train], y[train], n_classes, kind, scale, c, seed).probs(x[test])
+            oof_of[_name(kind, scale, c)] = oof
             scores[_name(kind, scale, c)] = {"macro_top1": _macro_top1(oof, y), "log_loss": _log_loss(oof, y),
                                              "kind": kind, "gamma_scale": scale, "C": c}
         best = max(scores.values(), key=lambda s: (round(s["macro_top1"], 6), -s["log_loss"]))
@@ -161,6 +169,7 @@ def fit_identity_head(descriptors: np.ndarray, labels: np.ndarray, n_classes: in
     else:
         kind, scale, c = "linear", 0.0, 0.1
     head = _fit(x, y, n_classes, kind, scale, c, seed)
+    head.oof = oof_of.get(_name(kind, scale, c))
     head.selection = {"chosen": _name(kind, scale, c), "folds": SELECTION_FOLDS if scores else 0,
                       "candidates": {k: {m: v[m] for m in ("macro_top1", "log_loss")} for k, v in scores.items()}}
     return head
@@ -168,37 +177,6 @@ def fit_identity_head(descriptors: np.ndarray, labels: np.ndarray, n_classes: in
 
 def _name(kind: str, scale: float, c: float) -> str:
     return f"linear (C {c:g})" if kind == "linear" else f"rbf (gamma {scale:g}/d, C {c:g})"
-
-
-# --- combining members ----------------------------------------------------------------------
-
-
-def combine(region_probs: np.ndarray, identity_probs: np.ndarray | None, identity_weight: float) -> np.ndarray:
-    """The aggregate ``N x C``: the identity member at ``identity_weight``, the regions' mean at the rest."""
-    regions = np.asarray(region_probs).mean(axis=1)
-    if identity_probs is None:
-        return regions
-    return (1.0 - identity_weight) * regions + identity_weight * np.asarray(identity_probs)
-
-
-def choose_identity_weight(region_probs: np.ndarray, identity_probs: np.ndarray, labels: np.ndarray) -> dict:
-    """The identity member's weight in the aggregate, chosen on a validation split.
-
-    Every weight of :data:`WEIGHT_GRID` is scored by per-image top-1 on the validation photos.
-    Among the weights within one standard error of the best (a binomial SE at the best's
-    accuracy), the one that leans most on the identity member is kept: validation photos come
-    from the training photos' own collection, where the regional networks' grasp of that
-    collection's look counts as skill; on photos from elsewhere it does not, while the encoder
-    learned faces from millions of photos of many collections.
-
-    Returns: ``{"weight", "grid": {weight: top1}, "best", "se", "n"}``.
-    """
-    y = np.asarray(labels)
-    grid = {float(w): float((combine(region_probs, identity_probs, w).argmax(1) == y).mean()) for w in WEIGHT_GRID}
-    best = max(grid.values())
-    se = float(np.sqrt(max(best * (1 - best), 1e-12) / max(len(y), 1)))
-    weight = max(w for w, acc in grid.items() if acc >= best - se)
-    return {"weight": weight, "grid": grid, "best": best, "se": se, "n": int(len(y))}
 
 
 # --- out of distribution ------------------------------------------------------------------------
@@ -269,74 +247,65 @@ def build_ood_reference(train_descriptors: np.ndarray, held_out_descriptors: np.
     return ref
 
 
-@dataclass
-class IdentityMember:
-    """What a model keeps of its identity member: the head, its weight, and the OOD reference."""
+def descriptor_key(encoder_sha: str, flip: bool) -> str:
+    """Where descriptors of one encoder are cached (``image_features.backbone_sha``): one key per encoder and flip.
+    Every member that reads crops through the frozen encoder caches its descriptors under this key, one row per
+    crop it reads (``identity`` for the face chip, the region's name for a region cut)."""
+    if not flip:
+        return encoder_sha
+    import hashlib
 
+    return hashlib.sha256(f"{encoder_sha}:flip-average".encode()).hexdigest()
+
+
+def features_key(encoder_sha: str, flip: bool) -> str:
+    """Where the encoder's stage features of region cuts are cached (one key per encoder and flip; one row per
+    region), beside its identity descriptors (:func:`descriptor_key`)."""
+    import hashlib
+
+    return hashlib.sha256(f"{encoder_sha}:{'flip-average' if flip else 'plain'}:stage-256".encode()).hexdigest()
+
+
+@dataclass
+class IdentityMember(Member):
+    """The identity member: a head on the frozen encoder's descriptor of dlib's face chip."""
+
+    kind: ClassVar[str] = "identity"
     head: IdentityHead
-    weight: float
-    ood: OODReference | None = None
     encoder_sha: str = ""
     validation: dict = field(default_factory=dict)
     # Descriptors are the mean of the chip's and its mirror image's (shared.ml.nets.encoder.encode's flip).
     flip: bool = False
 
     @property
-    def feature_key(self) -> str:
-        """Where a photo's descriptor is cached (``image_features.backbone_sha``): one key per encoder and flip."""
-        if not self.flip:
-            return self.encoder_sha
-        import hashlib
+    def names(self) -> tuple[str, ...]:
+        return (MEMBER,)
 
-        return hashlib.sha256(f"{self.encoder_sha}:flip-average".encode()).hexdigest()
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (CHIP_REGION,)
+
+    @property
+    def encoder_inputs(self) -> list[tuple[str, bool]]:
+        return [(CHIP_REGION, self.flip)]
+
+    @property
+    def feature_key(self) -> str:
+        return descriptor_key(self.encoder_sha, self.flip)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def score(self, passes: Passes) -> Scores:
+        d = passes.descriptors(CHIP_REGION, self.flip)
+        return Scores(self.names, self.head.probs(d)[:, None], d[:, None], self.feature_key)
 
     def state(self) -> dict:
-        return {"head": self.head.state(), "weight": float(self.weight), "encoder_sha": self.encoder_sha,
-                "ood": self.ood.state() if self.ood is not None else None, "validation": self.validation,
+        return {"head": self.head.state(), "encoder_sha": self.encoder_sha, "validation": self.validation,
                 "flip": bool(self.flip)}
 
     @classmethod
     def from_state(cls, state: dict) -> IdentityMember:
-        ood = state.get("ood")
-        return cls(IdentityHead.from_state(state["head"]), float(state["weight"]),
-                   OODReference.from_state(ood) if ood else None, state.get("encoder_sha", ""),
+        return cls(IdentityHead.from_state(state["head"]), state.get("encoder_sha", ""),
                    dict(state.get("validation") or {}), bool(state.get("flip", False)))
-
-
-def build_member(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, train_idx, val_idx,
-                 subjects: np.ndarray | list | None = None, region_val_probs: np.ndarray | None = None,
-                 encoder_sha: str = "", seed: int = 0, flip: bool = False) -> IdentityMember:
-    """The identity member of a model trained on ``train_idx``.
-
-    The head is fitted on the training photos (its kind chosen on their grouped folds); its weight
-    in the aggregate is chosen on the validation photos (:func:`choose_identity_weight`, given the
-    regional networks' ``region_val_probs`` ``V x R x C`` on them), and those photos also give the
-    out-of-distribution reference. Without validation photos the weight is 0.5. ``flip`` records how
-    the descriptors were computed (:func:`shared.ml.nets.encoder.encode`), for scoring the same way.
-    """
-    x = np.asarray(descriptors, np.float32)
-    y = np.asarray(labels, np.int64)
-    train_idx, val_idx = np.asarray(train_idx, int), np.asarray(val_idx, int)
-    groups = None if subjects is None else np.asarray(subjects)[train_idx]
-    head = fit_identity_head(x[train_idx], y[train_idx], n_classes, groups, seed)
-    validation: dict = {"images": int(len(val_idx))}
-    weight = 0.5
-    if len(val_idx) and region_val_probs is not None:
-        member_probs = head.probs(x[val_idx])
-        chosen = choose_identity_weight(region_val_probs, member_probs, y[val_idx])
-        weight = chosen["weight"]
-        validation.update(chosen, identity_top1=float((member_probs.argmax(1) == y[val_idx]).mean()),
-                          regions_top1=float((region_val_probs.mean(1).argmax(1) == y[val_idx]).mean()))
-    ood = build_ood_reference(x[train_idx], x[val_idx] if len(val_idx) else None, seed)
-    return IdentityMember(head, weight, ood, encoder_sha, validation, flip)
-
-
-def member_scores(regions: list[str] | tuple[str, ...], region_probs: np.ndarray, identity_probs: np.ndarray | None,
-                  identity_weight: float) -> tuple[list[str], np.ndarray, list[float]]:
-    """Every member's scores side by side: names, ``N x M x C`` and each member's weight in the aggregate."""
-    names = list(regions)
-    r = len(names)
-    if identity_probs is None:
-        return names, np.asarray(region_probs), [1.0 / r] * r
-    stacked = np.concatenate([np.asarray(region_probs), np.asarray(identity_probs)[:, None]], axis=1)
-    return names + [MEMBER], stacked, [(1.0 - identity_weight) / r] * r + [identity_weight]

@@ -16,8 +16,6 @@ import functools
 import cv2
 import numpy as np
 
-from shared.ml.nets.ensemble import crops_to_tensor
-
 # (gain, gamma, degrees, scale, grey, mirrored) of each variant of the photo.
 VARIANTS = (
     (1.0, 1.0, 0, 1.0, False, False), (0.6, 1.0, 0, 1.0, False, False), (1.3, 1.0, 0, 1.0, False, False),
@@ -58,16 +56,17 @@ def calibration_faces() -> tuple:
 
 
 def chips_calibration() -> np.ndarray:
-    """The identity encoder's calibration inputs: the variants' face chips and their mirror images, float
-    ``N x 3 x 150 x 150`` in pixel units (as :func:`shared.ml.nets.encoder.encode` feeds the network)."""
-    chips = np.stack([face.chip for face in calibration_faces()])
+    """The identity encoder's calibration inputs: the variants' face chips and their region cuts (what the
+    encoder's members read), and their mirror images, float ``N x 3 x 150 x 150`` in pixel units (as
+    :func:`shared.ml.nets.encoder.encode` feeds the network)."""
+    faces = calibration_faces()
+    chips = np.stack([face.chip for face in faces] + [cut for face in faces for cut in (face.cuts or {}).values()])
     chips = np.concatenate([chips, chips[:, :, ::-1]])
     return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), np.float32)
 
 
 def crops_calibration(regions: tuple[str, ...]) -> np.ndarray:
-    """The regional ensemble's calibration inputs for ``regions`` and their mirror images, float
-    ``N x R x 1 x 100 x 100`` scaled as :func:`shared.ml.nets.ensemble.crops_to_tensor` scales crops."""
+    """The regional ensemble's calibration crops for ``regions`` and their mirror images, uint8
+    ``N x R x 100 x 100`` (:func:`shared.ml.nets.ensemble.crops_to_tensor` makes them the network's input)."""
     crops = np.stack([np.stack([face.crops[r] for r in regions]) for face in calibration_faces()])
-    crops = np.concatenate([crops, crops[..., ::-1]])
-    return crops_to_tensor(np.ascontiguousarray(crops)).numpy()
+    return np.ascontiguousarray(np.concatenate([crops, crops[..., ::-1]]))

@@ -161,3 +161,31 @@ def read_dlib_network(data: bytes) -> tuple[dict, list[Layer]]:
     if r.pos != len(data):
         raise FormatError(f"{len(data) - r.pos} bytes left after the network")
     return input_layer, layers
+
+
+def resnet_layer_sequence(stages: tuple[tuple[int, int, bool], ...]) -> list[tuple[str, dict]]:
+    """The layer sequence of a dlib ResNet of ``stages`` ((channels, blocks, downsamples), as dlib's face network
+    is built), from the input side, with what to check of each layer."""
+    seq: list[tuple[str, dict]] = [("con_4", {"kernel": (7, 7), "stride": (2, 2), "padding": (0, 0)}),
+                                   ("affine_", {}), ("relu_", {}),
+                                   ("max_pool_2", {"window": (3, 3), "stride": (2, 2), "padding": (0, 0)})]
+    for _channels, count, down in stages:
+        for i in range(count):
+            d = down and i == 0
+            conv1 = {"kernel": (3, 3), "stride": (2, 2) if d else (1, 1), "padding": (0, 0) if d else (1, 1)}
+            conv2 = {"kernel": (3, 3), "stride": (1, 1), "padding": (1, 1)}
+            seq += [("tag", {}), ("con_4", conv1), ("affine_", {}), ("relu_", {}), ("con_4", conv2), ("affine_", {})]
+            if d:
+                seq += [("tag", {}), ("tag", {}),
+                        ("avg_pool_2", {"window": (2, 2), "stride": (2, 2), "padding": (0, 0)})]
+            seq += [("add_prev_", {}), ("relu_", {})]
+    seq += [("avg_pool_2", {"window": (0, 0), "stride": (1, 1), "padding": (0, 0)}), ("fc_2", {})]
+    return seq
+
+
+def fold_affine(conv: Layer, affine: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """``gamma * (W x + b) + beta`` as one convolution, computed in float64."""
+    g = affine.fields["gamma"].astype(np.float64)
+    w = conv.fields["weight"].astype(np.float64) * g[:, None, None, None]
+    b = conv.fields["bias"].astype(np.float64) * g + affine.fields["beta"].astype(np.float64)
+    return w.astype(np.float32), b.astype(np.float32)

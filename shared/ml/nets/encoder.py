@@ -46,7 +46,7 @@ from torch import nn
 
 from shared.ml.formats import reidentification
 from shared.ml.formats.weights import WeightsMissing, search_dirs, sha256_of
-from shared.ml.nets.dlib_format import FormatError, Layer, read_dlib_network
+from shared.ml.nets.dlib_format import FormatError, fold_affine, read_dlib_network, resnet_layer_sequence
 from shared.ml.runtime.choices import resolve_runtime
 from shared.ml.runtime.device import autocast_context, resolve_device
 
@@ -140,39 +140,12 @@ def num_convolutions(model: DlibFaceResNet) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _expected_kinds() -> list[tuple[str, dict]]:
-    """The layer sequence of dlib's face network, from the input side, with what to check of each."""
-    seq: list[tuple[str, dict]] = [("con_4", {"kernel": (7, 7), "stride": (2, 2), "padding": (0, 0)}),
-                                   ("affine_", {}), ("relu_", {}),
-                                   ("max_pool_2", {"window": (3, 3), "stride": (2, 2), "padding": (0, 0)})]
-    for _channels, count, down in STAGES:
-        for i in range(count):
-            d = down and i == 0
-            conv1 = {"kernel": (3, 3), "stride": (2, 2) if d else (1, 1), "padding": (0, 0) if d else (1, 1)}
-            conv2 = {"kernel": (3, 3), "stride": (1, 1), "padding": (1, 1)}
-            seq += [("tag", {}), ("con_4", conv1), ("affine_", {}), ("relu_", {}), ("con_4", conv2), ("affine_", {})]
-            if d:
-                seq += [("tag", {}), ("tag", {}),
-                        ("avg_pool_2", {"window": (2, 2), "stride": (2, 2), "padding": (0, 0)})]
-            seq += [("add_prev_", {}), ("relu_", {})]
-    seq += [("avg_pool_2", {"window": (0, 0), "stride": (1, 1), "padding": (0, 0)}), ("fc_2", {})]
-    return seq
-
-
-def _fold(conv: Layer, affine: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """``gamma * (W x + b) + beta`` as one convolution, computed in float64."""
-    g = affine.fields["gamma"].astype(np.float64)
-    w = conv.fields["weight"].astype(np.float64) * g[:, None, None, None]
-    b = conv.fields["bias"].astype(np.float64) * g + affine.fields["beta"].astype(np.float64)
-    return w.astype(np.float32), b.astype(np.float32)
-
-
 def convert(data: bytes) -> dict[str, torch.Tensor]:
     """The state dict of :class:`DlibFaceResNet` from the bytes of dlib's model file."""
     input_layer, layers = read_dlib_network(data)
     if input_layer["size"] != (CHIP_SIZE, CHIP_SIZE):
         raise FormatError(f"input size {input_layer['size']}, expected {CHIP_SIZE}")
-    expected = _expected_kinds()
+    expected = resnet_layer_sequence(STAGES)
     kinds = [layer.kind for layer in layers]
     if kinds != [k for k, _ in expected]:
         raise FormatError("the layer sequence differs from dlib_face_recognition_resnet_model_v1's")
@@ -181,7 +154,7 @@ def convert(data: bytes) -> dict[str, torch.Tensor]:
             if tuple(layer.fields[key]) != value:
                 raise FormatError(f"{layer.kind}: {key} {layer.fields[key]}, expected {value}")
     convs = [i for i, layer in enumerate(layers) if layer.kind == "con_4"]
-    folded = [_fold(layers[i], layers[i + 1]) for i in convs]  # each convolution is followed by its affine
+    folded = [fold_affine(layers[i], layers[i + 1]) for i in convs]  # each convolution is followed by its affine
     names = ["stem"] + [f"blocks.{b}.conv{j}" for b in range(sum(c for _, c, _ in STAGES)) for j in (1, 2)]
     state = {"mean": torch.tensor(input_layer["mean"], dtype=torch.float32).view(1, 3, 1, 1)}
     for name, (w, b) in zip(names, folded, strict=True):
@@ -292,6 +265,26 @@ def load_state_dict(weights_dir: str | os.PathLike | None = None, verify: bool =
     return state
 
 
+# The residual block whose input, averaged over space, is a crop's stage features: the end of the encoder's
+# 256-channel stage (3 x 3 on a 150 px input), before its last downsampling block and the identity projection.
+FEATURE_BLOCK = 13
+FEATURE_DIM = 256
+
+
+class EncoderOutputs(nn.Module):
+    """The encoder's identity descriptor and its stage features as one module's outputs (what another runtime than
+    torch exports: :func:`shared.ml.nets.encoder.load_encoder`'s ``runtime``)."""
+
+    def __init__(self, encoder: DlibFaceResNet):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.encoder
+        h = e.blocks[:FEATURE_BLOCK](e.pool(F.relu(e.stem((x - e.mean) / INPUT_SCALE))))
+        return e.fc(e.blocks[FEATURE_BLOCK:](h).mean(dim=(2, 3))), h.mean(dim=(2, 3))
+
+
 def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
                  verify: bool = True, channels_last: bool | None = None, runtime: str = "eager",
                  cache_dir: str | os.PathLike | None = None) -> DlibFaceResNet:
@@ -302,8 +295,10 @@ def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathL
         channels_last: NHWC convolutions; None means on (the faster layout on CPU and cuDNN,
             as in :func:`shared.ml.nets.ensemble.prepare_for_inference`).
         runtime: on the CPU, a runtime of :data:`shared.ml.runtime.choices.RUNTIME_CHOICES`
-            (``GESTALT_CPU_RUNTIME``); any but eager is kept in ``model.runner``, which :func:`encode` then calls
-            (``onnx-int8`` calibrated on :func:`shared.ml.nets.calibration.chips_calibration`). CUDA runs torch.
+            (``GESTALT_CPU_RUNTIME``); any but eager is kept in ``model.runner`` (descriptors and stage features,
+            :class:`EncoderOutputs`), which :func:`encode` and
+            :func:`shared.ml.nets.encoder_runner.run_encoder` then call (``onnx-int8`` calibrated on
+            :func:`shared.ml.nets.calibration.chips_calibration`). CUDA runs torch.
         cache_dir: where ONNX models are kept by the weights' hash (None: exported in memory).
     """
     device = resolve_device(device) if isinstance(device, str) else device
@@ -317,7 +312,8 @@ def load_encoder(device: str | torch.device = "cpu", weights_dir: str | os.PathL
         from shared.ml.nets.calibration import chips_calibration
         from shared.ml.runtime.runners import InputSpec, create_runner
 
-        model.runner = create_runner(model, InputSpec((3, CHIP_SIZE, CHIP_SIZE)), name, cache_dir=cache_dir,
+        model.runner = create_runner(EncoderOutputs(model), InputSpec((3, CHIP_SIZE, CHIP_SIZE)), name,
+                                     cache_dir=cache_dir,
                                      calibration=chips_calibration() if name == "onnx-int8" else None)
     return model
 

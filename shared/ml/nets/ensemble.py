@@ -1,7 +1,9 @@
 """The regional ensemble: one CASIA-Net per region, run on all of a batch's crops of that region at once."""
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from shared.ml.nets.casia import create_model
 from shared.ml.preprocess.regions import CROP_SIZE
 from shared.ml.runtime.choices import ONNX_RUNTIMES, resolve_runtime
+from shared.ml.runtime.device import autocast_context
 
 
 class RegionalEnsemble(nn.Module):
@@ -25,21 +28,10 @@ class RegionalEnsemble(nn.Module):
         self.channels_last = False
         self.compiled = None
         self.runner = None
-        # The face-identity member (shared.ml.members.identity.IdentityMember): a head on the encoder's
-        # descriptors, its weight in the aggregate and the out-of-distribution reference; None
-        # for a model of regional networks only.
-        self.identity = None
 
     @property
     def config(self) -> dict:
-        config = {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
-        if self.identity is not None:
-            member = self.identity
-            config["members"] = {"identity": {"weight": member.weight, "encoder_sha": member.encoder_sha,
-                                              "feature_key": member.feature_key, "flip": member.flip,
-                                              "head": member.head.selection.get("chosen", member.head.kind)},
-                                 "regions": {"weight": round(1.0 - self.identity.weight, 4)}}
-        return config
+        return {"regions": list(self.regions), "num_classes": self.num_classes, "width": self.width}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``N x R x C`` for crops ``N x R x 1 x H x W``."""
@@ -77,7 +69,7 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
                           channels_last: bool | None = None, compile: bool = False, runtime: str = "eager",
                           cache_dir: str | os.PathLike | None = None) -> RegionalEnsemble:
     """Put ``model`` in eval mode on ``device``, in the memory layout and (optionally) compiled form
-    that :func:`predict` runs fastest.
+    that :func:`predict_regions` runs fastest.
 
     Args:
         device: where to run; None keeps the model where it is.
@@ -107,9 +99,70 @@ def prepare_for_inference(model: RegionalEnsemble, device: torch.device | str | 
         from shared.ml.nets.calibration import crops_calibration
         from shared.ml.runtime.runners import InputSpec, create_runner
 
-        calibration = crops_calibration(model.regions) if name == "onnx-int8" else None
+        calibration = crops_to_tensor(crops_calibration(model.regions)).numpy() if name == "onnx-int8" else None
         model.runner = create_runner(WithFeatures(model), InputSpec((len(model.regions), 1, CROP_SIZE, CROP_SIZE)),
                                      name, calibration=calibration, cache_dir=cache_dir)
     return model
 
 
+def backbone_sha(model: RegionalEnsemble) -> str:
+    """A fingerprint of every region's backbone weights (classifier layers excluded): features computed under one
+    backbone stay valid for every model that shares it (the feature store's key)."""
+    h = hashlib.sha256()
+    for region in model.regions:
+        h.update(region.encode())
+        for name, tensor in sorted(model.nets[region].state_dict().items()):
+            if name.startswith("fc."):
+                continue
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class RegionPrediction:
+    region_probs: np.ndarray  # N x R x C
+    aggregate: np.ndarray  # N x C: the regions' mean
+    features: np.ndarray  # N x R x F
+
+
+@torch.inference_mode()
+def predict_regions(model: RegionalEnsemble, crops: np.ndarray, batch_size: int = 256, flip_tta: bool = False,
+                    precision: str = "auto") -> RegionPrediction:
+    """Scores for many faces at once: all regions of ``batch_size`` faces per step.
+
+    Args:
+        model: the ensemble, on its device (see :func:`prepare_for_inference`).
+        crops: ``N x R x 100 x 100`` uint8, regions in ``model.regions`` order.
+        batch_size: faces per forward pass.
+        flip_tta: average each region's softmax over the crop and its horizontal flip (the features
+            stay those of the crop as given, the ones region heads and the gallery are built on).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on CUDA, fp32 elsewhere).
+    """
+    device = next(model.parameters()).device
+    forward = getattr(model, "compiled", None) or model.forward_with_features
+    runner = getattr(model, "runner", None)  # another runtime than torch (prepare_for_inference's runtime)
+    probs, feats = [], []
+    for start in range(0, len(crops), batch_size):
+        x = crops_to_tensor(crops[start:start + batch_size]).to(device, non_blocking=True)
+        n = len(x)
+        if flip_tta:  # one pass over crops and mirrors: twice the batch, one launch per layer
+            x = torch.cat([x, x.flip(-1)])
+        if runner is not None:
+            logits, f = (torch.from_numpy(out) for out in runner(x))
+        else:
+            with autocast_context(device, precision):
+                logits, f = forward(x)
+        p = torch.softmax(logits.float(), dim=-1)
+        if flip_tta:
+            p = (p[:n] + p[n:]) / 2
+            f = f[:n]
+        probs.append(p.cpu())
+        feats.append(f.float().cpu())
+    if not probs:
+        c, r = model.num_classes, len(model.regions)
+        empty = np.zeros((0, r, c), np.float32)
+        return RegionPrediction(empty, np.zeros((0, c), np.float32), np.zeros((0, r, 0), np.float32))
+    region_probs = torch.cat(probs).numpy()
+    return RegionPrediction(region_probs=region_probs, aggregate=region_probs.mean(axis=1),
+                            features=torch.cat(feats).numpy())

@@ -248,10 +248,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.ml import phenotype as package  # the package's docstring describes the command
-
-    parser = argparse.ArgumentParser(prog="python -m shared.ml.phenotype",
-                                     description=package.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shared.ml.phenotype", description=__doc__.split("\n")[0])
     parser.add_argument("--embeddings", type=Path, required=True,
                         help="mini_gm-style pickle {disorder: {subject: {image: 320-d vector}}}")
     parser.add_argument("--train", type=int, default=400, help="training cases per noise level")

@@ -3,7 +3,8 @@
 One file per photo and preprocessing setup: the key is the sha256 of the photo's bytes together with
 the detector and landmark backends (names and weights' sha256), the face-confidence threshold, the
 regions and :data:`FORMAT`. An entry holds the region crops (uint8), the aligned grayscale face,
-its landmarks on the aligned canvas and the identity encoder's face chip, or the reason the photo
+its landmarks on the aligned canvas, the identity encoder's face chip and the regions cut at the
+encoder's size, or the reason the photo
 was rejected. The folder is created 0700 and entries are written 0600 (they are face images),
 atomically, so parallel runs may share it.
 A damaged entry is treated as a miss and rewritten.
@@ -24,7 +25,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when what is stored, or how preprocessing computes it, changes.
-FORMAT = 2  # 2: entries keep the face chip
+FORMAT = 3  # 2: entries keep the face chip; 3: and the regions cut at the encoder's size
 DEFAULT_SUBDIR = "prep-cache"
 
 
@@ -34,6 +35,7 @@ class CachedFace:
     aligned: np.ndarray  # canvas x canvas uint8 grayscale
     landmarks: np.ndarray  # L x 2 float32 on the aligned canvas
     chip: np.ndarray | None = None  # 150 x 150 x 3 uint8, the identity encoder's input
+    cuts: np.ndarray | None = None  # 4 x 150 x 150 x 3 uint8, the paper's regions cut at the encoder's size
 
 
 @dataclass
@@ -70,7 +72,7 @@ class PrepCache:
                 if "reason" in z.files:
                     entry = CachedRejection(str(z["reason"]))
                 else:
-                    entry = CachedFace(z["crops"], z["aligned"], z["landmarks"], z["chip"])
+                    entry = CachedFace(z["crops"], z["aligned"], z["landmarks"], z["chip"], z["cuts"])
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -90,7 +92,7 @@ class PrepCache:
             np.savez_compressed(buf, crops=np.asarray(entry.crops, np.uint8),
                                 aligned=np.asarray(entry.aligned, np.uint8),
                                 landmarks=np.asarray(entry.landmarks, np.float32),
-                                chip=np.asarray(entry.chip, np.uint8))
+                                chip=np.asarray(entry.chip, np.uint8), cuts=np.asarray(entry.cuts, np.uint8))
         try:
             if not path.parent.is_dir():
                 path.parent.mkdir(exist_ok=True, mode=0o700)

@@ -251,3 +251,15 @@ def face_chip(image_rgb: np.ndarray, landmarks68: np.ndarray, size: int = CHIP_S
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 RGB image, got shape {image.shape}")
     return extract_chip(image, face_chip_details(landmarks68, size, padding))
+
+
+def chip_matrix(details: ChipDetails) -> np.ndarray:
+    """The 2 x 3 affine from chip pixels to the pixels of the image ``details`` were computed in (what
+    :func:`extract_chip` samples, at full resolution): for mapping something drawn on the chip back onto the image
+    (or onto the aligned canvas, when the landmarks given to :func:`face_chip_details` were the canvas's)."""
+    rect, angle = details.rect, details.angle
+    center = _center(rect)
+    tl, tr, bl = (_rotate(center, p, angle) for p in ((rect[0], rect[1]), (rect[2], rect[1]), (rect[0], rect[3])))
+    ux = np.subtract(tr, tl) / max(details.cols - 1, 1)
+    uy = np.subtract(bl, tl) / max(details.rows - 1, 1)
+    return np.array([[ux[0], uy[0], tl[0]], [ux[1], uy[1], tl[1]]], np.float64)

@@ -27,7 +27,7 @@ from shared.ml.preprocess.imaging import ImageRejected
 from shared.ml.preprocess.landmarks import five_points
 from shared.ml.preprocess.measurements import measure
 from shared.ml.preprocess.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
-from shared.ml.preprocess.regions import DEFAULT_REGIONS, crop_regions
+from shared.ml.preprocess.regions import DEFAULT_REGIONS, crop_regions, cut_regions
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class AlignedFace:
     # dlib's 150 x 150 RGB face chip from the photo itself (shared.ml.preprocess.facechip), the identity
     # encoder's input.
     chip: np.ndarray | None = None
+    # region -> 150 x 150 x 3 uint8: each of the paper's four regions cut from the photo at the encoder's size
+    # (regions.cut_regions), what the encoder's regional members read.
+    cuts: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -246,7 +249,7 @@ class Preprocessor:
             raise ImageRejected(reason)
         return AlignedFace(landmarks=landmarks, alignment=alignment, aligned_rgb=aligned_rgb,
                            crops=crop_regions(gray, self.regions), quality=quality, measurements=measure(on_canvas),
-                           chip=face_chip(rgb, landmarks))
+                           chip=face_chip(rgb, landmarks), cuts=cut_regions(rgb, alignment.matrix, DEFAULT_REGIONS))
 
     def align(self, rgb: np.ndarray, box: tuple[float, float, float, float], rotation: float = 0.0) -> AlignedFace:
         """Landmarks, the quality gate, alignment, crops and measurements of the face in ``box``.

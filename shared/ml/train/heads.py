@@ -9,7 +9,6 @@ images times a fixed number of epochs, never with the history of runs.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -22,19 +21,6 @@ from shared.ml.evaluate import statistics as ev
 from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor
 
 logger = logging.getLogger(__name__)
-
-
-def backbone_sha(model: RegionalEnsemble) -> str:
-    """A fingerprint of every region's backbone weights (classifier layers excluded)."""
-    h = hashlib.sha256()
-    for region in model.regions:
-        h.update(region.encode())
-        for name, tensor in sorted(model.nets[region].state_dict().items()):
-            if name.startswith("fc."):
-                continue
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -280,33 +266,41 @@ def benchmark_heads(features: np.ndarray, labels: np.ndarray, subjects: np.ndarr
 
 
 def benchmark_members(features: np.ndarray, identity: np.ndarray, labels: np.ndarray, subjects: np.ndarray,
-                      n_classes: int, regions: list[str], folds: int = 5, cfg: HeadConfig | None = None) -> dict:
-    """Out-of-fold per-image metrics of every member of the ensemble and of their aggregate.
+                      n_classes: int, regions: list[str], folds: int = 5, cfg: HeadConfig | None = None,
+                      encoder_regions: bool = False) -> dict:
+    """Out-of-fold per-image metrics of every member of a model and of their stack, on the same subject-disjoint folds.
 
-    On the same subject-disjoint folds: each region's head (:func:`train_heads`), the regions' mean,
-    the identity member's head (:func:`shared.ml.members.identity.fit_identity_head`, its kind chosen inside
-    each training fold) and the aggregate at the identity weight that
-    :func:`shared.ml.members.identity.choose_identity_weight` picks on the out-of-fold scores (so the
-    aggregate's row is slightly optimistic; the whole grid is returned).
+    Each region's head (a head of the identity member's kind on the encoder's region descriptors when
+    ``encoder_regions``, else :func:`train_heads` on CASIA-Net features), the regions' mean, the identity member's
+    head (:func:`shared.ml.members.identity.fit_identity_head`, its kind chosen inside each training fold), and the
+    aggregate: for each fold, a stack (:func:`shared.ml.members.stack.fit_stack`) fitted on the other folds'
+    out-of-fold member scores, applied to this fold's, so no photo is scored by weights fitted on it.
 
-    Returns: ``{"members": {name: metrics}, "aggregate": metrics, "weight": w, "grid": {w: top1}}``.
+    Returns: ``{"members": {name: metrics}, "aggregate": metrics, "weights": {name: share}}`` (the weights of a stack
+    fitted on every out-of-fold score).
     """
     from sklearn.model_selection import GroupKFold
 
-    from shared.ml.members.identity import MEMBER, choose_identity_weight, combine, fit_identity_head
+    from shared.ml.members.identity import MEMBER, fit_identity_head
+    from shared.ml.members.stack import fit_stack
 
     x = np.asarray(features, np.float32)
     d = np.asarray(identity, np.float32)
-    y = np.asarray(labels)
-    region_scores = np.zeros((len(y), x.shape[1], n_classes), np.float32)
-    identity_scores = np.zeros((len(y), n_classes), np.float32)
-    for train, test in GroupKFold(n_splits=folds).split(d, y, groups=subjects):
-        region_scores[test] = train_heads(x[train], y[train], n_classes, cfg).probs(x[test])
-        head = fit_identity_head(d[train], y[train], n_classes, np.asarray(subjects)[train])
-        identity_scores[test] = head.probs(d[test])
-    members = {r: _topk_metrics(region_scores[:, i], y) for i, r in enumerate(regions)}
-    members["regions (mean)"] = _topk_metrics(region_scores.mean(1), y)
-    members[MEMBER] = _topk_metrics(identity_scores, y)
-    chosen = choose_identity_weight(region_scores, identity_scores, y)
-    return {"members": members, "weight": chosen["weight"], "grid": chosen["grid"],
-            "aggregate": _topk_metrics(combine(region_scores, identity_scores, chosen["weight"]), y)}
+    y, groups = np.asarray(labels), np.asarray(subjects)
+    names = (*regions, MEMBER)
+    oof = np.zeros((len(y), len(names), n_classes), np.float32)
+    splits = list(GroupKFold(n_splits=folds).split(d, y, groups=groups))
+    for train, test in splits:
+        if encoder_regions:
+            for i in range(len(regions)):
+                oof[test, i] = fit_identity_head(x[train, i], y[train], n_classes, groups[train]).probs(x[test, i])
+        else:
+            oof[test, :len(regions)] = train_heads(x[train], y[train], n_classes, cfg).probs(x[test])
+        oof[test, -1] = fit_identity_head(d[train], y[train], n_classes, groups[train]).probs(d[test])
+    aggregate = np.zeros((len(y), n_classes), np.float32)
+    for train, test in splits:
+        aggregate[test] = fit_stack(oof[train], y[train], names).combine(oof[test])
+    members = {n: _topk_metrics(oof[:, i], y) for i, n in enumerate(names)}
+    members["regions (mean)"] = _topk_metrics(oof[:, :len(regions)].mean(1), y)
+    return {"members": members, "aggregate": _topk_metrics(aggregate, y),
+            "weights": fit_stack(oof, y, names, "every out-of-fold score").share_of()}

@@ -20,8 +20,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from shared.ml.evaluate.statistics import topk_hits
-from shared.ml.members.model import predict
-from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor
+from shared.ml.nets.ensemble import RegionalEnsemble, crops_to_tensor, predict_regions
 from shared.ml.train.checkpoint import load_checkpoint, read_state, write_state
 from shared.ml.train.prepared import PreparedData
 from shared.ml.train.recipe import (
@@ -109,20 +108,27 @@ def binary_summary(aggregate: np.ndarray, labels: np.ndarray, positive: int) -> 
 
 def evaluate(model: RegionalEnsemble, crops: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
              positive: int | None = None) -> dict:
-    """Top-k of each region and of the aggregate (the paper's Table 2 layout).
+    """Top-k of each region's network and of their mean (the paper's Table 2 layout), as training validates."""
+    model.eval()
+    pred = predict_regions(model, crops)
+    return prediction_metrics(model.regions, pred.region_probs, pred.aggregate, labels, ks, positive)
+
+
+def prediction_metrics(names, member_probs: np.ndarray, aggregate: np.ndarray, labels: np.ndarray,
+                       ks: tuple[int, ...] = (1, 5, 10), positive: int | None = None) -> dict:
+    """Top-k of each member (``regions``, the paper's Table 2 layout; the identity member among them) and of the
+    aggregate.
 
     Args:
         positive: for a binary model, the positive class; adds sensitivity and specificity.
     """
-    model.eval()
-    pred = predict(model, crops)
     out: dict = {"n": int(len(labels)), "aggregate": {}, "regions": {}}
     for k in ks:
-        out["aggregate"][f"top{k}"] = float(topk_hits(pred.aggregate, labels, k).mean())
-    for i, r in enumerate(model.regions):
-        out["regions"][r] = {f"top{k}": float(topk_hits(pred.region_probs[:, i], labels, k).mean()) for k in ks}
+        out["aggregate"][f"top{k}"] = float(topk_hits(aggregate, labels, k).mean())
+    for i, r in enumerate(names):
+        out["regions"][r] = {f"top{k}": float(topk_hits(member_probs[:, i], labels, k).mean()) for k in ks}
     if positive is not None:
-        out["binary"] = binary_summary(pred.aggregate, labels, positive)
+        out["binary"] = binary_summary(aggregate, labels, positive)
     return out
 
 
@@ -144,7 +150,11 @@ def load_pretrained(data: bytes, num_classes: int, regions: tuple[str, ...] | No
     Raises:
         ValueError: when the checkpoint lacks one of ``regions``, or ``transfer_pairs`` is out of range.
     """
-    pretrained, _ = load_checkpoint(data)
+    loaded, _ = load_checkpoint(data)
+    casia = loaded.member("casia")
+    if casia is None:
+        raise ValueError("the checkpoint has no CASIA-Nets to fine-tune (it was trained with --backbone encoder)")
+    pretrained = casia.net
     regions = tuple(regions) if regions is not None else pretrained.regions
     missing = [r for r in regions if r not in pretrained.regions]
     if missing:

@@ -14,6 +14,7 @@ from shared.ml.preprocess.cache import CachedFace, CachedRejection, PrepCache
 from shared.ml.preprocess.imaging import ImageRejected, decode_upload
 from shared.ml.preprocess.pipeline import Preprocessor
 from shared.ml.preprocess.quality import reason_kind
+from shared.ml.preprocess.regions import DEFAULT_REGIONS
 from shared.ml.train.data import Sample
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,23 @@ class PreparedData:
     aligned: np.ndarray | None = None  # N x 200 x 200 uint8 aligned grayscale faces (keep_aligned=True)
     landmarks: np.ndarray | None = None  # N x L x 2 landmarks on the aligned canvas (keep_aligned=True)
     chips: np.ndarray | None = None  # N x 150 x 150 x 3 uint8 face chips, the identity encoder's input
-    descriptors: np.ndarray | None = None  # N x 128 identity descriptors of the chips (describe_faces)
+    cuts: np.ndarray | None = None  # N x 4 x 150 x 150 x 3 uint8: the paper's regions cut at the encoder's size
+    regions: tuple[str, ...] = ()  # the order of the regions in ``crops``
+    # What the encoder gives, by name ("identity": the chip's identity descriptor, N x 128; a region: its cut's stage
+    # features, N x 256), computed once by shared.ml.train.members.describe and kept here.
+    descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def stored_crops(self, index=slice(None)) -> dict[str, np.ndarray]:
+        """The photos' crops by the names the workers store them under (what a model's members read)."""
+        from shared.ml.members.identity import CHIP_REGION
+        from shared.ml.preprocess.regions import DEFAULT_REGIONS, cut_name
+
+        out = {r: self.crops[index, i] for i, r in enumerate(self.regions)}
+        if self.chips is not None:
+            out[CHIP_REGION] = self.chips[index]
+        if self.cuts is not None:
+            out.update({cut_name(r): self.cuts[index, i] for i, r in enumerate(DEFAULT_REGIONS)})
+        return out
 
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
@@ -47,7 +64,7 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
     unknown = sorted({s.label for s in samples} - set(index))
     if unknown:
         raise ValueError(f"{len(unknown)} unknown label(s): {', '.join(unknown[:20])}")
-    crops, labels, kept, rejected, aligned, landmarks, chips = [], [], [], [], [], [], []
+    crops, labels, kept, rejected, aligned, landmarks, chips, cuts = [], [], [], [], [], [], [], []
     for s in tqdm(samples, desc="preprocess", unit="img", disable=not progress):
         raw = s.path.read_bytes()
         entry = None
@@ -65,10 +82,7 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
             except ImageRejected as exc:
                 entry = CachedRejection(exc.reason)
             else:
-                entry = CachedFace(np.stack([result.aligned.crops[r] for r in preprocessor.regions]),
-                                   cv2.cvtColor(result.aligned.aligned_rgb, cv2.COLOR_RGB2GRAY),
-                                   result.aligned.alignment.apply(result.aligned.landmarks).astype(np.float32),
-                                   result.aligned.chip)
+                entry = _entry(result.aligned, preprocessor.regions)
             if cache is not None:
                 cache.put(digest, entry)
         if isinstance(entry, CachedRejection):
@@ -76,6 +90,7 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
             continue
         crops.append(entry.crops)
         chips.append(entry.chip)
+        cuts.append(entry.cuts)
         labels.append(index[s.label])
         kept.append(s)
         if keep_aligned:
@@ -87,7 +102,15 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
         raise ValueError("no usable face in the data")
     return PreparedData(np.stack(crops), np.asarray(labels, np.int64), kept, rejected,
                         np.stack(aligned) if keep_aligned else None, np.stack(landmarks) if keep_aligned else None,
-                        np.stack(chips))
+                        np.stack(chips), np.stack(cuts), tuple(preprocessor.regions))
+
+
+def _entry(aligned, regions: tuple[str, ...]) -> CachedFace:
+    """What the preprocessing cache keeps of an aligned face (and training reads)."""
+    return CachedFace(np.stack([aligned.crops[r] for r in regions]),
+                      cv2.cvtColor(aligned.aligned_rgb, cv2.COLOR_RGB2GRAY),
+                      aligned.alignment.apply(aligned.landmarks).astype(np.float32), aligned.chip,
+                      np.stack([aligned.cuts[r] for r in DEFAULT_REGIONS]))
 
 
 def data_hash(samples: list[Sample]) -> str:

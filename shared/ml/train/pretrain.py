@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.ml.nets.ensemble import RegionalEnsemble
-from shared.ml.train.checkpoint import CHECKPOINT_FORMAT, read_state, write_state
+from shared.ml.train.checkpoint import CASIA_FORMAT, read_state, write_state
 from shared.ml.train.loop import evaluate, train_epoch
 from shared.ml.train.prepared import PreparedData
 from shared.ml.train.recipe import augmentation, class_weights, make_optimizer, seed_everything
@@ -179,9 +179,9 @@ def _final_metrics(model: RegionalEnsemble, data: PreparedData, train_idx: list[
 def _state(model: RegionalEnsemble, class_names: list[str], cfg: PretrainConfig, fingerprint: dict, epoch: int,
            phase: str, optimizer: torch.optim.Optimizer, generator: torch.Generator, metrics: dict,
            holdout: list[str]) -> dict:
-    """A checkpoint that :func:`shared.ml.nets.ensemble.load_checkpoint` reads, plus what resuming needs."""
+    """A checkpoint that :func:`shared.ml.train.checkpoint.load_checkpoint` reads, plus what resuming needs."""
     return {
-        "format": CHECKPOINT_FORMAT,
+        "format": CASIA_FORMAT,
         "kind": CHECKPOINT_KIND,
         "arch": model.arch,
         "config": model.config,

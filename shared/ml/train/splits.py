@@ -46,10 +46,31 @@ def subject_split(samples: Sequence[Labelled], val_fraction: float, seed: int = 
     return train, val
 
 
+def _subject_hash(subject: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}:{subject}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def in_holdout(subject: str, fraction: float, salt: str = "gestalt-holdout") -> bool:
     """A stable holdout assignment by hash: a subject stays on its side as data grows."""
-    digest = hashlib.sha256(f"{salt}:{subject}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return _subject_hash(subject, salt) < fraction
+
+
+def stratified_holdout(subjects: Sequence[str], labels: Sequence[str], fraction: float,
+                       salt: str = "gestalt-holdout") -> list[bool]:
+    """Per row, whether its subject is held out: of each label's subjects, the ``fraction`` (at least one, and
+    never all) with the lowest stable hash. For a first split of few patients, where :func:`in_holdout` alone may
+    hold out no patient of a syndrome, or none at all."""
+    by_label: dict[str, set[str]] = {}
+    for subject, label in zip(subjects, labels, strict=True):
+        by_label.setdefault(label, set()).add(subject)
+    held: set[str] = set()
+    for members in by_label.values():
+        if len(members) < 2:
+            continue
+        ranked = sorted(members, key=lambda s: _subject_hash(s, salt))
+        held.update(ranked[:min(len(ranked) - 1, max(1, round(fraction * len(ranked))))])
+    return [s in held for s in subjects]
 
 
 @dataclass(frozen=True)
