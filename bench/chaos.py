@@ -34,6 +34,7 @@ def main() -> None:
     from shared import migrate
     from shared.config import reload_settings
     from shared.db import session_scope
+    from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.preprocess.regions import DEFAULT_REGIONS
     from shared.modelops import registry
@@ -53,8 +54,9 @@ def main() -> None:
         wait_http(url + "/healthz", procs[3])
         torch.manual_seed(0)
         with session_scope() as s:
-            version = registry.register_model(s, get_storage(), RegionalEnsemble(DEFAULT_REGIONS, 3, width=0.125),
-                                              ["c-a", "c-b", "c-c"], {}, name="chaos-model")
+            net = RegionalEnsemble(DEFAULT_REGIONS, 3, width=0.125)
+            version = registry.register_model(s, get_storage(), casia_only(net, ["c-a", "c-b", "c-c"]), {},
+                                              name="chaos-model")
             registry.activate(s, version)
         portal = Portal(url, new_user())
         report = run_chaos(engines, portal, portal.create_case("PT-CHAOS"), procs[:2], args.uploads, args.s3_down)

@@ -204,8 +204,15 @@ class Settings:
     retrain_cron: str = field(default_factory=lambda: _str("GESTALT_RETRAIN_CRON", "0 2 * * *"))
     # IANA time zone of beat's schedule (default: this machine's zone).
     timezone: str = field(default_factory=lambda: _str("GESTALT_TIMEZONE", local_timezone()))
+    # While no trained model is active, score photos with the gallery model (the identity encoder's descriptors matched
+    # against diagnosed, consented patients; registered and activated by the first worker that needs it). Off: photos
+    # wait in awaiting_model until a model is activated.
+    gallery_model: bool = field(default_factory=lambda: _bool("GESTALT_GALLERY_MODEL", True))
     # A diagnosed syndrome becomes a new output class once it has this many subjects (cases).
     retrain_min_subjects: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_MIN_SUBJECTS", 5))
+    # While only the gallery model is active, the nightly run trains a clinic's first model once this many syndromes
+    # each have GESTALT_RETRAIN_MIN_SUBJECTS diagnosed, consented patients.
+    retrain_min_syndromes: int = field(default_factory=lambda: _int("GESTALT_RETRAIN_MIN_SYNDROMES", 2))
     # Share of new subjects held out (by a stable hash) to compare candidate and active models.
     retrain_holdout_fraction: float = field(default_factory=lambda: _float("GESTALT_RETRAIN_HOLDOUT", 0.2))
     # A candidate may be at most this much worse (absolute top-1 and top-10) and still be promoted.

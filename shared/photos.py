@@ -73,6 +73,8 @@ TRANSITIONS: frozenset[tuple[ImageStatus | None, Event, ImageStatus]] = frozense
     (_S.detecting, _E.redo, _S.queued), (_S.aligning, _E.redo, _S.queued), (_S.scoring, _E.redo, _S.aligning),
     (_S.scoring, _E.no_model, _S.awaiting_model),
     (_S.awaiting_model, _E.model_activated, _S.scoring),
+    # A photo ranked by the gallery model alone is scored again once a trained model is active.
+    (_S.done, _E.model_activated, _S.scoring),
     *((s, _E.cancel, _S.rejected) for s in (*RUNNING, _S.awaiting_model, _S.failed)),
     # With its crops stored the photo goes straight to scoring, else through the whole chain.
     *((s, _E.rescore, t) for s in (_S.done, _S.awaiting_model, _S.failed) for t in (_S.scoring, _S.queued)),
@@ -239,12 +241,14 @@ def lock(session: Session, image_id: int) -> Image | None:
 
 
 def sweep(session: Session, requeue_after: float, give_up_after: float,
-          model_active: Callable[[Session], bool]) -> tuple[list[int], list[int], int]:
+          model_active: Callable[[Session], bool],
+          rescorable: Callable[[Session], Iterable[Image]] | None = None) -> tuple[list[int], list[int], int]:
     """The sweep's database half, in the caller's transaction (commit, then send the messages).
 
     Photos in an active state untouched for ``requeue_after`` seconds lost their message: they are
     queued again, or ``failed`` once older than ``give_up_after``. Photos waiting for a model are
-    queued for scoring when ``model_active`` says a model is active.
+    queued for scoring when ``model_active`` says a model is active, and so are the finished photos
+    ``rescorable`` names (locked: the photos the gallery model alone ranked, once a trained model is active).
 
     Returns: (ids to send through the whole chain, ids to score, how many gave up).
     """
@@ -270,6 +274,9 @@ def sweep(session: Session, requeue_after: float, give_up_after: float,
         for image in waiting:
             # "scoring" is an active state: if this message is lost, the stale sweep re-runs it.
             wake(image)
+            to_infer.append(image.id)
+        for image in rescorable(session) if rescorable is not None else ():
+            _wait_for_scoring(image, Event.model_activated)
             to_infer.append(image.id)
     return to_pipeline, to_infer, failed
 

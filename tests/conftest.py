@@ -65,6 +65,9 @@ TEST_SETTINGS = {
     "GESTALT_SECURE_COOKIES": "0",  # the test server speaks plain http on loopback
     # Every test logs in from 127.0.0.1: per-address failures are limited in test_hardening's own app.
     "GESTALT_LOGIN_ADDRESS_RATE_LIMIT": "1000 per minute",
+    # The shared workers leave photos waiting for a model when none is active, as the tests of activation, the sweep
+    # and the photo's life expect; tests/test_day_one.py registers the gallery model as a worker with it on does.
+    "GESTALT_GALLERY_MODEL": "0",
 }
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 
 from shared.config import reload_settings
 from shared.db import session_scope
+from shared.ml.members.casia import casia_only
 from shared.ml.nets.ensemble import RegionalEnsemble
 from shared.modelops import registry
 from shared.models import Crop, Face, ModelVersion, Result
@@ -20,6 +21,7 @@ from shared.models import Image as ImageRow
 from shared.storage import get_storage
 from tests.conftest import Portal, new_user, wait_idle
 from worker import pipeline
+from worker.stages import claims
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +87,7 @@ def test_batched_detection_claims_and_the_fused_path(engines, workers, web_serve
     rows = _rows(ids)
     assert {r.status for r in rows.values()} == {"aligning"}
     assert [rows[i].stage_times.get("batched_with") for i in ids] == [None, *[ids[0]] * 4]
-    assert not any(r.stage_times.get(pipeline.CLAIM_AT) for r in rows.values())
+    assert not any(r.stage_times.get(claims.CLAIM_AT) for r in rows.values())
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Face).where(Face.image_id.in_(ids))) == 5
     # A claimed photo's own message, after the batch: its chain goes on to alignment.
@@ -95,19 +97,19 @@ def test_batched_detection_claims_and_the_fused_path(engines, workers, web_serve
     with session_scope() as s:
         image = s.get(ImageRow, ids[2])
         image.status = "detecting"
-        image.stage_times = {**image.stage_times, pipeline.CLAIM_AT: time.time(), pipeline.CLAIM_BY: "gone@x:1"}
-    with pytest.raises(pipeline.Claimed):
+        image.stage_times = {**image.stage_times, claims.CLAIM_AT: time.time(), claims.CLAIM_BY: "gone@x:1"}
+    with pytest.raises(claims.Claimed):
         pipeline.detect(ids[2])
     with session_scope() as s:
         image = s.get(ImageRow, ids[2])
-        image.stage_times = {**image.stage_times, pipeline.CLAIM_AT: time.time() - 3600}
+        image.stage_times = {**image.stage_times, claims.CLAIM_AT: time.time() - 3600}
     assert pipeline.detect(ids[2]) == ids[2]
 
     # A worker on all three queues: one call detects, aligns and scores the whole batch, crops in memory.
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 3, width=0.125).eval()
     with session_scope() as s:
-        version = registry.register_model(s, get_storage(), model, ["d-one", "d-two", "d-three"], {},
+        version = registry.register_model(s, get_storage(), casia_only(model, ["d-one", "d-two", "d-three"]), {},
                                           name="detect-batch-model")
         registry.activate(s, version)
         version_id = version.id

@@ -14,13 +14,13 @@ def test_match_ranks_patients_by_their_best_photo_and_syndromes_by_their_nearest
     rng = np.random.default_rng(0)
     base = rng.normal(size=(3, 2, 16)).astype(np.float32)  # three faces, two regions
     photos = np.stack([base[0], base[0] + 0.05, base[1], base[2], base[1] + 0.3])
-    g = Gallery("sha", ("a", "b"), gallery_vectors(photos), np.arange(5), np.array([10, 10, 11, 12, 13]),
+    g = Gallery((("a", "sha"), ("b", "sha")), gallery_vectors(photos), np.arange(5), np.array([10, 10, 11, 12, 13]),
                 np.array([1, 1, 2, 3, 2]), {1: {"name": "A"}, 2: {"name": "B"}, 3: {"name": "C"}})
-    out = g.match(base[1] + 0.01, patients=3)
+    out = g.match(gallery_vectors((base[1] + 0.01)[None])[0], patients=3)
     assert [p["case_id"] for p in out["patients"]][:2] == [11, 13] and len(out["patients"]) == 3
     assert [s["syndrome_id"] for s in out["syndromes"]][:1] == [2] and out["syndromes"][0]["patients"] == 2
     assert out["patients"][0]["name"] == "B" and out["gallery_patients"] == 4
-    assert [p["case_id"] for p in g.match(base[1], exclude_case=11)["patients"]][0] == 13
+    assert [p["case_id"] for p in g.match(gallery_vectors(base[1][None]), exclude_case=11)["patients"]][0] == 13
     assert np.allclose(np.linalg.norm(gallery_vectors(photos), axis=1), 1)
 
 
@@ -154,4 +154,4 @@ def test_other_owners_patients_who_are_the_same_person_are_left_out(engines):
 def _gallery(session, key: str):
     from shared.modelops.gallery import load_gallery
 
-    return load_gallery(session, key, ("identity",))
+    return load_gallery(session, (("identity", key),))

@@ -12,8 +12,8 @@ from sqlalchemy import select, update
 
 from shared import photos
 from shared.db import session_scope
-from shared.ml.members.model import predict
-from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.members.casia import casia_only
+from shared.ml.nets.ensemble import RegionalEnsemble, predict_regions
 from shared.ml.preprocess.imaging import encode_png
 from shared.modelops import registry
 from shared.modelops.crops import crop_keys, load_crops, region_stack
@@ -49,7 +49,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
         # Waiting for scoring, as the sweep leaves them when a model appears (no messages are sent here).
         for image in s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))):
             photos.wake(image)
-        version = registry.register_model(s, get_storage(), model, ["b-one", "b-two", "b-three"], {},
+        version = registry.register_model(s, get_storage(), casia_only(model, ["b-one", "b-two", "b-three"]), {},
                                           name="batch-model")
         registry.activate(s, version)
         version_id = version.id
@@ -67,7 +67,7 @@ def test_waiting_photos_are_scored_in_one_batch(engines, workers, web_server):
     with session_scope() as s:
         keys = crop_keys(s, [ids[2]])[ids[2]]
     assert len(set(keys.values())) == 1  # all of a face's crops are one object
-    alone = predict(model, region_stack(get_storage(), keys, model.regions)[None])
+    alone = predict_regions(model, region_stack(get_storage(), keys, model.regions)[None])
     np.testing.assert_allclose(results[ids[2]], alone.aggregate[0], atol=2e-4)
 
     # A photo's own message, arriving after the batch scored it, does nothing.
@@ -123,7 +123,7 @@ def test_a_claimed_photo_met_while_realigning_waits_and_is_scored(engines, worke
         photos.wake(image)  # waiting for scoring, as the sweep leaves it when a model appears
         held_until = time.time() + 4  # another worker's batch holds the photo for four more seconds
         photos.stamp(image, claimed_at=held_until - lease, claimed_by="other@elsewhere:1")
-        version = registry.register_model(s, get_storage(), model, ["r-one", "r-two", "r-three"], {},
+        version = registry.register_model(s, get_storage(), casia_only(model, ["r-one", "r-two", "r-three"]), {},
                                           name="realign-model")
         registry.activate(s, version)
     enqueue_scoring(image_id)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.ml.members.model import predict
-from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference
+from shared.ml.members.casia import casia_only
+from shared.ml.nets.ensemble import RegionalEnsemble, predict_regions, prepare_for_inference
 from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
 
 REGIONS = ("full_face", "upper_half", "lower_half")
@@ -30,25 +30,25 @@ def crops():
 
 
 def test_prediction_fields(model, crops):
-    pred = predict(model, crops)
+    pred = predict_regions(model, crops)
     assert pred.region_probs.shape == (7, 3, 5) and pred.aggregate.shape == (7, 5)
     assert pred.features.shape == (7, 3, model.nets["full_face"].num_features)
     np.testing.assert_allclose(pred.region_probs.sum(-1), 1, atol=1e-5)
     np.testing.assert_allclose(pred.aggregate, pred.region_probs.mean(1), atol=1e-6)
     # Batching many faces gives what one face at a time gives.
-    one_by_one = [predict(model, crops[i:i + 1]) for i in range(len(crops))]
-    small_batches = predict(model, crops, batch_size=3)
+    one_by_one = [predict_regions(model, crops[i:i + 1]) for i in range(len(crops))]
+    small_batches = predict_regions(model, crops, batch_size=3)
     np.testing.assert_allclose(small_batches.region_probs, np.concatenate([p.region_probs for p in one_by_one]),
                                atol=1e-5)
     np.testing.assert_allclose(small_batches.features, pred.features, atol=1e-4)
-    empty = predict(model, crops[:0])
+    empty = predict_regions(model, crops[:0])
     assert empty.region_probs.shape == (0, 3, 5) and empty.aggregate.shape == (0, 5)
 
 
 def test_flip_tta_averages_the_crop_and_its_mirror(model, crops):
-    plain = predict(model, crops)
-    mirrored = predict(model, np.ascontiguousarray(crops[..., ::-1]))
-    tta = predict(model, crops, batch_size=4, flip_tta=True)
+    plain = predict_regions(model, crops)
+    mirrored = predict_regions(model, np.ascontiguousarray(crops[..., ::-1]))
+    tta = predict_regions(model, crops, batch_size=4, flip_tta=True)
     np.testing.assert_allclose(tta.region_probs, (plain.region_probs + mirrored.region_probs) / 2, atol=1e-5)
     np.testing.assert_allclose(tta.aggregate, tta.region_probs.mean(1), atol=1e-6)
     np.testing.assert_allclose(tta.features, plain.features, atol=1e-4)  # the features of the crop as given
@@ -56,8 +56,8 @@ def test_flip_tta_averages_the_crop_and_its_mirror(model, crops):
 
 
 def test_bf16_and_channels_last_agree_with_fp32(model, crops):
-    fp32 = predict(model, crops, precision="fp32")
-    bf16 = predict(model, crops, precision="bf16")
+    fp32 = predict_regions(model, crops, precision="fp32")
+    bf16 = predict_regions(model, crops, precision="bf16")
     np.testing.assert_allclose(bf16.region_probs, fp32.region_probs, atol=0.05)
     assert (bf16.aggregate.argmax(1) == fp32.aggregate.argmax(1)).mean() >= 0.7
     assert model.channels_last  # the default layout
@@ -65,20 +65,20 @@ def test_bf16_and_channels_last_agree_with_fp32(model, crops):
     prepare_for_inference(model, channels_last=False)
     try:
         assert model.nets["full_face"].features[0].weight.is_contiguous()
-        np.testing.assert_allclose(predict(model, crops, precision="fp32").region_probs, fp32.region_probs,
+        np.testing.assert_allclose(predict_regions(model, crops, precision="fp32").region_probs, fp32.region_probs,
                                    atol=1e-5)
     finally:
         prepare_for_inference(model)
     with pytest.raises(ValueError):
-        predict(model, crops, precision="fp16")
+        predict_regions(model, crops, precision="fp16")
 
 
 def test_compiled_model_matches_eager(model, crops):
-    data = save_checkpoint(model, [f"s{i}" for i in range(5)], {})
-    compiled, _ = load_checkpoint(data, "cpu", compile=True)
+    data = save_checkpoint(casia_only(model, [f"s{i}" for i in range(5)]), {})
+    compiled = load_checkpoint(data, "cpu", compile=True)[0].member("casia").net
     assert compiled.compiled is not None
-    np.testing.assert_allclose(predict(compiled, crops[:2], precision="fp32").region_probs,
-                               predict(model, crops[:2], precision="fp32").region_probs, atol=1e-4)
+    np.testing.assert_allclose(predict_regions(compiled, crops[:2], precision="fp32").region_probs,
+                               predict_regions(model, crops[:2], precision="fp32").region_probs, atol=1e-4)
 
 
 def test_model_cache_loads_a_version_once(engines):
@@ -102,8 +102,8 @@ def test_model_cache_loads_a_version_once(engines):
         before = registry.active_version(s)
         before = before.id if before else None
         for name in ("cache-a", "cache-b"):
-            v = registry.register_model(s, storage, RegionalEnsemble(REGIONS, 2, width=0.125), ["ca", "cb"], {},
-                                        name=name)
+            net = RegionalEnsemble(REGIONS, 2, width=0.125)
+            v = registry.register_model(s, storage, casia_only(net, ["ca", "cb"]), {}, name=name)
             versions.append(v.id)
         registry.activate(s, s.get(registry.ModelVersion, versions[0]))
     cache = registry.ModelCache(check_seconds=0.0)
@@ -111,7 +111,7 @@ def test_model_cache_loads_a_version_once(engines):
         first = cache.active(s, storage)
         for _ in range(3):
             assert cache.active(s, storage) is first
-    assert storage.gets == 1 and first.name == "cache-a" and not first.model.training
+    assert storage.gets == 1 and first.name == "cache-a" and not first.model.member("casia").net.training
     with session_scope() as s:
         registry.activate(s, s.get(registry.ModelVersion, versions[1]))
     with session_scope() as s:

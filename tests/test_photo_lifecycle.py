@@ -44,6 +44,7 @@ from sqlalchemy.orm.base import NO_VALUE
 from shared import photos
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
+from shared.ml.members.casia import casia_only
 from shared.models import Case, Crop, Face, Image, ImageStatus, ModelVersion, Result
 from shared.storage import Storage, aligned_key, crops_prefix, get_storage
 from worker.stages.claims import CLAIM_AT
@@ -182,7 +183,7 @@ def world(engines):
         for seed, name in enumerate(("a", "b")):
             torch.manual_seed(seed)
             model = RegionalEnsemble(REGIONS, 3, width=0.125).eval()
-            version = registry.register_model(s, get_storage(), model, ["l-one", "l-two", "l-three"], {},
+            version = registry.register_model(s, get_storage(), casia_only(model, ["l-one", "l-two", "l-three"]), {},
                                               name=f"lifecycle-{name}-{email[:12]}")
             models.append(version.id)
     world = World(owner_id, models, pre)
@@ -271,13 +272,14 @@ class PhotoLife(RuleBasedStateMachine):
     def _deliver(self, msg: tuple, plan: Plan) -> dict:
         """Run the message's first stage as ``plan``'s worker; returns what happened (for :meth:`_settle`)."""
         from worker import pipeline
+        from worker.stages.claims import Claimed
 
         stages, image_id = msg
         _local.plan = plan
         try:
             out = getattr(pipeline, stages[0])(image_id)
             return {"next": out}
-        except pipeline.Claimed:
+        except Claimed:
             return {"claimed": True}
         except Crash:
             return {"crashed": True}
@@ -650,10 +652,12 @@ def test_the_table_is_in_the_docstring_and_move_refuses_any_other_move():
     with pytest.raises(photos.IllegalTransition, match="photo 7: score may not move it from rejected to done"):
         photos.move(image, ImageStatus.done, photos.Event.score)
     assert image.status == ImageStatus.rejected.value
-    # Only rejected is final; every other state has a way out, and only rescore leaves done.
+    # Only rejected is final; every other state has a way out. A done photo leaves it when someone re-scores it, or
+    # when a trained model is activated and the gallery model alone had ranked it (the sweep re-scores it).
     sources = {s for s, _, _ in photos.TRANSITIONS}
     assert set(ImageStatus) - sources == {ImageStatus.rejected}
-    assert {e for s, e, _ in photos.TRANSITIONS if s == ImageStatus.done} == {photos.Event.rescore}
+    assert {e for s, e, _ in photos.TRANSITIONS if s == ImageStatus.done} == {photos.Event.rescore,
+                                                                             photos.Event.model_activated}
 
 
 def _upload(world: World, case_id: int | None, n: int) -> tuple[int, list[int]]:

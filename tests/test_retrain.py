@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.ml.members.casia import casia_only
 from shared.modelops.registry import active_version
 from shared.modelops.retrain import run_retrain
 from shared.models import ModelVersion, Syndrome, TrainingRun
@@ -214,7 +215,7 @@ def test_a_candidate_passed_while_the_active_model_changed_is_logged_as_rejected
     torch.manual_seed(0)
     model = RegionalEnsemble(("full_face",), 2, width=0.125).eval()
     with session_scope() as s:
-        start = registry.register_model(s, get_storage(), model, ["t-a", "t-b"], {},
+        start = registry.register_model(s, get_storage(), casia_only(model, ["t-a", "t-b"]), {},
                                         name=f"retrain-log-start-{os.getpid()}")
         run = TrainingRun(trigger="cli", status="running", kind="heads", base_version_id=start.id)
         s.add(run)

@@ -20,16 +20,12 @@ from typing import Any
 from shared import photos
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.modelops.registry import active_version
+from shared.modelops.registry import active_version, gallery_ranked
 from shared.models import Image, ImageStatus
 from shared.monitoring import heartbeat
 from worker.stages.alignment import align_batch, stored_detections
 from worker.stages.claims import (
-    CLAIM_AT,
-    CLAIM_BY,
     PAST,
-    PAST_DETECTION,
-    Claimed,
     claim_for_alignment,
     claim_for_detection,
     claim_waiting,
@@ -38,21 +34,13 @@ from worker.stages.claims import (
     release_claims,
 )
 from worker.stages.detection import detect_batch
-from worker.stages.resources import encoder, io_pool, model_cache, node, original_rgb, preprocessor
+from worker.stages.resources import model_cache, node
 from worker.stages.scoring import (
     active_model_or_wait,
     return_to_alignment,
     score_batch,
     score_stored,
-    write_scores,
-    write_scores_many,
 )
-
-__all__ = [
-    "CLAIM_AT", "CLAIM_BY", "PAST_DETECTION", "Claimed", "align", "claim_for_alignment", "claim_for_detection",
-    "claim_waiting", "detect", "encoder", "infer", "io_pool", "model_cache", "original_rgb", "preprocessor",
-    "release_claims", "sweep", "write_scores", "write_scores_many",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +155,7 @@ def sweep(enqueue_pipeline: Any, enqueue_infer: Any) -> dict[str, int]:
     with session_scope() as session:
         to_pipeline, to_infer, failed = photos.sweep(session, settings.requeue_after_seconds,
                                                      settings.give_up_seconds,
-                                                     lambda s: active_version(s) is not None)
+                                                     lambda s: active_version(s) is not None, gallery_ranked)
     # Commit first, then enqueue: a worker must see the rows we just wrote.
     for image_id in to_pipeline:
         enqueue_pipeline(image_id)

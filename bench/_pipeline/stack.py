@@ -85,6 +85,7 @@ def register(args):
     import torch
 
     from shared.db import session_scope
+    from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.preprocess.regions import DEFAULT_REGIONS
     from shared.storage import get_storage
@@ -98,7 +99,8 @@ def register(args):
     width = 0.125 if args.models == "null" else args.width
     model = RegionalEnsemble(DEFAULT_REGIONS, args.classes, width=width).eval()
     with session_scope() as s:
-        version = registry.register_model(s, get_storage(), model, [f"syndrome-{i:03d}" for i in range(args.classes)],
+        version = registry.register_model(s, get_storage(),
+                                          casia_only(model, [f"syndrome-{i:03d}" for i in range(args.classes)]),
                                           {"note": "benchmark, random weights"}, name="bench")
         registry.activate(s, version)
     return model

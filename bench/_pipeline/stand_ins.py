@@ -82,7 +82,6 @@ def install_stand_ins(models: str) -> None:
     """Replace the worker's networks in this process (a Celery parent: its forks inherit the patch).
 
     The preprocessor is built on first use, in the child (CUDA and mediapipe do not survive a fork)."""
-    from worker import pipeline
     from worker.stages import resources
 
     face = json.loads(os.environ[FACE_ENV])
@@ -106,8 +105,8 @@ def install_stand_ins(models: str) -> None:
             built.append(pre)
         return built[0]
 
-    # The pipeline's stages look the preprocessor up in worker.stages.resources; worker.pipeline re-exports it.
-    resources.preprocessor = pipeline.preprocessor = preprocessor
+    # The pipeline's stages look the preprocessor up in worker.stages.resources.
+    resources.preprocessor = preprocessor
 
 
 def serve_worker(models: str, celery_args: list[str]) -> None:

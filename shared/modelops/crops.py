@@ -15,8 +15,20 @@ from sqlalchemy.orm import Session
 
 from shared.ml.members.identity import CHIP_REGION
 from shared.ml.preprocess.imaging import decode_crops, decode_png_gray, decode_png_rgb, encode_crops
+from shared.ml.preprocess.regions import CUT_PREFIX, cut_name
 from shared.models import Crop, Face
 from shared.storage import Storage, crops_key
+
+
+def face_crops(aligned) -> dict[str, np.ndarray]:
+    """An aligned face's crops by the names they are stored and read under: its region crops (grayscale, by
+    region), dlib's face chip, and the paper's regions cut at the encoder's size (``cut_<region>``): what every
+    member of any model reads."""
+    crops = dict(aligned.crops)
+    if getattr(aligned, "chip", None) is not None:
+        crops[CHIP_REGION] = aligned.chip
+    crops.update({cut_name(r): cut for r, cut in (getattr(aligned, "cuts", None) or {}).items()})
+    return crops
 
 
 def store_crops(storage: Storage, sha256: str, crops: dict[str, np.ndarray]) -> str:
@@ -36,7 +48,7 @@ def crop_keys(session: Session, image_ids: Iterable[int]) -> dict[int, dict[str,
 
 def load_crops(storage: Storage, keys: dict[str, str], names: Iterable[str]) -> dict[str, np.ndarray]:
     """The named crops of one face (``keys``: one photo's entry of :func:`crop_keys`), each object read once:
-    the region crops grayscale (H x W), the identity chip RGB (H x W x 3)."""
+    the region crops grayscale (H x W), the identity chip and the region cuts RGB (H x W x 3)."""
     bundles: dict[str, dict[str, np.ndarray]] = {}
     out = {}
     for name in names:
@@ -49,7 +61,8 @@ def load_crops(storage: Storage, keys: dict[str, str], names: Iterable[str]) -> 
             out[name] = bundles[key][name]
         else:  # one PNG per crop, from before the crops were bundled
             data = storage.get(key)
-            out[name] = decode_png_rgb(data) if name == CHIP_REGION else decode_png_gray(data)
+            out[name] = decode_png_rgb(data) if name == CHIP_REGION or name.startswith(CUT_PREFIX) \
+                else decode_png_gray(data)
     return out
 
 

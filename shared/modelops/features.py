@@ -1,9 +1,13 @@
-"""The feature store: pooled backbone features of scored photos, one row per (photo, region, backbone).
+"""The feature store: what each member computed its scores from, one row per (photo, name, feature key).
 
-Scoring stores a photo's features (:func:`store_features`); the gallery and retraining read them,
-and retraining computes the missing ones from the stored crops (:func:`cached_features`).
+Scoring stores a photo's rows (:func:`feature_rows`, :func:`store_feature_rows`): each member's features under
+its feature key (the CASIA-Nets' pooled features under their backbone's hash; the encoder's descriptors of the
+face chip and of each region cut under the encoder's key, named ``identity`` and by region). The gallery and
+retraining read them, and retraining computes the missing ones from the stored crops (:func:`cached_vectors`).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from sqlalchemy import select
@@ -11,76 +15,53 @@ from sqlalchemy.orm import Session
 
 from shared.db import upsert
 from shared.ml.formats.vectors import pack, unpack
-from shared.ml.train import heads as hd
-from shared.modelops.crops import crop_keys, load_crops, region_stack
+from shared.modelops.crops import crop_keys, load_crops
 from shared.models import ImageFeature
 from shared.storage import Storage
 
 
-def feature_rows(image_id: int, regions: tuple[str, ...], backbone: str, features: np.ndarray) -> list[dict]:
-    """The feature store's rows of one photo: one per region, for ``backbone``."""
-    return [{"image_id": image_id, "region": r, "backbone_sha": backbone, "vector": pack(features[i])}
-            for i, r in enumerate(regions)]
+def feature_rows(image_id: int, names: tuple[str, ...], key: str, features: np.ndarray) -> list[dict]:
+    """The feature store's rows of one photo: one per name, under ``key``."""
+    return [{"image_id": image_id, "region": r, "backbone_sha": key, "vector": pack(features[i])}
+            for i, r in enumerate(names)]
 
 
 _UPSERT = upsert(ImageFeature, ["image_id", "region", "backbone_sha"], ["vector"])
 
 
 def store_feature_rows(session: Session, rows: list[dict]) -> None:
-    """Upsert rows of :func:`feature_rows` (any photos, any backbones) in one statement."""
+    """Upsert rows of :func:`feature_rows` (any photos, any keys) in one statement."""
     if rows:
         session.execute(_UPSERT, rows)
 
 
-def store_features(session: Session, image_id: int, regions: tuple[str, ...], backbone: str,
-                   features: np.ndarray) -> None:
-    """Upsert one cached feature row per region for ``backbone``."""
-    store_feature_rows(session, feature_rows(image_id, regions, backbone, features))
-
-
-def cached_features(session: Session, storage: Storage, model, backbone: str, image_ids: list[int]) -> tuple[dict, int]:
-    """Cached features per image id, computing (and caching) the missing ones from the stored crops."""
-    regions = list(model.regions)
-    cached: dict[int, dict[str, np.ndarray]] = {}
-    for f in session.scalars(select(ImageFeature).where(ImageFeature.backbone_sha == backbone,
+def stored_vectors(session: Session, key: str, names: tuple[str, ...], image_ids: list[int]) -> dict[int, np.ndarray]:
+    """The photos that have every one of ``names`` under ``key``: ``M x F`` each, in ``names``' order."""
+    per: dict[int, dict[str, np.ndarray]] = {}
+    for f in session.scalars(select(ImageFeature).where(ImageFeature.backbone_sha == key,
+                                                        ImageFeature.region.in_(names),
                                                         ImageFeature.image_id.in_(image_ids))):
-        cached.setdefault(f.image_id, {})[f.region] = unpack(f.vector)
-    missing = [i for i in image_ids if set(cached.get(i, {})) != set(regions)]
-    if missing:
-        crops = crop_keys(session, missing)
-        usable = [i for i in missing if all(r in crops.get(i, {}) for r in regions)]
-        stack = np.stack([region_stack(storage, crops[i], regions)
-                          for i in usable]) if usable else np.zeros((0, len(regions), 100, 100), np.uint8)
-        feats = hd.extract_features(model, stack)
-        for i, image_id in enumerate(usable):
-            store_features(session, image_id, tuple(regions), backbone, feats[i])
-            cached[image_id] = {r: feats[i, j] for j, r in enumerate(regions)}
-    out = {i: np.stack([v[r] for r in regions]) for i, v in cached.items() if set(v) == set(regions)}
-    return out, len(missing)
+        per.setdefault(f.image_id, {})[f.region] = unpack(f.vector)
+    return {i: np.stack([v[n] for n in names]) for i, v in per.items() if set(v) == set(names)}
 
 
-def cached_descriptors(session: Session, storage: Storage, member, image_ids: list[int],
-                       device: str = "cpu") -> tuple[dict[int, np.ndarray], int]:
-    """The identity encoder's descriptor per image id, as ``member`` (an IdentityMember) computes it,
-    computing (and caching) the missing ones from the stored face chips; photos aligned before chips
-    were kept have none (their alignment re-runs on a re-score). Returns the descriptors and how many
-    were computed."""
-    from shared.ml.members.identity import CHIP_REGION, MEMBER
+def cached_vectors(session: Session, storage: Storage, key: str, names: tuple[str, ...], crops: tuple[str, ...],
+                   compute: Callable[[dict[str, np.ndarray]], np.ndarray],
+                   image_ids: list[int]) -> tuple[dict[int, np.ndarray], int]:
+    """``names`` under ``key`` per photo (``M x F``), computing (and caching) the missing ones from the stored
+    ``crops`` with ``compute`` (crops by name, ``K x ...`` each -> ``K x M x F``). Photos whose crops are not
+    stored (aligned before those crops were kept) have none: their alignment re-runs on a re-score.
 
-    out = {f.image_id: unpack(f.vector) for f in session.scalars(
-        select(ImageFeature).where(ImageFeature.backbone_sha == member.feature_key, ImageFeature.region == MEMBER,
-                                   ImageFeature.image_id.in_(image_ids)))}
+    Returns the vectors and how many photos' vectors were computed.
+    """
+    out = stored_vectors(session, key, names, image_ids)
     missing = [i for i in image_ids if i not in out]
-    chips = crop_keys(session, missing) if missing else {}
-    usable = [i for i in missing if CHIP_REGION in chips.get(i, {})]
+    keys = crop_keys(session, missing) if missing else {}
+    usable = [i for i in missing if all(c in keys.get(i, {}) for c in crops)]
     if usable:
-        from shared.ml.nets.encoder import CONVERTED_SHA256, encode, load_encoder
-
-        if member.encoder_sha != CONVERTED_SHA256:
-            raise ValueError(f"the model's identity encoder {member.encoder_sha[:12]}... is not the installed one")
-        faces = np.stack([load_crops(storage, chips[i], [CHIP_REGION])[CHIP_REGION] for i in usable])
-        desc = encode(load_encoder(device), faces, flip=member.flip)
-        for image_id, d in zip(usable, desc, strict=True):
-            store_features(session, image_id, (MEMBER,), member.feature_key, d[None])
-            out[image_id] = d
+        faces = [load_crops(storage, keys[i], crops) for i in usable]
+        vectors = compute({c: np.stack([f[c] for f in faces]) for c in crops})
+        store_feature_rows(session, [row for image_id, v in zip(usable, vectors, strict=True)
+                                     for row in feature_rows(image_id, names, key, v)])
+        out.update(zip(usable, vectors, strict=True))
     return out, len(usable)

@@ -11,10 +11,10 @@ import torch
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.members.model import GestaltModel
 from shared.ml.runtime.device import resolve_device
 from shared.ml.train.checkpoint import load_checkpoint, save_checkpoint
-from shared.modelops.versions import ModelNotFound, active_version, find_version  # noqa: F401 - the lifecycle's lookups
+from shared.modelops.versions import ModelNotFound, active_version, find_version, is_gallery  # noqa: F401 - the lifecycle's lookups
 from shared.models import ModelStatus, ModelVersion
 from shared.storage import Storage, checkpoint_key, sha256_hex
 
@@ -29,24 +29,21 @@ def upsert_syndromes(session: Session, names: list[str]) -> list[dict]:
     return syndromes_for_labels(session, names)
 
 
-def register_model(session: Session, storage: Storage, model: RegionalEnsemble, class_names: list[str],
-                   metrics: dict, name: str | None = None, extra: dict | None = None,
-                   config: dict | None = None) -> ModelVersion:
+def register_model(session: Session, storage: Storage, model: GestaltModel, metrics: dict, name: str | None = None,
+                   extra: dict | None = None, config: dict | None = None) -> ModelVersion:
     """Store the checkpoint in the object store and add a ``candidate`` model version.
 
     Args:
         extra: kept in the checkpoint only (e.g. training subjects and image hashes).
         config: small settings kept on the version row too (e.g. the base feature set's key).
     """
-    from shared.ml.train.heads import backbone_sha
-
-    data = save_checkpoint(model, class_names, metrics, extra)
+    data = save_checkpoint(model, metrics, extra)
     digest = sha256_hex(data)
     name = name or datetime.now(UTC).strftime("m%Y%m%d-%H%M%S")
     key = storage.put(checkpoint_key(name, digest), data)
     version = ModelVersion(
-        name=name, arch=model.arch, config={**model.config, "backbone_sha": backbone_sha(model), **(config or {})},
-        classes=upsert_syndromes(session, class_names), checkpoint_key=key, checkpoint_sha256=digest,
+        name=name, arch=model.backbone, config={**model.config, **(config or {})},
+        classes=upsert_syndromes(session, model.class_names), checkpoint_key=key, checkpoint_sha256=digest,
         metrics=metrics, status=ModelStatus.candidate.value)
     session.add(version)
     session.flush()
@@ -72,12 +69,12 @@ class LoadedModel:
     version_id: int
     name: str
     classes: list[dict]
-    model: RegionalEnsemble
-    backbone_sha: str
+    model: GestaltModel
 
     @property
-    def regions(self) -> tuple[str, ...]:
-        return self.model.regions
+    def inputs(self) -> tuple[str, ...]:
+        """The stored crops a scoring pass reads."""
+        return self.model.inputs
 
 
 class ModelCache:
@@ -88,13 +85,16 @@ class ModelCache:
     """
 
     def __init__(self, check_seconds: float = 5.0, device: str = "auto", compile: bool = False,
-                 runtime: str = "eager", runtime_cache: str | None = None):
+                 runtime: str = "eager", runtime_cache: str | None = None, gallery_fallback: bool = False):
         """
         Args:
             compile: run the loaded model through ``torch.compile`` (see ``prepare_for_inference``).
             runtime: the CPU runtime of the loaded model (``GESTALT_CPU_RUNTIME``; see ``prepare_for_inference``).
             runtime_cache: where that runtime's exported models are kept (None: in memory).
+            gallery_fallback: while no model is active, register and activate the gallery model
+                (:func:`ensure_gallery_model`; ``GESTALT_GALLERY_MODEL``).
         """
+        self.gallery_fallback = gallery_fallback
         self.check_seconds = check_seconds
         self.device = resolve_device(device)
         self.compile = compile
@@ -114,6 +114,8 @@ class ModelCache:
             now = time.monotonic()
             if now - self._checked_at >= self.check_seconds or self._active_id is None:
                 version = active_version(session)
+                if version is None and self.gallery_fallback:
+                    version = ensure_gallery_model(session, storage)
                 self._active_id = version.id if version else None
                 self._checked_at = now
                 if version is not None and (self._loaded is None or self._loaded.version_id != version.id):
@@ -128,12 +130,66 @@ class ModelCache:
             raise ValueError(f"checkpoint of model {version.name} does not match its sha256")
         model, _ = load_checkpoint(data, self.device, compile=self.compile, runtime=self.runtime,
                                    cache_dir=self.runtime_cache)
-        logger.info("model=%s state=loaded id=%d device=%s runtime=%s", version.name, version.id, self.device,
-                    model.runner.runtime if model.runner else "compile" if model.compiled else "eager")
-        from shared.ml.train.heads import backbone_sha
+        casia = model.member("casia")
+        logger.info("model=%s state=loaded id=%d device=%s members=%s runtime=%s", version.name, version.id,
+                    self.device, ",".join(m.kind for m in model.members) or "none",
+                    casia.net.runner.runtime if casia is not None and casia.net.runner else "eager")
+        return LoadedModel(version.id, version.name, list(version.classes), model)
 
-        return LoadedModel(version.id, version.name, list(version.classes), model,
-                           version.config.get("backbone_sha") or backbone_sha(model))
+
+GALLERY_MODEL = "gallery"
+# One process registers the gallery model at a time, cluster-wide (a PostgreSQL transaction-level advisory lock).
+_GALLERY_LOCK = 0x67616C6C  # "gall"
+
+
+def ensure_gallery_model(session: Session, storage: Storage) -> ModelVersion | None:
+    """The gallery model, registered (once) and made active when no model is: a clinic's photos are then scored
+    before any model is trained (the encoder's descriptors, the gallery's nearest patients and syndromes), and the
+    nightly run trains the first model once enough patients are diagnosed. Returns the active version, or None when
+    the identity encoder's weights are missing (photos then wait for a model, as before).
+    Commit follows in the caller's transaction."""
+    from sqlalchemy import select, text
+
+    from shared.ml.formats.weights import WeightsMissing
+    from shared.ml.members.model import gallery_model
+    from shared.ml.nets.encoder import CONVERTED_SHA256, load_state_dict
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS
+
+    session.execute(text("select pg_advisory_xact_lock(:k)"), {"k": _GALLERY_LOCK})
+    current = active_version(session)
+    if current is not None:
+        return current
+    try:
+        load_state_dict()  # the encoder must be there for the gallery model to score anything
+    except WeightsMissing as exc:
+        logger.warning("model=%s state=unavailable reason=%r", GALLERY_MODEL, str(exc))
+        return None
+    version = session.scalars(select(ModelVersion).where(ModelVersion.name == GALLERY_MODEL)).first()
+    if version is None:
+        model = gallery_model(CONVERTED_SHA256, DEFAULT_REGIONS)
+        version = register_model(session, storage, model, {"gallery": "no trained member: ranked by the gallery"},
+                                 name=GALLERY_MODEL)
+    activate(session, version)
+    logger.info("model=%s state=active reason=no_trained_model", GALLERY_MODEL)
+    return version
+
+
+def gallery_ranked(session: Session, limit: int = 500) -> list:
+    """Finished photos that only the gallery model has ranked, locked, while a trained model is active (the sweep
+    scores them with it); at most ``limit`` per sweep."""
+    from sqlalchemy import exists, select
+
+    from shared.models import Image, ImageStatus, Result
+
+    active = active_version(session)
+    if active is None or is_gallery(active):
+        return []
+    galleries = select(ModelVersion.id).where(ModelVersion.config["backbone"].astext == "none")
+    ranked_by_gallery = exists().where(Result.image_id == Image.id, Result.model_version_id.in_(galleries))
+    ranked_by_active = exists().where(Result.image_id == Image.id, Result.model_version_id == active.id)
+    return list(session.scalars(select(Image).where(Image.status == ImageStatus.done.value, ranked_by_gallery,
+                                                    ~ranked_by_active).order_by(Image.id).limit(limit)
+                                .with_for_update(skip_locked=True)))
 
 
 def set_torch_threads(threads: int) -> None:

@@ -23,19 +23,18 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings, get_settings
 from shared.db import get_engine, session_scope
-from shared.ml.members.identity import IdentityMember
-from shared.ml.nets.ensemble import RegionalEnsemble
+from shared.ml.members.model import GestaltModel
 from shared.ml.runtime.device import resolve_device
 from shared.ml.train import heads as hd
 from shared.ml.train.checkpoint import load_checkpoint
-from shared.modelops.features import cached_descriptors, cached_features
+from shared.ml.train.refit import refit
 from shared.modelops.registry import activate, active_version, register_model
 from shared.modelops.retrain_candidate import (
     Dataset,
-    aggregate_scores,
     build_dataset,
+    case_vectors,
     fine_tune,
-    retrain_member,
+    holdout_scores,
 )
 from shared.models import (
     Case,
@@ -46,7 +45,7 @@ from shared.models import (
     Syndrome,
     TrainingRun,
 )
-from shared.storage import Storage, get_storage
+from shared.storage import Storage, feature_set_key, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +131,17 @@ def run_retrain(trigger: str, dry_run: bool = False, shuffle_labels: bool = Fals
 
 @dataclass
 class _Base:
-    """What a run starts from: the active version, its checkpoint and its base feature set."""
+    """What a run starts from: the active version, its model and its base feature set (none for the gallery
+    model, whose first heads are fitted on the gallery's diagnosed photos alone)."""
 
     version_id: int
     name: str
     classes: list[str]
     config: dict  # the active version's
-    features_key: str
+    features_key: str | None
     crops_key: str | None  # full fine-tunes only
-    model: RegionalEnsemble
-    member: IdentityMember | None  # the model's identity member, if any
-    backbone: str
-    features: dict[str, np.ndarray]  # the base feature set
+    model: GestaltModel
+    features: dict[str, np.ndarray] | None  # the base feature set
 
 
 @dataclass
@@ -168,24 +166,28 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
     durations["load"] = time.monotonic() - t0
 
     t = time.monotonic()
-    diagnosed, feats, computed, descriptors = _case_features(storage, base, settings)
+    diagnosed, feats, computed = _case_features(storage, base, settings)
     durations["features"] = time.monotonic() - t
-    ts = _training_set(base, diagnosed, feats, descriptors, settings)
+    ts = _training_set(base, diagnosed, feats, settings)
     counts = _counts(base, diagnosed, computed, ts)
+    if not base.model.members:
+        short = first_model_shortfall(ts, settings.retrain_min_subjects, settings.retrain_min_syndromes)
+        if short:
+            _finish(run_id, "skipped", f"the gallery model stays: {short}", counts=counts)
+            return run_id
 
     t = time.monotonic()
     train_labels = ts.labels[~ts.data.holdout]
     if shuffle_labels:
         train_labels = np.random.default_rng(0).permutation(train_labels)
-    new_heads = hd.train_heads(ts.data.features[~ts.data.holdout], train_labels, len(ts.classes),
-                               hd.HeadConfig(epochs=settings.retrain_epochs))
-    new_member = (retrain_member(base.member, ts.data, train_labels, len(ts.classes))
-                  if base.member is not None else None)
+    labels = ts.labels.copy()
+    labels[~ts.data.holdout] = train_labels
+    candidate = refit(base.model, ts.data.features, ~ts.data.holdout, labels, ts.data.subjects, ts.classes,
+                      settings.retrain_epochs)
     durations["train"] = time.monotonic() - t
 
     t = time.monotonic()
-    candidate, cand_probs, act_probs, config = _candidate(kind, base, ts, train_labels, new_heads, new_member,
-                                                          storage, settings)
+    candidate, cand_probs, act_probs, config = _candidate(kind, base, ts, train_labels, candidate, storage, settings)
     if kind == "full":
         durations["train"] += time.monotonic() - t
     hold = ts.data.holdout
@@ -194,20 +196,33 @@ def _run(run_id: int, dry_run: bool, shuffle_labels: bool, settings: Settings, k
                                settings.retrain_tolerance)
     durations["evaluate"] = time.monotonic() - t
     durations["total"] = time.monotonic() - t0
-    metrics = {"candidate": guard.candidate, "active": guard.active}
+    metrics = {"candidate": guard.candidate, "active": guard.active, "weights": candidate.stack.share_of()}
     if dry_run:
         verdict = "would promote" if guard.promote else "would reject"
         _finish(run_id, "dry_run", f"{verdict}: {guard.reason}", counts=counts, durations=durations, metrics=metrics)
         return run_id
-    _register(run_id, storage, base, candidate, ts.classes, guard, config,
+    _register(run_id, storage, base, candidate, guard, config,
               {"counts": counts, "durations": durations, "metrics": metrics})
     return run_id
 
 
+def first_model_shortfall(ts: _TrainingSet, min_subjects: int, min_syndromes: int) -> str | None:
+    """Why the gallery's diagnosed photos are not yet enough for a first trained model (None when they are): at
+    least ``min_syndromes`` syndromes with ``min_subjects`` patients each, and held-out patients to judge it on."""
+    enough = [c for c in ts.classes if len({s for s, lab in zip(ts.data.subjects, ts.data.labels, strict=True)
+                                             if lab == c}) >= min_subjects]
+    if len(enough) < min_syndromes:
+        return (f"{len(enough)} syndrome(s) have {min_subjects} or more diagnosed, consented patients; "
+                f"{min_syndromes} are needed to train and validate heads")
+    if not ts.data.holdout.any() or ts.data.holdout.all():
+        return "the diagnosed patients cannot yet be split into training and held-out patients"
+    return None
+
+
 def _load_base(run_id: int, kind: str, storage: Storage) -> _Base | None:
-    """The active model and its base feature set; None (the run finished as skipped) when there is no
-    active model, it has no base feature set (or crops, for a full fine-tune), or the set lacks the
-    identity member's descriptors."""
+    """The active model and its base feature set; None (the run finished as skipped) when there is no active
+    model, a trained one has no base feature set (or crops, for a full fine-tune), or a full fine-tune is asked of
+    a model without CASIA-Nets."""
     with session_scope() as s:
         active = active_version(s)
         if active is None:
@@ -216,46 +231,45 @@ def _load_base(run_id: int, kind: str, storage: Storage) -> _Base | None:
         s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(base_version_id=active.id))
         active_id, active_name = active.id, active.name
         active_classes = [c["name"] for c in active.classes]
-        base_key = active.config.get("base_features_key")
-        checkpoint_key = active.checkpoint_key
-        active_config = dict(active.config)
-    if not base_key:
+        checkpoint_key, config = active.checkpoint_key, dict(active.config)
+    model, _ = load_checkpoint(storage.get(checkpoint_key))
+    base_key = config.get("base_features_key")
+    crops_key = config.get("base_crops_key") if kind == "full" else None
+    if kind == "full" and model.member("casia") is None:
+        _finish(run_id, "skipped", f"model {active_name} has no CASIA-Nets to fine-tune; its members are heads on "
+                                   "the frozen encoder, which a heads run refits")
+        return None
+    if model.members and not base_key:
         _finish(run_id, "skipped", f"model {active_name} has no base feature set; retrain it with `gestalt train`")
         return None
-    crops_key = active_config.get("base_crops_key") if kind == "full" else None
     if kind == "full" and not crops_key:
         _finish(run_id, "skipped", f"model {active_name} has no stored base crops for a full fine-tune")
         return None
-    model, _ = load_checkpoint(storage.get(checkpoint_key))
-    backbone = hd.backbone_sha(model)
-    features = hd.load_feature_set(storage.get(base_key))
-    if model.identity is not None and "identity" not in features:
+    features = hd.load_feature_set(storage.get(base_key)) if base_key else None
+    if features is not None and model.member("identity") is not None and "identity" not in features:
         _finish(run_id, "skipped", f"the base feature set of model {active_name} lacks the identity member's "
                                    "descriptors; retrain it with `gestalt train`")
         return None
-    return _Base(active_id, active_name, active_classes, active_config, base_key, crops_key, model, model.identity,
-                 backbone, features)
+    return _Base(active_id, active_name, active_classes, config, base_key, crops_key, model, features)
 
 
 def _case_features(storage: Storage, base: _Base, settings: Settings):
-    """The diagnosed images, the backbone features of those that have them (computed where missing), how many
-    were computed, and with an identity member the images' descriptors (a photo joins only with one)."""
+    """The diagnosed images, the features each of the model's members reads for those that have them (computed
+    where missing), and how many photos' features were computed."""
+    from shared.ml.train.members import encoder_fn
+
+    device = str(resolve_device(settings.device))
+    encode = encoder_fn(device) if base.model.needs_encoder else None
     with session_scope() as s:
         diagnosed = diagnosed_images(s)
-        feats, computed = cached_features(s, storage, base.model, base.backbone, [d[0] for d in diagnosed])
-        descriptors = None
-        if base.member is not None:  # a photo joins only with its identity descriptor too
-            descriptors, computed_id = cached_descriptors(s, storage, base.member, [d[0] for d in diagnosed],
-                                                          str(resolve_device(settings.device)))
-            feats = {i: f for i, f in feats.items() if i in descriptors}
-            computed += computed_id
-    return diagnosed, feats, computed, descriptors
+        feats, computed = case_vectors(s, storage, base.model, [d[0] for d in diagnosed], encode)
+    return diagnosed, feats, computed
 
 
-def _training_set(base: _Base, diagnosed: list[tuple[int, str, str, str]], feats: dict[int, np.ndarray],
-                  descriptors: dict[int, np.ndarray] | None, settings: Settings) -> _TrainingSet:
+def _training_set(base: _Base, diagnosed: list[tuple[int, str, str, str]], feats: dict,
+                  settings: Settings) -> _TrainingSet:
     """The new case photos (one copy of each, none already in the base set), the classes, and the dataset."""
-    base_hashes = set(base.features["sha256"].tolist())
+    base_hashes = set(base.features["sha256"].tolist()) if base.features is not None else set()
     seen: set[str] = set()
     cases = []
     for image_id, name, subject, sha in diagnosed:
@@ -266,15 +280,17 @@ def _training_set(base: _Base, diagnosed: list[tuple[int, str, str, str]], feats
     classes = base.classes + new_classes
     index = {n: i for i, n in enumerate(classes)}
     in_model = [c for c in cases if c[1] in index]
-    data = build_dataset(base.features, in_model, feats, settings.retrain_holdout_fraction, descriptors)
-    return _TrainingSet(classes, new_classes, cases, in_model, data, np.array([index[n] for n in data.labels]))
+    regions = next(iter(feats.values())).regions if feats else base.model.regions
+    data = build_dataset(base.features, in_model, feats, settings.retrain_holdout_fraction, regions)
+    return _TrainingSet(classes, new_classes, cases, in_model, data, np.array([index[n] for n in data.labels], int))
 
 
 def _new_classes(base: _Base, cases: list[tuple[int, str, str]], min_subjects: int) -> list[str]:
     """Syndromes the active model lacks that now have enough subjects (base set and cases together)."""
     subjects_per: dict[str, set[str]] = {}
-    for label, subject in zip(base.features["labels"].tolist(), base.features["subjects"].tolist(), strict=True):
-        subjects_per.setdefault(label, set()).add(subject)
+    if base.features is not None:
+        for label, subject in zip(base.features["labels"].tolist(), base.features["subjects"].tolist(), strict=True):
+            subjects_per.setdefault(label, set()).add(subject)
     for _, name, subject in cases:
         subjects_per.setdefault(name, set()).add(subject)
     return sorted(n for n, subs in subjects_per.items() if n not in base.classes and len(subs) >= min_subjects)
@@ -283,39 +299,47 @@ def _new_classes(base: _Base, cases: list[tuple[int, str, str]], min_subjects: i
 def _counts(base: _Base, diagnosed: list, computed: int, ts: _TrainingSet) -> dict:
     """The run's image and class counts, as its TrainingRun row records them."""
     return {
-        "base_images": int(len(base.features["labels"])), "diagnosed_images": len(diagnosed),
-        "case_images": len(ts.in_model), "gallery_only_images": len(ts.cases) - len(ts.in_model),
+        "base_images": int(len(base.features["labels"])) if base.features is not None else 0,
+        "diagnosed_images": len(diagnosed), "case_images": len(ts.in_model),
+        "gallery_only_images": len(ts.cases) - len(ts.in_model),
         "features_computed": computed, "classes": len(ts.classes), "new_classes": ts.new_classes,
         "train_images": int((~ts.data.holdout).sum()), "holdout_images": int(ts.data.holdout.sum()),
     }
 
 
-def _candidate(kind: str, base: _Base, ts: _TrainingSet, train_labels: np.ndarray, new_heads: hd.Heads,
-               new_member: IdentityMember | None, storage: Storage, settings: Settings):
-    """The candidate (new heads, or with ``kind`` "full" every layer fine-tuned), its and the active model's
-    holdout scores, and the feature-set keys the candidate version records."""
-    hold = ts.data.holdout
+def _candidate(kind: str, base: _Base, ts: _TrainingSet, train_labels: np.ndarray, candidate: GestaltModel,
+               storage: Storage, settings: Settings):
+    """The candidate (refitted members, or with ``kind`` "full" its CASIA-Nets fine-tuned too), its and the active
+    model's holdout scores, and the feature-set keys the candidate version records."""
     config = {"base_features_key": base.features_key, "base_crops_key": base.config.get("base_crops_key")}
     if kind == "full":
+        init = hd.with_heads(base.model.member("casia").net, hd.heads_of(candidate.member("casia").net))
         candidate, cand_probs, act_probs, config["base_features_key"] = fine_tune(
-            base.model, hd.with_heads(base.model, new_heads), ts.classes, ts.labels, train_labels, ts.data,
-            ts.in_model, base.crops_key, storage, settings, new_member)
+            base.model, init, ts.classes, ts.labels, train_labels, ts.data, ts.in_model, base.crops_key, storage,
+            settings, candidate)
         return candidate, cand_probs, act_probs, config
-    candidate = hd.with_heads(base.model, new_heads)
-    candidate.identity = new_member
-    identity_hold = ts.data.identity[hold] if ts.data.identity is not None else None
-    cand_probs = aggregate_scores(new_heads.probs(ts.data.features[hold]), new_member, identity_hold)
-    act_probs = aggregate_scores(hd.heads_of(base.model).probs(ts.data.features[hold]), base.member, identity_hold)
-    return candidate, cand_probs, act_probs, config
+    if base.features is None:  # the first trained model: its training set becomes its base feature set
+        config["base_features_key"] = _store_first_base(storage, candidate, ts)
+    return candidate, holdout_scores(candidate, ts.data, ts.labels), holdout_scores(base.model, ts.data, ts.labels), \
+        config
 
 
-def _register(run_id: int, storage: Storage, base: _Base, candidate: RegionalEnsemble, classes: list[str],
-              guard: hd.GuardResult, config: dict, record: dict) -> None:
+def _store_first_base(storage: Storage, candidate: GestaltModel, ts: _TrainingSet) -> str:
+    """The gallery's photos that the first trained model was fitted on, stored as its base feature set."""
+    blob = hd.save_feature_set(ts.data.features.features, ts.data.labels, ts.data.subjects, ts.data.holdout,
+                               [""] * len(ts.data.labels), identity=ts.data.features.identity)
+    key = candidate.member("encoder_regions").feature_key
+    return storage.put(feature_set_key(key, blob), blob)
+
+
+def _register(run_id: int, storage: Storage, base: _Base, candidate: GestaltModel, guard: hd.GuardResult,
+              config: dict, record: dict) -> None:
     """Register the candidate version and promote it when the guard agrees and the active model is still the
     one the run started from; otherwise it is rejected. ``record``: the run's counts, durations and metrics."""
     with session_scope() as s:
         version = register_model(
-            s, storage, candidate, classes, {"holdout": guard.candidate, "guard": guard.reason, "training_run": run_id},
+            s, storage, candidate, {"holdout": guard.candidate, "guard": guard.reason, "training_run": run_id,
+                                    "weights": candidate.stack.share_of()},
             name=f"{base.name.split('+')[0]}+r{run_id}",
             config={**config, "parent_version_id": base.version_id, "training_run_id": run_id})
         run = s.get(TrainingRun, run_id)

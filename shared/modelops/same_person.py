@@ -26,9 +26,12 @@ _DESCRIPTORS: dict[str, dict[int, np.ndarray]] = {}
 
 
 def identity_key(config: dict | None) -> str | None:
-    """Where a model version's identity member stores descriptors (``image_features.backbone_sha``), or None."""
+    """Where a model version keeps the face chip's encoder descriptor (``image_features.backbone_sha``), or None."""
     from shared.ml.members.identity import MEMBER
 
+    described = (config or {}).get("descriptors") or {}
+    if described.get("feature_key") and MEMBER in (described.get("names") or ()):
+        return described["feature_key"]
     identity = ((config or {}).get("members") or {}).get(MEMBER) or {}
     return identity.get("feature_key") or identity.get("encoder_sha") or None
 

@@ -25,3 +25,9 @@ def find_version(session: Session, ref: str | int) -> ModelVersion:
 
 def active_version(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)).first()
+
+
+def is_gallery(version: ModelVersion | None) -> bool:
+    """Whether ``version`` is a model with no trained member: it ranks by the gallery of diagnosed patients alone
+    (``shared.modelops.registry.ensure_gallery_model``)."""
+    return version is not None and (version.config or {}).get("backbone") == "none"

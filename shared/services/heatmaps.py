@@ -24,19 +24,30 @@ from shared.services import Refusal
 from shared.storage import MISSING, Storage, get_storage, heatmap_key
 
 logger = logging.getLogger(__name__)
-ALL = "all"  # the region name of the combined map (shared.ml.explain.saliency.ALL)
+ALL = "all"  # the combined map: every member weighted by its share (shared.ml.explain.saliency.ALL)
 
 
 class VersionCache:
-    """Model versions loaded for saliency in one process (CPU), the last ``size`` used kept."""
+    """Model versions loaded for saliency in one process (CPU), the last ``size`` used kept, and the identity
+    encoder (loaded once, for members built on it)."""
 
     def __init__(self, size: int = 2, device: str = "cpu"):
         self.size = size
         self.device = device
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._encoder = None
         # Grad-CAM hooks a layer for the length of a call: one computation at a time per process.
         self.compute_lock = threading.Lock()
+
+    def encoder(self):
+        with self._lock:
+            if self._encoder is None:
+                from shared.config import get_settings
+                from shared.ml.nets.encoder import load_encoder
+
+                self._encoder = load_encoder(self.device, verify=get_settings().weights_verify)
+            return self._encoder
 
     def get(self, checkpoint_sha256: str, load_bytes) -> Any:
         """The model of a checkpoint; ``load_bytes()`` fetches the checkpoint when it is not loaded."""
@@ -87,23 +98,24 @@ class Heatmap:
 
 def heatmap(db: Session, image: Image, syndrome: str, region: str, user_id: int, ip: str | None,
             via: str) -> Heatmap:
-    """The overlay PNG of ``image`` for ``syndrome`` (a class index or name) and ``region`` (``all`` or a
-    region of the model that scored the photo), audited as ``heatmap_view``.
+    """The overlay PNG of ``image`` for ``syndrome`` (a class index or name) and ``region``: ``all`` (every member
+    of the model that scored the photo, weighted by its share of the aggregate) or one member's own map (a region,
+    or ``identity``), audited as ``heatmap_view``.
 
     Raises:
-        Refusal: no result yet (404), an unknown syndrome or region (400), crops or model gone (404).
+        Refusal: no result yet (404), an unknown syndrome or member (400), crops or model gone (404).
     """
     result = db.scalars(select(Result).where(Result.image_id == image.id)
                         .order_by(Result.created_at.desc(), Result.id.desc())).first()
     if result is None or image.face is None or not image.face.aligned_key:
         raise Refusal("this photo has no result yet", 404)
     version = db.get(ModelVersion, result.model_version_id)
-    regions = tuple(version.config.get("regions") or ())
+    members = tuple((version.config.get("weights") or {}) or version.config.get("regions") or ())
     index = class_index(version.classes, syndrome)
     if index is None:
         raise Refusal("syndrome: give a class index or the name of a syndrome in this photo's ranking")
-    if region != ALL and region not in regions:
-        raise Refusal(f"region must be {ALL} or one of {', '.join(regions)}")
+    if region != ALL and region not in members:
+        raise Refusal(f"region must be {ALL} or one of this model's members: {', '.join(members)}")
     chosen = version.classes[index]
     storage = get_storage()
     key = heatmap_key(image.sha256, version.checkpoint_sha256, chosen["syndrome_id"], region)
@@ -126,18 +138,24 @@ def heatmap(db: Session, image: Image, syndrome: str, region: str, user_id: int,
 
 def _render(db: Session, storage: Storage, version: ModelVersion, image: Image, index: int,
             region: str) -> bytes | None:
-    from shared.ml.explain.saliency import heatmap_png
+    """The overlay, computed with the model that scored the photo; None when the photo's crops are gone."""
+    import numpy as np
+
+    from shared.ml.explain.saliency import chip_placement, member_heatmap_png
     from shared.ml.preprocess.imaging import decode_stored
-    from shared.modelops.crops import crop_keys, region_stack
+    from shared.modelops.crops import crop_keys, load_crops
 
     cache = _cache()
     model = cache.get(version.checkpoint_sha256, lambda: storage.get(version.checkpoint_key))
     keys = crop_keys(db, [image.id]).get(image.id, {})
-    if any(r not in keys for r in model.regions):
+    if any(name not in keys for name in model.inputs):
         return None
-    crops = region_stack(storage, keys, model.regions)
+    crops = {name: crop[None] for name, crop in load_crops(storage, keys, model.inputs).items()}
     aligned = decode_stored(storage.get(image.face.aligned_key))
+    m = np.asarray(image.face.transform)
+    placed = chip_placement(np.asarray(image.face.landmarks) @ m[:, :2].T + m[:, 2], model.contract)
+    encoder = cache.encoder() if model.needs_encoder else None
     with cache.compute_lock:
-        png = heatmap_png(model, crops, aligned, index, region)
-    logger.info("image=%s state=heatmap model=%s class=%d region=%s", image.id, version.name, index, region)
+        png = member_heatmap_png(model, crops, aligned, index, region, encoder, placed)
+    logger.info("image=%s state=heatmap model=%s class=%d member=%s", image.id, version.name, index, region)
     return png

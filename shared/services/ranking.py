@@ -1,7 +1,7 @@
 """A case's ranking by the face: which model, which photos, and the mean of their scores.
 
 One rule for everything that shows a case: the case page and its printed report, the API, and the joint
-face-and-phenotype ranking (``web.phenotype``). The ranking comes from one model, never a mix:
+face-and-phenotype ranking (``shared.services.phenotype``). The ranking comes from one model, never a mix:
 the active model when it has scored at least one of the case's finished photos, else the model that
 scored most of them (the newest of those on a tie). Only finished (``done``) photos count, each with
 its result from that model; the photos scored only by another model are counted as left out, so the

@@ -11,11 +11,10 @@ from sqlalchemy import select
 
 from shared import photos
 from shared.db import session_scope, upsert
-from shared.ml.members.identity import CHIP_REGION
 from shared.ml.preprocess.detection import DetectedFace
 from shared.ml.preprocess.imaging import ImageRejected, encode_png
 from shared.ml.preprocess.pipeline import Detection
-from shared.modelops.crops import store_crops
+from shared.modelops.crops import face_crops, store_crops
 from shared.models import Crop, Face, Image, ImageStatus
 from shared.storage import aligned_key, get_storage
 from worker.stages import resources
@@ -30,14 +29,6 @@ def _put_png(key: str, array: np.ndarray) -> str:
     return get_storage().put(key, encode_png(array), "image/png")
 
 
-def _crops_of(aligned: Any) -> dict[str, np.ndarray]:
-    """What alignment stores of a face: its region crops and (the identity member's input) its face chip."""
-    crops = dict(aligned.crops)
-    if getattr(aligned, "chip", None) is not None:
-        crops[CHIP_REGION] = aligned.chip
-    return crops
-
-
 def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, tuple[str, str]]:
     """Each aligned photo's crops (every region and the identity chip, one object) and its aligned face (a PNG
     for the portal), stored in parallel; by photo id, the two keys."""
@@ -46,7 +37,7 @@ def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> 
         if isinstance(aligned, ImageRejected):
             continue
         pool = resources.io_pool()
-        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, _crops_of(aligned)),
+        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, face_crops(aligned)),
                           pool.submit(_put_png, aligned_key(image.sha256), aligned.aligned_rgb))
     return {i: (crops.result(), face.result()) for i, (crops, face) in puts.items()}
 
@@ -101,7 +92,7 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             crops_object, aligned_object = keys[image.id]
             _record_alignment(face, aligned, aligned_object, pre)
             crop_rows += [{"face_id": face.id, "region": name, "object_key": crops_object}
-                          for name in _crops_of(aligned)]
+                          for name in face_crops(aligned)]
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:

@@ -41,12 +41,13 @@ def model_cache() -> ModelCache:
     if _models is None:
         s = get_settings()
         _models = ModelCache(check_seconds=s.model_check_seconds, device=s.device, compile=s.infer_compile,
-                             runtime=s.cpu_runtime, runtime_cache=str(s.runtime_cache))
+                             runtime=s.cpu_runtime, runtime_cache=str(s.runtime_cache),
+                             gallery_fallback=s.gallery_model)
     return _models
 
 
 def encoder():
-    """The face-identity encoder of this process (for models with an identity member), loaded on first use."""
+    """The face-identity encoder of this process (for models with members built on it), loaded on first use."""
     global _encoder
     if _encoder is None:
         from shared.ml.nets.encoder import load_encoder
@@ -56,6 +57,14 @@ def encoder():
         _encoder = load_encoder(resolve_device(s.device), verify=s.weights_verify, runtime=s.cpu_runtime,
                                 cache_dir=s.runtime_cache)
     return _encoder
+
+
+def encoder_runner():
+    """The encoder as a model's members read through it (descriptors, and the activations a fine-tuned tail goes
+    on from), at the workers' precision."""
+    from shared.ml.nets.encoder_runner import EncoderRunner
+
+    return EncoderRunner(encoder(), get_settings().infer_precision)
 
 
 def io_pool() -> ThreadPoolExecutor:

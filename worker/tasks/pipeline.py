@@ -12,6 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from shared import photos
 from worker import pipeline
 from worker.celery_app import app
+from worker.stages import claims
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _last_if_none(task: Task, image_id: int | None) -> int | None:
 def detect(self, image_id: int | None) -> int | None:
     try:
         return _last_if_none(self, pipeline.detect(image_id))
-    except pipeline.Claimed as exc:
+    except claims.Claimed as exc:
         # Another worker's batch holds the photo: look again shortly, with the rest of the chain. A new
         # message, not a retry: the wait must not use up the retries that engine outages need.
         return self.replace(detect.si(image_id).set(countdown=exc.wait))
@@ -72,7 +73,7 @@ def detect(self, image_id: int | None) -> int | None:
 def align(self, image_id: int | None) -> int | None:
     try:
         return _last_if_none(self, pipeline.align(image_id))
-    except pipeline.Claimed as exc:
+    except claims.Claimed as exc:
         return self.replace(align.si(image_id).set(countdown=exc.wait))
 
 
@@ -80,7 +81,7 @@ def align(self, image_id: int | None) -> int | None:
 def infer(self, image_id: int | None) -> int | None:
     try:
         return pipeline.infer(image_id)
-    except pipeline.Claimed as exc:
+    except claims.Claimed as exc:
         # Realigning a photo whose crops were lost, and another worker's batch holds it: align again after the
         # wait, then score. A new message, never a failure and never one of the retries engine outages need.
         return self.replace(chain(align.si(image_id).set(countdown=exc.wait), infer.s()))
