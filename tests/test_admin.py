@@ -8,6 +8,7 @@ import torch
 from sqlalchemy import select
 
 from shared.db import session_scope
+from shared.ml.members.casia import casia_only
 from shared.ml.nets.ensemble import RegionalEnsemble
 from shared.modelops import registry
 from shared.models import Case, Image, ModelVersion
@@ -68,7 +69,7 @@ def test_models_activate_and_roll_back(engines, web_server):
     with session_scope() as s:
         for i in range(2):
             model = RegionalEnsemble(("full_face",), 2, width=0.125)
-            names.append(registry.register_model(s, get_storage(), model, ["m-a", "m-b"], {},
+            names.append(registry.register_model(s, get_storage(), casia_only(model, ["m-a", "m-b"]), {},
                                                  name=f"admin-model-{i}-{id(s)}").name)
         ids = [s.scalars(select(ModelVersion.id).where(ModelVersion.name == n)).one() for n in names]
     admin = Portal(web_server, new_user("admin"))

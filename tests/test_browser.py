@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from shared.ml.members.casia import casia_only
 from tests.conftest import PASSWORD, activate, new_user
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -130,12 +131,18 @@ def test_clinician_and_admin_in_the_browser(engines, workers, web_server, browse
     dialog = page.locator("#heatmap-dialog")
     expect(dialog).to_be_visible()
     expect(page.locator("#heatmap-title")).to_have_text("Heatmap: Syndrome B")
-    expect(page.locator("#heatmap-status")).to_have_text("All regions · Syndrome B", timeout=60_000)
+    # By default every member's map, weighted by its share of the aggregate; each member's own map on request.
+    expect(page.locator("#heatmap-status")).to_have_text("All members, weighted · Syndrome B", timeout=60_000)
+    options = page.locator("#heatmap-region option").all_inner_texts()
+    assert options[0] == "all members, weighted by their share", options
+    assert any("identity encoder" in o for o in options), options
+    assert all("weight" in o for o in options[1:]), options
     assert page.evaluate("() => document.getElementById('heatmap-img').naturalWidth") == 200
     assert "syndrome=Syndrome+B" in page.locator("#heatmap-img").get_attribute("src")
     page.screenshot(path=str(SHOTS / "05b-heatmap.png"))
     page.select_option("#heatmap-region", "upper_half")
-    expect(page.locator("#heatmap-status")).to_have_text("Upper face · Syndrome B", timeout=60_000)
+    expect(page.locator("#heatmap-status")).to_contain_text("Upper face · weight", timeout=60_000)
+    expect(page.locator("#heatmap-status")).to_contain_text("· Syndrome B")
     assert "region=upper_half" in page.locator("#heatmap-img").get_attribute("src")
     page.screenshot(path=str(SHOTS / "05c-heatmap-region.png"))
     page.click("#heatmap-close")
@@ -223,7 +230,8 @@ def test_admin_retries_a_failed_photo_and_activates_a_model(engines, workers, we
     with session_scope() as s:
         before = registry.active_version(s)
         model = RegionalEnsemble(("full_face", "upper_half", "middle_face", "lower_half"), 2, width=0.125)
-        registry.register_model(s, get_storage(), model, ["Syndrome A", "Syndrome B"], {}, name="browser-candidate")
+        registry.register_model(s, get_storage(), casia_only(model, ["Syndrome A", "Syndrome B"]), {},
+                                name="browser-candidate")
     admin.click("header >> text=Models")
     candidate = admin.locator("#versions tbody tr", has_text="browser-candidate")
     expect(candidate.locator("td").nth(1)).to_have_text("candidate")

@@ -74,7 +74,7 @@ def scored_case(engines):
 
 
 def test_phenotype_and_joint_rankings_on_the_case(engines, web_server, scored_case):
-    import web.phenotype
+    import shared.services.phenotype
 
     email, case_id = scored_case
     portal = Portal(web_server, email)
@@ -94,7 +94,7 @@ def test_phenotype_and_joint_rankings_on_the_case(engines, web_server, scored_ca
                          "log_rank_adjusted": 0.4, "facial_model": 8.4, "face_log_prob": 0.9},
                         meta={"trained_on": "simulated cases"})
     storage.put(PHENOTYPE_COMBINER_KEY, json.dumps(combiner.to_dict()).encode(), "application/json")
-    local = web.phenotype.installed_combiner()
+    local = shared.services.phenotype.installed_combiner()
     assert local is not None and local.weights == combiner.weights
     try:
         joint = portal.case(case_id)["phenotype"]["joint"]
@@ -149,6 +149,7 @@ def test_a_case_scored_by_two_models_is_ranked_by_one(engines, web_server):
     import torch
 
     from shared.ml.formats.ranking import rank
+    from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.phenotype import Combiner
     from shared.modelops import registry
@@ -164,8 +165,9 @@ def test_a_case_scored_by_two_models_is_ranked_by_one(engines, web_server):
         versions = []
         for name in ("older", "active"):
             torch.manual_seed(0)
-            version = registry.register_model(s, storage, RegionalEnsemble(("full_face",), 2, width=0.125).eval(),
-                                              ["x-one", "x-two"], {}, name=f"two-models-{name}-{email[:16]}")
+            net = RegionalEnsemble(("full_face",), 2, width=0.125).eval()
+            version = registry.register_model(s, storage, casia_only(net, ["x-one", "x-two"]), {},
+                                              name=f"two-models-{name}-{email[:16]}")
             version.classes = classes
             versions.append(version)
         older, active = versions
@@ -219,7 +221,7 @@ def test_a_combination_the_store_refuses_is_an_error_an_admin_sees(engines, monk
     admin's models page says what the object store answered."""
     import re
 
-    import web.phenotype
+    import shared.services.phenotype
     from shared import storage as storage_module
     from shared.config import get_settings
     from tests.conftest import PASSWORD
@@ -229,9 +231,9 @@ def test_a_combination_the_store_refuses_is_an_error_an_admin_sees(engines, monk
     refused = storage_module.Storage(s.s3_endpoint, s.s3_access_key, "not-the-secret-key", s.s3_bucket,
                                      s.s3_secure, s.s3_region)
     monkeypatch.setattr(storage_module, "_storage", refused)
-    caplog.set_level("ERROR", logger="web.phenotype")
-    with pytest.raises(web.phenotype.CombinerUnavailable, match="AccessDenied"):
-        web.phenotype.installed_combiner()
+    caplog.set_level("ERROR", logger="shared.services.phenotype")
+    with pytest.raises(shared.services.phenotype.CombinerUnavailable, match="AccessDenied"):
+        shared.services.phenotype.installed_combiner()
     assert f"phenotype combiner {PHENOTYPE_COMBINER_KEY} unreadable: AccessDenied" in caplog.text
 
     client = create_app().test_client()

@@ -5,13 +5,11 @@ import logging
 
 from flask import Flask, Request, g, jsonify
 from flask_login import current_user
-from flask_wtf.csrf import CSRFProtect
 from werkzeug.routing import IntegerConverter
 
 from shared.config import ConfigError, get_settings
 
 logger = logging.getLogger(__name__)
-csrf = CSRFProtect()
 
 
 # Where an admin uploads a photo archive (web/imports.py): a body up to GESTALT_IMPORT_MAX_ARCHIVE_MB.
@@ -92,8 +90,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     # If Redis is briefly down, logins still work (unlimited) rather than failing.
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
 
-    csrf.init_app(app)
+    from web.auth import csrf
     from web.charts import duration
+
+    csrf.init_app(app)
 
     app.jinja_env.filters["duration"] = duration
     from web import admin, api, auth, cases, db, errors, heatmaps, inputs

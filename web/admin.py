@@ -149,11 +149,12 @@ def update_account(user_id: int):
 @bp.get("/models")
 def models():
     from shared.modelops.retrain import latest_runs
-    from web.phenotype import combiner_status
+    from shared.services.phenotype import combiner_status
 
     db = get_db()
     versions = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
-    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30),
+    parents = {v.id: v.name for v in versions}  # a retrained version names the one it started from
+    return render_template("admin/models.html", versions=versions, runs=latest_runs(db, 30), parents=parents,
                            combiner=combiner_status())
 
 

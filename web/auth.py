@@ -15,6 +15,7 @@ from flask import Blueprint, Flask, abort, flash, g, jsonify, redirect, render_t
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager, current_user, login_user, logout_user
 from flask_wtf import FlaskForm
+from flask_wtf.csrf import CSRFProtect
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
@@ -33,12 +34,12 @@ from shared.users import (
     start_session,
     user_for_token,
 )
-from web import csrf
 from web.db import get_db
 from web.limits import limiter, user_key
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
+csrf = CSRFProtect()  # every form and every cookie-authenticated API write (a token's requests are exempt)
 
 
 def _account_key() -> str:

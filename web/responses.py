@@ -106,7 +106,8 @@ class RankedSyndrome(_Out):
 
 
 class OutOfDistribution(_Out):
-    """How unlike the model's training photos this photo is (the identity member's nearest-neighbour distance)."""
+    """How unlike the model's training photos (or the gallery's patients) the photo is: the mean cosine distance of
+    its encoder descriptor to its nearest neighbours among them."""
 
     distance: float
     percentile: float = Field(description="Of the distance among held-out training photos")
@@ -117,8 +118,11 @@ class ImageResult(_Out):
     model_version: ModelRef
     outdated: bool = Field(description="Scored by a model other than the active one (re-score to update)")
     ranking: list[RankedSyndrome] = Field(description="The top 30, best first")
-    regions: dict[str, dict[str, float]] = Field(description="Per region, each ranked syndrome's score by its id")
-    ood: OutOfDistribution | None = Field(description="None for a model without the identity member")
+    regions: dict[str, dict[str, float]] = Field(description="Per member (a facial region, or identity for the "
+                                                             "whole face), each ranked syndrome's score by its id")
+    weights: dict[str, float] = Field(description="Each member's share of the aggregate score; 0: scored and shown, "
+                                                  "but deciding nothing")
+    ood: OutOfDistribution | None = Field(description="None for a model without descriptors of its training photos")
 
 
 class Face(_Out):
@@ -148,6 +152,14 @@ class ImagePayload(_Out):
     face: Face | None
 
 
+class GalleryOnly(_Out):
+    """A ranking by the gallery model: no model has been trained yet, so the syndromes are ranked by the
+    similarity of their nearest diagnosed patient."""
+
+    patients: int = Field(description="Diagnosed patients in the gallery")
+    syndromes: int = Field(description="Syndromes they have")
+
+
 class CaseResult(_Out):
     """The case-level ranking: the mean of its finished photos' scores by one model (the active one if it scored)."""
 
@@ -156,6 +168,7 @@ class CaseResult(_Out):
     image_ids: list[int] = Field(description="Those photos")
     left_out: int = Field(description="Finished photos with a result from another model only, not in the ranking")
     ranking: list[RankedSyndrome]
+    gallery_only: GalleryOnly | None = Field(None, description="Present when the gallery model ranked the case")
 
 
 class DiagnosisRecord(_Out):
@@ -201,7 +214,10 @@ class Gallery(_Out):
     gallery_patients: int
     patients: list[GalleryPatient]
     syndromes: list[GallerySyndrome]
+    gallery_syndromes: int = Field(description="Syndromes among the gallery's patients")
     withheld: int = Field(description="Other clinicians' patients left out as the case's own person")
+    ood: OutOfDistribution | None = Field(description="How unlike the gallery's patients the case's photos are "
+                                                      "(None with too few patients)")
 
 
 class Validation(_Out):

@@ -23,21 +23,12 @@ def image_payload(db: Session, image: Image, active_id: int | None, model_id: in
         "uploaded_at": image.created_at.isoformat(), "updated_at": image.updated_at.isoformat(),
         "result": None, "face": None,
     }
+    result = photo_result(db, image.id, model_id if model_id is not None else active_id)
+    version = db.get(ModelVersion, result.model_version_id) if result is not None else None
     face = image.face
     if face is not None and face.aligned_key and face.landmarks and face.transform:
-        from shared.ml.preprocess.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
-        from shared.ml.preprocess.regions import DEFAULT_REGIONS, REGIONS
-
-        m = np.asarray(face.transform)
-        canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
-        out["face"] = {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": CANVAS,
-                       "regions": {name: list(box) for name, box in REGIONS.items() if name in DEFAULT_REGIONS},
-                       "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
-                       "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
-                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
-    result = photo_result(db, image.id, model_id if model_id is not None else active_id)
+        out["face"] = face_payload(image, face, version)
     if result is not None:
-        version = db.get(ModelVersion, result.model_version_id)
         regions = db.scalars(select(RegionScore).where(RegionScore.image_id == image.id,
                                                        RegionScore.model_version_id == result.model_version_id)
                              .order_by(RegionScore.region)).all()
@@ -47,13 +38,36 @@ def image_payload(db: Session, image: Image, active_id: int | None, model_id: in
             "model_version": {"id": version.id, "name": version.name},
             "outdated": active_id is not None and active_id != version.id,
             "ranking": with_catalogue(db, top),
-            # Per region, the score of each syndrome in the top list.
+            # Per member (a region, or the identity encoder), the score of each syndrome in the top list.
             "regions": {r.region: {str(t["syndrome_id"]): r.scores[index[t["syndrome_id"]]]
                                    for t in top} for r in regions},
-            # How unlike the model's training photos this photo is (identity member; None without it).
+            # Each member's share of the aggregate (0: scored and kept, but deciding nothing).
+            "weights": (version.config or {}).get("weights") or {},
+            # How unlike the model's training photos this photo is (None for a model without descriptors).
             "ood": result.ood,
         }
     return out
+
+
+def face_payload(image: Image, face, version: ModelVersion | None) -> dict:
+    """The aligned face, its landmarks on the canvas and the region boxes, as the model that scored the photo was
+    fitted on them (its preprocessing contract; the current one for a photo not scored yet)."""
+    contract = ((version.config or {}).get("contract") if version is not None else None) or _current_contract()
+    shown = (version.config or {}).get("regions") if version is not None else None
+    m = np.asarray(face.transform)
+    canvas = np.asarray(face.landmarks) @ m[:, :2].T + m[:, 2]
+    return {"aligned_url": url_for("cases.aligned_png", image_id=image.id), "size": contract["canvas"],
+            "regions": {name: list(box) for name, box in contract["regions"].items()
+                        if name in (shown or contract["default_regions"])},
+            "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
+            "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
+            "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
+
+
+def _current_contract() -> dict:
+    from shared.ml.members.model import preprocessing_contract  # OpenCV: loaded by the first page that shows a face
+
+    return preprocessing_contract()
 
 
 def with_catalogue(db: Session, ranking: list[dict]) -> list[dict]:
@@ -81,15 +95,14 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
 
     if active is None:
         return None
-    backbone, regions = gallery_space(active.config)
-    if not backbone or not regions:
+    space = gallery_space(active.config)
+    if not space:
         return None
-    query = case_features(db, case.id, backbone, regions)
+    query = case_features(db, case.id, space)
     if len(query) == 0:
         return None
-    gallery, withheld = withhold_same_person(db, request_gallery(db, backbone, regions), case.id, viewer_id,
-                                             active.config)
-    match = gallery.match(query, exclude_case=case.id)
+    gallery, withheld = withhold_same_person(db, request_gallery(db, space), case.id, viewer_id, active.config)
+    match = gallery.match(query, exclude_case=case.id, syndromes=TOP_N)
 
     patients = []
     for p in match["patients"]:
@@ -101,7 +114,21 @@ def gallery_payload(db: Session, case: Case, active: ModelVersion | None, viewer
     syndromes = [{k: v for k, v in s.items() if k != "nearest_case_id"} for s in match["syndromes"]]
     return {"model_version": {"id": active.id, "name": active.name}, "photos": int(len(query)),
             "gallery_patients": match["gallery_patients"], "patients": patients, "syndromes": syndromes,
-            "withheld": withheld}
+            "gallery_syndromes": len(set(gallery.syndrome_ids.tolist())), "withheld": withheld,
+            # How unlike the gallery's patients the case's photos are (the out-of-distribution score of a clinic
+            # whose model has no training photos of its own: the gallery's).
+            "ood": gallery.unusual(query, exclude_case=case.id)}
+
+
+def gallery_ranking(result: dict, gallery: dict | None) -> None:
+    """A case scored by the gallery model alone (no trained model yet): its ranking is the gallery's syndromes by
+    their nearest diagnosed patient, and it says so (``gallery_only``: how many patients of how many syndromes)."""
+    syndromes = (gallery or {}).get("syndromes") or []
+    result["ranking"] = [{"rank": i + 1, "syndrome_id": s["syndrome_id"], "name": s["name"], "score": s["similarity"],
+                          "omim": s["omim"], "orpha": s["orpha"], "genes": s["genes"]}
+                         for i, s in enumerate(syndromes)]
+    result["gallery_only"] = {"patients": (gallery or {}).get("gallery_patients", 0),
+                              "syndromes": (gallery or {}).get("gallery_syndromes", 0)}
 
 
 def display_fields(db: Session, result: dict | None, active: ModelVersion | None) -> dict:
@@ -117,7 +144,7 @@ def display_fields(db: Session, result: dict | None, active: ModelVersion | None
 
 def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_is_admin: bool = False) -> dict:
     from shared.catalog import hpo_labels
-    from shared.modelops.versions import active_version
+    from shared.modelops.versions import active_version, is_gallery
 
     active = active_version(db)
     active_id = active.id if active else None
@@ -125,6 +152,9 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
     result = ranking.payload(TOP_N) if ranking is not None else None
     if result is not None:
         result["ranking"] = with_catalogue(db, result["ranking"])
+    gallery = gallery_payload(db, case, active, viewer_id, viewer_is_admin)
+    if ranking is not None and is_gallery(ranking.version):
+        gallery_ranking(result, gallery)
     return {
         "id": case.id, "patient_ref": case.patient_ref, "sex": case.sex, "age_years": case.age_years,
         "ancestry": case.ancestry, "hpo_terms": hpo_labels(db, list(case.hpo_terms or [])),
@@ -134,7 +164,7 @@ def case_payload(db: Session, case: Case, viewer_id: int | None = None, viewer_i
                    for image in case.images],
         "case_result": result,
         "diagnosis": diagnosis_payload(db, case),
-        "gallery": gallery_payload(db, case, active, viewer_id, viewer_is_admin),
+        "gallery": gallery,
         "display": display_fields(db, result, active),
         "phenotype": phenotype_payload(db, case, active_id, ranking),
     }

@@ -122,8 +122,9 @@ class CaseQuery(_Query):
 class HeatmapQuery(_Query):
     syndrome: str = Field(max_length=255, description="A class index in the model's class list, or the name of a "
                                                       "syndrome as the photo's ranking names it")
-    region: str = Field(ALL_REGIONS, max_length=32, description="'all' (every region combined) or one of the model's "
-                                                                "regions, e.g. upper_half")
+    region: str = Field(ALL_REGIONS, max_length=32, description="'all' (every member, weighted by its share of the "
+                                                                "aggregate) or one of the model's members, e.g. "
+                                                                "identity or upper_half")
 
 
 def _limit_text(error: dict, key: str) -> str:

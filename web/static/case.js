@@ -105,6 +105,11 @@
   }
 
   function renderResult(card, result) {
+    if (!result.ranking.length) {  // the gallery model ranks the case by its nearest patients, not each photo
+      card.append(el("p", { class: "meta result" }, "Described by the identity encoder for the gallery (model " +
+        result.model_version.name + "); no trained model yet."));
+      return;
+    }
     // One photo's full ranking and its regions: folded away, one click from the case ranking.
     const box = el("details", { class: "result" });
     const top = result.ranking[0];
@@ -125,10 +130,21 @@
     }
     box.append(head);
     const regions = Object.keys(result.regions);
+    const weights = result.weights || {};
     const table = el("table", { class: "scores" });
     const hr = el("tr");
     ["#", "Syndrome", "Gestalt score", ""].forEach((h) => hr.append(el("th", {}, h)));
-    regions.forEach((reg) => hr.append(el("th", { "data-region": reg }, regionLabel(reg))));
+    // Each member's column says its share of the aggregate; a member at weight 0 is scored and kept, and decides
+    // nothing in this model.
+    regions.forEach((reg) => {
+      const w = weights[reg];
+      const note = w === undefined ? "" : (w > 0 ? " · weight " + w.toFixed(2) : " · weight 0");
+      const th = el("th", { "data-region": reg, "data-weight": w === undefined ? "" : String(w),
+        title: w === 0 ? "weight 0: this member's scores are kept, and decide nothing in this model" : "" },
+      regionLabel(reg) + note);
+      if (w === 0) th.classList.add("no-weight");
+      hr.append(th);
+    });
     table.append(hr);
     result.ranking.forEach((r) => {
       const tr = el("tr");
@@ -209,13 +225,16 @@
     const body = document.getElementById("case-ranking-body");
     const result = payload.case_result;
     if (!body || !result) return;
-    const photos = payload.images.map((image, i) => ({ n: i + 1, image: image }))
+    const photos = result.gallery_only ? [] : payload.images.map((image, i) => ({ n: i + 1, image: image }))
       .filter((p) => result.image_ids.includes(p.image.id) && p.image.result);
     const key = result.model_version.id + ":" + result.image_ids.join(",") + ":" + result.left_out;
     if (body.dataset.state === key) return;
     body.dataset.state = key;
     const model = DISPLAY.model;
-    let about = (result.photos > 1 ? "Mean of " + result.photos + " photos" : "One photo") + ", model " + result.model_version.name;
+    const gallery = result.gallery_only;
+    let about = gallery ? "Ranked by similarity to " + gallery.patients + " diagnosed patient" + (gallery.patients === 1 ? "" : "s")
+      + " of " + gallery.syndromes + " syndrome" + (gallery.syndromes === 1 ? "" : "s") + "; no trained model yet"
+      : (result.photos > 1 ? "Mean of " + result.photos + " photos" : "One photo") + ", model " + result.model_version.name;
     if (model && model.name === result.model_version.name && model.validation && model.validation.top1 !== null) {
       const v = model.validation;
       about += ": on " + (v.n || "its") + " held-out photos the true syndrome ranked first for " + Math.round(100 * v.top1) + "%";

@@ -22,7 +22,7 @@
   img.addEventListener("load", () => {
     img.classList.remove("loading");
     const label = select.options[select.selectedIndex] ? select.options[select.selectedIndex].text : select.value;
-    status.textContent = (select.value === "all" ? "All regions" : label) + " · " + current.syndrome;
+    status.textContent = (select.value === "all" ? "All members, weighted" : label) + " · " + current.syndrome;
   });
   img.addEventListener("error", () => {
     img.classList.remove("loading");
@@ -33,12 +33,12 @@
     const cell = event.target.closest("article.image .result table.scores td:nth-child(2)");
     if (!cell) return;
     const card = cell.closest("article.image");
-    const regions = Array.from(cell.closest("table").querySelectorAll("tr:first-child th"))
-      .slice(FIRST_REGION_COLUMN).map((th) => [th.dataset.region || th.textContent, th.textContent])
-      // The identity member reads the whole face chip through the encoder: its scores have no regional heatmap.
-      .filter(([name]) => name !== "identity");
-    select.replaceChildren(new Option("all regions combined", "all"),
-      ...regions.map(([name, label]) => new Option(label, name)));
+    // Every member's own map on request, labelled with its share of the aggregate (weight 0: it decides nothing);
+    // by default the members' maps weighted as the model weighs them.
+    const members = Array.from(cell.closest("table").querySelectorAll("tr:first-child th"))
+      .slice(FIRST_REGION_COLUMN).map((th) => [th.dataset.region || th.textContent, th.textContent]);
+    select.replaceChildren(new Option("all members, weighted by their share", "all"),
+      ...members.map(([name, label]) => new Option(label, name)));
     current = { imageId: card.id.replace("image-", ""), syndrome: cell.textContent };
     title.textContent = "Heatmap: " + current.syndrome;
     show();
