@@ -23,6 +23,7 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
     face = image.face
     if face is not None and face.aligned_key and face.landmarks and face.transform:
         from shared.ml.preprocess.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
+        from shared.ml.preprocess.quality import FLAG_TEXT
         from shared.ml.preprocess.regions import DEFAULT_REGIONS, REGIONS
 
         m = np.asarray(face.transform)
@@ -31,7 +32,9 @@ def image_payload(db: Session, image: Image, active_id: int | None) -> dict:
                        "regions": {name: list(box) for name, box in REGIONS.items() if name in DEFAULT_REGIONS},
                        "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
                        "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
-                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
+                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker,
+                       # Scored but less reliable (e.g. "turned face: less reliable"), in words.
+                       "flags": [FLAG_TEXT.get(f, f) for f in (face.quality or {}).get("flags", [])]}
     result = db.scalars(select(Result).where(Result.image_id == image.id)
                         .order_by(Result.created_at.desc(), Result.id.desc())).first()
     if result is not None:
