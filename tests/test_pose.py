@@ -88,9 +88,10 @@ def test_pose_of_rendered_photos(pre, faces):
     """The whole path, yaw -60 to 60 with pitch up to 20 and roll up to 25 degrees."""
     errors: dict[int, list[float]] = {}
     refused = []
-    for name, face in faces.items():
-        for yaw in (-60, -45, -30, -15, 0, 15, 30, 45, 60):
-            for pitch, roll in ((0, 0), (15, 20), (-15, -25)):
+    combos = ((0, 0), (15, 20), (-15, -25))
+    for n, (name, face) in enumerate(faces.items()):
+        for i, yaw in enumerate((-60, -45, -30, -15, 0, 15, 30, 45, 60)):
+            for pitch, roll in (combos[(n + i) % 3],):  # each face and yaw at one of the pitch and roll pairs
                 try:
                     q = pre.run(face.draw(yaw, pitch, roll)).aligned.quality
                 except ImageRejected as exc:
@@ -126,7 +127,7 @@ def test_turned_face_is_scored_and_flagged_and_profile_refused(pre, faces):
 
 def test_flags_from_canvas_landmarks_match_the_stored_ones(pre, faces):
     """``gestalt evaluate`` recomputes the flag from the aligned face's landmarks: it must agree with the gate."""
-    results = [pre.run(face.draw(yaw, 5, 10)).aligned for face in faces.values() for yaw in (0, 20, 40, -45)]
+    results = [pre.run(face.draw(yaw, 5, 10)).aligned for face in faces.values() for yaw in (0, 40, -45)]
     canvas = np.stack([a.alignment.apply(a.landmarks) for a in results])
     assert turned_faces(canvas).tolist() == [TURNED in a.quality["flags"] for a in results]
     assert any(turned_faces(canvas)) and not all(turned_faces(canvas))

@@ -44,6 +44,8 @@ NO_LANDMARKS = "the face could not be measured (landmarks not found); upload a s
 # Eyes tilted by more than this many degrees are levelled before landmarks run.
 LEVEL_TOLERANCE = 12.0
 LEVEL_PASSES = 2
+# Turns of the detector's frame in which the landmark model looks for a face it did not find there.
+LANDMARK_TURNS = (180.0, 90.0, -90.0)
 # (angle, padded) tried, in this order, when the photo as it is shows no face.
 FALLBACKS = ((0.0, True), (90.0, False), (-90.0, False), (180.0, False), (90.0, True), (-90.0, True),
              (180.0, True))
@@ -259,13 +261,32 @@ class Preprocessor:
         frames = [Frame.turned(rgb.shape, r) for rgb, r in zip(images, rotations, strict=True)]
         found = self.mesh.landmarks_batch([f.image(rgb) for f, rgb in zip(frames, images, strict=True)],
                                           [tuple(b) for b in boxes])
+        found = [None if lm is None else f.to_photo(lm) for f, lm in zip(frames, found, strict=True)]
+        found = self._landmarks_turned(images, frames, boxes, found)
         out: list[AlignedFace | ImageRejected] = []
-        for rgb, frame, lm in zip(images, frames, found, strict=True):
+        for rgb, lm in zip(images, found, strict=True):
             try:
-                out.append(self._finish(rgb, None if lm is None else frame.to_photo(lm)))
+                out.append(self._finish(rgb, lm))
             except ImageRejected as exc:
                 out.append(exc)
         return out
+
+    def _landmarks_turned(self, images: list[np.ndarray], frames: list[Frame], boxes: list[tuple],
+                          found: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        """Landmarks (photo pixels) the model did not find in the detector's frame, looked for in that frame
+        turned by 180, 90 and -90 degrees, one batch per turn: the detectors find an upside-down or sideways
+        face without telling which way up it is."""
+        for turn in LANDMARK_TURNS:
+            missing = [i for i, lm in enumerate(found) if lm is None]
+            if not missing:
+                break
+            turned = {i: frames[i].again(frames[i].angle + turn) for i in missing}
+            got = self.mesh.landmarks_batch(
+                [turned[i].image(images[i]) for i in missing],
+                [frames[i].face_in(turned[i], DetectedFace(tuple(boxes[i]), 1.0)).box for i in missing])
+            for i, lm in zip(missing, got, strict=True):
+                found[i] = None if lm is None else turned[i].to_photo(lm)
+        return found
 
     def run(self, rgb: np.ndarray) -> Preprocessed:
         detection = self.detect(rgb)
