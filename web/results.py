@@ -26,6 +26,7 @@ def image_payload(db: Session, image: Image, active_id: int | None, model_id: in
     face = image.face
     if face is not None and face.aligned_key and face.landmarks and face.transform:
         from shared.ml.preprocess.alignment import CANVAS  # OpenCV: loaded by the first page that shows a face
+        from shared.ml.preprocess.quality import FLAG_TEXT
         from shared.ml.preprocess.regions import DEFAULT_REGIONS, REGIONS
 
         m = np.asarray(face.transform)
@@ -34,7 +35,9 @@ def image_payload(db: Session, image: Image, active_id: int | None, model_id: in
                        "regions": {name: list(box) for name, box in REGIONS.items() if name in DEFAULT_REGIONS},
                        "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
                        "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
-                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
+                       "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker,
+                       # Scored but less reliable (e.g. "turned face: less reliable"), in words.
+                       "flags": [FLAG_TEXT.get(f, f) for f in (face.quality or {}).get("flags", [])]}
     result = photo_result(db, image.id, model_id if model_id is not None else active_id)
     if result is not None:
         version = db.get(ModelVersion, result.model_version_id)

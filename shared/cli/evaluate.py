@@ -166,6 +166,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
 
     from shared.ml.evaluate import EvalInput, write_report
     from shared.ml.evaluate.statistics import apply_temperature
+    from shared.ml.preprocess.quality import turned_faces
     from shared.ml.train import apply_label_map, data_hash, prepare
     from shared.ml.train.members import describe_faces, member_probs
     from shared.ml.train.splits import LeakageError, check_leakage
@@ -203,11 +204,10 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
                    if model.identity is not None else None)
     members, region_probs, weights = member_probs(model, data.crops, descriptors)
     temperature = extra.get("temperature") if opts["use_temperature"] else None
-    if temperature:
-        region_probs = apply_temperature(region_probs, float(temperature))
+    region_probs = apply_temperature(region_probs, float(temperature)) if temperature else region_probs
     metrics = write_report(EvalInput(
         model_name=name, class_names=class_names, regions=members, region_probs=np.asarray(region_probs),
-        member_weights=weights,
+        member_weights=weights, turned=turned_faces(data.landmarks),  # flagged "turned face: less reliable"
         ood=model.identity.ood.score(descriptors) if descriptors is not None and model.identity.ood else None,
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],

@@ -44,6 +44,8 @@ class EvalInput:
     member_weights: list[float] | None = None
     # Per image, how unlike the model's training photos (shared.ml.members.identity.OODReference.score), if known.
     ood: list[dict] | None = None
+    # Per image, whether its face is flagged as turned (scored, less reliable: shared.ml.preprocess.quality), if known.
+    turned: np.ndarray | None = None
 
     def aggregate(self) -> np.ndarray:
         """``N x C``: the members combined as the model combines them."""

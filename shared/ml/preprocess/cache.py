@@ -24,7 +24,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when what is stored, or how preprocessing computes it, changes.
-FORMAT = 2  # 2: entries keep the face chip
+FORMAT = 3  # 2: entries keep the face chip; 3: the gate grades turned faces (3D head pose) instead of refusing
 DEFAULT_SUBDIR = "prep-cache"
 
 
