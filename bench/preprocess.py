@@ -1,6 +1,8 @@
 """Preprocessing benchmark: ms/image and images/s per stage and backend, at several batch sizes.
 
-Stages: decode (JPEG -> RGB, EXIF applied), detect (the first, batched pass), landmarks
+Stages: decode (JPEG -> RGB, EXIF applied), detect (the detector's first, batched pass), find face
+(``Preprocessor.detect_batch``: that pass, levelling, and the padded and turned tries for photos
+without a face), landmarks
 (68 points for the detected box), align (quality gate, similarity warp, 7 crops,
 measurements), and the whole path. Photos are about 1 MP JPEGs of real faces.
 
@@ -44,13 +46,14 @@ from shared.ml.preprocess.pipeline import Detection, Preprocessor  # noqa: E402
 from shared.ml.preprocess.regions import ALL_REGIONS  # noqa: E402
 
 console = Console()
-SHARED_WEIGHTS = ROOT.parent / "shared" / "data" / "weights"
+SHARED_DATA = Path(os.environ.get("GESTALT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_WEIGHTS = SHARED_DATA / "weights"
 
 
 def photos(n: int, megapixels: float = 1.0) -> list[bytes]:
     """About 1 MP (``megapixels``) JPEGs: the shared people photos when present, else the astronaut."""
     sources = []
-    people = ROOT.parent / "shared" / "data" / "faces" / "people"
+    people = SHARED_DATA / "faces" / "people"
     for path in sorted(people.glob("img*.jpg")) if people.exists() else []:
         sources.append(Image.open(path).convert("RGB"))
     sources = sources or [Image.fromarray(data.astronaut())]
@@ -110,6 +113,8 @@ def bench_backend(label: str, pre: Preprocessor, offline: Preprocessor, blobs: l
         stages = {
             "decode": lambda idx=idx: [decode(blobs[i]) for i in idx],
             "detect": lambda imgs=imgs: pre.detector.detect_batch(imgs),
+            # The preprocessor's search: the detector pass, levelling, and the padded/turned tries where none is found.
+            "find face": lambda imgs=imgs: source.detect_batch(imgs) if random_weights else pre.detect_batch(imgs),
             "landmarks": lambda imgs=imgs, boxes=boxes: pre.mesh.landmarks_batch(imgs, boxes),
         }
         if not random_weights:
@@ -134,8 +139,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--megapixels", type=float, default=1.0, help="photo size (bench/gpu.sh --cpu-smoke: small)")
-    parser.add_argument("--backends", choices=("all", "production"), default="all",
-                        help="production: only the RetinaFace-R50 + FAN rows (bench/gpu.sh)")
+    parser.add_argument("--backends", choices=("all", "production", "offline"), default="all",
+                        help="production: only the RetinaFace-R50 + FAN rows (bench/gpu.sh); offline: only the "
+                             "BlazeFace and RetinaFace MobileNet rows")
     parser.add_argument("--rows", type=Path, default=None, help="append the rows as JSON lines (bench/gpu.sh)")
     return parser.parse_args()
 
@@ -203,10 +209,11 @@ def main() -> None:
     if (SHARED_WEIGHTS / "retinaface_mobilenet0.25.pth").is_file() and "GESTALT_WEIGHTS_DIR" not in os.environ:
         os.environ["GESTALT_WEIGHTS_DIR"] = str(SHARED_WEIGHTS)
     production_present = locate(WEIGHTS_BY_KEY["retinaface_resnet50"]) and locate(WEIGHTS_BY_KEY["fan"])
-    if args.backends == "all" and locate(WEIGHTS_BY_KEY["retinaface_mobilenet"]) and \
+    if args.backends != "production" and locate(WEIGHTS_BY_KEY["retinaface_mobilenet"]) and \
             not locate(WEIGHTS_BY_KEY["retinaface_resnet50"]):
         rows += mobilenet_rows(offline, blobs, batches, args.repeat, devices)
-    rows += production_rows(offline, blobs, batches, args.repeat, devices, production_present)
+    if args.backends != "offline":
+        rows += production_rows(offline, blobs, batches, args.repeat, devices, production_present)
 
     print_rows(rows)
     if args.rows:

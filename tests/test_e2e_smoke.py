@@ -107,3 +107,30 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
     stored_crops = load_crops(storage, {c.region: c.object_key for c in crops}, [c.region for c in crops])
     assert all(stored_crops[r].shape == (100, 100) and stored_crops[r].dtype == np.uint8 for r in ALL_REGIONS)
     assert stored_crops["face_chip"].shape == (150, 150, 3)
+
+
+def test_turned_face_is_scored_and_flagged_on_the_api_and_the_report(engines, workers, web_server):
+    """A face turned 40 degrees used to be refused ("turned too far to the side"); now it goes on, flagged."""
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from tests.posed_faces import PosedFace
+
+    pre = Preprocessor()
+    photo = data.astronaut()
+    face = PosedFace(photo, pre.mesh.mesh(photo, pre.detect(photo).face.box))
+    pre.close()
+    portal = Portal(web_server, new_user())
+    case_id = portal.create_case("PT-TURNED")
+    blobs = []
+    for name, yaw in (("frontal.png", 0), ("turned.png", 40)):
+        buf = io.BytesIO()
+        Image.fromarray(face.draw(yaw, 0, 0)).save(buf, format="PNG")
+        blobs.append((name, buf.getvalue()))
+    assert portal.upload(case_id, blobs).status_code == 201
+    payload = portal.wait(case_id, timeout=120, settled=("awaiting_model", "rejected", "failed", "done"))
+    faces = sorted((i for i in payload["images"] if i["face"]), key=lambda i: len(i["face"]["flags"]))
+    assert [len(i["face"]["flags"]) for i in faces] == [0, 1], payload["images"]
+    turned = faces[1]
+    assert turned["status"] != "rejected" and turned["face"]["flags"] == ["turned face: less reliable"]
+    assert 30 < turned["face"]["quality"]["yaw_degrees"] <= 60 and turned["face"]["quality"]["flags"] == ["turned"]
+    report = portal.http.get(f"{web_server}/cases/{case_id}/report")
+    assert report.status_code == 200 and "Turned face: less reliable." in report.text

@@ -61,8 +61,12 @@ def test_evaluate_writes_a_complete_report(tmp_path):
     assert 0 < metrics["permutation_p"]["top1"] <= 1 and "baseline" in metrics
     assert len(metrics["topk_curve"]) == 12 and metrics["topk_curve"][-1] == 1.0
     assert "disjoint" in metrics["data"]["split"]
+    pose = metrics["by_pose"]  # each photo is frontal or flagged turned, from its own landmarks
+    assert pose["frontal"]["images"] + pose["turned"]["images"] == metrics["data"]["images"]
+    assert "flagged 'turned face: less reliable'" in r.stdout
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
-    for section in ("Top-k accuracy", "Against the baseline", "Regions against the aggregate", "Plots"):
+    for section in ("Top-k accuracy", "Against the baseline", "Regions against the aggregate", "Plots",
+                    "Frontal and turned faces"):
         assert section in md and section in html
     assert (out / "predictions.csv").read_text().count("\n") == 1 + metrics["data"]["images"]
     for png in ("confusion_matrix.png", "topk_curve.png", "composite_faces.png", "reliability.png"):

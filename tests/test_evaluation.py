@@ -98,3 +98,30 @@ def test_binary_metrics():
     assert m["accuracy"].value == pytest.approx(31 / 32)
     assert m["sensitivity"].value == pytest.approx(22 / 23)
     assert (m["specificity"].value, m["specificity"].low, m["specificity"].high) == (1.0, 1.0, 1.0)
+
+
+def test_report_gives_accuracy_of_turned_faces_against_frontal_ones(tmp_path):
+    """Photos flagged "turned face: less reliable" are scored; the report shows what that costs, with intervals."""
+    from shared.ml.evaluate.report import EvalInput, headline, write_report
+
+    labels = np.arange(40) % 4
+    rp = np.full((40, 1, 4), 0.1, np.float32)
+    rp[np.arange(40), 0, labels] = 0.7  # every photo right...
+    turned = np.arange(40) >= 30
+    rp[turned, 0] = 0.1
+    rp[turned, 0, (labels[turned] + 1) % 4] = 0.7  # ...but the ten turned ones, all wrong at top-1
+    inp = EvalInput(model_name="m", class_names=list("abcd"), regions=["full_face"], region_probs=rp, labels=labels,
+                    subjects=[f"p{i}" for i in range(40)], data_source="x", data_hash="h", split="s", resamples=200,
+                    permutations=200, turned=turned)
+    metrics = write_report(inp, tmp_path)
+    frontal, flagged = metrics["by_pose"]["frontal"], metrics["by_pose"]["turned"]
+    assert (frontal["images"], flagged["images"]) == (30, 10)
+    assert frontal["top1"]["value"] == 1.0 and flagged["top1"]["value"] == 0.0
+    assert frontal["top1"]["low"] > 0.8 and flagged["top1"]["high"] > 0.25  # exact intervals, wide for ten photos
+    line = [x for x in headline(metrics) if "turned face" in x]
+    assert line and "100.0%" in line[0] and "0.0%" in line[0]
+    for name in ("report.md", "report.html"):
+        assert "Frontal and turned faces" in (tmp_path / name).read_text()
+    # Unknown flags (older callers): no section, no figures.
+    inp.turned = None
+    assert write_report(inp, tmp_path / "none")["by_pose"] is None

@@ -19,13 +19,13 @@ def _degrees(message: str) -> float:
     return float(re.search(r"([\d.]+) degrees", message).group(1))
 
 
-@pytest.mark.parametrize("yaw", [45.3, 45.01, -45.4, 60.0])
+@pytest.mark.parametrize("yaw", [60.3, 60.01, -60.4, 75.0])
 def test_yaw_rejection_never_shows_the_limit(yaw):
-    from shared.ml.preprocess.quality import MAX_YAW_DEGREES, rejection
+    from shared.ml.preprocess.quality import MAX_TURN_DEGREES, rejection
 
     message = rejection({"interocular_px": 30, "yaw_degrees": yaw, "brightness": 100, "sharpness": 50})
-    assert "about 45 degrees" not in message  # what the researcher saw: "about 45 degrees, at most 45 accepted"
-    assert _degrees(message) > MAX_YAW_DEGREES
+    assert "about 60 degrees" not in message  # what a researcher once saw: "about 45 degrees, at most 45 accepted"
+    assert _degrees(message) > MAX_TURN_DEGREES
 
 
 @pytest.mark.parametrize("px", [15.7, 15.99, 3.0])

@@ -133,7 +133,10 @@ class Face(_Out):
     faces_found: int
     rotation: float = Field(description="Degrees the photo was turned to find an upright face")
     measurements: dict[str, float] | None
-    quality: dict[str, float] | None = Field(description="The figures the quality gate checked")
+    quality: dict[str, float | list[str]] | None = Field(description="The figures the quality gate checked (head "
+                                                                     "pose in degrees among them) and its flags")
+    flags: list[str] = Field(description="Why the face was scored but is less reliable, in words (e.g. 'turned "
+                                         "face: less reliable')")
     detector: str
     landmarker: str | None
 

@@ -61,7 +61,15 @@ def face_payload(image: Image, face, version: ModelVersion | None) -> dict:
                         if name in (shown or contract["default_regions"])},
             "landmarks": np.round(canvas, 1).tolist(), "faces_found": face.faces_found,
             "rotation": round(face.rotation or 0.0, 1), "measurements": face.measurements,
-            "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker}
+            "quality": face.quality, "detector": face.detector, "landmarker": face.landmarker,
+            # Scored but less reliable (e.g. "turned face: less reliable"), in words.
+            "flags": _flags(face.quality)}
+
+
+def _flags(quality: dict | None) -> list[str]:
+    from shared.ml.preprocess.quality import FLAG_TEXT
+
+    return [FLAG_TEXT.get(f, f) for f in (quality or {}).get("flags", [])]
 
 
 def _current_contract() -> dict:

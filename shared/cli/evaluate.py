@@ -171,6 +171,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
 
     from shared.ml.evaluate import EvalInput, write_report
     from shared.ml.evaluate.statistics import apply_temperature
+    from shared.ml.preprocess.quality import turned_faces
     from shared.ml.train import apply_label_map, data_hash, prepare
     from shared.ml.train.members import score_data
     from shared.ml.train.splits import LeakageError, check_leakage
@@ -211,6 +212,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     metrics = write_report(EvalInput(
         model_name=name, class_names=class_names, regions=list(pred.names), region_probs=pred.member_probs,
         member_weights=[shares.get(n, 0.0) for n in pred.names], aggregate_probs=aggregate, ood=pred.ood,
+        turned=turned_faces(data.landmarks),  # flagged "turned face: less reliable"
         labels=data.labels, subjects=[s.subject for s in data.samples], data_source=str(data_path),
         data_hash=data_hash(data.samples), split=split, rejected=[(str(s.path), r) for s, r in data.rejected],
         aligned=data.aligned, baseline_accuracy=opts["baseline_accuracy"], baseline_n=opts["baseline_n"],

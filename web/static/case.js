@@ -192,6 +192,10 @@
     const caption = el("figcaption", {}, face.faces_found > 1 ? face.faces_found + " faces found; the largest is analysed" : "Aligned face");
     box.append(img, svg, caption, toggle);
     card.append(box);
+    const q = face.quality || {};
+    const pose = q.pitch_degrees === undefined ? "" :
+      " (head turned " + Math.round(Math.abs(q.yaw_degrees)) + "°, tilted " + Math.round(Math.abs(q.pitch_degrees)) + "°)";
+    (face.flags || []).forEach((text) => card.append(el("p", { class: "flag warn" }, "Scored; " + text + pose)));
     if (face.measurements) card.append(renderMeasurements(face));
   }
 

@@ -46,6 +46,8 @@ class EvalInput:
     ood: list[dict] | None = None
     # N x C: the aggregate as the model computed it (its stack of the members); None: from member_weights.
     aggregate_probs: np.ndarray | None = None
+    # Per image, whether its face is flagged as turned (scored, less reliable: shared.ml.preprocess.quality), if known.
+    turned: np.ndarray | None = None
 
     def aggregate(self) -> np.ndarray:
         """``N x C``: the members combined as the model combines them."""

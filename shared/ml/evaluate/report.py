@@ -66,6 +66,7 @@ def compute(inp: EvalInput) -> dict:
         # Two classes: top-2 is always 100%, so no curve.
         "topk_curve": [] if binary else [float(ev.topk_hits(agg, labels, k).mean())
                                          for k in range(1, min(CURVE_MAX_K, n_classes) + 1)],
+        "by_pose": _by_pose(inp, agg, ks),
         "rejected": [{"image": i, "reason": r} for i, r in inp.rejected],
         "skipped_summary": _skipped_counts(inp.rejected),
     }
@@ -96,6 +97,26 @@ def compute(inp: EvalInput) -> dict:
         z = ev.two_proportion_ztest(hits, len(labels), inp.baseline_accuracy, n2)
         metrics["baseline"] = {"accuracy": inp.baseline_accuracy, "n": n2, "ours": z.p1, "z": z.z, "p": z.p}
     return metrics
+
+
+def _by_pose(inp: EvalInput, agg: np.ndarray, ks: tuple[int, ...]) -> dict | None:
+    """Accuracy of the photos scored but flagged as turned, against the frontal ones (exact 95% intervals).
+
+    Top-k per image for a ranking model, correct calls for a two-class one. None when the flags are unknown.
+    """
+    if inp.turned is None:
+        return None
+    turned = np.asarray(inp.turned, bool)
+    correct = calls(inp) == inp.labels
+    out = {}
+    for group, mask in (("frontal", ~turned), ("turned", turned)):
+        if len(inp.class_names) == 2:
+            figures = {"accuracy": ev.proportion_of(correct[mask]).as_dict()}
+        else:
+            figures = {f"top{k}": ev.proportion_of(ev.topk_hits(agg[mask], inp.labels[mask], k)).as_dict()
+                       for k in ks}
+        out[group] = {"images": int(mask.sum()), **figures}
+    return out
 
 
 def _skipped_counts(rejected: list[tuple[str, str]]) -> list[dict]:

@@ -30,5 +30,10 @@ def headline(metrics: dict) -> list[str]:
     else:
         lines += [f"{k}: {pct(v)} per image, {pct(metrics['macro'][k])} per disorder"
                   for k, v in metrics["per_image"].items()]
+    pose = metrics.get("by_pose")
+    if pose:
+        key = "accuracy" if b else "top1"
+        lines.append(f"{key} of frontal photos {pct(pose['frontal'][key])} ({pose['frontal']['images']}), of photos "
+                     f"flagged 'turned face: less reliable' {pct(pose['turned'][key])} ({pose['turned']['images']})")
     lines.append(f"expected calibration error ({metrics['calibration']['of']}): {metrics['calibration']['ece']:.3f}")
     return lines

@@ -25,7 +25,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when what is stored, or how preprocessing computes it, changes.
-FORMAT = 3  # 2: entries keep the face chip; 3: and the regions cut at the encoder's size
+FORMAT = 4  # 2: entries keep the face chip; 3: the gate grades turned faces (3D head pose) instead of
+# refusing; 4: and the regions cut at the encoder's size
 DEFAULT_SUBDIR = "prep-cache"
 
 

@@ -24,11 +24,6 @@ from shared.ml.formats.weights import WEIGHTS_BY_KEY, locate, mediapipe_model_sh
 
 logger = logging.getLogger(__name__)
 
-# Faces that fill the whole frame (passport crops, small clinical photos) are often missed
-# by BlazeFace full range; a second pass on a padded canvas finds them.
-PAD_FRACTION = 0.25
-# Small photos are also upscaled for that pass, so the face meets the model's anchor sizes.
-SMALL_SIDE = 400
 # The main face is the largest confident one. Faces within this fraction of the largest
 # area count as equally large, and the one nearest the photo's centre wins among them.
 SIZE_TIE = 0.03
@@ -109,22 +104,12 @@ class MediaPipeDetector:
         return faces
 
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
-        """All confident faces, in image pixels.
+        """All confident faces, in image pixels (faces that fill the photo: see ``frames.Frame.padded``).
 
         Args:
             rgb: H x W x 3 uint8 image.
         """
-        faces = self._run(rgb)
-        if faces:
-            return faces
-        h, w = rgb.shape[:2]
-        scale = 2 if max(h, w) < SMALL_SIDE else 1
-        canvas = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC) if scale > 1 else rgb
-        pad = int(PAD_FRACTION * max(h, w) * scale)
-        padded = np.pad(canvas, ((pad, pad), (pad, pad), (0, 0)), mode="constant")
-        return [DetectedFace(tuple((c - pad) / scale for c in f.box), f.score,
-                             tuple(((x - pad) / scale, (y - pad) / scale) for x, y in f.points))
-                for f in self._run(padded)]
+        return self._run(rgb)
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
         """BlazeFace's graph takes one photo at a time."""

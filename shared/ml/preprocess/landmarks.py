@@ -87,11 +87,12 @@ class MediaPipeMesh:
             min_detection_confidence=min_confidence)
         self.weights_sha256 = mediapipe_model_sha("face_landmark")
 
-    def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
-        """68 x 2 landmarks in image pixels for the face in ``box``, or None.
+    def mesh(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
+        """The 468 mesh vertices (x, y, z) in image pixels for the face in ``box``, or None.
 
-        The mesh runs on a square window around the box, so that other faces and a
-        large background do not distract it.
+        z is FaceMesh's depth, on the scale of x, larger away from the camera. The mesh runs
+        on a square window around the box, so that other faces and a large background do
+        not distract it.
         """
         window, wx0, wy0 = square_window(rgb, box)
         if not window.any():
@@ -100,8 +101,13 @@ class MediaPipeMesh:
         if not result.multi_face_landmarks:
             return None
         side = window.shape[0]
-        mesh = result.multi_face_landmarks[0].landmark
-        return np.array([(mesh[i].x * side + wx0, mesh[i].y * side + wy0) for i in MESH_TO_68])
+        return np.array([(v.x * side + wx0, v.y * side + wy0, v.z * side)
+                         for v in result.multi_face_landmarks[0].landmark])
+
+    def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
+        """68 x 2 landmarks in image pixels for the face in ``box``, or None."""
+        vertices = self.mesh(rgb, box)
+        return None if vertices is None else vertices[MESH_TO_68, :2]
 
     def landmarks_batch(self, images: list[np.ndarray], boxes: list[tuple]) -> list[np.ndarray | None]:
         return [self.landmarks(rgb, box) for rgb, box in zip(images, boxes, strict=True)]

@@ -3,13 +3,18 @@
 The worker runs the two halves as separate queue stages (``detect`` and ``align``);
 training, the CLI and benchmarks call :meth:`Preprocessor.run` / :meth:`Preprocessor.run_batch`.
 
-Rotation: detection runs on the photo as it is; when nothing is found it tries the photo
-turned by 90, -90 and 180 degrees. Once a face is found, the photo is turned so that the
-detector's two eye points are level and the face is detected again (up to
-``LEVEL_PASSES`` times), so the landmark model always sees an upright face. The face's
-box is kept in that turned frame together with its angle; landmarks are mapped back to
-the photo's own pixels, and the alignment warps the photo itself, so a photo turned by 90
-degrees yields the same crops as the upright one.
+Finding the face: detection runs on the photo as it is, once for a whole batch. For a photo with
+no face it then tries, each as one batch over the photos still without a face, the photo on a
+padded canvas (a face that fills the frame), then turned by 90, -90 and 180 degrees, then turned
+and padded (:data:`FALLBACKS`). A face found only that way must also be confirmed by the landmark
+model, as turned and padded photos raise the detectors' false alarms. So an ordinary photo costs
+one detector pass, as before.
+
+Levelling: once a face is found, the photo is turned so that the detector's two eye points are
+level and the face is detected again (up to ``LEVEL_PASSES`` times), so the landmark model
+always sees an upright face. The face's box is kept in that turned frame together with its angle;
+landmarks are mapped back to the photo's own pixels, and the alignment warps the photo itself, so
+a photo turned by 90 degrees yields the same crops as the upright one.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from shared.ml.preprocess import backends
 from shared.ml.preprocess.alignment import CANVAS, Alignment, estimate_alignment, warp
 from shared.ml.preprocess.detection import DetectedFace, choose_main_face
 from shared.ml.preprocess.facechip import face_chip
+from shared.ml.preprocess.frames import Frame
 from shared.ml.preprocess.imaging import ImageRejected
 from shared.ml.preprocess.landmarks import five_points
 from shared.ml.preprocess.measurements import measure
+from shared.ml.preprocess.pose import head_pose
 from shared.ml.preprocess.quality import IMAGE_TOO_SMALL, MIN_IMAGE_SIDE, assess, rejection
 from shared.ml.preprocess.regions import DEFAULT_REGIONS, crop_regions, cut_regions
 
@@ -37,39 +44,11 @@ NO_LANDMARKS = "the face could not be measured (landmarks not found); upload a s
 # Eyes tilted by more than this many degrees are levelled before landmarks run.
 LEVEL_TOLERANCE = 12.0
 LEVEL_PASSES = 2
-# Turns tried, in this order, when the upright photo shows no face.
-FALLBACK_TURNS = (90.0, -90.0, 180.0)
-
-
-@dataclass(frozen=True)
-class Frame:
-    """The photo turned by ``angle`` degrees (counter-clockwise as displayed) on a canvas that holds it all."""
-
-    angle: float
-    matrix: np.ndarray  # 2 x 3, photo pixels -> frame pixels
-    size: tuple[int, int]  # width, height of the frame
-
-    @classmethod
-    def turned(cls, shape: tuple[int, ...], angle: float) -> Frame:
-        h, w = shape[:2]
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-        cos, sin = abs(m[0, 0]), abs(m[0, 1])
-        fw, fh = int(round(h * sin + w * cos)), int(round(h * cos + w * sin))
-        m[0, 2] += fw / 2 - w / 2
-        m[1, 2] += fh / 2 - h / 2
-        return cls(float(angle), m, (fw, fh))
-
-    def image(self, rgb: np.ndarray) -> np.ndarray:
-        if self.angle == 0:
-            return rgb
-        return cv2.warpAffine(rgb, self.matrix, self.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-
-    def to_frame(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(points, np.float64) @ self.matrix[:, :2].T + self.matrix[:, 2]
-
-    def to_photo(self, points: np.ndarray) -> np.ndarray:
-        inverse = cv2.invertAffineTransform(self.matrix)
-        return np.asarray(points, np.float64) @ inverse[:, :2].T + inverse[:, 2]
+# Turns of the detector's frame in which the landmark model looks for a face it did not find there.
+LANDMARK_TURNS = (180.0, 90.0, -90.0)
+# (angle, padded) tried, in this order, when the photo as it is shows no face.
+FALLBACKS = ((0.0, True), (90.0, False), (-90.0, False), (180.0, False), (90.0, True), (-90.0, True),
+             (180.0, True))
 
 
 @dataclass
@@ -85,7 +64,7 @@ class AlignedFace:
     alignment: Alignment
     aligned_rgb: np.ndarray  # CANVAS x CANVAS x 3
     crops: dict[str, np.ndarray]  # region -> 100 x 100 uint8
-    quality: dict[str, float]
+    quality: dict  # the gate's figures (floats) and "flags" (shared.ml.preprocess.quality)
     measurements: dict[str, float]
     # dlib's 150 x 150 RGB face chip from the photo itself (shared.ml.preprocess.facechip), the identity
     # encoder's input.
@@ -176,7 +155,7 @@ class Preprocessor:
                 break
             x0, y0, x1, y1 = main.box
             centre = frame.to_photo(np.array([[(x0 + x1) / 2, (y0 + y1) / 2]]))
-            turned = Frame.turned(rgb.shape, frame.angle + tilt)
+            turned = frame.again(frame.angle + tilt)
             again = [f for f in self.detector.detect(turned.image(rgb)) if f.score >= self.min_confidence]
             if not again:
                 break
@@ -191,26 +170,16 @@ class Preprocessor:
             frame, faces, main = turned, again, nearest
         return frame, faces, main
 
-    def _level(self, rgb: np.ndarray, faces: list[DetectedFace], angle: float) -> Detection:
-        if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
-            raise ImageRejected(IMAGE_TOO_SMALL)
-        frame = Frame.turned(rgb.shape, angle)
+    def _found(self, rgb: np.ndarray, frame: Frame, faces: list[DetectedFace], confirm: bool) -> Detection | None:
+        """The main face among ``faces`` (found in ``frame``), levelled; with ``confirm``, only if the landmark
+        model finds it too."""
         main = choose_main_face(faces, self.min_confidence, frame.size[::-1])
-        if main is not None:
-            frame, faces, main = self._levelled(rgb, frame, faces, main)
-            return Detection(main, self._confident(faces), frame.angle)
-        for turn in FALLBACK_TURNS:
-            frame = Frame.turned(rgb.shape, turn)
-            faces = self.detector.detect(frame.image(rgb))
-            main = choose_main_face(faces, self.min_confidence, frame.size[::-1])
-            if main is None:
-                continue
-            frame, faces, main = self._levelled(rgb, frame, faces, main)
-            # Turned photos raise the detector's false alarms (textures read as faces upside down):
-            # a face found only after turning must also be confirmed by the landmark model.
-            if self.mesh.landmarks(frame.image(rgb), main.box) is not None:
-                return Detection(main, self._confident(faces), frame.angle)
-        raise ImageRejected(NO_FACE)
+        if main is None:
+            return None
+        frame, faces, main = self._levelled(rgb, frame, faces, main)
+        if confirm and self.mesh.landmarks(frame.image(rgb), main.box) is None:
+            return None
+        return Detection(frame.face_in(frame.plain(), main), self._confident(faces), frame.angle)
 
     def detect(self, rgb: np.ndarray) -> Detection:
         """The main face, how many confident faces were found, and the frame it was found in.
@@ -218,16 +187,37 @@ class Preprocessor:
         Raises:
             ImageRejected: when the photo is too small or has no confident face.
         """
-        return self._level(rgb, self.detector.detect(rgb), 0.0)
+        result = self.detect_batch([rgb])[0]
+        if isinstance(result, ImageRejected):
+            raise result
+        return result
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detection | ImageRejected]:
-        """:meth:`detect` for many photos; the first pass runs as one batch on batched backends."""
-        out: list[Detection | ImageRejected] = []
-        for rgb, faces in zip(images, self.detector.detect_batch(images), strict=True):
-            try:
-                out.append(self._level(rgb, faces, 0.0))
-            except ImageRejected as exc:
-                out.append(exc)
+        """:meth:`detect` for many photos: the first pass, and each fallback, run as one batch on batched
+        backends."""
+        out: list[Detection | ImageRejected | None] = [None] * len(images)
+        pending = []
+        for i, (rgb, faces) in enumerate(zip(images, self.detector.detect_batch(images), strict=True)):
+            if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
+                out[i] = ImageRejected(IMAGE_TOO_SMALL)
+            elif (found := self._found(rgb, Frame.turned(rgb.shape, 0.0), faces, confirm=False)) is not None:
+                out[i] = found
+            else:
+                pending.append(i)
+        for angle, padded in FALLBACKS:
+            if not pending:
+                break
+            frames = {i: Frame.padded(images[i].shape, angle) if padded else Frame.turned(images[i].shape, angle)
+                      for i in pending}
+            results = self.detector.detect_batch([frames[i].image(images[i]) for i in pending])
+            still = []
+            for i, faces in zip(pending, results, strict=True):
+                out[i] = self._found(images[i], frames[i], faces, confirm=True)
+                if out[i] is None:
+                    still.append(i)
+            pending = still
+        for i in pending:
+            out[i] = ImageRejected(NO_FACE)
         return out
 
     # --- landmarks, gate, alignment ---------------------------------------------------------
@@ -240,10 +230,13 @@ class Preprocessor:
             alignment = estimate_alignment(points)
         except ValueError as exc:
             raise ImageRejected(NO_LANDMARKS) from exc
+        pose = head_pose(landmarks)
+        if pose is None:  # no head position fits the landmarks
+            raise ImageRejected(NO_LANDMARKS)
         aligned_rgb = warp(rgb, alignment, CANVAS)
         gray = cv2.cvtColor(aligned_rgb, cv2.COLOR_RGB2GRAY)
         on_canvas = alignment.apply(landmarks)
-        quality = assess(gray, on_canvas, float(np.hypot(*(points[1] - points[0]))))
+        quality = assess(gray, pose, float(np.hypot(*(points[1] - points[0]))))
         reason = rejection(quality)
         if reason:
             raise ImageRejected(reason)
@@ -271,13 +264,32 @@ class Preprocessor:
         frames = [Frame.turned(rgb.shape, r) for rgb, r in zip(images, rotations, strict=True)]
         found = self.mesh.landmarks_batch([f.image(rgb) for f, rgb in zip(frames, images, strict=True)],
                                           [tuple(b) for b in boxes])
+        found = [None if lm is None else f.to_photo(lm) for f, lm in zip(frames, found, strict=True)]
+        found = self._landmarks_turned(images, frames, boxes, found)
         out: list[AlignedFace | ImageRejected] = []
-        for rgb, frame, lm in zip(images, frames, found, strict=True):
+        for rgb, lm in zip(images, found, strict=True):
             try:
-                out.append(self._finish(rgb, None if lm is None else frame.to_photo(lm)))
+                out.append(self._finish(rgb, lm))
             except ImageRejected as exc:
                 out.append(exc)
         return out
+
+    def _landmarks_turned(self, images: list[np.ndarray], frames: list[Frame], boxes: list[tuple],
+                          found: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        """Landmarks (photo pixels) the model did not find in the detector's frame, looked for in that frame
+        turned by 180, 90 and -90 degrees, one batch per turn: the detectors find an upside-down or sideways
+        face without telling which way up it is."""
+        for turn in LANDMARK_TURNS:
+            missing = [i for i, lm in enumerate(found) if lm is None]
+            if not missing:
+                break
+            turned = {i: frames[i].again(frames[i].angle + turn) for i in missing}
+            got = self.mesh.landmarks_batch(
+                [turned[i].image(images[i]) for i in missing],
+                [frames[i].face_in(turned[i], DetectedFace(tuple(boxes[i]), 1.0)).box for i in missing])
+            for i, lm in zip(missing, got, strict=True):
+                found[i] = None if lm is None else turned[i].to_photo(lm)
+        return found
 
     def run(self, rgb: np.ndarray) -> Preprocessed:
         detection = self.detect(rgb)
