@@ -87,11 +87,13 @@ def _codes(email: str) -> dict[str, tuple[str, int]]:
 
 
 def _queued(image_ids: list[int]) -> set[int]:
-    """The images whose detect message is in the broker, or which a worker has already taken."""
+    """The images whose detect message is in the broker, delivered to a worker that has not acknowledged it yet
+    (kombu's ``unacked`` hash: a worker prefetches before its batch claims the photo), or which a worker has
+    already taken."""
     client = redis.Redis.from_url(get_settings().redis_url)
     waiting = set()
-    for raw in client.lrange("detect", 0, -1):
-        message = json.loads(raw)
+    delivered = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    for message in [json.loads(raw) for raw in client.lrange("detect", 0, -1)] + delivered:
         if message["headers"]["task"] == "pipeline.detect":
             waiting.add(int(message["headers"]["argsrepr"].strip("(),")))
     with session_scope() as s:

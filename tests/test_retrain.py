@@ -7,14 +7,14 @@ import time
 
 import pytest
 import requests
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.ml.members.casia import casia_only
 from shared.modelops.registry import active_version
 from shared.modelops.retrain import run_retrain
-from shared.models import ModelVersion, Syndrome, TrainingRun
+from shared.models import Diagnosis, ModelVersion, Syndrome, TrainingRun
 from shared.stack import Process
 from tests.conftest import Portal, _env, new_user, run_cli, shared_data
 
@@ -93,6 +93,12 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
                          json={"syndrome": "no such syndrome", "kind": "clinical"})
     assert r.status_code == 400 and "unknown syndrome" in r.json()["error"]
 
+    # Other tests' consented diagnoses (an imported archive, a clinic's first patients) would join this night's
+    # training set; this test checks a night of its own, so their consent is withdrawn first.
+    ours = {case_id for case_id, _ in case_ids}
+    with session_scope() as s:
+        s.execute(update(Diagnosis).where(Diagnosis.case_id.not_in(ours)).values(consent=False))
+
     # retrain.nightly on a real `train` worker.
     trainer = _trainer(engines, "trainer")
     trainer.start()
@@ -110,7 +116,6 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
     # tests left in the shared database (scored by other models, other backbones) needed computing.
     from shared.modelops.retrain import diagnosed_images
 
-    ours = {case_id for case_id, _ in case_ids}
     with session_scope() as s:
         others = [d for d in diagnosed_images(s) if int(d[2].split(":")[1]) not in ours]
     assert run.counts["features_computed"] == len(others), (run.counts, others)
