@@ -102,7 +102,9 @@ def test_binary_metrics():
 
 def test_report_gives_accuracy_of_turned_faces_against_frontal_ones(tmp_path):
     """Photos flagged "turned face: less reliable" are scored; the report shows what that costs, with intervals."""
-    from shared.ml.evaluate.report import EvalInput, headline, write_report
+    from shared.ml.evaluate.inputs import EvalInput
+    from shared.ml.evaluate.report import write_report
+    from shared.ml.evaluate.text import headline
 
     labels = np.arange(40) % 4
     rp = np.full((40, 1, 4), 0.1, np.float32)

@@ -1,6 +1,6 @@
 """The feature store: what each member computed its scores from, one row per (photo, name, feature key).
 
-Scoring stores a photo's rows (:func:`feature_rows`, :func:`store_feature_rows`): each member's features under
+Scoring stores a photo's rows (:func:`feature_row`, :func:`store_feature_rows`): each member's features under
 its feature key (the CASIA-Nets' pooled features under their backbone's hash; the encoder's descriptors of the
 face chip and of each region cut under the encoder's key, named ``identity`` and by region). The gallery and
 retraining read them, and retraining computes the missing ones from the stored crops (:func:`cached_vectors`).
@@ -22,8 +22,12 @@ from shared.storage import Storage
 
 def feature_rows(image_id: int, names: tuple[str, ...], key: str, features: np.ndarray) -> list[dict]:
     """The feature store's rows of one photo: one per name, under ``key``."""
-    return [{"image_id": image_id, "region": r, "backbone_sha": key, "vector": pack(features[i])}
-            for i, r in enumerate(names)]
+    return [feature_row(image_id, r, key, features[i]) for i, r in enumerate(names)]
+
+
+def feature_row(image_id: int, name: str, key: str, vector: np.ndarray) -> dict:
+    """One feature store row: the photo's vector ``name`` under ``key``."""
+    return {"image_id": image_id, "region": name, "backbone_sha": key, "vector": pack(vector)}
 
 
 _UPSERT = upsert(ImageFeature, ["image_id", "region", "backbone_sha"], ["vector"])

@@ -10,7 +10,7 @@ import numpy as np
 
 from shared.db import upsert
 from shared.ml.formats.ranking import rank
-from shared.modelops.features import feature_rows
+from shared.modelops.features import feature_row
 from shared.models import RegionScore, Result
 
 SCORES = upsert(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
@@ -28,11 +28,15 @@ def batch_rows(image_ids: list[int], version_id: int, classes: list[dict], model
     features, scores, results = [], [], []
     member_probs = rounded(pred.member_probs)
     for k, image_id in enumerate(image_ids):
-        seen: set[tuple[str, str]] = set()
+        # One vector per (name, feature key): members that read the same crop through the same encoder share one
+        # descriptor, and one upsert may not touch a row twice. Packed once each, after the duplicates are gone.
+        vectors: dict[tuple[str, str], np.ndarray] = {}
         for s in pred.scores:
-            features += _unique(feature_rows(image_id, s.names, s.feature_key, s.features[k]), seen)
+            for i, name in enumerate(s.names):
+                vectors.setdefault((name, s.feature_key), s.features[k][i])
         for name, values in (pred.descriptors or {}).items():
-            features += _unique(feature_rows(image_id, (name,), model.key_of(name), values[k][None]), seen)
+            vectors.setdefault((name, model.key_of(name)), values[k])
+        features += [feature_row(image_id, name, key, v) for (name, key), v in vectors.items()]
         scores += [{"image_id": image_id, "model_version_id": version_id, "region": name,
                     "scores": member_probs[k][i]} for i, name in enumerate(pred.names)]
         results.append({"image_id": image_id, "model_version_id": version_id,
@@ -41,14 +45,3 @@ def batch_rows(image_ids: list[int], version_id: int, classes: list[dict], model
                         "ood": pred.ood[k] if pred.ood else None})
     return features, scores, results
 
-
-def _unique(rows: list[dict], seen: set[tuple[str, str]]) -> list[dict]:
-    """Rows whose (name, feature key) this photo has not written yet: members that read the same crop through the
-    same encoder cache one descriptor (one upsert may not touch a row twice)."""
-    out = []
-    for row in rows:
-        key = (row["region"], row["backbone_sha"])
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out

@@ -2,7 +2,7 @@
 
 This module computes the figures and writes the folder. The input (:class:`EvalInput`) lives in
 :mod:`shared.ml.evaluate.inputs`, the plots in :mod:`shared.ml.evaluate.plots`, the summary lines in
-:mod:`shared.ml.evaluate.text`; every name is also importable from here.
+:mod:`shared.ml.evaluate.text`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ from shared.ml.evaluate import statistics as ev
 from shared.ml.evaluate.inputs import EvalInput, calls, positive_index
 from shared.ml.evaluate.plots import write_plots
 from shared.ml.evaluate.text import headline, pct
-
-__all__ = ["CURVE_MAX_K", "ERROR_GALLERY", "KS", "EvalInput", "calls", "compute", "error_cases", "headline",
-           "pct", "positive_index", "write_predictions", "write_report"]
 
 KS = (1, 5, 10)
 CURVE_MAX_K = 30

@@ -3,7 +3,7 @@ checkpoint, and resumable training that keeps the best epoch and may stop early.
 
 The recipe (:class:`TrainConfig`, presets, optimizers, augmentation) lives in :mod:`shared.ml.train.recipe`, the
 training data (:func:`prepare`, :class:`PreparedData`) in :mod:`shared.ml.train.prepared`, the training
-modes and label maps in :mod:`shared.ml.train.modes`; their names are importable from here too.
+modes and label maps in :mod:`shared.ml.train.modes`; callers import them from there.
 """
 from __future__ import annotations
 
