@@ -53,6 +53,27 @@ def test_the_scan_bomb_is_refused_before_decoding_everywhere(bomb):
     assert decode_upload(scan_bomb(150, (256, 256)), **LIMITS, max_scans=200).width == 256
 
 
+
+def test_train_and_evaluate_decode_under_the_settings_bounds(tmp_path, monkeypatch):
+    """``gestalt train`` and ``evaluate`` prepare their photos under the settings' scan and frame limits, as the
+    workers do: a photo past GESTALT_MAX_JPEG_SCANS is listed as refused, never decoded."""
+    from shared.cli.common import decode_limits
+    from shared.config import Settings
+    from shared.ml.preprocess.pipeline import Preprocessor
+    from shared.ml.train.data import Sample
+    from shared.ml.train.prepared import prepare
+
+    (tmp_path / "many-scans.jpg").write_bytes(scan_bomb(150, (256, 256)))
+    Image.fromarray(data.astronaut()).save(tmp_path / "face.jpg")
+    monkeypatch.setenv("GESTALT_MAX_JPEG_SCANS", "120")
+    limits = decode_limits(Settings())
+    assert limits == {"max_pixels": 40e6, "max_scans": 120}
+    samples = [Sample(tmp_path / "face.jpg", "a", "p1"), Sample(tmp_path / "many-scans.jpg", "a", "p2")]
+    prepared = prepare(samples, ["a"], Preprocessor(), progress=False, **limits)
+    assert [s.path.name for s in prepared.samples] == ["face.jpg"]
+    assert [(s.path.name, "more than 120 scans" in reason) for s, reason in prepared.rejected] == [
+        ("many-scans.jpg", True)]
+
 def test_bytes_between_markers_do_not_hide_scans(bomb):
     """libjpeg skips bytes where a marker should be; the count must skip them too, not give up."""
     laced = bomb.replace(b"\xff\xc4", b"\x00\xff\xc4")

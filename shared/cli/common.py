@@ -54,6 +54,12 @@ def cache_options(func):
                              "[default: $GESTALT_DATA_DIR/prep-cache].")(func)
 
 
+def decode_limits(settings) -> dict:
+    """The decoder bounds of the settings (frame size, progressive JPEG scans), as the workers apply them, for
+    :func:`shared.ml.train.prepared.prepare`."""
+    return {"max_pixels": settings.max_image_megapixels * 1e6, "max_scans": settings.max_jpeg_scans}
+
+
 def prep_cache(settings, preprocessor, cache_dir: Path | None, no_cache: bool):
     """The preprocessing cache to use, or None with --no-cache."""
     from shared.ml.preprocess.cache import DEFAULT_SUBDIR, PrepCache

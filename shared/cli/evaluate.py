@@ -11,6 +11,7 @@ from shared.cli.common import (
     cache_note,
     cache_options,
     console,
+    decode_limits,
     load_samples_or_fail,
     prep_cache,
     report_skipped,
@@ -137,7 +138,7 @@ def evaluate(model_ref: str, data_paths: tuple[str, ...], out: Path | None, base
                                           baseline_accuracy=baseline_accuracy, baseline_n=baseline_n,
                                           resamples=resamples, permutations=permutations, seed=seed,
                                           allow_leakage=allow_leakage, use_temperature=use_temperature,
-                                          cache=cache, encode=encode)
+                                          cache=cache, encode=encode, limits=decode_limits(settings))
         for line in headline(results[set_name]):
             click.echo(f"[{set_name}] {line}" if len(sets) > 1 else line)
     if len(sets) > 1:
@@ -195,7 +196,7 @@ def _evaluate_set(model, state: dict, name: str, data_path: Path, out: Path, pre
     try:
         cache = opts.get("cache")
         before = (cache.hits, cache.misses) if cache is not None else (0, 0)
-        data = prepare(samples, class_names, preprocessor, keep_aligned=True, cache=cache)
+        data = prepare(samples, class_names, preprocessor, keep_aligned=True, cache=cache, **opts["limits"])
     except ValueError as exc:
         raise click.ClickException(f"{data_path}: {exc}") from exc
     cache_note(cache, before)

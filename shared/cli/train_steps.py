@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import click
 
-from shared.cli.common import cache_note, console, load_samples_or_fail, prep_cache, report_woken
+from shared.cli.common import cache_note, console, decode_limits, load_samples_or_fail, prep_cache, report_woken
 
 
 class Task(NamedTuple):
@@ -97,7 +97,7 @@ def prepare_or_fail(settings, preprocessor, samples: list, labels: list[str], ca
 
     cache = prep_cache(settings, preprocessor, cache_dir, no_cache)
     try:
-        data = prepare(samples, labels, preprocessor, cache=cache)
+        data = prepare(samples, labels, preprocessor, cache=cache, **decode_limits(settings))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     cache_note(cache)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from shared.ml.preprocess.cache import CachedFace, CachedRejection, PrepCache
 from shared.ml.preprocess.imaging import ImageRejected, decode_upload
+from shared.ml.preprocess.jpeg import MAX_SCANS
 from shared.ml.preprocess.pipeline import Preprocessor
 from shared.ml.preprocess.quality import reason_kind
 from shared.ml.preprocess.regions import DEFAULT_REGIONS
@@ -50,12 +51,13 @@ class PreparedData:
 
 def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preprocessor,
             max_bytes: int = 50 * 2**20, max_pixels: float = 4e7, progress: bool = True,
-            keep_aligned: bool = False, cache: PrepCache | None = None) -> PreparedData:
+            keep_aligned: bool = False, cache: PrepCache | None = None, max_scans: int = MAX_SCANS) -> PreparedData:
     """Decode, detect, align and crop every sample, as the worker does for an upload.
 
     With ``cache``, a photo preprocessed before with the same setup (backends, regions, threshold) is
     read from it instead: neither decoding nor the detector runs. Faces found and photos rejected by
     the preprocessor are both cached; photos the decoder refuses are not (cheap, and limit-dependent).
+    ``max_pixels`` and ``max_scans`` bound each decode as in the workers (:func:`decode_upload`).
 
     Raises:
         ValueError: when a sample's label is not in ``class_names`` (all unknown labels are listed).
@@ -73,7 +75,8 @@ def prepare(samples: list[Sample], class_names: list[str], preprocessor: Preproc
             entry = cache.get(digest)
         if entry is None:
             try:
-                decoded = decode_upload(raw, max_bytes=max_bytes, max_pixels=max_pixels, min_side=32)
+                decoded = decode_upload(raw, max_bytes=max_bytes, max_pixels=max_pixels, min_side=32,
+                                        max_scans=max_scans)
             except ImageRejected as exc:
                 rejected.append((s, exc.reason))
                 continue
