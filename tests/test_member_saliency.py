@@ -109,24 +109,30 @@ def test_the_weighted_map_follows_the_members_that_decide(fitted):
     assert png.startswith(b"\x89PNG")
 
 
+def _log_odds(model, crops, encode) -> float:
+    """The aggregate's log-odds of the positive class: it moves where a confident probability saturates."""
+    p = float(np.clip(predict(model, crops, encode).aggregate[0, 0], 1e-7, 1 - 1e-7))
+    return float(np.log(p / (1 - p)))
+
+
 def test_masking_the_hottest_part_moves_the_score_more_than_masking_elsewhere(fitted):
     model, encode, faces = fitted
     side, rng = 40, np.random.default_rng(0)
     hot_drops, random_drops = [], []
     for photo, aligned in faces:
         crops = _crops(photo, aligned)
-        before = predict(model, crops, encode).aggregate[0, 0]
+        before = _log_odds(model, crops, encode)
         placed = chip_placement(aligned.alignment.apply(aligned.landmarks), model.contract)
         heat = cv2.blur(weighted_map(model, crops, 0, encode.net, placed), (side, side))
         inner = heat[side // 2:200 - side // 2, side // 2:200 - side // 2]  # centres of squares on the canvas
         y, x = np.unravel_index(np.argmax(inner), inner.shape)
         box = (int(x), int(y), int(x) + side, int(y) + side)
-        after = predict(model, _crops(_masked(photo, aligned, box), aligned), encode).aggregate[0, 0]
+        after = _log_odds(model, _crops(_masked(photo, aligned, box), aligned), encode)
         hot_drops.append(before - after)
         for _ in range(4):
             rx, ry = rng.integers(20, 200 - side - 20, 2)
             masked = _masked(photo, aligned, (int(rx), int(ry), int(rx) + side, int(ry) + side))
-            random_drops.append(before - predict(model, _crops(masked, aligned), encode).aggregate[0, 0])
-    print("score drop, hottest square:", np.round(hot_drops, 3), "random squares (mean):",
+            random_drops.append(before - _log_odds(model, _crops(masked, aligned), encode))
+    print("log-odds drop, hottest square:", np.round(hot_drops, 3), "random squares (mean):",
           round(float(np.mean(random_drops)), 3))
     assert np.mean(hot_drops) > np.mean(random_drops)
