@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from shared.db import session_scope
+from shared.lifecycle import delete_case
 from shared.modelops.registry import GALLERY_MODEL, ModelCache, activate, active_version
 from shared.models import Case, Image, ModelStatus, ModelVersion, Result, TrainingRun
 from shared.storage import get_storage
@@ -145,8 +146,10 @@ def clinic(engines, workers, web_server, tmp_path_factory):
                   .values(status=ModelStatus.retired.value))
     clinician = new_user()
     yield {"root": root, "clinician": clinician}
+    with session_scope() as s:  # rows and objects, as an admin's delete does (no orphan left for later tests)
+        for case in s.scalars(select(Case).where(Case.owner_id == find_user(s, clinician).id)).all():
+            delete_case(s, get_storage(), case, None, "test module cleanup")
     with session_scope() as s:
-        s.execute(delete(Case).where(Case.owner_id == find_user(s, clinician).id))
         s.execute(update(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)
                   .values(status=ModelStatus.retired.value))
         if before_id is not None:

@@ -115,8 +115,8 @@ def test_fine_tune_from_pretrained(cli, pretrained, tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     ft = tmp_path / "ft.pt"
-    result = cli("train", "--data", str(manifest), "--init", str(out), "--mode", "binary", "--positive", "s1",
-                 "--epochs", "3", "--batch-size", "16", "--no-register", "--output", str(ft))
+    result = cli("train", "--data", str(manifest), "--backbone", "casia", "--init", str(out), "--mode", "binary",
+                 "--positive", "s1", "--epochs", "3", "--batch-size", "16", "--no-register", "--output", str(ft))
     assert result.exit_code == 0, result.output
     assert "sensitivity" in result.output and "specificity" in result.output
     state = _load(ft)
@@ -144,7 +144,8 @@ def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     ft = tmp_path / "ft.pt"
-    result = cli("train", "--data", str(manifest), "--init", str(out), "--transfer-pairs", "2", "--optimizer", "adam",
+    result = cli("train", "--data", str(manifest), "--backbone", "casia", "--init", str(out),
+                 "--transfer-pairs", "2", "--optimizer", "adam",
                  "--lr", "1e-3", "--epochs", "2", "--batch-size", "16", "--no-register", "--output", str(ft))
     assert result.exit_code == 0, result.output
     state = _load(ft)

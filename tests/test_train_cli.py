@@ -1,4 +1,5 @@
-"""`gestalt train` as a person runs it: presets, the flat-layout warning, the run-time estimate."""
+"""`gestalt train` as a person runs it: presets, the flat-layout warning, the run-time estimate (of the CASIA-Nets'
+training loop, `--backbone casia`)."""
 from __future__ import annotations
 
 import subprocess
@@ -18,6 +19,7 @@ def test_flat_layout_warns_and_records_unknown_subjects(tmp_path):
             (data / s / f"{i}.pgm").symlink_to(orl / s / f"{i}.pgm")
     out = tmp_path / "model.pt"
     r = subprocess.run([sys.executable, "-m", "shared.cli", "train", "--data", str(data), "--preset", "cpu-small",
+                        "--backbone", "casia",
                         "--epochs", "1", "--width", "0.125", "--no-register", "--output", str(out),
                         "--cache", str(tmp_path / "cache"), "--val-fraction", "0.25"],
                        capture_output=True, text=True, timeout=600)
