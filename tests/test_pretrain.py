@@ -50,6 +50,12 @@ def _load(path: Path) -> dict:
     return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
 
 
+def _casia(state: dict) -> dict:
+    """The CASIA-Nets member (config, state_dict) of a trained model's checkpoint."""
+    (member,) = [m for m in state["members"] if m["kind"] == "casia"]
+    return member
+
+
 @pytest.fixture(scope="module")
 def pretrained(cli, tmp_path_factory) -> tuple[Path, list, list]:
     """Pretrain in two invocations: the second resumes from the first one's checkpoint."""
@@ -120,17 +126,18 @@ def test_fine_tune_from_pretrained(cli, pretrained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "sensitivity" in result.output and "specificity" in result.output
     state = _load(ft)
-    assert state["class_names"] == ["s1", "others"] and state["config"]["regions"] == ["full_face"]
-    assert state["config"]["width"] == 0.25
+    nets = _casia(state)
+    assert state["class_names"] == ["s1", "others"] and nets["config"]["regions"] == ["full_face"]
+    assert nets["config"]["width"] == 0.25
     assert state["metrics"]["config"]["optimizer"] == "sgd" and state["metrics"]["config"]["lr"] == 5e-3
     binary = state["metrics"]["validation"]["binary"]
     assert 0 <= binary["sensitivity"] <= 1 and 0 <= binary["specificity"] <= 1
     pre = _load(out)["state_dict"]
     conv = "nets.full_face.features.0.weight"
     # Fine-tuning started from the pretrained filters (a fresh He-normal init would be uncorrelated).
-    corr = np.corrcoef(pre[conv].flatten().numpy(), state["state_dict"][conv].flatten().numpy())[0, 1]
+    corr = np.corrcoef(pre[conv].flatten().numpy(), nets["state_dict"][conv].flatten().numpy())[0, 1]
     assert corr > 0.9
-    assert state["state_dict"]["nets.full_face.fc.weight"].shape == (2, pre["nets.full_face.fc.weight"].shape[1])
+    assert nets["state_dict"]["nets.full_face.fc.weight"].shape == (2, pre["nets.full_face.fc.weight"].shape[1])
 
 
 def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
@@ -150,7 +157,7 @@ def test_fine_tune_keeps_only_the_first_conv_pairs(cli, pretrained, tmp_path):
     assert result.exit_code == 0, result.output
     state = _load(ft)
     assert state["metrics"]["task"]["transfer_pairs"] == 2
-    pre, tuned = _load(out)["state_dict"], state["state_dict"]
+    pre, tuned = _load(out)["state_dict"], _casia(state)["state_dict"]
     starts = CASIANet(1, width=0.25).pair_starts
 
     def corr(layer: int) -> float:
