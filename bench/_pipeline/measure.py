@@ -141,6 +141,9 @@ def sustained(args, upload: Uploader, first: int, cases: list[int], groups: dict
             return list(pool.map(lambda i: upload(first + i, cases[2 + i // 4 % (len(cases) - 2)]),
                                  range(args.uploads)))
 
+    if getattr(args, "profile", None):  # the worker processes' profiles start over here
+        args.profile.mkdir(parents=True, exist_ok=True)
+        (args.profile / "start").touch()
     if args.preload:
         from worker.celery_app import app as celery_app
 
