@@ -100,3 +100,10 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def read_scalar(statement: Any, **params: Any) -> Any:
+    """One read-only statement's first column, outside a transaction (autocommit): a pooled connection and the
+    statement's round trip, without the ORM session and the BEGIN and COMMIT round trips of :func:`session_scope`."""
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        return conn.execute(statement, params).scalar()
