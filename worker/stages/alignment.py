@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import select
 
 from shared import photos
-from shared.db import session_scope, upsert
+from shared.db import session_scope, upsert_rows
 from shared.ml.preprocess.detection import DetectedFace
 from shared.ml.preprocess.imaging import ImageRejected, encode_png
 from shared.ml.preprocess.pipeline import Detection
@@ -21,8 +21,8 @@ from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
 logger = logging.getLogger("worker.pipeline")  # the pipeline's log lines keep one name, whichever step writes them
-# A batch's crop rows: one upsert executed with a list of rows (compiled once, not once per batch size).
-_CROPS = upsert(Crop, ["face_id", "region"], ["object_key"])
+# A batch's crop rows (a row per face and crop, all naming the face's one object): one statement.
+_CROPS = upsert_rows(Crop, ["face_id", "region"], ["object_key"])
 
 
 def _put_png(key: str, array: np.ndarray) -> str:
@@ -96,7 +96,7 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:
-            session.execute(_CROPS, crop_rows)
+            session.execute(_CROPS, {"rows": crop_rows})
     if len(rows) < len(items):
         _forget_deleted(items, keys)
     return out
