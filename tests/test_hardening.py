@@ -144,7 +144,8 @@ def test_withdrawn_consent_is_audited_and_leaves_the_training_set(app):
     assert r.status_code == 200 and r.get_json()["consent"] is False
     with session_scope() as s:
         assert f"case:{case_id}" not in {subject for _, _, subject, _ in diagnosed_images(s)}
-        actions = s.scalars(select(AuditLog.action).where(AuditLog.target_id == str(case_id)).order_by(AuditLog.id)).all()
+        actions = s.scalars(select(AuditLog.action).where(AuditLog.target_id == str(case_id))
+                            .order_by(AuditLog.id)).all()
         assert "consent_withdrawn" in actions
 
 
