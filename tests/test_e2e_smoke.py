@@ -13,7 +13,7 @@ from skimage import data
 from sqlalchemy import func, select, update
 
 from shared.db import session_scope
-from shared.ml.preprocess.regions import ALL_REGIONS
+from shared.ml.preprocess.regions import ALL_REGIONS, DEFAULT_REGIONS, cut_name
 from shared.modelops.crops import load_crops
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
 from shared.storage import get_storage
@@ -90,9 +90,10 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
         assert face.detector == "mediapipe-blazeface-full" and len(face.weights["landmarker"]) == 64
         assert 28 < face.measurements["canthal_index"] < 45 and face.quality["interocular_px"] > 30
         crops = s.scalars(select(Crop).where(Crop.face_id == face.id)).all()
-        # Every region is cut, whatever the active model uses, and the identity encoder's face chip; the
-        # model scores its own four regions and the identity member.
-        assert sorted(c.region for c in crops) == sorted([*ALL_REGIONS, "face_chip"])
+        # Every region is cut, whatever the active model uses, with the identity encoder's face chip and the
+        # colour cuts of the paper's regions; the model scores its own four regions and the identity member.
+        assert sorted(c.region for c in crops) == sorted([*ALL_REGIONS, "face_chip",
+                                                          *(cut_name(r) for r in DEFAULT_REGIONS)])
         assert s.scalar(select(func.count()).select_from(RegionScore).where(RegionScore.image_id == image_id)) == 5
         assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1
         from shared.models import Image as ImageRow
