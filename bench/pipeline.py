@@ -32,6 +32,7 @@ The stand-ins are installed only in the worker processes this script starts
 
 Usage: python bench/pipeline.py [--models real|null|random-production] [--uploads 100] [--single 15]
        [--classes 300] [--width 1.0] [--concurrency N] [--device cpu|cuda] [--rows FILE.jsonl]
+       [--profile FOLDER]
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from _pipeline.bounds import network_bounds  # noqa: E402
 from _pipeline.measure import Uploader, single_latencies, sustained, wait_settled  # noqa: E402
 from _pipeline.photos import distinct_jpegs, sources  # noqa: E402
+from _pipeline.profiling import PROFILE_ENV  # noqa: E402
 from _pipeline.stack import (  # noqa: E402
     register,
     share_known_face,
@@ -91,6 +93,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--upload-threads", type=int, default=4)
     ap.add_argument("--rows", type=Path, default=None, help="append the results as JSON lines (bench/gpu.sh)")
     ap.add_argument("--label", default="", help="a name for this run in the table titles and rows")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="cProfile the worker processes (null or random-production models) over the sustained run "
+                         "into this folder; python -m bench._pipeline.profiling FOLDER prints it")
     args = ap.parse_args()
     if args.null_models:
         args.models = "null"
@@ -107,6 +112,8 @@ def main() -> None:
     srcs = sources(args.models, args.megapixels)
     share_known_face(args.models, srcs)
     env = {**os.environ}
+    if args.profile:
+        env[PROFILE_ENV] = str(args.profile.resolve())
     workers = worker_processes(args, tmp, env)
     web, port = web_process(args, tmp, env)
     procs = [*workers, web]

@@ -25,10 +25,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from shared.db import session_scope
+from shared.db import read_scalar, session_scope
 from shared.models import Image, ImageStatus
 from shared.models.cases import ACTIVE_STATES
 
@@ -135,6 +135,15 @@ def move(image: Image, status: ImageStatus, event: Event, reason: str | None = N
         image.reason = None
     if times:
         stamp(image, **times)
+
+
+_STATUS = select(Image.status).where(Image.id == bindparam("image_id"))
+
+
+def status_of(image_id: int) -> str | None:
+    """The photo's status as last committed, without a lock or a transaction; None when it does not exist. A
+    message reads it first: most under load belong to photos that a batch already finished."""
+    return read_scalar(_STATUS, image_id=image_id)
 
 
 def still_in(image: Image | None, image_id: int, states: Iterable[str], writer: str) -> bool:

@@ -100,6 +100,15 @@ def test_batched_detection_claims_and_the_fused_path(engines, workers, web_serve
         image.stage_times = {**image.stage_times, claims.CLAIM_AT: time.time(), claims.CLAIM_BY: "gone@x:1"}
     with pytest.raises(claims.Claimed):
         pipeline.detect(ids[2])
+    # With photos waiting for detection, the held photo's message first detects them as a batch of its own, then
+    # looks at its photo again (still held here: it waits as before). The batch's photos keep their own messages.
+    _requeue(ids[3:])
+    with pytest.raises(claims.Claimed):
+        pipeline.detect(ids[2])
+    rows = _rows(ids[3:])
+    assert [rows[i].status for i in ids[3:]] == ["aligning", "aligning"]
+    assert [rows[i].stage_times.get("batched_with") for i in ids[3:]] == [ids[2], ids[2]]
+    assert not any(r.stage_times.get(claims.CLAIM_AT) for r in rows.values())
     with session_scope() as s:
         image = s.get(ImageRow, ids[2])
         image.stage_times = {**image.stage_times, claims.CLAIM_AT: time.time() - 3600}

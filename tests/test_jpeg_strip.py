@@ -161,3 +161,41 @@ def test_checking_without_pixels_stores_the_same_bytes_and_refuses_the_same_file
         Image.fromarray(data.astronaut()[:rows, :cols]).save(small, format="JPEG")
         with pytest.raises(ImageRejected, match="at least 64 pixels"):
             decode_upload(small.getvalue(), **LIMITS, pixels=False)
+
+
+def _scan_end_reference(data: bytes, i: int) -> int:
+    """The end of entropy-coded data byte by byte: the last 0xFF of the first fill run followed by a marker."""
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0:
+            return -1
+        j = i
+        while j < len(data) and data[j] == 0xFF:
+            j += 1
+        if j == len(data):
+            return -1
+        if data[j] != 0 and not 0xD0 <= data[j] <= 0xD7:
+            return j - 1
+        i = j + 1
+
+
+def test_scan_end_finds_the_marker_after_stuffing_restarts_and_fill():
+    from shared.ml.preprocess.jpeg import _scan_end
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        blob = bytes(rng.choice((0xFF, 0x00, 0xD0, 0xD7, 0xD9, 0x12, 0xC4)) for _ in range(rng.randint(0, 24)))
+        start = rng.randint(0, len(blob))
+        assert _scan_end(blob, start) == _scan_end_reference(blob, start), (blob, start)
+
+
+def test_scan_end_is_linear_on_long_fill_runs():
+    """A long run of 0xFF that no marker ends had made the search quadratic (seconds for 20 kB)."""
+    import time
+
+    from shared.ml.preprocess.jpeg import _scan_end
+
+    start = time.process_time()
+    assert _scan_end(b"\xff" * 2_000_000 + b"\x00", 0) == -1
+    assert _scan_end(b"\xff\x00" * 1_000_000 + b"\xff\xd9", 0) == 2_000_000
+    assert time.process_time() - start < 2.0

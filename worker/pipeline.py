@@ -26,6 +26,7 @@ from shared.monitoring import heartbeat
 from worker.stages.alignment import align_batch, stored_detections
 from worker.stages.claims import (
     PAST,
+    Claimed,
     claim_for_alignment,
     claim_for_detection,
     claim_waiting,
@@ -60,26 +61,56 @@ def detect(image_id: int | None) -> int | None:
     if image_id is None:
         return None
     heartbeat(node(), model_cache().loaded_name)
-    image = enter_detect(image_id)
+    try:
+        image = enter_detect(image_id)
+    except Claimed:
+        # Another worker's batch holds the photo. Rather than send its message again at once (a second message,
+        # and often a third), detect a batch of the photos still waiting, then look again: the other batch has
+        # usually finished the photo by then. Still held, the message is sent again after the wait (Claimed).
+        if not _detect_waiting(image_id):
+            raise
+        image = enter_detect(image_id)
     if image is None:
         return None
     if image == PAST:
         return image_id
+    batch = [image, *claim_for_detection(image_id, get_settings().detect_batch - 1)]
+    detected = _run_detection(batch)
+    if detected is None:
+        return None
+    return image_id if any(i.id == image_id for i, _, _ in detected) else None
+
+
+def _run_detection(batch: list[Image]) -> list | None:
+    """Detect a claimed batch; a worker on every queue aligns and scores it too (None then: nothing left to do).
+    Returns what was detected (for the next stage) otherwise."""
     from worker.celery_app import fuses_stages
 
     fused = fuses_stages()
-    batch = [image, *claim_for_detection(image_id, get_settings().detect_batch - 1)]
     try:
         detected = detect_batch(batch, fused)
         if len(batch) > 1:
-            logger.info("image=%s state=batch detected=%d of %d", image_id, len(detected), len(batch))
+            logger.info("image=%s state=batch detected=%d of %d", batch[0].id, len(detected), len(batch))
         if not fused:
-            return image_id if any(i.id == image_id for i, _, _ in detected) else None
+            return detected
         score_batch(align_batch(detected, fused=True))
     except BaseException:
         release_claims([i.id for i in batch])
         raise
     return None
+
+
+def _detect_waiting(image_id: int) -> bool:
+    """Claim and detect (and, fused, finish) a batch of the photos waiting for detection, for the message of
+    ``image_id`` while another batch holds that photo. False when none was waiting.
+
+    Each photo of this batch keeps its own message, which continues from wherever the batch left it."""
+    batch = claim_for_detection(image_id, get_settings().detect_batch)
+    if not batch:
+        return False
+    logger.info("image=%s state=claimed_elsewhere detecting=%d waiting", image_id, len(batch))
+    _run_detection(batch)
+    return True
 
 
 def align(image_id: int | None) -> int | None:

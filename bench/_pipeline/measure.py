@@ -141,6 +141,9 @@ def sustained(args, upload: Uploader, first: int, cases: list[int], groups: dict
             return list(pool.map(lambda i: upload(first + i, cases[2 + i // 4 % (len(cases) - 2)]),
                                  range(args.uploads)))
 
+    if getattr(args, "profile", None):  # the worker processes' profiles start over here
+        args.profile.mkdir(parents=True, exist_ok=True)
+        (args.profile / "start").touch()
     if args.preload:
         from worker.celery_app import app as celery_app
 
@@ -156,5 +159,19 @@ def sustained(args, upload: Uploader, first: int, cases: list[int], groups: dict
     counts = wait_settled(ids, 1800)
     elapsed, client = time.monotonic() - start, time.process_time() - client0
     cpu1, xact1 = cpu_snapshot(groups), transactions()
+    if getattr(args, "profile", None):
+        flush_profiles(args.concurrency)
     return Throughput(len(ids), counts, len(ids) / elapsed, {k: 1000 * (cpu1[k] - cpu0[k]) / len(ids) for k in cpu0},
                       (xact1 - xact0) / len(ids), 1000 * client / len(ids))
+
+
+def flush_profiles(processes: int) -> None:
+    """After the measurement: a few empty detect messages, so that each worker process writes its profile once more
+    (a process writes it after a task, at most every second; the run's last tasks would otherwise be missing)."""
+    from shared import dispatch
+
+    time.sleep(1.2)
+    for _ in range(2 * processes):
+        dispatch.send(("pipeline.detect", "detect"), None)
+        time.sleep(0.3)
+    time.sleep(1.0)

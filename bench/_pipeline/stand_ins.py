@@ -110,7 +110,13 @@ def install_stand_ins(models: str) -> None:
 
 
 def serve_worker(models: str, celery_args: list[str]) -> None:
+    from pathlib import Path
+
     from worker.celery_app import app
 
+    from .profiling import PROFILE_ENV, install
+
+    if os.environ.get(PROFILE_ENV):
+        install(Path(os.environ[PROFILE_ENV]))
     install_stand_ins(models)
     app.worker_main(["worker", "--loglevel=INFO", *celery_args])

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.db import upsert
+from shared.db import upsert, upsert_rows
 from shared.ml.formats.ranking import rank
 from shared.modelops.features import feature_row
 from shared.models import RegionScore, Result
 
-SCORES = upsert(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
+# Executed with {"rows": [...]}: a batch's member scores (a row per photo and member) as one statement.
+SCORES = upsert_rows(RegionScore, ["image_id", "model_version_id", "region"], ["scores"])
 RESULTS = upsert(Result, ["image_id", "model_version_id"], ["scores", "ranking", "ood"])
 
 

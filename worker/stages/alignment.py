@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Integer, String, bindparam, column, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 
 from shared import photos
-from shared.db import session_scope, upsert
+from shared.db import session_scope, upsert_rows
 from shared.ml.preprocess.detection import DetectedFace
 from shared.ml.preprocess.imaging import ImageRejected, encode_png
 from shared.ml.preprocess.pipeline import Detection
@@ -21,8 +22,21 @@ from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
 logger = logging.getLogger("worker.pipeline")  # the pipeline's log lines keep one name, whichever step writes them
-# A batch's crop rows: one upsert executed with a list of rows (compiled once, not once per batch size).
-_CROPS = upsert(Crop, ["face_id", "region"], ["object_key"])
+# A batch's crop rows (a row per face and crop, all naming the face's one object): one statement.
+_CROPS = upsert_rows(Crop, ["face_id", "region"], ["object_key"])
+# A batch's faces, aligned: one UPDATE ... FROM the rows as one JSON array (not a load of each face and an
+# UPDATE per face); the landmark model's hash joins the face's ``weights``.
+_FACES = Face.__table__
+_R = func.jsonb_to_recordset(bindparam("rows", type_=JSONB)).table_valued(
+    column("image_id", Integer), column("landmarks", JSONB), column("transform", JSONB),
+    column("aligned_key", String), column("landmarker", String), column("landmarker_sha", String),
+    column("quality", JSONB), column("measurements", JSONB)).render_derived(name="r", with_types=True)
+_ALIGNED = (update(_FACES).where(_FACES.c.image_id == _R.c.image_id)
+            .values(landmarks=_R.c.landmarks, transform=_R.c.transform, aligned_key=_R.c.aligned_key,
+                    landmarker=_R.c.landmarker, quality=_R.c.quality, measurements=_R.c.measurements,
+                    weights=func.coalesce(_FACES.c.weights, func.jsonb_build_object())
+                    .op("||")(func.jsonb_build_object("landmarker", _R.c.landmarker_sha)))
+            .returning(_FACES.c.image_id, _FACES.c.id))
 
 
 def _put_png(key: str, array: np.ndarray) -> str:
@@ -42,14 +56,20 @@ def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> 
     return {i: (crops.result(), face.result()) for i, (crops, face) in puts.items()}
 
 
-def _record_alignment(face: Face, aligned: Any, aligned_object: str, pre: Any) -> None:
-    face.landmarks = np.round(aligned.landmarks, 2).tolist()
-    face.transform = aligned.alignment.matrix.tolist()
-    face.aligned_key = aligned_object
-    face.landmarker = pre.landmarker_name
-    face.weights = {**(face.weights or {}), "landmarker": pre.provenance["landmarker_sha256"]}
-    face.quality = aligned.quality
-    face.measurements = aligned.measurements
+def _alignment_row(image_id: int, aligned: Any, aligned_object: str, pre: Any) -> dict:
+    return {"image_id": image_id, "landmarks": np.round(aligned.landmarks, 2).tolist(),
+            "transform": aligned.alignment.matrix.tolist(), "aligned_key": aligned_object,
+            "landmarker": pre.landmarker_name, "landmarker_sha": pre.provenance["landmarker_sha256"],
+            "quality": aligned.quality, "measurements": aligned.measurements}
+
+
+def _record_alignments(session: Any, rows: list[dict]) -> dict[int, int]:
+    """Each face's landmarks, alignment, quality and measurements (and its landmark model in ``weights``), one
+    statement for the batch; by photo id, the id of each face updated (a face detection's output no longer has
+    is missing)."""
+    if not rows:
+        return {}
+    return dict(session.execute(_ALIGNED, {"rows": rows}).all())
 
 
 def _on_to_scoring(row: Image, fused: bool, now: float) -> None:
@@ -75,8 +95,10 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
     out = []
     with session_scope() as session:
         rows = locked(session, [image.id for image, _, _ in items], ImageStatus.aligning, "align")
-        faces = {f.image_id: f for f in session.scalars(
-            select(Face).where(Face.image_id.in_(list(keys))).with_for_update())}
+        faces = _record_alignments(session, [
+            _alignment_row(image.id, aligned, keys[image.id][1], pre)
+            for (image, _, _), aligned in zip(items, results, strict=True)
+            if image.id in rows and not isinstance(aligned, ImageRejected)])
         crop_rows = []
         for (image, _, _), aligned in zip(items, results, strict=True):
             row = rows.get(image.id)
@@ -85,18 +107,16 @@ def align_batch(items: list[tuple[Image, np.ndarray, Any]], fused: bool = True) 
             if isinstance(aligned, ImageRejected):
                 reject_in(row, aligned.reason, now)
                 continue
-            face = faces.get(image.id)
-            if face is None:  # detection's output vanished meanwhile: the photo's own message starts over
+            face_id = faces.get(image.id)
+            if face_id is None:  # detection's output vanished meanwhile: the photo's own message starts over
                 photos.stamp(row, **{CLAIM_AT: None})
                 continue
-            crops_object, aligned_object = keys[image.id]
-            _record_alignment(face, aligned, aligned_object, pre)
-            crop_rows += [{"face_id": face.id, "region": name, "object_key": crops_object}
+            crop_rows += [{"face_id": face_id, "region": name, "object_key": keys[image.id][0]}
                           for name in face_crops(aligned)]
             _on_to_scoring(row, fused, now)
             out.append((image, aligned))
         if crop_rows:
-            session.execute(_CROPS, crop_rows)
+            session.execute(_CROPS, {"rows": crop_rows})
     if len(rows) < len(items):
         _forget_deleted(items, keys)
     return out

@@ -83,13 +83,13 @@ def enter_detect(image_id: int) -> Image | str | None:
     or None when it is gone or final. Raises :class:`Claimed` while another batch holds it.
     """
     now = time.time()
+    # Most messages under load belong to photos a batch already finished: a plain read outside a transaction
+    # tells, without locking the row (a lock makes the transaction a write that PostgreSQL must log and flush).
+    status = photos.status_of(image_id)
+    if status not in ENTER_DETECT:
+        photos.skipped(image_id, "detect", ENTER_DETECT, status)
+        return None
     with session_scope() as session:
-        # Most messages under load belong to photos a batch already finished: a plain read tells, without
-        # locking the row (a lock makes the transaction a write that PostgreSQL must log and flush).
-        status = session.scalar(select(Image.status).where(Image.id == image_id))
-        if status not in ENTER_DETECT:
-            photos.skipped(image_id, "detect", ENTER_DETECT, status)
-            return None
         image = session.get(Image, image_id, with_for_update=True)
         if not photos.still_in(image, image_id, ENTER_DETECT, "detect"):
             return None

@@ -109,7 +109,7 @@ def write_scores_many(loaded: Any, ids: list[int], pred: Any) -> None:
                                                    loaded.model, sub)
             store_feature_rows(session, features)
             if scores:
-                session.execute(SCORES, scores)
+                session.execute(SCORES, {"rows": scores})
             session.execute(RESULTS, results)
         now = time.time()
         for k in kept:

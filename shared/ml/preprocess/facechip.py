@@ -170,20 +170,32 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dlib's ``interpolate_bilinear`` at float coordinates; black where a 2x2 neighbourhood leaves the image."""
     h, w = image.shape[:2]
     left, top = np.floor(x), np.floor(y)
-    inside = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    # The four neighbours are gathered by flat index (one take each) and only they are widened: the same
-    # arithmetic as on the whole image, on rows x cols pixels.
-    pixels = np.ascontiguousarray(image).reshape(h * w, -1)
-    at = np.where(inside, top * w + left, 0).astype(np.intp).ravel()
-    fx = (x - left).reshape(-1, 1)
-    fy = (y - top).reshape(-1, 1)
-    tl, tr = pixels.take(at, 0), pixels.take(at + 1, 0)
-    bl, br = pixels.take(at + w, 0), pixels.take(at + w + 1, 0)
-    value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
+    inside = ((left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)).ravel()
+    # Channel planes (C x H*W): the four neighbours are gathered by flat index (one take each) and only they are
+    # widened, and each step below runs along a whole plane. With the channels last, numpy's loops ran three
+    # elements at a time against each pixel's weight, three times slower for the same doubles.
+    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0)).reshape(-1, h * w)
+    at = np.where(inside, (top * w + left).ravel(), 0).astype(np.intp)
+    fx, fy = (x - left).ravel(), (y - top).ravel()
+    gx = 1 - fx
+
+    def neighbour(offset: int, weight: np.ndarray) -> np.ndarray:
+        value = planes.take(at + offset, 1).astype(np.float64)
+        value *= weight
+        return value
+
+    # (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br): the same operations in the same order.
+    value = neighbour(0, gx)
+    value += neighbour(1, fx)
+    value *= 1 - fy
+    bottom = neighbour(w, gx)
+    bottom += neighbour(w + 1, fx)
+    bottom *= fy
+    value += bottom
     # dlib assigns the double to the uint8 channel by truncation (values are within 0-255 here).
-    out = np.clip(value, 0, 255).astype(np.uint8)
-    out[~inside.ravel()] = 0
-    return out.reshape(*x.shape, -1)
+    out = np.clip(value, 0, 255, out=value).astype(np.uint8)
+    out[:, ~inside] = 0
+    return np.moveaxis(out, 0, -1).reshape(*x.shape, -1)
 
 
 def extract_chip(image: np.ndarray, details: ChipDetails) -> np.ndarray:

@@ -37,8 +37,11 @@ _STANDALONE = {0x01, *range(0xD0, 0xD8)}
 CLEAN_JFIF = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 
 
-# A marker inside entropy-coded data: 0xFF (after any fill bytes) followed by neither a stuffed zero nor a restart.
-_MARKER_AFTER_DATA = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# Entropy-coded data up to the next marker: runs of bytes other than 0xFF, and 0xFF (after any fill bytes)
+# followed by a stuffed zero or a restart, then the fill before the marker. Matched from the scan's start with
+# possessive repeats, so the cost is linear in the data (a search for the marker itself restarted at each 0xFF of
+# a long fill run: quadratic) and the bytes between markers are skipped in C (about 9 times faster on photos).
+_DATA_UP_TO_MARKER = re.compile(rb"(?:[^\xff]++|\xff++[\x00\xd0-\xd7])*+\xff*+")
 # More scans than this are refused by default (GESTALT_MAX_JPEG_SCANS): ten times what encoders write.
 MAX_SCANS = 100
 # Segments (tables, headers, metadata) besides the scans: a real file has a few dozen, plus the Huffman
@@ -55,8 +58,9 @@ def _scan_end(data: bytes, i: int) -> int:
     """Where the entropy-coded data that starts at ``i`` ends: the last 0xFF before the next marker that is not a
     stuffed zero byte, a restart marker or fill; -1 when the file ends first. One regular-expression search, so a
     scan full of restart markers costs no Python loop."""
-    match = _MARKER_AFTER_DATA.search(data, i)
-    return -1 if match is None else match.end() - 2
+    end = _DATA_UP_TO_MARKER.match(data, i).end()
+    # Stopped before the end of the file, after fill: at a marker; the last 0xFF is the one before it.
+    return end - 1 if i < end < len(data) and data[end - 1] == 0xFF else -1
 
 
 def _accounted_for(marker: int, body: bytes) -> bool:
