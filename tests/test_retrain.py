@@ -57,8 +57,10 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         (base_dir / name).mkdir(parents=True)
         for i in range(1, 10):
             (base_dir / name / f"{i}.pgm").symlink_to(orl / name / f"{i}.pgm")
-    trained = run_cli(engines, "train", "--data", str(base_dir), "--width", "0.125", "--epochs", "4", "--lr", "0.003",
-                      "--name", "retrain-base", "--activate")
+    # The CASIA-Nets with the identity member: the configuration whose full fine-tune (every layer, from the stored
+    # crops) the night can also run; encoder models are refitted as heads (tests/test_day_one.py).
+    trained = run_cli(engines, "train", "--data", str(base_dir), "--backbone", "casia", "--width", "0.125",
+                      "--epochs", "4", "--lr", "0.003", "--name", "retrain-base", "--activate")
     assert trained.returncode == 0, trained.stderr[-3000:]
     with session_scope() as s:
         base_version = active_version(s)
@@ -126,12 +128,17 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         assert active.id == run.candidate_version_id and len(active.classes) == 13
         assert s.get(ModelVersion, base_id).status == "retired"
         new_name = active.name
-        # The identity member came along: its head refitted on the night's photos, its weight kept.
+        # The identity member came along, its head refitted on the night's photos from the same descriptors (the
+        # same encoder and mirror average), with its weight in the refitted stack.
         member, base_member = (v.config["members"]["identity"] for v in (active, s.get(ModelVersion, base_id)))
-        assert member["flip"] and member["weight"] == base_member["weight"]
+        assert member == base_member and member["names"] == ["identity"]
+        assert set(active.config["weights"]) == set(s.get(ModelVersion, base_id).config["weights"])
+        assert sum(active.config["weights"].values()) == pytest.approx(1.0, abs=1e-3)
     bench = run_cli(engines, "heads-benchmark", "--model", "retrain-base", "--folds", "3")
     assert bench.returncode == 0, bench.stderr[-2000:]
-    assert "identity encoder" in bench.stdout and "aggregate (identity weight" in bench.stdout
+    # Every member out of fold beside the stack's aggregate, with their weights (rich wraps the cells' words).
+    assert all(word in bench.stdout for word in ("identity", "aggregate", "weight")), bench.stdout
+    assert bench.stdout.strip().splitlines()[-1].startswith("top1=")
 
     # A new upload is scored by the new model (workers notice it without a restart).
     case_id = portal.create_case("PT-NEW")
@@ -161,7 +168,8 @@ def test_nightly_retraining(engines, workers, web_server, tmp_path):
         run = s.get(TrainingRun, full)
         assert run.kind == "full" and run.status in ("promoted", "rejected"), (run.status, run.decision)
         candidate = s.get(ModelVersion, run.candidate_version_id)
-        assert candidate.config["backbone_sha"] != s.get(ModelVersion, base_id).config["backbone_sha"]
+        casia_key = candidate.config["members"]["casia"]["feature_key"]
+        assert casia_key != s.get(ModelVersion, base_id).config["members"]["casia"]["feature_key"]
         assert candidate.config["base_features_key"] != base_version.config["base_features_key"]
         assert run.metrics["candidate"]["per_image"]["top1"]["n"] == run.counts["holdout_images"]
         new_name = active_version(s).name  # promoted or not, the active model is consistent
@@ -218,20 +226,18 @@ def test_a_candidate_passed_while_the_active_model_changed_is_logged_as_rejected
     from shared.storage import get_storage
 
     torch.manual_seed(0)
-    model = RegionalEnsemble(("full_face",), 2, width=0.125).eval()
+    model = casia_only(RegionalEnsemble(("full_face",), 2, width=0.125).eval(), ["t-a", "t-b"])
     with session_scope() as s:
-        start = registry.register_model(s, get_storage(), casia_only(model, ["t-a", "t-b"]), {},
-                                        name=f"retrain-log-start-{os.getpid()}")
+        start = registry.register_model(s, get_storage(), model, {}, name=f"retrain-log-start-{os.getpid()}")
         run = TrainingRun(trigger="cli", status="running", kind="heads", base_version_id=start.id)
         s.add(run)
         s.flush()
         run_id, start_id = run.id, start.id  # the run starts from a version that is not (or no longer) active
     base = retrain._Base(version_id=start_id, name=f"retrain-log-start-{os.getpid()}", classes=["t-a", "t-b"],
-                         config={}, features_key="", crops_key=None, model=model, member=None, backbone="",
-                         features={})
+                         config={}, features_key="", crops_key=None, model=model, features={})
     guard = GuardResult(promote=True, reason="the candidate is at least as good", candidate={}, active={})
     caplog.set_level("INFO", logger="shared.modelops.retrain")
-    retrain._register(run_id, get_storage(), base, model, ["t-a", "t-b"], guard, {},
+    retrain._register(run_id, get_storage(), base, model, guard, {},
                       {"counts": {}, "durations": {}, "metrics": {}})
     with session_scope() as s:
         run = s.get(TrainingRun, run_id)
