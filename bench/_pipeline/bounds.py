@@ -20,8 +20,7 @@ def _networks_alone(conn, models: str, device: str, blobs: list[bytes], box_face
     import torch
 
     from shared.config import get_settings
-    from shared.ml.members.model import predict
-    from shared.ml.nets.ensemble import RegionalEnsemble, prepare_for_inference
+    from shared.ml.nets.ensemble import RegionalEnsemble, predict_regions, prepare_for_inference
     from shared.ml.preprocess.imaging import decode_stored
     from shared.ml.preprocess.pipeline import Preprocessor
     from shared.ml.preprocess.regions import CROP_SIZE, DEFAULT_REGIONS
@@ -46,7 +45,7 @@ def _networks_alone(conn, models: str, device: str, blobs: list[bytes], box_face
         else:
             box = max(faces, key=lambda f: f.area).box
         pre.mesh.landmarks_batch([rgb], [box])
-        predict(model, crops, precision=settings.infer_precision)
+        predict_regions(model, crops, precision=settings.infer_precision)
 
     one(rgbs[0])
     conn.send("ready")
@@ -85,7 +84,7 @@ def network_bounds(args, srcs: list[np.ndarray], model) -> dict[str, float]:
     """Photos/s of the networks alone: one process per core as the workers run, and the CNN-only figure."""
     import torch
 
-    from shared.ml.members.model import predict
+    from shared.ml.nets.ensemble import predict_regions
     from shared.ml.preprocess.regions import DEFAULT_REGIONS
 
     cores = os.cpu_count() or 2
@@ -101,8 +100,8 @@ def network_bounds(args, srcs: list[np.ndarray], model) -> dict[str, float]:
     if args.device == "cpu":
         torch.set_num_threads(cores)
         crops = np.random.default_rng(0).integers(0, 255, (64, len(DEFAULT_REGIONS), 100, 100), dtype=np.uint8)
-        predict(model, crops[:32], batch_size=32)
+        predict_regions(model, crops[:32], batch_size=32)
         t0 = time.monotonic()
-        predict(model, crops, batch_size=32)
+        predict_regions(model, crops, batch_size=32)
         out[f"CNN-only bound (ensemble alone, {cores} threads)"] = len(crops) / (time.monotonic() - t0)
     return out
