@@ -48,7 +48,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _pipeline.bounds import network_bounds  # noqa: E402
-from _pipeline.measure import Uploader, single_latencies, sustained, wait_settled  # noqa: E402
+from _pipeline.measure import (  # noqa: E402
+    Uploader,
+    done_photos,
+    finished_messages,
+    single_latencies,
+    sustained,
+    wait_settled,
+)
 from _pipeline.photos import distinct_jpegs, sources  # noqa: E402
 from _pipeline.profiling import PROFILE_ENV  # noqa: E402
 from _pipeline.stack import (  # noqa: E402
@@ -63,6 +70,7 @@ from _pipeline.tables import (  # noqa: E402
     append_rows,
     bound_rows,
     console,
+    finished_message_rows,
     print_latency,
     run_label,
     throughput_rows,
@@ -93,6 +101,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--upload-threads", type=int, default=4)
     ap.add_argument("--rows", type=Path, default=None, help="append the results as JSON lines (bench/gpu.sh)")
     ap.add_argument("--label", default="", help="a name for this run in the table titles and rows")
+    ap.add_argument("--finished-messages", type=int, default=0, metavar="N",
+                    help="after the run, N detect messages of finished photos: the workers' CPU per such message")
     ap.add_argument("--profile", type=Path, default=None,
                     help="cProfile the worker processes (null or random-production models) over the sustained run "
                          "into this folder; python -m bench._pipeline.profiling FOLDER prints it")
@@ -155,6 +165,8 @@ def run(url: str, args, srcs: list[np.ndarray], groups: dict[str, list[Process]]
     # 2. Sustained throughput, with every process's CPU time.
     result = sustained(args, upload, n_warm + args.single, cases, groups)
     rows = throughput_rows(result, args, label, model.width)
+    if args.finished_messages:
+        rows += finished_message_rows(finished_messages(done_photos(), groups, args.finished_messages), label)
 
     # 3. The networks alone, in the same run.
     if args.models != "null" and not args.no_bound:

@@ -13,10 +13,12 @@ from skimage import data
 from sqlalchemy import func, select, update
 
 from shared.db import session_scope
+from shared.ml.preprocess.alignment import CANVAS
+from shared.ml.preprocess.imaging import encode_png
 from shared.ml.preprocess.regions import ALL_REGIONS, DEFAULT_REGIONS, cut_name
-from shared.modelops.crops import load_crops
+from shared.modelops.crops import ALIGNED_FACE, aligned_face, aligned_face_png, load_crops, store_crops
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
-from shared.storage import get_storage
+from shared.storage import aligned_key, crops_key, get_storage
 from tests.conftest import Portal, new_user, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -98,7 +100,7 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
         assert s.scalar(select(func.count()).select_from(Result).where(Result.image_id == image_id)) == 1
         from shared.models import Image as ImageRow
 
-        stored_key = s.get(ImageRow, image_id).object_key
+        stored_key, sha = s.get(ImageRow, image_id).object_key, s.get(ImageRow, image_id).sha256
 
     storage = get_storage()
     stored = Image.open(io.BytesIO(storage.get(stored_key)))
@@ -109,6 +111,39 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
     assert all(stored_crops[r].shape == (100, 100) and stored_crops[r].dtype == np.uint8 for r in ALL_REGIONS)
     assert stored_crops["face_chip"].shape == (150, 150, 3)
     assert all(stored_crops[cut_name(r)].shape == (150, 150, 3) for r in DEFAULT_REGIONS)
+
+    # The aligned face travels in the crops object; its PNG is made when someone first looks at it, not by the
+    # workers, and holds the same pixels.
+    assert face.aligned_key == aligned_key(sha) and not storage.exists(face.aligned_key)
+    in_bundle = aligned_face(storage, sha, face.aligned_key)
+    assert in_bundle.shape == (CANVAS, CANVAS, 3) and in_bundle.dtype == np.uint8
+    shown = portal.http.get(f"{web_server}/images/{image_id}/aligned.png")
+    assert shown.status_code == 200 and shown.headers["Content-Type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.content)).convert("RGB")), in_bundle)
+    assert storage.get(face.aligned_key) == shown.content  # stored on the first view, read on the next
+    assert portal.http.get(f"{web_server}/images/{image_id}/aligned.png").content == shown.content
+
+
+def test_an_aligned_face_stored_as_its_own_png_still_shows(engines):
+    """Faces aligned before the crops object held the aligned face have their PNG: it is read, not made again;
+    with neither stored there is nothing to show (the portal and the API answer 404)."""
+    storage = get_storage()
+    sha = "ab" * 32
+    rgb = np.random.default_rng(0).integers(0, 256, (CANVAS, CANVAS, 3), dtype=np.uint8)
+    png = encode_png(rgb)
+    store_crops(storage, sha, {"full_face": np.zeros((100, 100), np.uint8)})  # no aligned face inside
+    storage.put(aligned_key(sha), png, "image/png")
+    try:
+        assert np.array_equal(aligned_face(storage, sha, aligned_key(sha)), rgb)
+        assert aligned_face_png(storage, sha, aligned_key(sha)) == png
+        storage.delete(aligned_key(sha))
+        assert aligned_face_png(storage, sha, aligned_key(sha)) is None
+        assert not storage.exists(aligned_key(sha))
+        with pytest.raises(ValueError, match="aligned face"):
+            store_crops(storage, sha, {ALIGNED_FACE: rgb})
+    finally:
+        storage.delete(crops_key(sha))
+        storage.delete(aligned_key(sha))
 
 
 def test_turned_face_is_scored_and_flagged_on_the_api_and_the_report(engines, workers, web_server):

@@ -194,6 +194,7 @@ def aligned_png(image_id: int):
     """The aligned face, through the portal (logged in, owner or admin, audited)."""
     from flask import Response
 
+    from shared.modelops.crops import aligned_face_png
     from web.access import image_or_404
 
     db = get_db()
@@ -202,8 +203,10 @@ def aligned_png(image_id: int):
         abort(404)
     audit(db, "aligned_view", current_user.id, "image", image.id, ip=request.remote_addr)
     db.commit()
-    return Response(get_storage().get(image.face.aligned_key), mimetype="image/png",
-                    headers={"Cache-Control": "private, no-store"})
+    png = aligned_face_png(get_storage(), image.sha256, image.face.aligned_key)
+    if png is None:
+        abort(404)
+    return Response(png, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
 
 
 @bp.post("/cases/<int:case_id>/diagnosis")

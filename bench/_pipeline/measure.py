@@ -175,3 +175,41 @@ def flush_profiles(processes: int) -> None:
         dispatch.send(("pipeline.detect", "detect"), None)
         time.sleep(0.3)
     time.sleep(1.0)
+
+
+def done_photos() -> list[int]:
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.models import Image
+
+    with session_scope() as s:
+        return list(s.scalars(select(Image.id).where(Image.status == "done")))
+
+
+def finished_messages(ids: list[int], groups: dict[str, list[Process]], count: int) -> float:
+    """The workers' CPU ms for one detect message whose photo is already finished (what each photo's own message
+    costs when a batch already carried the photo through): ``count`` such messages, after the run, timed until
+    the queue is empty; the workers' idle CPU over the same time is taken off."""
+    import redis as redis_lib
+
+    from shared import dispatch, queues
+    from shared.config import get_settings
+
+    client = redis_lib.Redis.from_url(get_settings().redis_url)
+
+    def busy() -> bool:
+        return bool(client.llen(queues.DETECT) or client.hlen("unacked"))
+
+    time.sleep(1.0)
+    idle0, t0 = cpu_snapshot(groups)["workers"], time.monotonic()
+    time.sleep(2.0)
+    idle_rate = (cpu_snapshot(groups)["workers"] - idle0) / (time.monotonic() - t0)
+    cpu0, start = cpu_snapshot(groups)["workers"], time.monotonic()
+    for k in range(count):
+        dispatch.send(("pipeline.detect", queues.DETECT), ids[k % len(ids)])
+    while busy():
+        time.sleep(0.05)
+    time.sleep(0.2)
+    elapsed = time.monotonic() - start
+    return 1000 * (cpu_snapshot(groups)["workers"] - cpu0 - idle_rate * elapsed) / count

@@ -53,6 +53,13 @@ def throughput_rows(result: Throughput, args, label: str, width: float) -> list[
     return rows
 
 
+def finished_message_rows(ms: float, label: str) -> list[dict]:
+    """Prints the workers' CPU for a message whose photo a batch already finished; returns its row."""
+    console.print(f"workers' CPU per message of a finished photo ({label}): {ms:.2f} ms")
+    return [{"bench": "pipeline", "what": f"workers' CPU ms per message of a finished photo ({label})",
+             "value": round(ms, 2), "unit": "ms"}]
+
+
 def bound_rows(bounds: dict[str, float], result: Throughput, device: str, label: str) -> list[dict]:
     """Prints the pipeline against the networks alone; returns the rows. CPU-bound figures compare with the
     pipeline's CPU-bound capacity, the others with its sustained photos/s."""

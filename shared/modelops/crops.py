@@ -1,23 +1,39 @@
-"""The crop store: a face's region crops and identity chip, one object per face, read back by name.
+"""The crop store: a face's region crops, identity chip and aligned face, one object per face, read back by name.
 
 Alignment stores them (:func:`store_crops`) and records one ``crops`` row per region that points at the
 face's object; scoring, heatmaps, the feature store and retraining read them back (:func:`crop_keys`,
 :func:`load_crops`). Faces aligned before the crops were bundled have one PNG object per crop, and their
 rows point at those: they load the same way.
+
+The aligned face travels in the same object (``ALIGNED_FACE``, never a crop row). Its PNG, which the portal
+and the API show, is made from there the first time someone looks at it (:func:`aligned_face_png`), so the
+workers encode and store no image a clinician may never open. Faces aligned before that have their PNG
+stored at alignment, and read it.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import numpy as np
+from minio.error import S3Error
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.ml.members.identity import CHIP_REGION
-from shared.ml.preprocess.imaging import decode_crops, decode_png_gray, decode_png_rgb, encode_crops
+from shared.ml.preprocess.imaging import (
+    decode_crops,
+    decode_png_gray,
+    decode_png_rgb,
+    decode_stored,
+    encode_crops,
+    encode_png,
+)
 from shared.ml.preprocess.regions import CUT_PREFIX, cut_name
 from shared.models import Crop, Face
-from shared.storage import Storage, crops_key
+from shared.storage import MISSING, Storage, crops_key
+
+# The aligned face's name in a face's crops object (the canvas the landmarks and regions are given on).
+ALIGNED_FACE = "aligned_face"
 
 
 def face_crops(aligned) -> dict[str, np.ndarray]:
@@ -31,9 +47,45 @@ def face_crops(aligned) -> dict[str, np.ndarray]:
     return crops
 
 
-def store_crops(storage: Storage, sha256: str, crops: dict[str, np.ndarray]) -> str:
-    """Store the face's crops (name -> array) of the original ``sha256`` as one object; returns its key."""
-    return storage.put(crops_key(sha256), encode_crops(crops))
+def store_crops(storage: Storage, sha256: str, crops: dict[str, np.ndarray],
+                aligned: np.ndarray | None = None) -> str:
+    """Store the face's crops (name -> array) of the original ``sha256``, with its aligned face when given, as one
+    object; returns its key."""
+    if ALIGNED_FACE in crops:
+        raise ValueError(f"{ALIGNED_FACE} is the aligned face's name, not a crop's")
+    bundle = crops if aligned is None else {**crops, ALIGNED_FACE: aligned}
+    return storage.put(crops_key(sha256), encode_crops(bundle))
+
+
+def aligned_face(storage: Storage, sha256: str, png_key: str) -> np.ndarray:
+    """The aligned face (``CANVAS x CANVAS x 3``) of the original ``sha256``: from its crops object, or, for a face
+    aligned before the crops object held it, decoded from its PNG (``png_key``).
+
+    Raises:
+        S3Error: when neither is stored (``NoSuchKey``).
+    """
+    bundle = storage.get_if_present(crops_key(sha256))
+    if bundle is not None:
+        crops = decode_crops(bundle)
+        if ALIGNED_FACE in crops:
+            return crops[ALIGNED_FACE]
+    return decode_stored(storage.get(png_key))
+
+
+def aligned_face_png(storage: Storage, sha256: str, png_key: str) -> bytes | None:
+    """The aligned face's PNG, stored under ``png_key``: read when it was made before, otherwise encoded from the
+    crops object and stored (the first view; two first views at once write the same bytes). None when neither the
+    PNG nor an aligned face in the crops object is stored."""
+    png = storage.get_if_present(png_key)
+    if png is None:
+        try:
+            png = encode_png(aligned_face(storage, sha256, png_key))
+        except S3Error as exc:
+            if exc.code in MISSING:
+                return None
+            raise
+        storage.put(png_key, png, "image/png")
+    return png
 
 
 def crop_keys(session: Session, image_ids: Iterable[int]) -> dict[int, dict[str, str]]:

@@ -142,8 +142,7 @@ def _render(db: Session, storage: Storage, version: ModelVersion, image: Image, 
     import numpy as np
 
     from shared.ml.explain.saliency import chip_placement, member_heatmap_png
-    from shared.ml.preprocess.imaging import decode_stored
-    from shared.modelops.crops import crop_keys, load_crops
+    from shared.modelops.crops import aligned_face, crop_keys, load_crops
 
     cache = _cache()
     model = cache.get(version.checkpoint_sha256, lambda: storage.get(version.checkpoint_key))
@@ -151,7 +150,7 @@ def _render(db: Session, storage: Storage, version: ModelVersion, image: Image, 
     if any(name not in keys for name in model.inputs):
         return None
     crops = {name: crop[None] for name, crop in load_crops(storage, keys, model.inputs).items()}
-    aligned = decode_stored(storage.get(image.face.aligned_key))
+    aligned = aligned_face(storage, image.sha256, image.face.aligned_key)
     m = np.asarray(image.face.transform)
     placed = chip_placement(np.asarray(image.face.landmarks) @ m[:, :2].T + m[:, 2], model.contract)
     encoder = cache.encoder() if model.needs_encoder else None

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from shared import photos
 from shared.db import session_scope, upsert_rows
 from shared.ml.preprocess.detection import DetectedFace
-from shared.ml.preprocess.imaging import ImageRejected, encode_png
+from shared.ml.preprocess.imaging import ImageRejected
 from shared.ml.preprocess.pipeline import Detection
 from shared.modelops.crops import face_crops, store_crops
 from shared.models import Crop, Face, Image, ImageStatus
@@ -39,21 +39,17 @@ _ALIGNED = (update(_FACES).where(_FACES.c.image_id == _R.c.image_id)
             .returning(_FACES.c.image_id, _FACES.c.id))
 
 
-def _put_png(key: str, array: np.ndarray) -> str:
-    return get_storage().put(key, encode_png(array), "image/png")
-
-
 def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> dict[int, tuple[str, str]]:
-    """Each aligned photo's crops (every region and the identity chip, one object) and its aligned face (a PNG
-    for the portal), stored in parallel; by photo id, the two keys."""
+    """Each aligned photo's crops (every region, the identity chip and the aligned face: one object), stored in
+    parallel; by photo id, that object's key and the key of the aligned face's PNG, which the portal makes from
+    the crops object when the face is first shown (:func:`shared.modelops.crops.aligned_face_png`)."""
     puts = {}
     for (image, _, _), aligned in zip(items, results, strict=True):
         if isinstance(aligned, ImageRejected):
             continue
-        pool = resources.io_pool()
-        puts[image.id] = (pool.submit(store_crops, get_storage(), image.sha256, face_crops(aligned)),
-                          pool.submit(_put_png, aligned_key(image.sha256), aligned.aligned_rgb))
-    return {i: (crops.result(), face.result()) for i, (crops, face) in puts.items()}
+        puts[image.id] = (image.sha256, resources.io_pool().submit(
+            store_crops, get_storage(), image.sha256, face_crops(aligned), aligned.aligned_rgb))
+    return {i: (crops.result(), aligned_key(sha)) for i, (sha, crops) in puts.items()}
 
 
 def _alignment_row(image_id: int, aligned: Any, aligned_object: str, pre: Any) -> dict:
