@@ -47,7 +47,7 @@ if [ $SMOKE = 1 ]; then
     step runtimes 150 "$PY" bench/runtimes.py --networks regions --width 0.125 --classes 8 --batches 1,2 --rounds 1 \
         --repeat 1 --photos 4 --runtimes eager,onnx --no-mediapipe --rows "$ROWS"
     step pipeline 90 "$PY" bench/pipeline.py --models random-production --device cpu --concurrency 1 --uploads 2 \
-        --single 0 --classes 8 --width 0.125 --megapixels 0.15 --preload --no-bound --rows "$ROWS"
+        --single 0 --classes 8 --kind casia --width 0.125 --megapixels 0.15 --preload --no-bound --rows "$ROWS"
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "CUDA is not available here; run bench/gpu.sh --cpu-smoke on a CPU-only machine" >&2

@@ -1,20 +1,24 @@
 """End-to-end pipeline benchmark on the real stack.
 
-Starts the embedded engines, real Celery workers and the portal, registers a CASIA-Net
-ensemble (random weights: speed does not depend on them), then prints:
+Starts the embedded engines, real Celery workers and the portal, registers a model (random weights: speed does
+not depend on them; ``--kind members``, the default, is the kind ``gestalt train`` makes: heads on the face
+encoder's descriptors of the four regions' cuts and the face chip; ``--kind casia`` the regional CASIA-Nets of
+``--width``), then prints:
 
 1. per-stage latency p50/p95 for single uploads with warm workers (``--single``);
 2. sustained throughput over N uploads, each a distinct ~1 MP JPEG, with the CPU time of every
    process of the stack (web, workers, PostgreSQL, Redis, the object store; from ``psutil``)
    and the database transactions, each divided by photos;
 3. for real models, the bound set by the networks alone in the same run: detector, landmarks
-   and the regional CNNs on pre-decoded photos, one process per core (as the workers run),
-   and the old CNN-only bound (the ensemble alone, all cores in one process).
+   and the model's members on pre-decoded photos, the model loaded as a worker loads it (the same CPU
+   runtime, ``GESTALT_CPU_RUNTIME``) and run on a worker's batch of photos, one process per core (as the
+   workers run), and the model alone (all cores in one process);
+4. with ``--finished-messages N``, the workers' CPU for a message whose photo a batch already finished.
 
 ``--models`` chooses what runs where the networks are:
 
 * ``real``: the worker's own backends (the settings' detector and landmarks; offline ones
-  without production weights) and the registered ensemble.
+  without production weights) and the registered model.
 * ``null`` (``--null-models``): stand-ins that cost nothing for the detector, the landmark
   model and the regional CNNs. They answer with the benchmark photo's known face, so
   everything outside the networks (decode, levelling, alignment, quality gate, crops,
@@ -31,8 +35,8 @@ The stand-ins are installed only in the worker processes this script starts
 ``--gpu-procs`` processes, and a CPU worker takes the default queue.
 
 Usage: python bench/pipeline.py [--models real|null|random-production] [--uploads 100] [--single 15]
-       [--classes 300] [--width 1.0] [--concurrency N] [--device cpu|cuda] [--rows FILE.jsonl]
-       [--profile FOLDER]
+       [--classes 300] [--kind members|casia] [--width 1.0] [--concurrency N] [--device cpu|cuda] [--rows FILE.jsonl]
+       [--profile FOLDER] [--finished-messages N]
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--uploads", type=int, default=100)
     ap.add_argument("--single", type=int, default=15)
     ap.add_argument("--classes", type=int, default=300)
+    ap.add_argument("--kind", choices=("members", "casia"), default="members",
+                    help="the model: encoder members (what gestalt train makes by default) or CASIA-Nets (--width)")
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the pipeline worker on the GPU")
@@ -164,7 +170,7 @@ def run(url: str, args, srcs: list[np.ndarray], groups: dict[str, list[Process]]
 
     # 2. Sustained throughput, with every process's CPU time.
     result = sustained(args, upload, n_warm + args.single, cases, groups)
-    rows = throughput_rows(result, args, label, model.width)
+    rows = throughput_rows(result, args, label, model.label)
     if args.finished_messages:
         rows += finished_message_rows(finished_messages(done_photos(), groups, args.finished_messages), label)
 

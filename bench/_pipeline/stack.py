@@ -1,9 +1,10 @@
-"""The stack under the benchmark: the engines, the worker and web processes, and a registered ensemble."""
+"""The stack under the benchmark: the engines, the worker and web processes, and a registered model."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.stack import EmbeddedEngines, Ports, Process, free_port
@@ -80,27 +81,88 @@ def web_process(args, tmp: Path, env: dict[str, str]) -> tuple[Process, int]:
     return web, port
 
 
-def register(args):
-    """A CASIA-Net ensemble with random weights (speed does not depend on them), registered and active."""
+@dataclass
+class Registered:
+    """The benchmark's model, registered and active: its checkpoint (the bound loads it the way the workers do)."""
+
+    kind: str
+    checkpoint: bytes
+    width: float | None  # the CASIA-Nets' width; None for a model of encoder members
+
+    @property
+    def label(self) -> str:
+        return f"CASIA-Nets width {self.width}" if self.width is not None else "encoder members"
+
+
+def members_model(classes: int, seed: int = 0):
+    """The kind of model ``gestalt train`` makes by default: a head on the encoder's stage features for each of the
+    four regions' cuts, the identity member's head on its descriptor, a logistic stack, and the gallery and OOD
+    reference on every descriptor. Random values, with RBF heads at the largest size training picks
+    (``MAX_COMPONENTS``) and an OOD reference of two photos per class: the speed does not depend on the values."""
+    import numpy as np
+
+    from shared.ml.members.encoder_regions import EncoderRegions
+    from shared.ml.members.gallery import unit_concat
+    from shared.ml.members.identity import (
+        MAX_COMPONENTS,
+        MEMBER,
+        IdentityHead,
+        IdentityMember,
+        build_ood_reference,
+    )
+    from shared.ml.members.model import ENCODER, GestaltModel
+    from shared.ml.members.stack import Stack
+    from shared.ml.nets.encoder import CONVERTED_SHA256
+    from shared.ml.preprocess.regions import DEFAULT_REGIONS
+    from shared.ml.train.refit import FLIP_DESCRIPTORS
+
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+
+    def head(dim: int) -> IdentityHead:
+        m = MAX_COMPONENTS
+        return IdentityHead("rbf", rng.normal(size=dim).astype(f32), np.ones(dim, f32),
+                            rng.normal(0, 0.05, (classes, m)).astype(f32), np.zeros(classes, f32), 1.0 / dim,
+                            rng.normal(size=(m, dim)).astype(f32), (rng.normal(size=(m, m)) / m ** 0.5).astype(f32))
+
+    regions = tuple(DEFAULT_REGIONS)
+    names = (*regions, MEMBER)
+    members = [EncoderRegions(regions, {r: head(256) for r in regions}, CONVERTED_SHA256, FLIP_DESCRIPTORS),
+               IdentityMember(head(128), CONVERTED_SHA256, {}, FLIP_DESCRIPTORS)]
+    model = GestaltModel([f"syndrome-{i:03d}" for i in range(classes)], members,
+                         Stack(names, np.full(len(names), 1 / len(names)), np.zeros(classes)), ENCODER,
+                         descriptor_names=names, encoder_sha=CONVERTED_SHA256, flip=FLIP_DESCRIPTORS,
+                         gallery_names=(MEMBER, *regions))
+    space = unit_concat([rng.normal(size=(3 * classes, 128 if n == MEMBER else 256)) for n in model.gallery_names])
+    model.ood = build_ood_reference(space[:2 * classes], space[2 * classes:], seed)
+    return model
+
+
+def register(args) -> Registered:
+    """The benchmark's model with random weights (speed does not depend on them), registered and active: a model of
+    encoder members (``--kind members``, what ``gestalt train`` makes by default) or CASIA-Nets (``--kind casia``,
+    and always with the null models' stand-ins)."""
     import torch
 
     from shared.db import session_scope
     from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.preprocess.regions import DEFAULT_REGIONS
+    from shared.ml.train.checkpoint import save_checkpoint
+    from shared.modelops import registry
     from shared.storage import get_storage
 
-    try:
-        from shared.modelops import registry
-    except ImportError:  # before the model operations moved
-        from shared.ml import registry
-
     torch.manual_seed(0)
-    width = 0.125 if args.models == "null" else args.width
-    model = RegionalEnsemble(DEFAULT_REGIONS, args.classes, width=width).eval()
+    kind = "casia" if args.models == "null" else args.kind
+    width = None
+    if kind == "members":
+        model = members_model(args.classes)
+    else:
+        width = 0.125 if args.models == "null" else args.width
+        model = casia_only(RegionalEnsemble(DEFAULT_REGIONS, args.classes, width=width).eval(),
+                           [f"syndrome-{i:03d}" for i in range(args.classes)])
     with session_scope() as s:
-        version = registry.register_model(s, get_storage(),
-                                          casia_only(model, [f"syndrome-{i:03d}" for i in range(args.classes)]),
-                                          {"note": "benchmark, random weights"}, name="bench")
+        version = registry.register_model(s, get_storage(), model, {"note": "benchmark, random weights"},
+                                          name="bench")
         registry.activate(s, version)
-    return model
+    return Registered(kind, save_checkpoint(model, {"note": "benchmark, random weights"}), width)

@@ -28,11 +28,11 @@ def print_latency(stages: dict[str, list[float]], label: str) -> None:
     console.print(table)
 
 
-def throughput_rows(result: Throughput, args, label: str, width: float) -> list[dict]:
+def throughput_rows(result: Throughput, args, label: str, model: str) -> list[dict]:
     """Prints the sustained run's table; returns its rows."""
     cpu = result.cpu_ms
     table = Table(title=f"sustained throughput, {args.uploads} distinct uploads ({label}; "
-                        f"width {width}, {args.classes} classes, {os.cpu_count()} cores)")
+                        f"{model}, {args.classes} classes, {os.cpu_count()} cores)")
     for col in ("photos/s", "done", "CPU ms/photo, all processes", *[f"{k} ms" for k in cpu], "DB transactions/photo",
                 "client ms (not the stack)"):
         table.add_column(col, justify="right")
