@@ -46,7 +46,15 @@ def crops_key(sha256: str) -> str:
 
 
 def aligned_key(sha256: str) -> str:
+    """The aligned face's PNG as alignment stored it until the crops object held the face (faces aligned since have
+    :func:`aligned_png_key`)."""
     return f"aligned/{sha256[:2]}/{sha256}.png"
+
+
+def aligned_png_key(sha256: str, digest: str) -> str:
+    """The aligned face's PNG, made from the crops object when the face is first shown; named by the face's pixels
+    (``digest``), so that a face aligned again differently is shown anew, and kept with the crops."""
+    return f"{crops_prefix(sha256)}aligned-{digest}.png"
 
 
 # Part of every heatmap key: raise it when the rendering changes, so cached overlays are redrawn.

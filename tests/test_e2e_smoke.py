@@ -16,9 +16,16 @@ from shared.db import session_scope
 from shared.ml.preprocess.alignment import CANVAS
 from shared.ml.preprocess.imaging import encode_png
 from shared.ml.preprocess.regions import ALL_REGIONS, DEFAULT_REGIONS, cut_name
-from shared.modelops.crops import ALIGNED_FACE, aligned_face, aligned_face_png, load_crops, store_crops
+from shared.modelops.crops import (
+    ALIGNED_FACE,
+    aligned_digest,
+    aligned_face,
+    aligned_face_png,
+    load_crops,
+    store_crops,
+)
 from shared.models import Crop, Face, ModelVersion, RegionScore, Result
-from shared.storage import aligned_key, crops_key, get_storage
+from shared.storage import aligned_key, aligned_png_key, crops_prefix, get_storage
 from tests.conftest import Portal, new_user, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -114,9 +121,9 @@ def test_astronaut_end_to_end(engines, workers, web_server, smoke_folder):
 
     # The aligned face travels in the crops object; its PNG is made when someone first looks at it, not by the
     # workers, and holds the same pixels.
-    assert face.aligned_key == aligned_key(sha) and not storage.exists(face.aligned_key)
     in_bundle = aligned_face(storage, sha, face.aligned_key)
     assert in_bundle.shape == (CANVAS, CANVAS, 3) and in_bundle.dtype == np.uint8
+    assert face.aligned_key == aligned_png_key(sha, aligned_digest(in_bundle)) and not storage.exists(face.aligned_key)
     shown = portal.http.get(f"{web_server}/images/{image_id}/aligned.png")
     assert shown.status_code == 200 and shown.headers["Content-Type"] == "image/png"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown.content)).convert("RGB")), in_bundle)
@@ -139,11 +146,16 @@ def test_an_aligned_face_stored_as_its_own_png_still_shows(engines):
         storage.delete(aligned_key(sha))
         assert aligned_face_png(storage, sha, aligned_key(sha)) is None
         assert not storage.exists(aligned_key(sha))
+        # A row that names another alignment's face than the crops object holds (the photo is being aligned again)
+        # shows nothing rather than the other face; the one the object holds is made and shown.
+        store_crops(storage, sha, {"full_face": np.zeros((100, 100), np.uint8)}, rgb)
+        assert aligned_face_png(storage, sha, aligned_png_key(sha, aligned_digest(rgb[::-1]))) is None
+        assert aligned_face_png(storage, sha, aligned_png_key(sha, aligned_digest(rgb))) == png
         with pytest.raises(ValueError, match="aligned face"):
             store_crops(storage, sha, {ALIGNED_FACE: rgb})
     finally:
-        storage.delete(crops_key(sha))
-        storage.delete(aligned_key(sha))
+        for key in [aligned_key(sha), *storage.list(crops_prefix(sha))]:
+            storage.delete(key)
 
 
 def test_turned_face_is_scored_and_flagged_on_the_api_and_the_report(engines, workers, web_server):

@@ -7,15 +7,16 @@ rows point at those: they load the same way.
 
 The aligned face travels in the same object (``ALIGNED_FACE``, never a crop row). Its PNG, which the portal
 and the API show, is made from there the first time someone looks at it (:func:`aligned_face_png`), so the
-workers encode and store no image a clinician may never open. Faces aligned before that have their PNG
-stored at alignment, and read it.
+workers encode and store no image a clinician may never open. The face row names that PNG by the face's pixels
+(:func:`shared.storage.aligned_png_key`), so a photo aligned again differently never shows an earlier PNG. Faces
+aligned before that have their PNG stored at alignment, and read it.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
-from minio.error import S3Error
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,7 +31,7 @@ from shared.ml.preprocess.imaging import (
 )
 from shared.ml.preprocess.regions import CUT_PREFIX, cut_name
 from shared.models import Crop, Face
-from shared.storage import MISSING, Storage, crops_key
+from shared.storage import Storage, aligned_png_key, crops_key
 
 # The aligned face's name in a face's crops object (the canvas the landmarks and regions are given on).
 ALIGNED_FACE = "aligned_face"
@@ -57,6 +58,18 @@ def store_crops(storage: Storage, sha256: str, crops: dict[str, np.ndarray],
     return storage.put(crops_key(sha256), encode_crops(bundle))
 
 
+def aligned_digest(aligned: np.ndarray) -> str:
+    """A short digest of the aligned face's pixels (and shape): what names its PNG."""
+    a = np.ascontiguousarray(aligned, np.uint8)
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def _bundled_face(storage: Storage, sha256: str) -> np.ndarray | None:
+    """The aligned face in the crops object of ``sha256``; None when there is no such object or it holds none."""
+    bundle = storage.get_if_present(crops_key(sha256))
+    return None if bundle is None else decode_crops(bundle).get(ALIGNED_FACE)
+
+
 def aligned_face(storage: Storage, sha256: str, png_key: str) -> np.ndarray:
     """The aligned face (``CANVAS x CANVAS x 3``) of the original ``sha256``: from its crops object, or, for a face
     aligned before the crops object held it, decoded from its PNG (``png_key``).
@@ -64,27 +77,26 @@ def aligned_face(storage: Storage, sha256: str, png_key: str) -> np.ndarray:
     Raises:
         S3Error: when neither is stored (``NoSuchKey``).
     """
-    bundle = storage.get_if_present(crops_key(sha256))
-    if bundle is not None:
-        crops = decode_crops(bundle)
-        if ALIGNED_FACE in crops:
-            return crops[ALIGNED_FACE]
-    return decode_stored(storage.get(png_key))
+    face = _bundled_face(storage, sha256)
+    return face if face is not None else decode_stored(storage.get(png_key))
 
 
 def aligned_face_png(storage: Storage, sha256: str, png_key: str) -> bytes | None:
-    """The aligned face's PNG, stored under ``png_key``: read when it was made before, otherwise encoded from the
-    crops object and stored (the first view; two first views at once write the same bytes). None when neither the
-    PNG nor an aligned face in the crops object is stored."""
+    """The aligned face's PNG under ``png_key`` (the face row's): read when it was made before, otherwise encoded
+    from the crops object and stored (the first view; two first views at once write the same bytes). None when
+    there is nothing to show: no PNG and no aligned face in the crops object, or a crops object that holds another
+    alignment's face than the row names (a photo being aligned again)."""
     png = storage.get_if_present(png_key)
-    if png is None:
-        try:
-            png = encode_png(aligned_face(storage, sha256, png_key))
-        except S3Error as exc:
-            if exc.code in MISSING:
-                return None
-            raise
-        storage.put(png_key, png, "image/png")
+    if png is not None:
+        return png
+    try:
+        face = _bundled_face(storage, sha256)
+    except ValueError:  # a damaged crops object: nothing to show until the photo is aligned again
+        return None
+    if face is None or aligned_png_key(sha256, aligned_digest(face)) != png_key:
+        return None
+    png = encode_png(face)
+    storage.put(png_key, png, "image/png")
     return png
 
 

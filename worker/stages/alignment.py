@@ -15,9 +15,9 @@ from shared.db import session_scope, upsert_rows
 from shared.ml.preprocess.detection import DetectedFace
 from shared.ml.preprocess.imaging import ImageRejected
 from shared.ml.preprocess.pipeline import Detection
-from shared.modelops.crops import face_crops, store_crops
+from shared.modelops.crops import aligned_digest, face_crops, store_crops
 from shared.models import Crop, Face, Image, ImageStatus
-from shared.storage import aligned_key, get_storage
+from shared.storage import aligned_png_key, get_storage
 from worker.stages import resources
 from worker.stages.claims import CLAIM_AT, locked, reject_in
 
@@ -47,9 +47,10 @@ def _store_images(items: list[tuple[Image, np.ndarray, Any]], results: list) -> 
     for (image, _, _), aligned in zip(items, results, strict=True):
         if isinstance(aligned, ImageRejected):
             continue
-        puts[image.id] = (image.sha256, resources.io_pool().submit(
+        png_key = aligned_png_key(image.sha256, aligned_digest(aligned.aligned_rgb))
+        puts[image.id] = (png_key, resources.io_pool().submit(
             store_crops, get_storage(), image.sha256, face_crops(aligned), aligned.aligned_rgb))
-    return {i: (crops.result(), aligned_key(sha)) for i, (sha, crops) in puts.items()}
+    return {i: (crops.result(), png_key) for i, (png_key, crops) in puts.items()}
 
 
 def _alignment_row(image_id: int, aligned: Any, aligned_object: str, pre: Any) -> dict:
