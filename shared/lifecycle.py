@@ -26,7 +26,6 @@ def delete_case(session: Session, storage: Storage, case: Case, actor_id: int | 
     """
     images = list(session.scalars(select(Image).where(Image.case_id == case.id)))
     keys = {i.object_key for i in images} | {aligned_key(i.sha256) for i in images}
-    keys |= {i.face.aligned_key for i in images if i.face is not None and i.face.aligned_key}
     keys |= set(session.scalars(select(Crop.object_key).join(Face).where(Face.image_id.in_([i.id for i in images]))))
     hashes = {i.sha256 for i in images}
     audit(session, "case_delete", actor_id, "case", case.id, ip=ip, reason=reason, images=len(images))

@@ -88,6 +88,9 @@ def test_delete_case_removes_rows_and_objects_but_keeps_shared_photos(engines, w
     shared_sha, own_sha = sorted(shas.values(), key=lambda h: h != _sha_of_case(keep_id))
     storage = get_storage()
     assert any(own_sha in k for k in storage.list())
+    # The deleted case's aligned faces, shown once: their PNGs (made on that first view) go with the case too.
+    shown = [i["id"] for i in portal.case(gone_id)["images"] if i["face"]]
+    assert shown and all(portal.http.get(f"{web_server}/images/{i}/aligned.png").status_code == 200 for i in shown)
 
     token = portal.csrf(f"/cases/{gone_id}")
     r = portal.http.post(f"{web_server}/cases/{gone_id}/delete", data={"csrf_token": token}, allow_redirects=False)

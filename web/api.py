@@ -195,7 +195,7 @@ def get_image(image_id: int):
 @operation({200: AlignedUrl}, errors={404: "No such photo, or not yours; or the photo has no aligned face yet"})
 def aligned_face(image_id: int):
     """A short-lived presigned URL of the photo's aligned face, and nothing else"""
-    from shared.modelops.crops import aligned_face_png
+    from shared.modelops.crops import ensure_aligned_png
     from shared.storage import PRESIGN_SECONDS, get_storage
 
     db = get_db()
@@ -205,7 +205,7 @@ def aligned_face(image_id: int):
     audit(db, "aligned_view", current_user.id, "image", image.id, ip=request.remote_addr, via="api")
     db.commit()
     storage = get_storage()
-    if aligned_face_png(storage, image.sha256, image.face.aligned_key) is None:  # made on the first view
+    if not ensure_aligned_png(storage, image.sha256, image.face.aligned_key):  # made on the first view
         return jsonify(error="this photo's aligned face is missing; re-score it"), 404
     return jsonify(url=storage.presigned_url(image.face.aligned_key), expires_in=PRESIGN_SECONDS)
 

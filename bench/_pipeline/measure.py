@@ -181,10 +181,10 @@ def done_photos() -> list[int]:
     from sqlalchemy import select
 
     from shared.db import session_scope
-    from shared.models import Image
+    from shared.models import Image, ImageStatus
 
     with session_scope() as s:
-        return list(s.scalars(select(Image.id).where(Image.status == "done")))
+        return list(s.scalars(select(Image.id).where(Image.status == ImageStatus.done.value)))
 
 
 def finished_messages(ids: list[int], groups: dict[str, list[Process]], count: int) -> float:

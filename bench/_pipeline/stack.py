@@ -88,7 +88,6 @@ def web_process(args, tmp: Path, env: dict[str, str]) -> tuple[Process, int]:
 class Registered:
     """The benchmark's model, registered and active: its checkpoint (the bound loads it the way the workers do)."""
 
-    kind: str
     checkpoint: bytes
     width: float | None  # the CASIA-Nets' width; None for a model of encoder members
 
@@ -151,7 +150,6 @@ def register(args) -> Registered:
     from shared.ml.members.casia import casia_only
     from shared.ml.nets.ensemble import RegionalEnsemble
     from shared.ml.preprocess.regions import DEFAULT_REGIONS
-    from shared.ml.train.checkpoint import save_checkpoint
     from shared.modelops import registry
     from shared.storage import get_storage
 
@@ -168,4 +166,5 @@ def register(args) -> Registered:
         version = registry.register_model(s, get_storage(), model, {"note": "benchmark, random weights"},
                                           name="bench")
         registry.activate(s, version)
-    return Registered(kind, save_checkpoint(model, {"note": "benchmark, random weights"}), width)
+        key = version.checkpoint_key
+    return Registered(get_storage().get(key), width)

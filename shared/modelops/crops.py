@@ -82,13 +82,22 @@ def aligned_face(storage: Storage, sha256: str, png_key: str) -> np.ndarray:
 
 
 def aligned_face_png(storage: Storage, sha256: str, png_key: str) -> bytes | None:
-    """The aligned face's PNG under ``png_key`` (the face row's): read when it was made before, otherwise encoded
-    from the crops object and stored (the first view; two first views at once write the same bytes). None when
-    there is nothing to show: no PNG and no aligned face in the crops object, or a crops object that holds another
-    alignment's face than the row names (a photo being aligned again)."""
+    """The aligned face's PNG under ``png_key`` (the face row's): read when it was made before, otherwise made
+    (:func:`_make_png`). None when there is nothing to show."""
     png = storage.get_if_present(png_key)
-    if png is not None:
-        return png
+    return png if png is not None else _make_png(storage, sha256, png_key)
+
+
+def ensure_aligned_png(storage: Storage, sha256: str, png_key: str) -> bool:
+    """Whether the aligned face's PNG is stored under ``png_key``, made first when it is not (a presigned URL of
+    it is to be handed out: its bytes are not read)."""
+    return storage.exists(png_key) or _make_png(storage, sha256, png_key) is not None
+
+
+def _make_png(storage: Storage, sha256: str, png_key: str) -> bytes | None:
+    """The aligned face's PNG encoded from the crops object and stored under ``png_key`` (the first view; two first
+    views at once write the same bytes). None when there is nothing to show: no aligned face in the crops object,
+    or one of another alignment than the row names (a photo being aligned again)."""
     try:
         face = _bundled_face(storage, sha256)
     except ValueError:  # a damaged crops object: nothing to show until the photo is aligned again
